@@ -1,0 +1,9 @@
+"""Errors raised by the eligibility-trace compiler."""
+
+
+class CompilationError(ValueError):
+    """The model's one-step program cannot be compiled into an eligibility-trace graph."""
+
+
+class NotCompiledError(RuntimeError):
+    """A graph was asked for before `compile_graph` was called."""

@@ -1,0 +1,175 @@
+"""Jaxpr interpretation, primitive classes, and the flattening passes.
+
+Passes are pure functions of a closed jaxpr: they re-trace an interpreter of it, so the result
+is an ordinary closed jaxpr that JAX builds (no hand-made variables).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
+
+from etrace_core.ops import is_etp_primitive
+
+# Primitives whose output element q depends only on element q of each same-shaped operand
+# (rank-0 operands broadcast).
+ELEMENTWISE = frozenset("""
+abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp copy copy_p convert_element_type
+cos cosh div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow is_finite le lgamma
+digamma log log1p logistic lt max min mul ne neg nextafter not or pow real reduce_precision rem
+round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan tanh xor
+""".split())
+
+# Primitives that move elements without combining them (position relabelling).
+RELABEL = frozenset("""
+broadcast_in_dim concatenate dynamic_slice expand_dims gather pad reshape rev slice split squeeze
+transpose
+""".split())
+
+INLINE_CALLS = frozenset(["pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
+                          "custom_lin"])
+CUSTOM_CALLS = frozenset(["custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"])
+LOOPS = frozenset(["scan", "while"])
+
+EqnRule = Callable[[jcore.JaxprEqn, list], list]
+
+
+def bind_eqn(eqn: jcore.JaxprEqn, invals: Sequence) -> list:
+    """Evaluate one equation as JAX would, returning a list of outputs."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def read_var(env: dict, v):
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence, args: Sequence,
+               rule: EqnRule | None = None, env: dict | None = None) -> list:
+    """Evaluate `jaxpr`; `rule(eqn, invals)` may replace the evaluation of any equation.
+
+    When `env` is given it receives every variable's value (used to read intermediates).
+    """
+    env = {} if env is None else env
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    for v, a in zip(jaxpr.invars, args):
+        env[v] = a
+    for eqn in jaxpr.eqns:
+        invals = [read_var(env, v) for v in eqn.invars]
+        outvals = rule(eqn, invals) if rule is not None else bind_eqn(eqn, invals)
+        for v, val in zip(eqn.outvars, outvals):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = val
+    return [read_var(env, v) for v in jaxpr.outvars]
+
+
+def sub_jaxpr(eqn: jcore.JaxprEqn) -> jcore.ClosedJaxpr:
+    """The called jaxpr of a call-like equation, as a closed jaxpr."""
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        if key in eqn.params:
+            j = eqn.params[key]
+            return j if isinstance(j, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(j, ())
+    raise KeyError(f"no sub-jaxpr in {eqn.primitive.name}")
+
+
+def _flatten_rule(eqn, invals):
+    name = eqn.primitive.name
+    if name in INLINE_CALLS:
+        closed = sub_jaxpr(eqn)
+        return eval_jaxpr(closed.jaxpr, closed.consts, invals, _flatten_rule)
+    if name == "cond":
+        return _cond_as_select(eqn, invals)
+    return bind_eqn(eqn, invals)
+
+
+def _cond_as_select(eqn, invals):
+    """Both branches evaluated, the result picked by `select_n` (same value, same derivatives)."""
+    index, operands = invals[0], invals[1:]
+    branches = eqn.params["branches"]
+    outs = [eval_jaxpr(b.jaxpr, b.consts, operands, _flatten_rule) for b in branches]
+    if len(branches) == 1:
+        return outs[0]
+    index = lax.clamp(0, jnp.asarray(index, jnp.int32), len(branches) - 1)
+    if len(branches) == 2:
+        index = index.astype(bool)
+    return [lax.select_n(_broadcast_pred(index, vals[0]), *vals) for vals in zip(*outs)]
+
+
+def _broadcast_pred(pred, like):
+    like = jnp.asarray(like)
+    return jnp.broadcast_to(pred, like.shape) if like.ndim else pred
+
+
+def flatten_jaxpr(closed: jcore.ClosedJaxpr) -> jcore.ClosedJaxpr:
+    """Inline nested jit/pjit calls and rewrite `cond` as both branches + `select_n`."""
+    avals = [v.aval for v in closed.jaxpr.invars]
+
+    def run(*args):
+        return eval_jaxpr(closed.jaxpr, closed.consts, args, _flatten_rule)
+
+    return jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals])
+
+
+def all_eqns(jaxpr: jcore.Jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in _nested(eqn):
+            yield from all_eqns(sub)
+
+
+def _nested(eqn):
+    for val in eqn.params.values():
+        items = val if isinstance(val, (tuple, list)) else (val,)
+        for item in items:
+            if isinstance(item, jcore.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jcore.Jaxpr):
+                yield item
+
+
+def is_elementwise_eqn(eqn: jcore.JaxprEqn) -> bool:
+    """True when every output element depends only on the same position of the inputs."""
+    name = eqn.primitive.name
+    if name in ELEMENTWISE:
+        return True
+    if name in CUSTOM_CALLS or name in LOOPS:
+        return _positionwise_call(eqn)
+    return False
+
+
+def _positionwise_call(eqn) -> bool:
+    shapes = {tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")}
+    shapes |= {tuple(v.aval.shape) for v in eqn.invars if hasattr(v.aval, "shape")}
+    shapes.discard(())
+    if len(shapes) > 1:
+        return False
+    for sub in _nested(eqn):
+        for inner in all_eqns(sub):
+            n = inner.primitive.name
+            if is_etp_primitive(inner.primitive):
+                return False
+            if n in INLINE_CALLS or n in CUSTOM_CALLS or n in LOOPS or n == "cond":
+                continue
+            if n not in ELEMENTWISE:
+                return False
+    return True
+
+
+def uses_etp(eqn: jcore.JaxprEqn) -> bool:
+    """True when an ETP op is hidden inside this (loop/custom-call) equation."""
+    return any(is_etp_primitive(e.primitive) for sub in _nested(eqn) for e in all_eqns(sub))
+
+
+def stop_gradient_all(values: Sequence) -> list:
+    return [lax.stop_gradient(v) if _is_float(v) else v for v in values]
+
+
+def _is_float(v) -> bool:
+    return jnp.issubdtype(jnp.result_type(v), jnp.inexact)

@@ -1,0 +1,135 @@
+"""ModuleInfo: the flattened one-step jaxpr of a model and where its states live in it."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Tuple
+
+import brainstate
+import jax
+from jax.extend import core as jcore
+
+from .errors import CompilationError
+from .jaxpr_tools import flatten_jaxpr
+
+Path = Tuple[str, ...]
+
+
+class ModuleInfo(NamedTuple):
+    """The one-step program of a model and the mapping between its variables and states.
+
+    The jaxpr's inputs are the flattened call arguments followed by the values of the states the
+    step reads (in `state_paths` order); its outputs are the flattened model output followed by
+    the states the step writes (in `written_paths` order).
+    """
+    closed_jaxpr: jcore.ClosedJaxpr
+    in_tree: Any
+    out_tree: Any
+    num_args: int
+    num_outputs: int
+    state_paths: Tuple[Path, ...]
+    written_paths: Tuple[Path, ...]
+    hidden_paths: Tuple[Path, ...]
+    param_paths: Tuple[Path, ...]
+    other_paths: Tuple[Path, ...]
+    retrieved_model_states: Any  # brainstate.util.FlattedDict[Path, State]
+
+    @property
+    def jaxpr(self) -> jcore.Jaxpr:
+        return self.closed_jaxpr.jaxpr
+
+    @property
+    def arg_invars(self):
+        return self.jaxpr.invars[:self.num_args]
+
+    @property
+    def state_invars(self) -> dict:
+        return dict(zip(self.state_paths, self.jaxpr.invars[self.num_args:]))
+
+    @property
+    def output_vars(self):
+        return self.jaxpr.outvars[:self.num_outputs]
+
+    @property
+    def state_outvars(self) -> dict:
+        return dict(zip(self.written_paths, self.jaxpr.outvars[self.num_outputs:]))
+
+    @property
+    def hidden_invars(self):
+        inv = self.state_invars
+        return [inv[p] for p in self.hidden_paths]
+
+    @property
+    def hidden_outvars(self):
+        out = self.state_outvars
+        return [out[p] for p in self.hidden_paths]
+
+    @property
+    def param_invars(self) -> dict:
+        inv = self.state_invars
+        return {p: inv[p] for p in self.param_paths if p in inv}
+
+    def state_values(self) -> dict:
+        """Current values of every state the step reads, by path."""
+        return {p: self.retrieved_model_states[p].value for p in self.state_paths}
+
+
+def extract_module_info(model: brainstate.nn.Module, *args) -> ModuleInfo:
+    """Trace one step of `model(*args)` and index its states (hidden, parameter, other)."""
+    if not isinstance(model, brainstate.nn.Module):
+        raise TypeError(
+            f"expected a brainstate.nn.Module, got {type(model).__name__}; wrap the step in a "
+            "brainstate.nn.Module whose update() runs one time step")
+    all_states = model.states()
+    path_of = {id(st): path for path, st in all_states.items()}
+
+    fn = brainstate.transform.StatefulFunction(model)
+    fn.make_jaxpr(*args)
+    closed = fn.get_jaxpr(*args)
+    read = fn.get_states(*args)
+    written = fn.get_write_states(*args)
+    out_tree = fn.get_out_treedef(*args)
+    in_tree = jax.tree.structure(args)
+    num_args = len(jax.tree.leaves(args))
+    num_outputs = len(closed.jaxpr.outvars) - len(written)
+
+    def paths(states):
+        missing = [st for st in states if id(st) not in path_of]
+        if missing:
+            raise CompilationError(
+                f"the step uses {len(missing)} state(s) that are not attributes of the model "
+                f"(e.g. {type(missing[0]).__name__} of shape {missing[0].value.shape}); make "
+                "every state an attribute of the module tree")
+        return tuple(path_of[id(st)] for st in states)
+
+    state_paths, written_paths = paths(read), paths(written)
+    _check_states(closed, num_args, num_outputs, read, written, state_paths, written_paths)
+
+    hidden = tuple(p for p, st in zip(written_paths, written)
+                   if isinstance(st, brainstate.HiddenState) and p in state_paths)
+    params = tuple(p for p, st in zip(state_paths, read) if isinstance(st, brainstate.ParamState))
+    others = tuple(p for p in state_paths + written_paths
+                   if p not in hidden and p not in params)
+    return ModuleInfo(
+        closed_jaxpr=flatten_jaxpr(closed),
+        in_tree=in_tree, out_tree=out_tree, num_args=num_args, num_outputs=num_outputs,
+        state_paths=state_paths, written_paths=written_paths,
+        hidden_paths=hidden, param_paths=params, other_paths=tuple(dict.fromkeys(others)),
+        retrieved_model_states=all_states,
+    )
+
+
+def _check_states(closed, num_args, num_outputs, read, written, state_paths, written_paths):
+    for path, st in zip(written_paths, written):
+        if isinstance(st, brainstate.ParamState):
+            raise CompilationError(
+                f"ParamState {path} is written inside the step; parameters must be constant "
+                "over a step (update them outside, e.g. with an optimizer)")
+    in_avals = dict(zip(state_paths, [v.aval for v in closed.jaxpr.invars[num_args:]]))
+    out_avals = dict(zip(written_paths, [v.aval for v in closed.jaxpr.outvars[num_outputs:]]))
+    for path, st in zip(written_paths, written):
+        if isinstance(st, brainstate.HiddenState) and path in in_avals:
+            a, b = in_avals[path], out_avals[path]
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise CompilationError(
+                    f"HiddenState {path} changes from {a.dtype.name}{list(a.shape)} to "
+                    f"{b.dtype.name}{list(b.shape)} over one step; a hidden state must keep "
+                    "its shape and dtype (initialise it with the batch size you run with)")

@@ -1,0 +1,185 @@
+"""Hidden-parameter-operation relations: which ETP weight reaches which hidden units, and how."""
+from __future__ import annotations
+
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import numpy as np
+from jax.extend import core as jcore
+
+from etrace_core.ops import is_etp_primitive, rule_for
+
+from .hidden_groups import HiddenGroup
+from .module_info import ModuleInfo, Path
+from .positions import MANY, NONE, propagate, reachable, static_values
+
+
+class HiddenParamOpRelation(NamedTuple):
+    """One use of a weight through an ETP op whose output reaches hidden states.
+
+    `y_to_hidden[k]` is an int array shaped like the op's canonical output `L + (O,)`: the flat
+    index, within `hidden_groups[k].varshape`, of the hidden unit each output element lands in
+    (-1: it lands in none of that group's units).
+    """
+    weight_path: Path
+    bias_path: Optional[Path]
+    primitive: Any
+    eqn: Any
+    x: Any
+    y: Any
+    hidden_groups: Tuple[HiddenGroup, ...]
+    y_to_hidden: Tuple[np.ndarray, ...]
+    approximations: Tuple[str, ...]
+
+    @property
+    def path(self) -> Path:
+        return self.weight_path
+
+    @property
+    def params(self) -> dict:
+        return self.eqn.params
+
+    @property
+    def has_x(self) -> bool:
+        return self.primitive.name != "etp_elemwise"
+
+    def is_identity_map(self, k: int) -> bool:
+        m = self.y_to_hidden[k]
+        return m.size == self.hidden_groups[k].size and bool(np.all(m.reshape(-1) == np.arange(m.size)))
+
+    def __repr__(self):
+        groups = [g.index for g in self.hidden_groups]
+        return (f"HiddenParamOpRelation(weight_path={self.weight_path}, "
+                f"primitive={self.primitive.name}, hidden_groups={groups})")
+
+
+class UntracedUse(NamedTuple):
+    """A parameter use that is not online-traced, and why (it gets its same-step gradient)."""
+    path: Path
+    reason: str
+
+
+def etp_operands(eqn) -> Tuple[Any, Any, Any]:
+    """(x, w, b) operands of an ETP equation; x is None for element-wise weights."""
+    if eqn.primitive.name == "etp_elemwise":
+        return None, eqn.invars[0], None
+    b = eqn.invars[2] if eqn.params.get("has_bias") else None
+    return eqn.invars[0], eqn.invars[1], b
+
+
+def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGroup]):
+    """All relations of the step, plus every parameter use that is not online-traced."""
+    jaxpr = minfo.jaxpr
+    param_of = {v: p for p, v in minfo.param_invars.items()}
+    hidden_out = {}
+    for path, group in hid_path_to_group.items():
+        hidden_out.setdefault(minfo.state_outvars[path], []).append((group, path))
+    hidden_out_vars = set(hidden_out)
+    static = static_values(minfo.closed_jaxpr)
+    relations, untraced = [], []
+    traced_vars = set()
+
+    for eqn in jaxpr.eqns:
+        if not is_etp_primitive(eqn.primitive):
+            continue
+        _, w, b = etp_operands(eqn)
+        w_path = param_of.get(w) if not isinstance(w, jcore.Literal) else None
+        if w_path is None:
+            continue  # a weight that is not a parameter: nothing to learn through this op
+        prop = propagate(jaxpr, eqn.outvars[0], static)
+        groups, maps, problems = _landing(eqn, prop, hidden_out, static)
+        if not groups:
+            reason = _why_not_traced(jaxpr, eqn, prop, hidden_out_vars)
+            untraced.append(UntracedUse(w_path, reason))
+            continue
+        b_path = param_of.get(b) if b is not None and not isinstance(b, jcore.Literal) else None
+        traced_vars.update(v for v in (w, b) if v is not None)
+        approx = list(problems) + _approximations(jaxpr, prop, hidden_out_vars)
+        relations.append(HiddenParamOpRelation(
+            weight_path=w_path, bias_path=b_path, primitive=eqn.primitive, eqn=eqn,
+            x=eqn.invars[0] if eqn.primitive.name != "etp_elemwise" else None,
+            y=eqn.outvars[0], hidden_groups=tuple(groups), y_to_hidden=tuple(maps),
+            approximations=tuple(dict.fromkeys(approx))))
+
+    untraced += _plain_uses(minfo, param_of, traced_vars)
+    return relations, untraced
+
+
+def _landing(eqn, prop, hidden_out, static):
+    """Per reached hidden group, the unit each output element lands in."""
+    per_group: Dict[int, list] = {}
+    problems = []
+    for var, owners in hidden_out.items():
+        m = prop.maps.get(var)
+        if m is None or not np.any(m != NONE):
+            continue
+        for group, path in owners:
+            entry = per_group.setdefault(group.index, [group, np.full(m.size, NONE)])
+            unit = entry[1]
+            if unit is None:
+                continue
+            clash = (m == MANY) | ((unit >= 0) & (m >= 0) & (unit != m))
+            if np.any(clash):
+                problems.append(
+                    f"an output element of {eqn.primitive.name} reaches several units of hidden "
+                    f"state {path} (broadcast or duplication); that relation is dropped")
+                entry[1] = None
+                continue
+            entry[1] = np.where(m >= 0, m, unit)
+    rule = rule_for(eqn.primitive)
+    y_shape = eqn.outvars[0].aval.shape
+    groups, maps = [], []
+    for index in sorted(per_group):
+        g, unit = per_group[index]
+        if unit is None:
+            continue
+        groups.append(g)
+        maps.append(np.asarray(rule.y_canon(eqn.params, unit.reshape(y_shape))))
+    return groups, maps, problems
+
+
+def _why_not_traced(jaxpr, eqn, prop, hidden_out_vars) -> str:
+    downstream = reachable(jaxpr, [eqn.outvars[0]])
+    if not downstream & hidden_out_vars:
+        return "its output reaches no hidden state (e.g. a readout): same-step gradient"
+    first = prop.blocked[0].primitive.name if prop.blocked else "an op"
+    return (f"its output reaches hidden states only through {first}, which mixes positions: "
+            "same-step gradient")
+
+
+def _approximations(jaxpr, prop, hidden_out_vars):
+    notes = []
+    for eqn in prop.blocked:
+        if reachable(jaxpr, eqn.outvars) & hidden_out_vars:
+            notes.append(f"part of the output reaches hidden states through "
+                         f"{eqn.primitive.name}; that path is ignored by the trace")
+    return notes
+
+
+def _plain_uses(minfo, param_of, traced_vars):
+    """Parameters read by the step but not as the weight/bias of a traced ETP op."""
+    used = {}
+    for eqn in minfo.jaxpr.eqns:
+        for i, v in enumerate(eqn.invars):
+            if isinstance(v, jcore.Literal) or v not in param_of:
+                continue
+            if is_etp_primitive(eqn.primitive) and v in traced_vars:
+                continue
+            if is_etp_primitive(eqn.primitive):
+                continue  # reported by the relation analysis
+            used.setdefault(param_of[v], eqn.primitive.name)
+    return [UntracedUse(p, f"used through {prim}, not an ETP op: same-step gradient")
+            for p, prim in used.items()]
+
+
+def find_hidden_param_op_relations_from_minfo(minfo: ModuleInfo, hid_path_to_group):
+    """The relations of a ModuleInfo, given its hidden groups."""
+    return analyse_relations(minfo, hid_path_to_group)[0]
+
+
+def find_hidden_param_op_relations_from_module(model, *args):
+    """The relations of `model` stepped with `args`."""
+    from .hidden_groups import find_hidden_groups_from_minfo
+    from .module_info import extract_module_info
+    minfo = extract_module_info(model, *args)
+    _, by_path = find_hidden_groups_from_minfo(minfo)
+    return find_hidden_param_op_relations_from_minfo(minfo, by_path)
