@@ -5,5 +5,5 @@ class CompilationError(ValueError):
     """The model's one-step program cannot be compiled into an eligibility-trace graph."""
 
 
-class NotCompiledError(RuntimeError):
+class NotCompiledError(ValueError):
     """A graph was asked for before `compile_graph` was called."""

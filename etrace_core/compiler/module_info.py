@@ -86,10 +86,13 @@ def extract_module_info(model: brainstate.nn.Module, *args) -> ModuleInfo:
     closed = fn.get_jaxpr(*args)
     read = fn.get_states(*args)
     written = fn.get_write_states(*args)
-    out_tree = fn.get_out_treedef(*args)
+    out_tree = jax.tree_util.treedef_children(fn.get_out_treedef(*args))[0]
     in_tree = jax.tree.structure(args)
     num_args = len(jax.tree.leaves(args))
-    num_outputs = len(closed.jaxpr.outvars) - len(written)
+    num_outputs = out_tree.num_leaves
+    if num_outputs + len(written) != len(closed.jaxpr.outvars):
+        raise CompilationError("the step's outputs do not match its written states; "
+                               "return plain arrays (or pytrees of arrays) from update()")
 
     def paths(states):
         missing = [st for st in states if id(st) not in path_of]

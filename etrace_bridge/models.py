@@ -1,0 +1,195 @@
+"""Built-in torch models for the online-vs-BPTT comparison tool.
+
+State conventions (see `etrace_bridge.bptt`):
+
+- `GRUClassifier`, `LSTMClassifier`, `LeakyRNN`: explicit state,
+  `forward(x, *state) -> (y, *new_state)`; `initial_state` gives the zero state.
+- `LIFNet`: state in registered (non-persistent) buffers of shape `(B, H)`, sized
+  by `reset_state(batch_size)` and updated in `forward` by plain attribute
+  assignment (`self.v = v_new`). `torch.export` records that as a buffer mutation
+  (`graph_signature.buffers_to_mutate` after `run_decompositions()`) just like
+  `self.v.copy_(v_new)`, and unlike `copy_` it never invalidates tensors autograd
+  saved from the previous step.
+
+The spiking nonlinearity is the custom op `etrace::spike` (`spike_op`): a
+Heaviside step forward and a fast-sigmoid surrogate derivative
+`1 / (1 + SURROGATE_SCALE * |x|)**2` backward. `spike_jax` is the same function
+in JAX, for the bridge's custom-op table `{"etrace::spike": spike_jax}`.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import torch
+from torch import nn
+
+__all__ = [
+    "SURROGATE_SCALE", "spike_op", "spike_jax", "GRUClassifier", "LSTMClassifier",
+    "LeakyRNN", "LIFNet", "MODEL_NAMES", "build_model", "initial_state",
+]
+
+SURROGATE_SCALE = 10.0
+
+
+# ----------------------------------------------------------------------------- spike op
+
+@torch.library.custom_op("etrace::spike", mutates_args=())
+def spike_op(x: torch.Tensor) -> torch.Tensor:
+    """Heaviside step `(x > 0)` in x's dtype; x is the membrane potential minus threshold."""
+    return (x > 0).to(x.dtype)
+
+
+@spike_op.register_fake
+def _spike_fake(x):
+    return torch.empty_like(x)
+
+
+def _spike_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _spike_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return grad / (1.0 + SURROGATE_SCALE * x.abs()) ** 2
+
+
+spike_op.register_autograd(_spike_backward, setup_context=_spike_setup)
+
+
+@jax.custom_jvp
+def spike_jax(x):
+    """JAX twin of `spike_op`: Heaviside forward, fast-sigmoid surrogate derivative."""
+    return (x > 0).astype(x.dtype)
+
+
+@spike_jax.defjvp
+def _spike_jax_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return spike_jax(x), dx / (1.0 + SURROGATE_SCALE * jnp.abs(x)) ** 2
+
+
+# ----------------------------------------------------------------------------- models
+
+class GRUClassifier(nn.Module):
+    """GRU cell with a linear readout; `forward(x, h) -> (logits, h)`."""
+
+    def __init__(self, n_in: int, n_hidden: int, n_out: int):
+        super().__init__()
+        self.cell = nn.GRUCell(n_in, n_hidden)
+        self.readout = nn.Linear(n_hidden, n_out)
+
+    def forward(self, x, h):
+        h = self.cell(x, h)
+        return self.readout(h), h
+
+
+class LSTMClassifier(nn.Module):
+    """LSTM cell with a linear readout; `forward(x, h, c) -> (logits, h, c)`."""
+
+    def __init__(self, n_in: int, n_hidden: int, n_out: int):
+        super().__init__()
+        self.cell = nn.LSTMCell(n_in, n_hidden)
+        self.readout = nn.Linear(n_hidden, n_out)
+
+    def forward(self, x, h, c):
+        h, c = self.cell(x, (h, c))
+        return self.readout(h), h, c
+
+
+class LeakyRNN(nn.Module):
+    """Leaky integrator without recurrent weights: `h = alpha*h + (1-alpha)*tanh(W x + b)`.
+
+    The recurrence is element-wise, so eligibility traces are exact for it.
+    `forward(x, h) -> (y, h)` with a linear readout `y`.
+    """
+
+    def __init__(self, n_in: int, n_hidden: int, n_out: int, alpha: float = 0.9):
+        super().__init__()
+        self.alpha = float(alpha)
+        self.input = nn.Linear(n_in, n_hidden)
+        self.readout = nn.Linear(n_hidden, n_out)
+
+    def forward(self, x, h):
+        h = self.alpha * h + (1.0 - self.alpha) * torch.tanh(self.input(x))
+        return self.readout(h), h
+
+
+class LIFNet(nn.Module):
+    """Leaky integrate-and-fire layer with a leaky linear readout, state in buffers.
+
+    Per step (dt = 1): `v = a*v + W_in x [+ W_rec z] - threshold*z` (soft reset by
+    the previous spikes), `z = spike(v - threshold)`, `out = k*out + W_out z`,
+    with `a = exp(-1/tau_mem)`, `k = exp(-1/tau_out)`; returns `out`.
+    Buffers `v`, `z` `(B, n_hidden)` and `out` `(B, n_out)`; call
+    `reset_state(batch_size)` before a sequence.
+    """
+
+    def __init__(self, n_in: int, n_hidden: int, n_out: int, tau_mem: float = 20.0,
+                 threshold: float = 1.0, recurrent: bool = False, tau_out: float = 10.0):
+        super().__init__()
+        self.n_hidden, self.n_out = n_hidden, n_out
+        self.threshold = float(threshold)
+        self.decay_mem = math.exp(-1.0 / tau_mem)
+        self.decay_out = math.exp(-1.0 / tau_out)
+        self.input = nn.Linear(n_in, n_hidden)
+        self.recurrent = nn.Linear(n_hidden, n_hidden, bias=False) if recurrent else None
+        self.readout = nn.Linear(n_hidden, n_out)
+        self.reset_state(1)
+
+    def reset_state(self, batch_size: int = 1) -> None:
+        """Zero the state buffers, sized for `batch_size`, in the parameters' dtype/device."""
+        w = self.input.weight
+        zeros = lambda n: torch.zeros(batch_size, n, dtype=w.dtype, device=w.device)
+        self.register_buffer("v", zeros(self.n_hidden), persistent=False)
+        self.register_buffer("z", zeros(self.n_hidden), persistent=False)
+        self.register_buffer("out", zeros(self.n_out), persistent=False)
+
+    def forward(self, x):
+        if x.shape[0] != self.v.shape[0]:
+            raise ValueError(f"batch {x.shape[0]} but state sized for {self.v.shape[0]}: "
+                             "call reset_state(batch_size) first")
+        current = self.input(x)
+        if self.recurrent is not None:
+            current = current + self.recurrent(self.z)
+        v = self.decay_mem * self.v + current - self.threshold * self.z
+        z = spike_op(v - self.threshold)
+        out = self.decay_out * self.out + self.readout(z)
+        self.v, self.z, self.out = v, z, out
+        return out
+
+
+# ----------------------------------------------------------------------------- lookup
+
+_BUILDERS = {
+    "gru": GRUClassifier,
+    "lstm": LSTMClassifier,
+    "lif": LIFNet,
+    "leaky": LeakyRNN,
+}
+MODEL_NAMES = tuple(_BUILDERS)
+
+
+def build_model(name: str, n_in: int, n_out: int, n_hidden: int = 64, **kwargs) -> nn.Module:
+    """Build a built-in model by name ('gru', 'lstm', 'lif', 'leaky'); kwargs go to its class."""
+    try:
+        cls = _BUILDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}") from None
+    return cls(n_in, n_hidden, n_out, **kwargs)
+
+
+def initial_state(model: nn.Module, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """Zero state tuple to pass as `forward(x, *state)`; () for buffer-state models (reset here)."""
+    if hasattr(model, "reset_state"):
+        model.reset_state(batch_size)
+        return ()
+    if isinstance(model, (GRUClassifier, LSTMClassifier)):
+        hidden, n_state = model.cell.hidden_size, 2 if isinstance(model, LSTMClassifier) else 1
+    elif isinstance(model, LeakyRNN):
+        hidden, n_state = model.input.out_features, 1
+    else:
+        raise TypeError(f"no initial state known for {type(model).__name__}")
+    w = next(model.parameters())
+    return tuple(torch.zeros(batch_size, hidden, dtype=w.dtype, device=w.device) for _ in range(n_state))

@@ -1,0 +1,335 @@
+"""ETraceAlgorithm: wraps a one-step model so that grad of a loss of its output is the online gradient."""
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from etrace_core.compiler.errors import NotCompiledError
+from etrace_core.executor import data
+from etrace_core.executor.step import jacobian_step, vjp_step
+from etrace_core.executor.vjp import ETraceVjpGraphExecutor
+
+from . import online
+
+
+class ETraceState(brainstate.ShortTermState):
+    """Eligibility traces (and the count of time steps they have seen)."""
+
+
+class ETraceAlgorithm(brainstate.nn.Module):
+    """Base of the online algorithms: `algo(x)` runs one step of `model` and updates the traces.
+
+    Differentiating a loss of `algo(x)` w.r.t. the model's ParamStates gives the online gradient:
+    traced weights get dL/dh^t . trace, every other parameter its exact same-step gradient.
+    """
+
+    def __init__(self, model: brainstate.nn.Module, *, vjp_method: str = "single-step",
+                 check_finite: bool = False, auto_reinit: bool = False, name=None):
+        super().__init__(name=name)
+        self.model = model
+        self.executor = ETraceVjpGraphExecutor(model, vjp_method)
+        self.check_finite = check_finite
+        self.auto_reinit = auto_reinit
+        self.etrace = None
+        self._plan = None
+        self._example = None
+        self._drivers = {}   # jitted sequence drivers of this compiled graph, by loss function
+
+    # -- graph --------------------------------------------------------------------------------
+
+    @property
+    def graph(self):
+        return self.executor.graph
+
+    @property
+    def vjp_method(self) -> str:
+        return self.executor.vjp_method
+
+    def compile_graph(self, *args) -> None:
+        """Compile the model's one-step graph from example inputs, and plan the traces."""
+        self.executor.compile_graph(*args)
+        self._example = data.single_step_example(args)
+        self._plan = online.make_plan(self.executor.spec, self.trace_kinds(), self.decay)
+        self._drivers = {}
+
+    def show_graph(self, verbose: bool = True, return_msg: bool = False):
+        msg = self.executor.show_graph(verbose=False, return_msg=True)
+        if self._plan is not None:
+            lines = [f"Algorithm {type(self).__name__}: trace kind per weight"]
+            for k, r in enumerate(self.graph.hidden_param_op_relations):
+                lines.append(f"  {r.weight_path}: {self._plan.kinds[k]}-dim trace")
+            msg = msg + "\n" + "\n".join(lines)
+        if verbose:
+            print(msg)
+        return msg if return_msg else None
+
+    def graph_to_dot(self) -> str:
+        return self.executor.graph_to_dot()
+
+    def plot_graph(self, filename: str) -> str:
+        return self.executor.plot_graph(filename)
+
+    # -- subclass hooks -----------------------------------------------------------------------
+
+    decay = 0.0
+
+    def trace_kinds(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    # -- traces -------------------------------------------------------------------------------
+
+    def init_etrace_state(self, *args, **kwargs) -> None:
+        """Create zero traces for the current hidden-state shapes."""
+        plan = self._require_plan()
+        self.etrace = ETraceState({"traces": online.init_traces(plan),
+                                   "count": jnp.zeros((), _float_dtype())})
+
+    def reset_state(self, *args, **kwargs) -> None:
+        """Zero the traces (the model's own states are reset by the model)."""
+        if self.etrace is not None:
+            self.etrace.value = jax.tree.map(jnp.zeros_like, self.etrace.value)
+
+    def get_etrace_of(self, weight_path) -> Dict[str, Any]:
+        """The traces of one weight, by connection (relation, hidden group)."""
+        plan = self._require_plan()
+        weight_path = tuple(weight_path)
+        out = {}
+        for conn in plan.connections:
+            if self.graph.hidden_param_op_relations[conn.rel].weight_path == weight_path:
+                key = online.trace_key(conn)
+                out[key] = self.etrace.value["traces"][key]
+        if not out:
+            raise KeyError(f"{weight_path} has no eligibility trace; traced weights: "
+                           f"{[r.weight_path for r in self.graph.hidden_param_op_relations]}")
+        return out
+
+    def trace_sizes(self) -> Dict[str, int]:
+        return online.trace_sizes(self.etrace.value["traces"])
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    def update(self, *args):
+        self._check_ready()
+        if data.is_multi_step(args):
+            if self.executor.is_multi_step_vjp:
+                return self._run_window(args)
+            return self._run_chunk(args)
+        return self._run_step(data.unwrap(args))
+
+    def _require_plan(self):
+        if self._plan is None:
+            raise NotCompiledError(
+                f"{type(self).__name__} is not compiled: call .compile_graph(*inputs) and "
+                ".init_etrace_state() before stepping")
+        return self._plan
+
+    def _check_ready(self) -> None:
+        plan = self._require_plan()
+        if self.etrace is None:
+            raise NotCompiledError(f"call {type(self).__name__}.init_etrace_state() before stepping")
+        for g in plan.spec.graph.hidden_groups:
+            for p, st in zip(g.hidden_paths, g.hidden_states):
+                shape = tuple(jnp.shape(st.value))
+                if shape != tuple(g.varshape):
+                    if self.auto_reinit:
+                        self.compile_graph(*self._example_for(shape))
+                        self.init_etrace_state()
+                        return
+                    raise ValueError(
+                        f"hidden state {p} has shape {shape} but the graph and traces were built "
+                        f"for {tuple(g.varshape)} (a different batch size?); call "
+                        "compile_graph(x) and init_etrace_state() again, or construct the "
+                        "algorithm with auto_reinit=True")
+
+    def _example_for(self, hidden_shape):
+        batch = hidden_shape[0] if hidden_shape else None
+        return jax.tree.map(lambda a: jnp.zeros((batch,) + tuple(jnp.shape(a))[1:],
+                                                jnp.result_type(a)), self._example)
+
+    def _split_values(self):
+        values = self.executor.state_values()
+        params = {p: values[p] for p in self.graph.module_info.param_paths}
+        rest = {p: v for p, v in values.items() if p not in params}
+        return params, rest
+
+    def _write(self, new_values, etrace):
+        states = self.graph.module_info.retrieved_model_states
+        for p, v in new_values.items():
+            states[p].value = v
+        self.etrace.value = etrace
+
+    def _run_step(self, args):
+        params, rest = self._split_values()
+        flat = jax.tree.leaves(args)
+        outs, new_values, etrace = _online_step(self._plan, self.check_finite, params, rest,
+                                                self.etrace.value, flat)
+        self._write(new_values, etrace)
+        return jax.tree.unflatten(self.graph.module_info.out_tree, outs)
+
+    def _run_chunk(self, args):
+        seq, rebuild = data.split_for_scan(args)
+        params, rest = self._split_values()
+        outs, new_values, etrace = _online_chunk(self._plan, self.check_finite, rebuild, params,
+                                                 rest, self.etrace.value, seq)
+        self._write(new_values, etrace)
+        return jax.tree.unflatten(self.graph.module_info.out_tree, outs)
+
+    def _run_window(self, args):
+        params, rest = self._split_values()
+        outs, new_values, etrace = _online_window(self._plan, self.executor, args, params, rest,
+                                                  self.etrace.value)
+        self._write(new_values, etrace)
+        return jax.tree.unflatten(self.graph.module_info.out_tree, outs)
+
+
+def _float_dtype():
+    return jnp.result_type(float)
+
+
+def zero_cotangent(x):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+def _advance(plan, check_finite, etrace, jac):
+    traces = online.update_traces(plan, etrace["traces"], jac)
+    if check_finite:
+        _raise_if_not_finite(plan, traces)
+    return {"traces": traces, "count": etrace["count"] + 1}
+
+
+def _raise_if_not_finite(plan, traces):
+    rels = plan.spec.graph.hidden_param_op_relations
+    for conn in plan.connections:
+        ok = online.all_finite(traces[online.trace_key(conn)])
+        brainstate.transform.jit_error_if(
+            jnp.logical_not(ok),
+            f"non-finite value in the eligibility trace of weight {rels[conn.rel].weight_path} "
+            f"(hidden group {conn.group}); lower the learning rate or check the model's inputs")
+
+
+def _direct_and_trace_grads(plan, params, etrace, dparams, dh, Ms):
+    deltas = online.partial_hidden_grads(plan, dh, Ms)
+    grads = online.trace_grads(plan, params, etrace["traces"], etrace["count"], deltas)
+    return online.add_grads(dparams, grads)
+
+
+# ---- one step --------------------------------------------------------------------------------
+
+def _online_step(plan, check_finite, params, rest, etrace, flat):
+    fn = jax.custom_vjp(lambda p, r, e, a: _step_primal(plan, check_finite, p, r, e, a))
+    fn.defvjp(lambda p, r, e, a: _step_fwd(plan, check_finite, p, r, e, a), _step_bwd(plan))
+    return fn(params, rest, etrace, flat)
+
+
+def _step_primal(plan, check_finite, params, rest, etrace, flat):
+    jac = jacobian_step(plan.spec, flat, {**rest, **params})
+    return jac.outputs, jac.new_values, _advance(plan, check_finite, etrace, jac)
+
+
+def _step_fwd(plan, check_finite, params, rest, etrace, flat):
+    values = {**rest, **params}
+    jac = jacobian_step(plan.spec, flat, values)
+    vjp = vjp_step(plan.spec, flat, values)
+    new_etrace = _advance(plan, check_finite, etrace, jac)
+    residuals = (vjp.vjp_fn, params, new_etrace, jac.Ms, rest, etrace, flat)
+    return (jac.outputs, jac.new_values, new_etrace), residuals
+
+
+def _step_bwd(plan):
+    def bwd(residuals, cts):
+        vjp_fn, params, new_etrace, Ms, rest, etrace, flat = residuals
+        dparams, dh, dargs = vjp_fn(cts[0])
+        grads = _direct_and_trace_grads(plan, params, new_etrace, dparams, dh, Ms)
+        dargs = [zero_cotangent(a) if d is None else d for a, d in zip(flat, dargs)]
+        return (grads, jax.tree.map(zero_cotangent, rest), jax.tree.map(zero_cotangent, etrace),
+                dargs)
+    return bwd
+
+
+# ---- k single steps (single-step VJP over a MultiStepData chunk) -----------------------------
+
+def _online_chunk(plan, check_finite, rebuild, params, rest, etrace, seq):
+    def primal(p, r, e, s):
+        outs, new, e2, _ = _chunk_scan(plan, check_finite, rebuild, p, r, e, s, with_vjp=False)
+        return outs, new, e2
+
+    def fwd(p, r, e, s):
+        outs, new, e2, per_step = _chunk_scan(plan, check_finite, rebuild, p, r, e, s, with_vjp=True)
+        return (outs, new, e2), (per_step, p, r, e, s)
+
+    def bwd(res, cts):
+        (vjp_fns, etraces, Ms), p, r, e, s = res
+
+        def body(acc, item):
+            vjp_fn, et, M, g_out = item
+            dparams, dh, _ = vjp_fn(g_out)
+            return online.add_grads(acc, _direct_and_trace_grads(plan, p, et, dparams, dh, M)), None
+
+        zero = jax.tree.map(jnp.zeros_like, p)
+        grads, _ = jax.lax.scan(body, zero, (vjp_fns, etraces, Ms, cts[0]))
+        return (grads, jax.tree.map(zero_cotangent, r), jax.tree.map(zero_cotangent, e),
+                jax.tree.map(zero_cotangent, s))
+
+    fn = jax.custom_vjp(primal)
+    fn.defvjp(fwd, bwd)
+    return fn(params, rest, etrace, seq)
+
+
+def _chunk_scan(plan, check_finite, rebuild, params, rest, etrace, seq, with_vjp):
+    def body(carry, xs_t):
+        rest, etrace = carry
+        flat = jax.tree.leaves(rebuild(xs_t))
+        values = {**rest, **params}
+        jac = jacobian_step(plan.spec, flat, values)
+        etrace = _advance(plan, check_finite, etrace, jac)
+        rest = dict(rest)
+        rest.update({p: v for p, v in jac.new_values.items() if p in rest})
+        extra = None
+        if with_vjp:
+            extra = (vjp_step(plan.spec, flat, values).vjp_fn, etrace, jac.Ms)
+        return (rest, etrace), (jac.outputs, jac.new_values, extra)
+
+    (rest_f, etrace_f), (outs, new_values, extra) = jax.lax.scan(body, (rest, etrace), seq)
+    last = jax.tree.map(lambda v: v[-1], new_values)
+    return outs, last, etrace_f, extra
+
+
+# ---- a multi-step window: exact BPTT inside, traces across windows -----------------------------
+
+def _online_window(plan, executor, args, params, rest, etrace):
+    seq, rebuild = data.split_for_scan(args)
+
+    def primal(p, r, e, s):
+        outs, new, e2, _ = _chunk_scan(plan, False, rebuild, p, r, e, s, with_vjp=False)
+        return outs, new, e2
+
+    def fwd(p, r, e, s):
+        outs, new, e2, _ = _chunk_scan(plan, False, rebuild, p, r, e, s, with_vjp=False)
+        window_args = tuple(data.MultiStepData(x) if isinstance(a, data.MultiStepData) else a
+                            for a, x in zip(args, _refill(args, s)))
+        window_fn = executor.window_vjp(window_args, {**r, **p}).vjp_fn
+        return (outs, new, e2), (window_fn, p, r, e, s)
+
+    def bwd(res, cts):
+        window_fn, p, r, e, s = res
+        dparams, dh0, dseq = window_fn(jax.tree.leaves(cts[0]))
+        grads = _direct_and_trace_grads(plan, p, e, dparams, dh0, None)
+        return (grads, jax.tree.map(zero_cotangent, r), jax.tree.map(zero_cotangent, e),
+                jax.tree.map(zero_cotangent, s))
+
+    fn = jax.custom_vjp(primal)
+    fn.defvjp(fwd, bwd)
+    return fn(params, rest, etrace, seq)
+
+
+def _refill(args, seq):
+    """Per-arg data, taking MultiStepData values from `seq` (which may be tracers)."""
+    it = iter(seq)
+    return [next(it) if isinstance(a, data.MultiStepData) else None for a in args]

@@ -1,0 +1,127 @@
+"""The pure core of online learning: trace updates and trace gradients over a compiled step."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from etrace_core.executor.step import StepJacobians, StepSpec
+from etrace_core.ops import rule_for
+
+from .traces import TRACE_KINDS, Connection, gather_units
+
+Path = Tuple[str, ...]
+
+
+class TracePlan(NamedTuple):
+    """Which trace rule each relation uses, and how its outputs map onto hidden units."""
+    spec: StepSpec
+    kinds: Tuple[str, ...]                 # per relation: 'param' or 'io'
+    connections: Tuple[Connection, ...]
+    decay: float                           # io-dim decay alpha (unused by param-dim)
+
+
+def make_plan(spec: StepSpec, kinds: Sequence[str], decay: float) -> TracePlan:
+    conns = []
+    for k, rel in enumerate(spec.graph.hidden_param_op_relations):
+        for slot, g in enumerate(rel.hidden_groups):
+            unit = np.asarray(rel.y_to_hidden[slot])
+            conns.append(Connection(k, slot, g.index, unit, rel.is_identity_map(slot), g.size))
+    return TracePlan(spec, tuple(kinds), tuple(conns), float(decay))
+
+
+def trace_key(conn: Connection) -> str:
+    return f"rel{conn.rel}_group{conn.group}"
+
+
+def init_traces(plan: TracePlan) -> Dict[str, Any]:
+    """Zero traces shaped from the compiled graph (the batch is the hidden states' batch)."""
+    graph = plan.spec.graph
+    rels, groups = graph.hidden_param_op_relations, graph.hidden_groups
+    traces = {}
+    for conn in plan.connections:
+        rel = rels[conn.rel]
+        rule = rule_for(rel.primitive)
+        x_aval = rel.x.aval if rel.has_x else None
+        w_aval = rel.eqn.invars[0 if not rel.has_x else 1].aval
+        X = jax.eval_shape(lambda x, w: rule.x_canon(rel.params, x, w),
+                           None if x_aval is None else jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype),
+                           jax.ShapeDtypeStruct(w_aval.shape, w_aval.dtype))
+        X_shape = X.shape[:-1] + (X.shape[-1] + (1 if rel.params.get("has_bias") else 0),)
+        y_shape = conn.unit.shape + (groups[conn.group].num_state,)
+        kind = TRACE_KINDS[plan.kinds[conn.rel]]
+        traces[trace_key(conn)] = kind.init(X_shape, y_shape, rel.y.aval.dtype)
+    return traces
+
+
+def update_traces(plan: TracePlan, traces, jac: StepJacobians):
+    """One step of every trace, from the step's inputs X, diagonals df and Jacobians D."""
+    new = {}
+    for conn in plan.connections:
+        D_flat = jac.Ds[conn.group].reshape((-1,) + jac.Ds[conn.group].shape[-2:])
+        D_y = gather_units(conn, D_flat)
+        kind = TRACE_KINDS[plan.kinds[conn.rel]]
+        key = trace_key(conn)
+        new[key] = kind.update(traces[key], jac.xs[conn.rel], jac.dfs[conn.rel][conn.slot], D_y,
+                               plan.decay)
+    return new
+
+
+def partial_hidden_grads(plan: TracePlan, dh: Dict[Path, Any], Ms) -> List[Any]:
+    """Per group, dL/dh^t as (group size, S), undoing same-step coupling inside the group.
+
+    dL/dp from the perturbation counts paths from one state of a unit to another in the same
+    step; the traces already do, so each group's gradient is solved against its coupling M.
+    """
+    out = []
+    for g in plan.spec.graph.hidden_groups:
+        cols = [dh.get(p) for p in g.hidden_paths]
+        cols = [jnp.zeros(g.varshape, jnp.result_type(float)) if c is None else c for c in cols]
+        delta = jnp.stack(cols, axis=-1).reshape(-1, g.num_state)
+        if Ms is not None and g.num_state > 1:
+            M = Ms[g.index].reshape(-1, g.num_state, g.num_state)
+            delta = jnp.linalg.solve(jnp.swapaxes(M, -1, -2), delta[..., None])[..., 0]
+        out.append(delta)
+    return out
+
+
+def trace_grads(plan: TracePlan, params: Dict[Path, Any], traces, count, deltas) -> Dict[Path, Any]:
+    """Parameter gradients sum_s dL/dh_s * trace_s, mapped back to the weights' shapes."""
+    graph = plan.spec.graph
+    rels = graph.hidden_param_op_relations
+    per_rel: Dict[int, Any] = {}
+    for conn in plan.connections:
+        delta_y = gather_units(conn, deltas[conn.group])
+        kind = TRACE_KINDS[plan.kinds[conn.rel]]
+        M = kind.grad(traces[trace_key(conn)], delta_y, count, plan.decay)
+        per_rel[conn.rel] = M if conn.rel not in per_rel else per_rel[conn.rel] + M
+    grads: Dict[Path, Any] = {}
+    for k, M in per_rel.items():
+        rel = rels[k]
+        dw, db = rule_for(rel.primitive).io_to_params(rel.params, params[rel.weight_path], M)
+        _accumulate(grads, rel.weight_path, dw)
+        if rel.bias_path is not None and db is not None:
+            _accumulate(grads, rel.bias_path, db)
+    return grads
+
+
+def _accumulate(into, path, value):
+    into[path] = value if path not in into else into[path] + value
+
+
+def add_grads(a: Dict[Path, Any], b: Dict[Path, Any]) -> Dict[Path, Any]:
+    out = dict(a)
+    for p, v in b.items():
+        out[p] = v.astype(out[p].dtype) + out[p] if p in out else v
+    return out
+
+
+def trace_sizes(traces) -> Dict[str, int]:
+    """Number of scalars each trace holds."""
+    return {k: int(sum(np.prod(v.shape) for v in jax.tree.leaves(t))) for k, t in traces.items()}
+
+
+def all_finite(traces):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(traces)]))

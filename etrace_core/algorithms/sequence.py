@@ -1,0 +1,74 @@
+"""The sequence driver: T online steps in one jitted lax.scan, gradients summed over time."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from etrace_core.executor.step import jacobian_step, vjp_step
+
+from . import online
+from .base import ETraceAlgorithm, _advance, _direct_and_trace_grads
+
+
+class OnlineResult(NamedTuple):
+    loss: Any                      # summed loss over the T steps
+    grads: Dict[tuple, Any]        # parameter path -> summed online gradient
+    outputs: Optional[Any]         # (T, ...) outputs when asked for
+
+
+def run_online(algo: ETraceAlgorithm, loss_fn: Callable, xs, targets, *,
+               return_outputs: bool = False) -> OnlineResult:
+    """Run `algo` over time-major inputs `xs` (an array or a tuple of step arguments, each with a
+    leading time axis) against `targets`, with `loss_fn(output, target) -> scalar`.
+
+    The model's states and traces advance by T steps; parameters are not changed.
+    """
+    algo._check_ready()
+    if algo.executor.is_multi_step_vjp:
+        raise ValueError("run_online steps one time step at a time; for windows of exact BPTT "
+                         "call the algorithm on MultiStepData under brainstate.transform.grad")
+    params, rest = algo._split_values()
+    drivers = algo._drivers
+    key = (loss_fn, return_outputs)
+    if key not in drivers:
+        drivers[key] = jax.jit(partial(_drive, algo._plan, algo.graph.module_info.out_tree,
+                                       loss_fn, algo.check_finite, return_outputs))
+    args = xs if isinstance(xs, tuple) else (xs,)
+    loss, grads, outs, rest, etrace = drivers[key](params, rest, algo.etrace.value, args, targets)
+    algo._write({p: v for p, v in rest.items() if p in algo.graph.module_info.written_paths},
+                etrace)
+    return OnlineResult(loss, grads, outs)
+
+
+def _drive(plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, etrace, args,
+           targets):
+    spec = plan.spec
+
+    def body(carry, inp):
+        rest, etrace, gsum, lsum = carry
+        args_t, y_t = inp
+        flat = jax.tree.leaves(args_t)
+        values = {**rest, **params}
+        jac = jacobian_step(spec, flat, values)
+        vjp = vjp_step(spec, flat, values)
+        etrace = _advance(plan, check_finite, etrace, jac)
+        out = jax.tree.unflatten(out_tree, jac.outputs)
+        loss, g_out = jax.value_and_grad(loss_fn)(out, y_t)
+        dparams, dh, _ = vjp.vjp_fn(jax.tree.leaves(g_out))
+        grads = _direct_and_trace_grads(plan, params, etrace, dparams, dh, jac.Ms)
+        gsum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), gsum, grads)
+        rest = dict(rest)
+        rest.update({p: v for p, v in jac.new_values.items() if p in rest})
+        return (rest, etrace, gsum, lsum + loss), (out if return_outputs else None)
+
+    zero = jax.tree.map(jnp.zeros_like, params)
+    lsum0 = jnp.zeros((), jnp.result_type(float))
+    (rest, etrace, grads, loss), outs = jax.lax.scan(body, (rest, etrace, zero, lsum0),
+                                                     (args, targets))
+    return loss, grads, outs, rest, etrace
+
+
+__all__ = ["OnlineResult", "run_online", "online"]

@@ -1,0 +1,86 @@
+"""Trace rules for one relation->group connection, in the canonical matmul form Y = X @ W.
+
+Shapes: X is L + (I,), df is L + (O, S), D (gathered at the outputs) L + (O, S, S), dL/dh
+(gathered) L + (O, S). A rule returns the canonical gradient M of shape (I, O).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class Connection(NamedTuple):
+    """Relation `rel` reaching hidden group `group` (its `slot`-th group) with unit map `unit`."""
+    rel: int
+    slot: int
+    group: int
+    unit: np.ndarray          # canonical output positions -> flat hidden unit (-1: none)
+    identity: bool            # unit map is the identity (no gather needed)
+    group_size: int
+
+
+def gather_units(conn: Connection, per_unit):
+    """Pick, for each canonical output position, the row of `per_unit` (group size, ...)."""
+    if conn.identity:
+        return per_unit.reshape(conn.unit.shape + per_unit.shape[1:])
+    padded = jnp.concatenate([per_unit, jnp.zeros((1,) + per_unit.shape[1:], per_unit.dtype)])
+    index = np.where(conn.unit < 0, conn.group_size, conn.unit)
+    return padded[index]
+
+
+class ParamDimTrace:
+    """D-RTRL: eps[l, i, o, s] = sum_s' D[o, s, s'] eps[l, i, o, s'] + df[l, o, s] X[l, i]."""
+    kind = "param"
+
+    @staticmethod
+    def init(X_shape, y_shape_with_states, dtype):
+        *lead, I = X_shape
+        *_, O, S = y_shape_with_states
+        return {"eps": jnp.zeros(tuple(lead) + (I, O, S), dtype)}
+
+    @staticmethod
+    def update(trace, X, df, D_y, decay):
+        eps = jnp.einsum("...ost,...iot->...ios", D_y, trace["eps"])
+        eps = eps + X[..., :, None, None] * df[..., None, :, :]
+        return {"eps": eps}
+
+    @staticmethod
+    def grad(trace, delta_y, count, decay):
+        eps = trace["eps"]
+        return jnp.einsum("...ios,...os->io", eps, delta_y)
+
+    @staticmethod
+    def size(trace) -> int:
+        return int(trace["eps"].size)
+
+
+class IODimTrace:
+    """ES-D-RTRL / pp-prop: eps_x = a eps_x + X; eps_f = a D eps_f + (1 - a) df;
+    gradient = outer(eps_x, dL/dh * eps_f) / (1 - a^t), t = time steps seen."""
+    kind = "io"
+
+    @staticmethod
+    def init(X_shape, y_shape_with_states, dtype):
+        return {"x": jnp.zeros(tuple(X_shape), dtype),
+                "f": jnp.zeros(tuple(y_shape_with_states), dtype)}
+
+    @staticmethod
+    def update(trace, X, df, D_y, decay):
+        f = jnp.einsum("...ost,...ot->...os", D_y, trace["f"])
+        return {"x": decay * trace["x"] + X, "f": decay * f + (1 - decay) * df}
+
+    @staticmethod
+    def grad(trace, delta_y, count, decay):
+        correction = 1.0 - decay ** count
+        scale = jnp.where(count > 0, 1.0 / jnp.where(correction == 0, 1.0, correction), 0.0)
+        g = jnp.einsum("...i,...os,...os->io", trace["x"], delta_y, trace["f"])
+        return g * scale.astype(g.dtype)
+
+    @staticmethod
+    def size(trace) -> int:
+        return int(trace["x"].size + trace["f"].size)
+
+
+TRACE_KINDS = {"param": ParamDimTrace, "io": IODimTrace}

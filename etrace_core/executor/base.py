@@ -1,0 +1,79 @@
+"""ETraceGraphExecutor: compiles a model's graph and evaluates the Jacobians online learning needs."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import brainstate
+
+from etrace_core.compiler.errors import NotCompiledError
+from etrace_core.compiler.graph import ETraceGraph, compile_etrace_graph
+
+from . import data, show
+
+
+class ETraceGraphExecutor:
+    """Base executor: owns the model and its compiled graph; subclasses solve the Jacobians."""
+
+    def __init__(self, model: brainstate.nn.Module):
+        if not isinstance(model, brainstate.nn.Module):
+            raise TypeError(
+                f"expected a brainstate.nn.Module, got {type(model).__name__}: the compiler reads "
+                "the model's states and one-step program from a brainstate module")
+        self.model = model
+        self._graph: Optional[ETraceGraph] = None
+        self._state_id_to_path: Optional[Dict[int, tuple]] = None
+
+    @property
+    def graph(self) -> ETraceGraph:
+        if self._graph is None:
+            raise NotCompiledError(
+                "the eligibility-trace graph is not compiled yet: call .compile_graph(*inputs) "
+                "with one step's example inputs first")
+        return self._graph
+
+    @property
+    def is_compiled(self) -> bool:
+        return self._graph is not None
+
+    @property
+    def states(self):
+        return self.graph.module_info.retrieved_model_states
+
+    @property
+    def path_to_states(self):
+        return self.states
+
+    @property
+    def state_id_to_path(self) -> Dict[int, tuple]:
+        if self._state_id_to_path is None:
+            self._state_id_to_path = {id(st): p for p, st in self.states.items()}
+        return self._state_id_to_path
+
+    def compile_graph(self, *args) -> None:
+        """Build the graph from one step's example inputs (MultiStepData: its first step)."""
+        self._state_id_to_path = None
+        self._graph = compile_etrace_graph(self.model, *data.single_step_example(args))
+        self._on_compiled()
+
+    def _on_compiled(self) -> None:
+        """Hook for subclasses to precompute structure once the graph exists."""
+
+    def show_graph(self, verbose: bool = True, return_msg: bool = False):
+        """Print (and/or return) the hidden groups, traced weights and untraced weights."""
+        msg = show.graph_summary(self.graph)
+        if verbose:
+            print(msg)
+        return msg if return_msg else None
+
+    def graph_to_dot(self) -> str:
+        return show.graph_to_dot(self.graph)
+
+    def plot_graph(self, filename: str) -> str:
+        return show.plot_graph(self.graph, filename)
+
+    def solve_h2w_h2h_jacobian(self, *args):
+        raise NotImplementedError(f"{type(self).__name__} does not implement solve_h2w_h2h_jacobian")
+
+    def solve_h2w_h2h_l2h_jacobian(self, *args):
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement solve_h2w_h2h_l2h_jacobian")

@@ -1,0 +1,79 @@
+"""Channels-first convolutions (torch layout) on the ``etp_conv`` primitive."""
+import math
+from typing import Optional, Sequence, Union
+
+import brainstate
+
+from etrace_core import ops
+
+from .init import Initializer, Key, fan_in_uniform, make_param, resolve_dtype, split_key
+
+__all__ = ['Conv1d', 'Conv2d']
+
+IntOrTuple = Union[int, Sequence[int]]
+
+
+def _tuple(value: IntOrTuple, n: int, what: str) -> tuple:
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    if len(value) != n:
+        raise ValueError(f'{what} needs {n} values, got {value}')
+    return value
+
+
+def _padding(padding):
+    if isinstance(padding, str):
+        return padding.upper()
+    return padding if isinstance(padding, int) else tuple(int(p) for p in padding)
+
+
+class _ConvNd(brainstate.nn.Module):
+    """N-d convolution: ``x (B, C_in, *S)`` or ``(C_in, *S)`` -> ``(B, C_out, *S_out)``.
+
+    ``weight`` has torch's layout ``(C_out, C_in/groups, *K)`` and ``bias`` shape ``(C_out,)``;
+    both go through :func:`etrace_core.ops.conv`. Defaults follow torch:
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with ``fan_in = C_in/groups * prod(K)``.
+    ``padding`` is ``'SAME'``, ``'VALID'`` (either case), an int or a tuple of ints.
+    """
+
+    num_spatial_dims: int = 0
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, *,
+                 stride: IntOrTuple = 1, padding: Union[str, IntOrTuple] = 'SAME',
+                 dilation: IntOrTuple = 1, groups: int = 1, bias: bool = True,
+                 w_init: Optional[Initializer] = None, b_init: Optional[Initializer] = None,
+                 dtype=None, key: Key = None, name: Optional[str] = None):
+        super().__init__(name=name)
+        n = self.num_spatial_dims
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f'in_channels ({in_channels}) and out_channels ({out_channels}) '
+                             f'must be divisible by groups ({groups})')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _tuple(kernel_size, n, 'kernel_size')
+        self.stride = _tuple(stride, n, 'stride')
+        self.padding = _padding(padding)
+        self.dilation = _tuple(dilation, n, 'dilation')
+        self.groups = groups
+        dtype = resolve_dtype(dtype)
+        w_key, b_key = split_key(key, 2)
+        default = fan_in_uniform(in_channels // groups * math.prod(self.kernel_size))
+        w_shape = (out_channels, in_channels // groups) + self.kernel_size
+        self.weight = make_param(w_init, w_shape, dtype, w_key, default)
+        self.bias = make_param(b_init, (out_channels,), dtype, b_key, default) if bias else None
+
+    def update(self, x):
+        bias = None if self.bias is None else self.bias.value
+        return ops.conv(x, self.weight.value, bias, stride=self.stride, padding=self.padding,
+                        dilation=self.dilation, groups=self.groups)
+
+
+class Conv1d(_ConvNd):
+    """1-D convolution over ``(B, C_in, L)`` or ``(C_in, L)`` inputs; see :class:`_ConvNd`."""
+    num_spatial_dims = 1
+
+
+class Conv2d(_ConvNd):
+    """2-D convolution over ``(B, C_in, H, W)`` or ``(C_in, H, W)`` inputs; see :class:`_ConvNd`."""
+    num_spatial_dims = 2

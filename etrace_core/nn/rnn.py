@@ -1,0 +1,160 @@
+"""Recurrent rate cells: vanilla (Elman), GRU and LSTM as in torch, and a leaky integrator.
+
+Each cell keeps its input and recurrent weights in ``Linear`` sub-layers (``W_ih``, ``W_hh``),
+so every weight reaches the hidden state through an ETP matmul. GRU and LSTM fuse their gates
+into one weight per side, in torch's gate order, so torch weights copy in as
+``W_ih.weight = weight_ih.T`` and ``W_hh.weight = weight_hh.T``.
+"""
+import math
+from typing import Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from .activations import get_activation
+from .base import RecurrentModule
+from .init import Initializer, Key, fan_in_uniform, split_key
+from .linear import Linear
+
+__all__ = ['VanillaRNNCell', 'ValinaRNNCell', 'GRUCell', 'LSTMCell', 'LeakyRNNCell']
+
+
+def _torch_rnn_init(num_out: int) -> Initializer:
+    """torch's RNN default: every weight and bias ~ U(-1/sqrt(hidden), 1/sqrt(hidden))."""
+    return fan_in_uniform(num_out)
+
+
+class VanillaRNNCell(RecurrentModule):
+    """Elman cell ``h' = act(x @ W_ih + b + h @ W_hh)``; state ``h``, returns ``h'``.
+
+    ``W_ih = Linear(num_in, num_out)`` carries the single bias (torch's ``b_ih + b_hh``);
+    ``W_hh = Linear(num_out, num_out, bias=False)``.
+    """
+
+    state_names = ('h',)
+
+    def __init__(self, num_in: int, num_out: int, *, activation: Union[str, Callable] = 'tanh',
+                 w_init: Optional[Initializer] = None, b_init: Optional[Initializer] = None,
+                 dtype=None, key: Key = None, name: Optional[str] = None):
+        super().__init__((num_out,), dtype, name=name)
+        self.num_in, self.num_out = num_in, num_out
+        self.in_size, self.out_size = num_in, num_out
+        self.activation = get_activation(activation)
+        w_init = _torch_rnn_init(num_out) if w_init is None else w_init
+        b_init = _torch_rnn_init(num_out) if b_init is None else b_init
+        k_ih, k_hh = split_key(key, 2)
+        self.W_ih = Linear(num_in, num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_ih)
+        self.W_hh = Linear(num_out, num_out, bias=False, w_init=w_init, dtype=self.dtype, key=k_hh)
+
+    def update(self, x):
+        h = self.activation(self.W_ih(x) + self.W_hh(self.h.value))
+        self.h.value = h
+        return h
+
+
+ValinaRNNCell = VanillaRNNCell
+
+
+class GRUCell(RecurrentModule):
+    """GRU cell exactly as torch's ``nn.GRUCell``; state ``h``, returns ``h'``.
+
+    With fused weights ``W_ih: (num_in, 3H)`` and ``W_hh: (H, 3H)`` (both biased), gates in
+    torch order (r, z, n)::
+
+        r = sigmoid(gi_r + gh_r),  z = sigmoid(gi_z + gh_z),  n = tanh(gi_n + r * gh_n)
+        h' = (1 - z) * n + z * h
+    """
+
+    state_names = ('h',)
+
+    def __init__(self, num_in: int, num_out: int, *,
+                 w_init: Optional[Initializer] = None, b_init: Optional[Initializer] = None,
+                 dtype=None, key: Key = None, name: Optional[str] = None):
+        super().__init__((num_out,), dtype, name=name)
+        self.num_in, self.num_out = num_in, num_out
+        self.in_size, self.out_size = num_in, num_out
+        w_init = _torch_rnn_init(num_out) if w_init is None else w_init
+        b_init = _torch_rnn_init(num_out) if b_init is None else b_init
+        k_ih, k_hh = split_key(key, 2)
+        self.W_ih = Linear(num_in, 3 * num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_ih)
+        self.W_hh = Linear(num_out, 3 * num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_hh)
+
+    def update(self, x):
+        h = self.h.value
+        gi_r, gi_z, gi_n = jnp.split(self.W_ih(x), 3, axis=-1)
+        gh_r, gh_z, gh_n = jnp.split(self.W_hh(h), 3, axis=-1)
+        r = jax.nn.sigmoid(gi_r + gh_r)
+        z = jax.nn.sigmoid(gi_z + gh_z)
+        n = jnp.tanh(gi_n + r * gh_n)
+        h = (1. - z) * n + z * h
+        self.h.value = h
+        return h
+
+
+class LSTMCell(RecurrentModule):
+    """LSTM cell exactly as torch's ``nn.LSTMCell``; states ``h`` and ``c``, returns ``h'``.
+
+    With fused weights ``W_ih: (num_in, 4H)`` and ``W_hh: (H, 4H)`` (both biased), gates in
+    torch order (i, f, g, o)::
+
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g),  h' = sigmoid(o) * tanh(c')
+    """
+
+    state_names = ('h', 'c')
+
+    def __init__(self, num_in: int, num_out: int, *,
+                 w_init: Optional[Initializer] = None, b_init: Optional[Initializer] = None,
+                 dtype=None, key: Key = None, name: Optional[str] = None):
+        super().__init__((num_out,), dtype, name=name)
+        self.num_in, self.num_out = num_in, num_out
+        self.in_size, self.out_size = num_in, num_out
+        w_init = _torch_rnn_init(num_out) if w_init is None else w_init
+        b_init = _torch_rnn_init(num_out) if b_init is None else b_init
+        k_ih, k_hh = split_key(key, 2)
+        self.W_ih = Linear(num_in, 4 * num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_ih)
+        self.W_hh = Linear(num_out, 4 * num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_hh)
+
+    def update(self, x):
+        gates = self.W_ih(x) + self.W_hh(self.h.value)
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * self.c.value + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        self.c.value = c
+        self.h.value = h
+        return h
+
+
+class LeakyRNNCell(RecurrentModule):
+    """Leaky-integrator rate cell ``h' = d * h + (1 - d) * act(x @ W_in + b [+ h @ W_hh])``.
+
+    ``d = exp(-dt / tau)``; state ``h``, returns ``h'``. Without ``recurrent`` the state update
+    is element-wise per unit (the diagonal case the online algorithms treat exactly); with it,
+    ``W_hh = Linear(num_out, num_out, bias=False)`` couples the units.
+    """
+
+    state_names = ('h',)
+
+    def __init__(self, num_in: int, num_out: int, *, tau: float = 5.0, dt: float = 1.0,
+                 activation: Union[str, Callable] = 'tanh', recurrent: bool = False,
+                 w_init: Optional[Initializer] = None, b_init: Optional[Initializer] = None,
+                 dtype=None, key: Key = None, name: Optional[str] = None):
+        super().__init__((num_out,), dtype, name=name)
+        self.num_in, self.num_out = num_in, num_out
+        self.in_size, self.out_size = num_in, num_out
+        self.tau, self.dt = tau, dt
+        self.decay = math.exp(-dt / tau)
+        self.activation = get_activation(activation)
+        self.recurrent = recurrent
+        k_in, k_hh = split_key(key, 2)
+        self.W_in = Linear(num_in, num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_in)
+        self.W_hh = (Linear(num_out, num_out, bias=False, w_init=w_init, dtype=self.dtype, key=k_hh)
+                     if recurrent else None)
+
+    def update(self, x):
+        h = self.h.value
+        drive = self.W_in(x)
+        if self.W_hh is not None:
+            drive = drive + self.W_hh(h)
+        h = self.decay * h + (1. - self.decay) * self.activation(drive)
+        self.h.value = h
+        return h

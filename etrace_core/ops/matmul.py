@@ -1,0 +1,133 @@
+"""ETP dense op ``y = x @ w (+ b)`` as one JAX primitive, and its canonical-form rules.
+
+The weight keeps the layout it has in the model (``'io'``: ``(I, O)``; ``'oi'``: ``(O, I)``, the
+torch ``Linear`` layout), so the compiler finds the parameter array itself as an operand.
+"""
+import jax
+import jax.numpy as jnp
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+__all__ = ["matmul", "etp_matmul_p", "x_canon", "y_canon", "io_to_params"]
+
+_LAYOUTS = ("io", "oi")
+
+
+def _reference(x, w, *b, w_layout, has_bias):
+    """Plain jnp implementation; impl, abstract eval and lowering all derive from it."""
+    y = jnp.matmul(x, w if w_layout == "io" else w.T)
+    if has_bias:
+        y = y + b[0]
+    return y
+
+
+def _io_sizes(w_shape, w_layout):
+    i, o = w_shape
+    return (i, o) if w_layout == "io" else (o, i)
+
+
+def _check(x, w, b, w_layout):
+    if w_layout not in _LAYOUTS:
+        raise ValueError(f"matmul: w_layout must be 'io' or 'oi', got {w_layout!r}")
+    expected = "(I, O)" if w_layout == "io" else "(O, I)"
+    if jnp.ndim(w) != 2:
+        raise ValueError(f"matmul: w must have shape {expected} for w_layout={w_layout!r}, "
+                         f"got shape {jnp.shape(w)}")
+    i, o = _io_sizes(jnp.shape(w), w_layout)
+    if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != i:
+        raise ValueError(f"matmul: x must have shape (..., I) with I={i} to match w of shape "
+                         f"{jnp.shape(w)} = {expected} (w_layout={w_layout!r}), "
+                         f"got x of shape {jnp.shape(x)}")
+    if b is not None and jnp.shape(b) != (o,):
+        raise ValueError(f"matmul: b must have shape (O,) = ({o},), got {jnp.shape(b)}")
+
+
+etp_matmul_p = Primitive("etp_matmul")
+etp_matmul_p.def_impl(_reference)
+
+
+def _abstract_eval(*avals, **params):
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+    out = jax.eval_shape(lambda *a: _reference(*a, **params), *args)
+    return ShapedArray(out.shape, out.dtype)
+
+
+etp_matmul_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(etp_matmul_p, mlir.lower_fun(_reference, multiple_results=False))
+
+
+def _jvp_x(dx, x, w, *b, w_layout, has_bias):
+    y = _reference(dx, w, w_layout=w_layout, has_bias=False)
+    return y.astype(jnp.result_type(x, w, *b))
+
+
+def _jvp_w(dw, x, w, *b, w_layout, has_bias):
+    y = _reference(x, dw, w_layout=w_layout, has_bias=False)
+    return y.astype(jnp.result_type(x, w, *b))
+
+
+def _jvp_b(db, x, w, b, *, w_layout, has_bias):
+    o = _io_sizes(w.shape, w_layout)[1]
+    shape = jnp.shape(x)[:-1] + (o,)
+    return jnp.broadcast_to(db, shape).astype(jnp.result_type(x, w, b))
+
+
+def _jvp(primals, tangents, **params):
+    """Product rule, one linear jnp term per non-zero tangent (x, w, and b if present).
+
+    The tangent is built from jnp ops, so reverse mode transposes it with their own rules.
+    """
+    y = etp_matmul_p.bind(*primals, **params)
+    terms = [rule(t, *primals, **params) for rule, t in zip((_jvp_x, _jvp_w, _jvp_b), tangents)
+             if type(t) is not ad.Zero]
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+ad.primitive_jvps[etp_matmul_p] = _jvp
+
+
+def _batch(args, dims, *, w_layout, has_bias):
+    """vmap: a mapped x only stays one primitive (extra leading dim); else the jnp reference."""
+    x_dim, *rest = dims
+    if all(d is None for d in rest):
+        x = jnp.moveaxis(args[0], x_dim, 0)
+        return etp_matmul_p.bind(x, *args[1:], w_layout=w_layout, has_bias=has_bias), 0
+    fn = lambda *a: _reference(*a, w_layout=w_layout, has_bias=has_bias)
+    return jax.vmap(fn, in_axes=tuple(dims))(*args), 0
+
+
+batching.primitive_batchers[etp_matmul_p] = _batch
+
+
+def matmul(x, w, b=None, *, w_layout="io"):
+    """``x @ w + b`` (``'io'``, ``w: (I, O)``) or ``x @ w.T + b`` (``'oi'``, ``w: (O, I)``).
+
+    ``x`` is ``(..., I)`` with any number of leading dims (also none); ``b`` is ``(O,)`` or None.
+    """
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    b = None if b is None else jnp.asarray(b)
+    _check(x, w, b, w_layout)
+    operands = (x, w) if b is None else (x, w, b)
+    return etp_matmul_p.bind(*operands, w_layout=w_layout, has_bias=b is not None)
+
+
+def x_canon(params, x, w):
+    """Canonical input ``X = x``: ``L`` is the leading dims of ``x``, ``I`` its last dim."""
+    return x
+
+
+def y_canon(params, y):
+    """Canonical output ``Y = y``: column ``o`` of ``y`` depends only on column ``o`` of W."""
+    return y
+
+
+def io_to_params(params, w, M):
+    """Map a canonical ``(I[+1], O)`` gradient to ``(dw, db)``, ``dw`` in ``w``'s layout."""
+    layout, has_bias = params["w_layout"], params["has_bias"]
+    i, o = _io_sizes(w.shape, layout)
+    if M.shape != (i + has_bias, o):
+        raise ValueError(f"matmul.io_to_params: M must have shape (I{'+1' if has_bias else ''}, O)"
+                         f" = {(i + has_bias, o)}, got {M.shape}")
+    dw = M[:i] if layout == "io" else M[:i].T
+    return dw, (M[i] if has_bias else None)
