@@ -7,7 +7,9 @@ their batch dimension can be dynamic like the other states.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import re
 import warnings
@@ -112,7 +114,9 @@ def export_step(
         try:
             program = _export(module, args, lifted, axes, lift_axes, batch)
             is_dynamic = True
-        except Exception:
+        except Exception as err:
+            if _is_data_dependent(err):
+                raise _export_error(module, err) from err
             program = None
     if program is None:
         try:
@@ -122,7 +126,9 @@ def export_step(
         except Exception as err:
             raise _export_error(module, err) from err
     try:
-        program = program.run_decompositions(decomposition_table())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = program.run_decompositions(decomposition_table())
     except Exception as err:
         raise ExportError(
             f"torch.export captured {type(module).__name__}, but decomposing it to core ATen "
@@ -293,10 +299,14 @@ def _refuse_graph(program: torch.export.ExportedProgram, module: torch.nn.Module
                     "converting.")
 
 
+def _is_data_dependent(err: Exception) -> bool:
+    return type(err).__name__ == "GuardOnDataDependentSymNode" or "data-dependent" in str(err)
+
+
 def _export_error(module: torch.nn.Module, err: Exception) -> ExportError:
     text = str(err)
     name = type(module).__name__
-    if "data-dependent" in text or type(err).__name__ == "GuardOnDataDependentSymNode":
+    if _is_data_dependent(err):
         problem = (f"{name}.forward branches in Python on a tensor's value (data-dependent "
                    "control flow), which torch.export cannot trace")
         fix = ("replace the branch by tensor operations (torch.where, masks, clamp) or "
@@ -379,7 +389,8 @@ def _export(module, args, lifted, axes, lift_axes, batch) -> torch.export.Export
         shape = lambda a: None if a is None else {a: dim}
         in_dyn = pytree.tree_map(shape, axes, is_leaf=lambda v: v is None)
         dynamic = (in_dyn, [shape(a) for a in lift_axes]) if lifted else in_dyn
-    with warnings.catch_warnings():
+    # torch prints the partial graph of a failed export to stderr; the error we raise carries it.
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         return torch.export.export(target, tuple(call_args), dynamic_shapes=dynamic)
 

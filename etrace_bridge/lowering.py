@@ -525,11 +525,6 @@ _CONV_DIMS = {1: ("NCH", "OIH", "NCH"), 2: ("NCHW", "OIHW", "NCHW"),
 
 def _convolution(w_is_param, x, w, b, stride, padding, dilation, transposed, output_padding,
                  groups):
-    if transposed:
-        raise UnsupportedOpError(
-            "transposed convolution (nn.ConvTranspose*) has no lowering in etrace_bridge: its "
-            "weight cannot be traced online as an ETP conv. Replace it by upsampling + Conv, or "
-            "open an issue.")
     n = jnp.ndim(w) - 2
     if w_is_param and n in (1, 2):
         return etp.conv(x, w, b, stride=tuple(stride), padding=tuple(padding),
@@ -584,12 +579,15 @@ def _custom_table(custom_ops) -> dict[str, Callable]:
     return table
 
 
-def _unsupported(node) -> UnsupportedOpError:
+def _where(node) -> str:
     where = user_frame(node.meta.get("stack_trace"))
+    return f" (from {where})" if where else ""
+
+
+def _unsupported(node) -> UnsupportedOpError:
     name = _op_key(node.target)[0] if _op_key(node.target) else str(node.target)
-    location = f" produced by {where}" if where else ""
     return UnsupportedOpError(
-        f"ATen op `{node.target}`{location} has no JAX lowering in etrace_bridge. To proceed, "
+        f"ATen op `{node.target}`{_where(node)} has no JAX lowering in etrace_bridge. To proceed, "
         f"pass a JAX implementation with `custom_ops={{'{name}': jax_fn}}` (jax_fn takes the "
         "op's arguments as JAX arrays; use jax.custom_vjp for a custom gradient), rewrite that "
         "line with supported tensor operations, or open an issue naming this op.")
@@ -624,6 +622,11 @@ class LoweredStep:
         for key in _op_key(node.target):
             if key in custom:
                 return custom[key], None
+        if node.target is aten.convolution.default and node.args[6]:
+            raise UnsupportedOpError(
+                f"transposed convolution{_where(node)} has no lowering in etrace_bridge: its "
+                "weight cannot be traced online as an ETP conv. Replace nn.ConvTranspose* by "
+                "upsampling + Conv, or open an issue.")
         if node.target in _PARAM_OPS:
             fn, w_pos = _PARAM_OPS[node.target]
             w = node.args[w_pos] if len(node.args) > w_pos else None
@@ -656,9 +659,8 @@ class LoweredStep:
             except UnsupportedOpError:
                 raise
             except Exception as err:
-                where = user_frame(node.meta.get("stack_trace"))
                 raise RuntimeError(
-                    f"lowering of `{node.target}`{' at ' + where if where else ''} failed: "
+                    f"lowering of `{node.target}`{_where(node)} failed: "
                     f"{type(err).__name__}: {err}") from err
             env[node.name] = _match_meta(out, node.meta.get("val"), node)
         flat = [env[a.name] if isinstance(a, torch.fx.Node) else a for a in self._output.args[0]]

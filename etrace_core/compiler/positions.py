@@ -49,13 +49,17 @@ def static_values(closed: jcore.ClosedJaxpr) -> dict:
     return env
 
 
-def propagate(jaxpr: jcore.Jaxpr, source: jcore.Var, static: dict) -> Propagation:
-    """Push `source` forward through element-wise and relabelling equations."""
+def propagate(jaxpr: jcore.Jaxpr, source: jcore.Var, static: dict, stop=frozenset()) -> Propagation:
+    """Push `source` forward through element-wise and relabelling equations.
+
+    Variables in `stop` get a map but are not pushed further.
+    """
     size = int(np.prod(source.aval.shape, dtype=int))
     maps = {source: np.arange(size)}
     blocked = []
     for eqn in jaxpr.eqns:
-        carried = [v for v in eqn.invars if not isinstance(v, jcore.Literal) and v in maps]
+        carried = [v for v in eqn.invars
+                   if not isinstance(v, jcore.Literal) and v in maps and v not in stop]
         if not carried:
             continue
         out = _push(eqn, maps, static)

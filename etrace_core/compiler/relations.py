@@ -87,13 +87,14 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
             continue  # a weight that is not a parameter: nothing to learn through this op
         prop = propagate(jaxpr, eqn.outvars[0], static)
         groups, maps, problems = _landing(eqn, prop, hidden_out, static)
+        b_path = param_of.get(b) if b is not None and not isinstance(b, jcore.Literal) else None
         if not groups:
             reason = _why_not_traced(jaxpr, eqn, prop, hidden_out_vars)
-            untraced.append(UntracedUse(w_path, reason))
+            untraced += [UntracedUse(p, reason) for p in (w_path, b_path) if p is not None]
             continue
-        b_path = param_of.get(b) if b is not None and not isinstance(b, jcore.Literal) else None
         traced_vars.update(v for v in (w, b) if v is not None)
-        approx = list(problems) + _approximations(jaxpr, prop, hidden_out_vars)
+        before_hidden = propagate(jaxpr, eqn.outvars[0], static, stop=hidden_out_vars)
+        approx = list(problems) + _approximations(jaxpr, before_hidden, hidden_out_vars)
         relations.append(HiddenParamOpRelation(
             weight_path=w_path, bias_path=b_path, primitive=eqn.primitive, eqn=eqn,
             x=eqn.invars[0] if eqn.primitive.name != "etp_elemwise" else None,

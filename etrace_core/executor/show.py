@@ -18,9 +18,6 @@ def untraced_weights(graph: ETraceGraph) -> List[Tuple[tuple, str]]:
     for use in uses:
         if use.path not in traced:
             reasons.setdefault(use.path, use.reason)
-    for p in minfo.param_paths:
-        if p not in traced and p not in reasons:
-            reasons[p] = "bias of an op whose output reaches no hidden state: same-step gradient"
     return sorted(reasons.items())
 
 
