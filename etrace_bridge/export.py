@@ -319,7 +319,11 @@ def _export_error(module: torch.nn.Module, err: Exception) -> ExportError:
         fix = ("keep forward to tensor operations on its inputs, parameters and buffers (no "
                "Python branching on tensor values, no .item()/.tolist(), no unsupported "
                "Python-side state), or open an issue with this message")
-    return ExportError(f"{problem}; fix: {fix}. Original error: {type(err).__name__}: {text}")
+    lines = [text.strip().splitlines()[0]] if text.strip() else []
+    lines += [f"{path}:{line} in {fn}: {code.strip()}" for path, line, fn, code
+              in _FRAME_RE.findall(text) if not _is_library_file(path)][-1:]
+    return ExportError(f"{problem}; fix: {fix}. Original error: {type(err).__name__}: "
+                       + " | ".join(lines))
 
 
 # ----------------------------------------------------------------------------- export
@@ -377,6 +381,8 @@ def _state_axis(buf: torch.Tensor, batch: int | None) -> int | None:
 def _export(module, args, lifted, axes, lift_axes, batch) -> torch.export.ExportedProgram:
     """One torch.export call; dynamic on the batch axes when `axes` is given."""
     target = _LiftedBuffers(module, lifted) if lifted else module
+    # Fresh tensors: export merges inputs that alias each other (LSTM (h, h) would read h twice).
+    args = pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, args)
     states = [module.get_buffer(n).detach().clone() for n in lifted]
     call_args = (args, states) if lifted else args
     dynamic = None

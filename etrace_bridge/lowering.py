@@ -318,6 +318,25 @@ def _index_tensor(x, indices):
     return x[tuple(slice(None) if i is None else i for i in indices)]
 
 
+def _chunk(x, chunks, dim=0):
+    return _split(x, -(-jnp.shape(x)[dim] // chunks), dim)
+
+
+def _slice_scatter(x, src, dim=0, start=None, end=None, step=1):
+    dim = dim % jnp.ndim(x)
+    return x.at[(slice(None),) * dim + (slice(start, end, step),)].set(src)
+
+
+def _select_scatter(x, src, dim, index):
+    dim = dim % jnp.ndim(x)
+    return x.at[(slice(None),) * dim + (index,)].set(src)
+
+
+def _index_put(x, indices, values, accumulate=False):
+    at = x.at[tuple(slice(None) if i is None else i for i in indices)]
+    return at.add(values) if accumulate else at.set(values)
+
+
 def _copy(dst, src, non_blocking=False):
     return jnp.broadcast_to(jnp.asarray(src).astype(jnp.result_type(dst)), jnp.shape(dst))
 
@@ -341,6 +360,10 @@ def _shape_ops():
             x, dim, slice(start, start + length)),
         aten.split.Tensor: _split,
         aten.split_with_sizes.default: _split_with_sizes,
+        aten.chunk.default: _chunk,
+        aten.slice_scatter.default: _slice_scatter,
+        aten.select_scatter.default: _select_scatter,
+        aten.index_put.default: _index_put,
         aten.unbind.int: lambda x, dim=0: [_index(x, dim, i) for i in range(jnp.shape(x)[dim])],
         aten.cat.default: lambda xs, dim=0: jnp.concatenate(xs, axis=dim),
         aten.stack.default: lambda xs, dim=0: jnp.stack(xs, axis=dim),

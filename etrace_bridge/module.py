@@ -35,7 +35,7 @@ _CELLS = (torch.nn.RNNCell, torch.nn.GRUCell, torch.nn.LSTMCell)
 # ----------------------------------------------------------------------------- conventions
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class _Layout:
     """How `update`'s inputs and the hidden states map onto the exported step.
 
@@ -255,7 +255,7 @@ class _Namespace(brainstate.nn.Module):
         raise TypeError("this is a parameter container of a TorchModule; call the TorchModule")
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, repr=False)
 class _Bridge:
     """Everything a TorchModule needs besides its states (static for brainstate's graph)."""
 
@@ -270,6 +270,11 @@ class _Bridge:
     batch_size: int | None
     dynamic_batch: bool
     current_batch: int | None = None
+
+    def __repr__(self) -> str:
+        return (f"<torch {type(self.torch_module).__name__}: {len(self.params)} parameters, "
+                f"{len(self.state_init)} hidden states, batch {self.batch_size}"
+                f"{' (dynamic)' if self.dynamic_batch else ' (static)'}>")
 
 
 class TorchModule(brainstate.nn.Module):

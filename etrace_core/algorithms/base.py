@@ -16,6 +16,14 @@ from etrace_core.executor.vjp import ETraceVjpGraphExecutor
 from . import online
 
 
+class _Compiled:
+    """What compile_graph derives (kept out of brainstate's state graph): the trace plan, the
+    example step inputs, and the jitted sequence drivers of this graph by loss function."""
+
+    def __init__(self, plan=None, example=None):
+        self.plan, self.example, self.drivers = plan, example, {}
+
+
 class ETraceState(brainstate.ShortTermState):
     """Eligibility traces (and the count of time steps they have seen)."""
 
@@ -35,9 +43,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self.check_finite = check_finite
         self.auto_reinit = auto_reinit
         self.etrace = None
-        self._plan = None
-        self._example = None
-        self._drivers = {}   # jitted sequence drivers of this compiled graph, by loss function
+        self._compiled = _Compiled()
 
     # -- graph --------------------------------------------------------------------------------
 
@@ -52,9 +58,9 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def compile_graph(self, *args) -> None:
         """Compile the model's one-step graph from example inputs, and plan the traces."""
         self.executor.compile_graph(*args)
-        self._example = data.single_step_example(args)
-        self._plan = online.make_plan(self.executor.spec, self.trace_kinds(), self.decay)
-        self._drivers = {}
+        self._compiled = _Compiled(
+            plan=online.make_plan(self.executor.spec, self.trace_kinds(), self.decay),
+            example=data.single_step_example(args))
 
     def show_graph(self, verbose: bool = True, return_msg: bool = False):
         msg = self.executor.show_graph(verbose=False, return_msg=True)
@@ -72,6 +78,14 @@ class ETraceAlgorithm(brainstate.nn.Module):
 
     def plot_graph(self, filename: str) -> str:
         return self.executor.plot_graph(filename)
+
+    @property
+    def _plan(self):
+        return self._compiled.plan
+
+    @property
+    def _drivers(self):
+        return self._compiled.drivers
 
     # -- subclass hooks -----------------------------------------------------------------------
 
@@ -148,7 +162,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def _example_for(self, hidden_shape):
         batch = hidden_shape[0] if hidden_shape else None
         return jax.tree.map(lambda a: jnp.zeros((batch,) + tuple(jnp.shape(a))[1:],
-                                                jnp.result_type(a)), self._example)
+                                                jnp.result_type(a)), self._compiled.example)
 
     def _split_values(self):
         values = self.executor.state_values()

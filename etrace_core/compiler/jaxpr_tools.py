@@ -95,7 +95,8 @@ def _cond_as_select(eqn, invals):
     outs = [eval_jaxpr(b.jaxpr, b.consts, operands, _flatten_rule) for b in branches]
     if len(branches) == 1:
         return outs[0]
-    index = lax.clamp(0, jnp.asarray(index, jnp.int32), len(branches) - 1)
+    # explicit int32 bounds: python-int bounds become int64 when x64 is switched on at run time
+    index = lax.clamp(jnp.int32(0), jnp.asarray(index, jnp.int32), jnp.int32(len(branches) - 1))
     if len(branches) == 2:
         index = index.astype(bool)
     return [lax.select_n(_broadcast_pred(index, vals[0]), *vals) for vals in zip(*outs)]

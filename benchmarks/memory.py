@@ -1,0 +1,84 @@
+"""Peak resident memory of one benchmark case, measured in a fresh Python process.
+
+`peak_rss("benchmarks.algorithms:memory_case", kwargs)` starts
+``python -m benchmarks.memory <target> <json kwargs>``; the child pins threads, imports the target
+module, records its high-water RSS so far (imports done), calls ``fn(**kwargs)`` (which builds the
+model and runs one training sequence, blocking on the result), and prints one JSON line with
+``peak_rss_mib`` (``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end), ``import_rss_mib``
+and whatever dict the function returned. Every case gets its own process, so no allocator cache
+or compiled executable of another case counts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .common import pinned_env
+
+MARKER = "@@BENCH_RESULT@@"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ru_maxrss_mib() -> float:
+    import resource
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024.0 if sys.platform != "darwin" else kib / 2**20
+
+
+def _vm_hwm_mib() -> Optional[float]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss(target: str, kwargs: Optional[Dict[str, Any]] = None, *,
+             python: Optional[str] = None, timeout: float = 900.0) -> Dict[str, Any]:
+    """Run `target` ("module:function") with `kwargs` in a fresh subprocess and return its
+    result dict (``peak_rss_mib``, ``import_rss_mib``, ``wall_s`` and the function's own keys).
+    On failure the dict has ``error`` and no ``peak_rss_mib``."""
+    cmd = [python or sys.executable, "-m", "benchmarks.memory", target, json.dumps(kwargs or {})]
+    env = pinned_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in
+                                        env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=str(REPO_ROOT))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARKER):
+            return json.loads(line[len(MARKER):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+    return {"error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+
+
+def _child(target: str, kwargs_json: str) -> None:
+    import importlib
+    import time
+
+    module_name, fn_name = target.split(":")
+    module = importlib.import_module(module_name)
+    fn = getattr(module, fn_name)
+    import_rss = _ru_maxrss_mib()
+    t0 = time.perf_counter()
+    extra = fn(**json.loads(kwargs_json)) or {}
+    wall = time.perf_counter() - t0
+    result = {"peak_rss_mib": _ru_maxrss_mib(), "vm_hwm_mib": _vm_hwm_mib(),
+              "import_rss_mib": import_rss, "wall_s": wall}
+    result.update(extra)
+    print(MARKER + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    from .common import pin_threads
+    pin_threads()
+    _child(sys.argv[1], sys.argv[2])

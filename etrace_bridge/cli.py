@@ -1,0 +1,151 @@
+"""`etrace-compare`: train a recurrent model by BPTT and online, side by side.
+
+    etrace-compare --quick --out etrace-report
+    etrace-compare --model lif --task dms --methods bptt,es_d_rtrl
+    etrace-compare --model my_model.py:factory --epochs 5
+
+Bad input ends with one line on stderr (`etrace-compare: error: ...`) and exit status 2
+(1 for a failure while running); `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+PROG = "etrace-compare"
+METHOD_NAMES = ("bptt", "d_rtrl", "es_d_rtrl", "hybrid")   # = compare.METHODS (kept import-free)
+
+# Settings that --quick changes; an explicit flag always wins.
+DEFAULTS = dict(hidden=64, epochs=10, batch_size=32, train_subset=None, test_subset=None,
+                seq_lens=(10, 100, 1000))
+QUICK = dict(hidden=32, epochs=2, batch_size=32, train_subset=256, test_subset=200,
+             seq_lens=(8, 32, 128))
+
+
+class UsageError(Exception):
+    """A command-line mistake; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Train a recurrent torch model with BPTT and with online eligibility-trace "
+                    "algorithms (D-RTRL, ES-D-RTRL, hybrid) from the same initial weights; "
+                    "report learning curves, gradient fidelity vs BPTT, time and memory "
+                    "(also vs sequence length).",
+        epilog="A user model file defines factory(n_in, n_out) -> torch.nn.Module with either "
+               "forward(x, *state) -> (y, *new_state) plus initial_state(batch_size), or state "
+               "kept in buffers plus reset_state(batch_size).")
+    p.add_argument("--model", default="gru",
+                   help="gru, lstm, lif (spiking), leaky, or path/to/file.py:factory (default gru)")
+    p.add_argument("--task", default="digits",
+                   help="digits (sequential 8x8 digits, default), recall (delayed recall), "
+                        "dms (spiking delayed match-to-sample)")
+    p.add_argument("--methods", type=_name_list, default=METHOD_NAMES,
+                   help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="small and fast (under a minute): hidden 32, 2 epochs, 256 training "
+                        "sequences, T in 8,32,128")
+    p.add_argument("--out", metavar="DIR",
+                   help="write report.md and PNG plots (learning curves, gradient fidelity, "
+                        "memory and time vs T) into DIR")
+    p.add_argument("--hidden", type=int, help="hidden units of built-in models (default 64)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    p.add_argument("--batch-size", type=int, help="minibatch size (default 32)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data split, order")
+    p.add_argument("--train-subset", type=int, metavar="N", help="use the first N training sequences")
+    p.add_argument("--test-subset", type=int, metavar="N", help="use the first N held-out sequences")
+    p.add_argument("--seq-lens", type=_int_list, metavar="T1,T2,..",
+                   help="sequence lengths of the memory/time sweep (default 10,100,1000)")
+    p.add_argument("--decay", type=float, default=0.9,
+                   help="trace decay of ES-D-RTRL and hybrid io-dim traces (default 0.9)")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: small recurrent steps only lose "
+                        "time to thread hand-offs, and JAX runs its own thread pool)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the subprocess memory and time-vs-T measurements")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from .compare import CompareConfig
+
+    preset = QUICK if args.quick else DEFAULTS
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]
+    return CompareConfig(
+        model=args.model, task=args.task, methods=tuple(args.methods), hidden=pick("hidden"),
+        epochs=pick("epochs"), batch_size=pick("batch_size"), lr=args.lr, seed=args.seed,
+        train_subset=pick("train_subset"), test_subset=pick("test_subset"),
+        seq_lens=tuple(pick("seq_lens")), decay=args.decay, dtype=args.dtype,
+        measure_memory=not args.no_memory, progress=not args.no_progress,
+        threads=args.threads).checked()
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .compare import run_comparison
+    from .report import print_report, write_report
+
+    cfg = config_from_args(args)
+    log = lambda msg: print(f"[{PROG}] {msg}", file=sys.stderr, flush=True)
+    result = run_comparison(cfg, log=log)
+    print_report(result)
+    if args.out:
+        path = write_report(result, args.out, argv)
+        print(f"report written to {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (0 ok, 1 failure, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help
+            return int(done.code or 0)
+        return run(args, argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        return _report_error(err)
+
+
+def _report_error(err: Exception) -> int:
+    from .compare import CompareError, one_line
+
+    if isinstance(err, (UsageError, CompareError)):
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: error: {one_line(err)} (rerun with --debug for the traceback)",
+          file=sys.stderr)
+    return 1

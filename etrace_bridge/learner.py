@@ -1,0 +1,222 @@
+"""OnlineLearner: train a torch recurrent model online; gradients land in the parameters' `.grad`."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import etrace_core
+
+from .bptt import resolve_loss
+from .dlpack import to_jax, to_torch
+from .module import TorchModule, from_torch
+
+ALGORITHMS: Dict[str, Callable] = {
+    "es_d_rtrl": etrace_core.IODimVjpAlgorithm,
+    "pp_prop": etrace_core.IODimVjpAlgorithm,
+    "d_rtrl": etrace_core.ParamDimVjpAlgorithm,
+    "hybrid": etrace_core.HybridDimVjpAlgorithm,
+}
+
+
+def make_algorithm(name: str, model, **options) -> etrace_core.ETraceAlgorithm:
+    """The online algorithm called `name` ('es_d_rtrl', 'pp_prop', 'd_rtrl', 'hybrid')."""
+    key = name.lower().replace("-", "_")
+    if key not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[key](model, **options)
+
+
+class OnlineLearner:
+    """Online training of a torch model with eligibility traces.
+
+    `step(x_t, target_t)` runs one time step, returns the step's loss (a torch scalar) and adds
+    the online gradient to each torch parameter's `.grad` (as `loss.backward()` would), so any
+    `torch.optim` optimizer can take the step. `run(xs, targets)` does a whole time-major
+    sequence in one compiled call. Parameters are re-read from torch at every call, so in-place
+    optimizer updates are always seen.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, algorithm: str = "es_d_rtrl",
+                 loss: Any = "mse", example_inputs: Any, custom_ops=None, state=None,
+                 dynamic_batch: bool = True, **algorithm_options):
+        self.torch_module = module
+        self.model: TorchModule = from_torch(module, example_inputs, state=state,
+                                             dynamic_batch=dynamic_batch, custom_ops=custom_ops)
+        self.algorithm_name = algorithm
+        self.algorithm = make_algorithm(algorithm, self.model, **algorithm_options)
+        self._example = self.model.example_step_inputs()
+        self.algorithm.compile_graph(*self._example)
+        self.algorithm.init_etrace_state()
+        self.loss_fn = _jax_loss(loss, self.model, self._example, custom_ops)
+        self._params = self.model.torch_parameters()
+
+    # -- training -------------------------------------------------------------------------------
+
+    def step(self, x_t, target_t) -> torch.Tensor:
+        """One online step; returns the loss and accumulates gradients into `p.grad`."""
+        xs = jax.tree.map(lambda a: a[None], _inputs_to_jax(x_t))
+        ys = jax.tree.map(lambda a: a[None], _targets_to_jax(target_t))
+        return self._run(xs, ys)
+
+    def run(self, xs, targets) -> torch.Tensor:
+        """A whole time-major sequence (T, B, ...) in one compiled call; returns the summed loss."""
+        return self._run(_inputs_to_jax(xs), _targets_to_jax(targets))
+
+    def _run(self, xs, ys) -> torch.Tensor:
+        self.model.sync_from_torch()
+        args = xs if isinstance(xs, tuple) else (xs,)
+        self._ensure_batch(args)
+        result = etrace_core.run_online(self.algorithm, self.loss_fn, args, ys)
+        self._accumulate(result.grads)
+        return torch.as_tensor(np.asarray(result.loss))
+
+    def _accumulate(self, grads) -> None:
+        for path, param in self._params.items():
+            g = grads.get(path)
+            if g is None:
+                continue
+            g = to_torch(g).to(device=param.device, dtype=param.dtype).reshape(param.shape)
+            if param.grad is None:
+                param.grad = g.clone()
+            else:
+                param.grad.add_(g)
+
+    def _ensure_batch(self, args) -> None:
+        """Each step's inputs must have the shapes the graph was compiled for."""
+        compiled = [tuple(v.aval.shape) for v in self.algorithm.graph.module_info.arg_invars]
+        given = [tuple(jnp.shape(a))[1:] for a in jax.tree.leaves(args)]
+        if compiled != given:
+            raise ValueError(
+                f"step inputs have shapes {given} but the learner was compiled for {compiled}; "
+                "for another batch size call reset_state(batch_size) first")
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def reset_state(self, batch_size: Optional[int] = None) -> None:
+        """Hidden states back to their initial values and traces to zero (for `batch_size`)."""
+        self.model.reset_state(batch_size)
+        if batch_size is not None and batch_size != self._graph_batch():
+            self._example = self.model.example_step_inputs(batch_size)
+            self.algorithm.compile_graph(*self._example)
+        self.algorithm.init_etrace_state()
+
+    def _graph_batch(self):
+        groups = self.algorithm.graph.hidden_groups
+        return groups[0].varshape[0] if groups and groups[0].varshape else None
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Hidden/dynamic model states and eligibility traces, as torch tensors."""
+        states = self.model.states().filter(lambda path, st: not isinstance(st, brainstate.ParamState))
+        return {
+            "algorithm": self.algorithm_name,
+            "model_states": {".".join(p): _to_tensor(st.value) for p, st in states.items()},
+            "etrace": jax.tree.map(_to_tensor, self.algorithm.etrace.value),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what `state_dict` saved; the learner then continues bit for bit."""
+        if state.get("algorithm") != self.algorithm_name:
+            raise ValueError(f"state was saved by a {state.get('algorithm')!r} learner, this one "
+                             f"runs {self.algorithm_name!r}")
+        states = self.model.states()
+        by_name = {".".join(p): st for p, st in states.items()}
+        missing = set(state["model_states"]) - set(by_name)
+        if missing:
+            raise KeyError(f"state_dict holds states this model does not have: {sorted(missing)}")
+        for name, value in state["model_states"].items():
+            by_name[name].value = _from_tensor(value)
+        shapes = [tuple(np.shape(v)) for v in jax.tree.leaves(state["etrace"])]
+        if shapes and shapes != [tuple(v.shape) for v in jax.tree.leaves(
+                self.algorithm.etrace.value)]:
+            self.algorithm.compile_graph(*self.model.example_step_inputs(
+                _batch_of_states(self.model)))
+            self.algorithm.init_etrace_state()
+        self.algorithm.etrace.value = jax.tree.map(_from_tensor, state["etrace"])
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    def show_graph(self, verbose: bool = True, return_msg: bool = False):
+        return self.algorithm.show_graph(verbose=verbose, return_msg=return_msg)
+
+
+def _jax_loss(loss, model: TorchModule, example, custom_ops) -> Callable:
+    """A JAX loss(output, target) from a name, or from a torch loss exported by the bridge."""
+    if isinstance(loss, str):
+        return resolve_loss(loss, backend="jax")
+    if not callable(loss):
+        raise TypeError(f"loss must be a name ('mse', 'cross_entropy') or a torch loss, got {loss!r}")
+    return _TorchLoss(loss, custom_ops)
+
+
+class _TorchLoss:
+    """A torch loss module/function exported once (per output/target shape) through the bridge."""
+
+    def __init__(self, loss, custom_ops):
+        self.loss = loss if isinstance(loss, torch.nn.Module) else _LossModule(loss)
+        self.custom_ops = custom_ops
+        self._lowered = {}
+
+    def __call__(self, output, target):
+        key = (jnp.shape(output), jnp.result_type(output), jnp.shape(target), jnp.result_type(target))
+        if key not in self._lowered:
+            example = (_example_tensor(output), _example_tensor(target))
+            self._lowered[key] = from_torch(self.loss, example, state={"inputs": [], "outputs": []},
+                                            dynamic_batch=False, custom_ops=self.custom_ops)
+        return jnp.sum(self._lowered[key].update(output, target))
+
+
+class _LossModule(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, output, target):
+        return self.fn(output, target)
+
+
+def _example_tensor(a) -> torch.Tensor:
+    dtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64,
+             np.dtype("int32"): torch.int64, np.dtype("int64"): torch.int64}.get(
+        np.dtype(jnp.result_type(a)), torch.float32)
+    return torch.zeros(tuple(jnp.shape(a)), dtype=dtype)
+
+
+def _inputs_to_jax(x):
+    if isinstance(x, (tuple, list)):
+        return tuple(_to_jax_input(t) for t in x)
+    return _to_jax_input(x)
+
+
+def _to_jax_input(t):
+    if isinstance(t, torch.Tensor):
+        return to_jax(t.detach())
+    return jnp.asarray(t)
+
+
+def _targets_to_jax(t):
+    if isinstance(t, torch.Tensor):
+        t = t.detach()
+        if t.dtype == torch.int64 and not jax.config.read("jax_enable_x64"):
+            t = t.to(torch.int32)  # class labels fit; JAX would otherwise refuse 64-bit input
+        return to_jax(t)
+    return jax.tree.map(jnp.asarray, t)
+
+
+def _to_tensor(v) -> torch.Tensor:
+    return torch.from_numpy(np.array(v))
+
+
+def _from_tensor(t):
+    return jnp.asarray(t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t)
+
+
+def _batch_of_states(model):
+    for st in model.states(brainstate.HiddenState).values():
+        shape = jnp.shape(st.value)
+        return shape[0] if shape else None
+    return None

@@ -1,0 +1,355 @@
+"""Tables (terminal and markdown), PNG plots and `report.md` for a `ComparisonResult`."""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from .compare import ComparisonResult
+
+__all__ = [
+    "Table", "summary_table", "fidelity_table", "memory_sweep_table", "time_sweep_table",
+    "all_tables", "format_text", "format_markdown", "print_report", "write_report", "PLOTS",
+]
+
+PLOTS = ("learning_curves.png", "gradient_fidelity.png", "memory_vs_T.png", "time_vs_T.png")
+COLORS = {"bptt": "#222222", "d_rtrl": "#1f77b4", "es_d_rtrl": "#d62728", "hybrid": "#2ca02c"}
+LABELS = {"bptt": "BPTT", "d_rtrl": "D-RTRL", "es_d_rtrl": "ES-D-RTRL", "hybrid": "hybrid"}
+
+
+class Table(NamedTuple):
+    title: str
+    header: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------- numbers
+
+def _num(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def _mb(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.0f}"
+
+
+def _seconds(value: float) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+# ----------------------------------------------------------------------------- tables
+
+def summary_table(result: ComparisonResult) -> Table:
+    rows = []
+    for method, run in result.runs.items():
+        mem = result.memory.get(method)
+        rows.append((LABELS.get(method, method), _pct(run.final.train_acc), _pct(run.final.test_acc),
+                     _num(run.final.train_loss), _num(run.final.test_loss),
+                     _seconds(run.seconds_per_epoch), _seconds(run.setup_seconds),
+                     _mb(mem.task_peak_mb) if mem else "-"))
+    header = ("method", "train acc", "test acc", "train loss", "test loss", "s/epoch", "setup s",
+              "peak RSS MB")
+    note = (f"After {result.config.epochs} epoch(s) of {result.n_batches} minibatches of "
+            f"{result.batch_size}; loss = mean cross-entropy per labelled step. setup = conversion "
+            "+ first compiled run. peak RSS = a fresh process training one minibatch.")
+    return Table("Learning summary", header, rows, note)
+
+
+def fidelity_table(result: ComparisonResult) -> Table:
+    methods = list(result.fidelity)
+    if not methods:
+        return Table("Gradient fidelity vs BPTT at initialisation", ("",), [],
+                     "no online method selected")
+    header = ("parameter", "shape") + tuple(
+        f"{LABELS.get(m, m)} {what}" for m in methods for what in ("cos", "rel.err"))
+    first = result.fidelity[methods[0]]
+    rows = []
+    for i, row in enumerate(first.rows):
+        cells = [row.name, "x".join(map(str, row.shape)) or "scalar"]
+        for m in methods:
+            r = result.fidelity[m].rows[i]
+            cells += [f"{r.cosine:.6f}", f"{r.rel_error:.2e}"]
+        rows.append(tuple(cells))
+    rows.append(("min cos / max err", "") + tuple(
+        c for m in methods for c in (f"{result.fidelity[m].min_cosine:.6f}",
+                                     f"{result.fidelity[m].worst_rel_error:.2e}")))
+    return Table("Gradient fidelity vs BPTT at initialisation", header, rows,
+                 "Cosine similarity and relative error ||g - g_bptt|| / ||g_bptt|| of each online "
+                 "gradient, same weights, same first minibatch.")
+
+
+def _sweep_table(result: ComparisonResult, title: str, field: str, fmt, note: str) -> Table:
+    lens = list(result.config.seq_lens)
+    rows = []
+    for method, mem in result.memory.items():
+        by_len = {p.seq_len: getattr(p, field) for p in mem.sweep}
+        rows.append((LABELS.get(method, method),) + tuple(fmt(by_len.get(T, float("nan")))
+                                                          for T in lens))
+    return Table(title, ("method",) + tuple(f"T={T}" for T in lens), rows, note)
+
+
+def memory_sweep_table(result: ComparisonResult) -> Table:
+    note = ("Peak resident memory (MiB) of one training step over T synthetic steps, batch "
+            f"{result.batch_size}, in one fresh process per method (high-water mark reset before "
+            "each T; includes the interpreter, torch and JAX).")
+    if any(not m.hwm_reset for m in result.memory.values()):
+        note += " The high-water mark could not be reset here: values are cumulative peaks."
+    return _sweep_table(result, "Peak memory vs sequence length", "peak_mb", _mb, note)
+
+
+def time_sweep_table(result: ComparisonResult) -> Table:
+    return _sweep_table(result, "Time per training step vs sequence length", "step_seconds",
+                        _seconds, "Seconds for one warm training step (forward, gradients, Adam) "
+                        f"over T synthetic steps, batch {result.batch_size}.")
+
+
+def all_tables(result: ComparisonResult) -> list[Table]:
+    tables = [summary_table(result), fidelity_table(result)]
+    if result.memory:
+        tables += [memory_sweep_table(result), time_sweep_table(result)]
+    return tables
+
+
+def format_text(table: Table) -> str:
+    """Aligned plain text: first column left, the others right-aligned."""
+    if not table.rows:
+        return f"{table.title}\n  ({table.note})"
+    cells = [table.header, *table.rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(table.header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 or (i == 1 and "shape" in table.header)
+                              else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    lines = [table.title, fmt(table.header), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in table.rows]
+    return "\n".join(lines)
+
+
+def format_markdown(table: Table) -> str:
+    if not table.rows:
+        return f"### {table.title}\n\n{table.note}\n"
+    align = ["---"] + ["---:"] * (len(table.header) - 1)
+    if "shape" in table.header:
+        align[1] = "---"
+    lines = [f"### {table.title}", "", "| " + " | ".join(table.header) + " |",
+             "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in table.rows]
+    if table.note:
+        lines += ["", table.note]
+    return "\n".join(lines) + "\n"
+
+
+def print_report(result: ComparisonResult, file=None) -> None:
+    file = file or sys.stdout
+    print(file=file)
+    for table in all_tables(result):
+        print(format_text(table), file=file)
+        print(file=file)
+    for note in result.notes:
+        print(f"note: {note}", file=file)
+    print(f"total time {result.seconds:.1f} s", file=file)
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_learning_curves(result: ComparisonResult, path: Path) -> None:
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, run in result.runs.items():
+        epochs = [e.epoch for e in run.curve]
+        style = dict(color=COLORS.get(method), marker="o", markersize=3)
+        label = LABELS.get(method, method)
+        ax_loss.plot(epochs, [e.test_loss for e in run.curve], label=f"{label} test", **style)
+        ax_loss.plot(epochs, [e.train_loss for e in run.curve], ls="--", alpha=0.6,
+                     label=f"{label} train", **style)
+        ax_acc.plot(epochs, [e.test_acc for e in run.curve], label=f"{label} test", **style)
+        ax_acc.plot(epochs, [e.train_acc for e in run.curve], ls="--", alpha=0.6,
+                    label=f"{label} train", **style)
+    ax_loss.set(xlabel="epoch", ylabel="loss (mean per labelled step)", title="Loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax_acc.legend(fontsize=8, ncol=2, loc="lower right")
+    fig.suptitle(f"{result.model_spec} on {result.task['name']}: solid = held-out, dashed = train")
+    _save(fig, path)
+
+
+def plot_gradient_fidelity(result: ComparisonResult, path: Path) -> None:
+    plt = _pyplot()
+    methods = list(result.fidelity)
+    fig, (ax_cos, ax_err) = plt.subplots(2, 1, figsize=(max(7, 1.1 * _n_params(result) + 3), 6.5),
+                                         sharex=True)
+    if not methods:
+        ax_cos.text(0.5, 0.5, "no online method selected", ha="center", transform=ax_cos.transAxes)
+        _save(fig, path)
+        return
+    names = [r.name for r in result.fidelity[methods[0]].rows]
+    x = np.arange(len(names))
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        rows = result.fidelity[method].rows
+        offset = (k - (len(methods) - 1) / 2) * width
+        kw = dict(width=width, color=COLORS.get(method), label=LABELS.get(method, method))
+        ax_cos.bar(x + offset, [r.cosine for r in rows], **kw)
+        ax_err.bar(x + offset, [max(r.rel_error, 1e-12) for r in rows], **kw)
+    low = min(0.0, min(r.cosine for m in methods for r in result.fidelity[m].rows))
+    ax_cos.set(ylabel="cosine vs BPTT", ylim=(low, 1.05),
+               title="Online gradient vs BPTT at initialisation (same weights, same minibatch)")
+    ax_cos.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax_err.set(ylabel="relative error (log)", yscale="log")
+    ax_err.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    for ax in (ax_cos, ax_err):
+        ax.grid(axis="y", alpha=0.3)
+    ax_cos.legend(fontsize=8, loc="lower left")
+    _save(fig, path)
+
+
+def _n_params(result: ComparisonResult) -> int:
+    return max((len(r.rows) for r in result.fidelity.values()), default=1)
+
+
+def _plot_sweep(result: ComparisonResult, path: Path, field: str, ylabel: str, title: str,
+                logy: bool) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, mem in result.memory.items():
+        points = [(p.seq_len, getattr(p, field)) for p in mem.sweep
+                  if math.isfinite(getattr(p, field))]
+        if points:
+            ax.plot(*zip(*points), marker="o", color=COLORS.get(method),
+                    label=LABELS.get(method, method))
+    if not result.memory:
+        ax.text(0.5, 0.5, "not measured (--no-memory)", ha="center", transform=ax.transAxes)
+    ax.set(xscale="log", xlabel="sequence length T (log)", ylabel=ylabel, title=title)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xticks(list(result.config.seq_lens), [str(t) for t in result.config.seq_lens])
+    ax.grid(alpha=0.3, which="both")
+    if result.memory:
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_memory_vs_T(result: ComparisonResult, path: Path) -> None:
+    _plot_sweep(result, path, "peak_mb", "peak resident memory (MiB)",
+                f"Peak memory of one training step (batch {result.batch_size})", logy=False)
+
+
+def plot_time_vs_T(result: ComparisonResult, path: Path) -> None:
+    _plot_sweep(result, path, "step_seconds", "seconds per training step (log)",
+                f"Time of one training step (batch {result.batch_size})", logy=True)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- report.md
+
+def _versions() -> str:
+    names = ["etrace", "torch", "jax", "jaxlib", "brainstate", "numpy", "scikit-learn"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return f"Python {platform.python_version()}, " + ", ".join(found)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    ram = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = int(next(l for l in f if l.startswith("MemTotal")).split()[1])
+        ram = f", {kib / 2 ** 20:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{platform.platform()}; {cpu}; {cores} usable CPU core(s){ram}"
+
+
+def _config_lines(result: ComparisonResult) -> list[str]:
+    c, t = result.config, result.task
+    return [
+        f"- model: `{result.model_spec}` ({result.model_class}, {result.n_params} parameters, "
+        f"hidden {c.hidden} for built-in models), dtype {c.dtype}",
+        f"- task: `{t['name']}` ({t['kind']}, T={t['seq_len']}, {t['n_in']} inputs, "
+        f"{t['n_out']} outputs, {t['n_train']} train / {t['n_test']} held-out sequences)",
+        f"- methods: {', '.join(LABELS.get(m, m) for m in c.methods)}; ES-D-RTRL / hybrid decay "
+        f"{c.decay}",
+        f"- training: {c.epochs} epoch(s), Adam lr {c.lr}, batch {result.batch_size} "
+        f"({result.n_batches} minibatches/epoch), seed {c.seed}; all methods start from the same "
+        "initial weights and see the same minibatches",
+        f"- total run time: {result.seconds:.1f} s",
+    ]
+
+
+def markdown_report(result: ComparisonResult, argv: Sequence[str], plots: Sequence[str]) -> str:
+    lines = ["# etrace-compare report", "",
+             "```", "etrace-compare " + " ".join(_quote(a) for a in argv), "```", "",
+             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+             f"- machine: {_machine()}", f"- versions: {_versions()}", *_config_lines(result), ""]
+    tables = all_tables(result)
+    images = {"Learning summary": ["learning_curves.png"],
+              "Gradient fidelity vs BPTT at initialisation": ["gradient_fidelity.png"],
+              "Peak memory vs sequence length": ["memory_vs_T.png"],
+              "Time per training step vs sequence length": ["time_vs_T.png"]}
+    for table in tables:
+        lines.append(format_markdown(table))
+        for image in images.get(table.title, []):
+            if image in plots:
+                lines += [f"![{image[:-4]}]({image})", ""]
+    if not result.memory:
+        lines += ["Memory and time vs T were not measured (`--no-memory`).", ""]
+    if result.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
+    return "\n".join(lines)
+
+
+def _quote(arg: str) -> str:
+    return arg if arg and all(ch.isalnum() or ch in "-_.,/:=+" for ch in arg) else repr(arg)
+
+
+def write_report(result: ComparisonResult, out_dir, argv: Sequence[str]) -> Path:
+    """Write the PNG plots and report.md into `out_dir` (created); return report.md's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plotters = {"learning_curves.png": plot_learning_curves,
+                "gradient_fidelity.png": plot_gradient_fidelity,
+                "memory_vs_T.png": plot_memory_vs_T, "time_vs_T.png": plot_time_vs_T}
+    for name, plot in plotters.items():
+        plot(result, out / name)
+    path = out / "report.md"
+    path.write_text(markdown_report(result, argv, list(plotters)))
+    return path
