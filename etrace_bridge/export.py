@@ -154,8 +154,8 @@ def _refuse_module_structure(module: torch.nn.Module) -> None:
                     "cannot run one step at a time. Use bidirectional=False for online learning.")
             if sub.training and sub.dropout > 0 and sub.num_layers > 1:
                 raise UnsupportedModelError(
-                    f"{where} has dropout={sub.dropout} between layers in train mode, which torch's "
-                    "exported RNN decomposition silently ignores. Set dropout=0, or call .eval() "
+                    f"{where} has dropout={sub.dropout} between layers in train mode, which "
+                    "torch's exported RNN decomposition silently ignores. Set dropout=0, or call .eval() "
                     "before converting.")
         if isinstance(sub, torch.nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
             raise UnsupportedModelError(
@@ -204,7 +204,8 @@ def _trial_run(module: torch.nn.Module, args: tuple) -> list[str]:
     """Run forward once eagerly on private copies of the buffers; return the mutated buffers.
 
     The same run refuses plain tensor attributes that forward assigns and user
-    `torch.autograd.Function`s found in the autograd graph. The user's tensors and RNG are untouched.
+    `torch.autograd.Function`s found in the autograd graph. The user's tensors and RNG are
+    untouched.
     """
     swapped_buffers, swapped_attrs = [], []
     for owner, sub in module.named_modules():
@@ -312,7 +313,8 @@ def _export_error(module: torch.nn.Module, err: Exception) -> ExportError:
         fix = ("replace the branch by tensor operations (torch.where, masks, clamp) or "
                "torch.cond, or move the decision out of forward")
     elif "mutated in the forward" in text and "Constant" in text:
-        problem = f"{name}.forward mutates a plain tensor attribute, which export treats as a constant"
+        problem = (f"{name}.forward mutates a plain tensor attribute, which export treats as a "
+                   "constant")
         fix = "register it with self.register_buffer(name, tensor) in __init__"
     else:
         problem = f"torch.export could not trace one step of {name}"

@@ -73,7 +73,7 @@ class OnlineLearner:
         self._ensure_batch(args)
         result = etrace_core.run_online(self.algorithm, self.loss_fn, args, ys)
         self._accumulate(result.grads)
-        return torch.as_tensor(np.asarray(result.loss))
+        return torch.from_numpy(np.array(result.loss))
 
     def _accumulate(self, grads) -> None:
         for path, param in self._params.items():

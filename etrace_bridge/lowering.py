@@ -609,8 +609,9 @@ def _where(node) -> str:
 
 def _unsupported(node) -> UnsupportedOpError:
     name = _op_key(node.target)[0] if _op_key(node.target) else str(node.target)
+    kind = "ATen op" if name.startswith("aten::") else "op"
     return UnsupportedOpError(
-        f"ATen op `{node.target}`{_where(node)} has no JAX lowering in etrace_bridge. To proceed, "
+        f"{kind} `{node.target}`{_where(node)} has no JAX lowering in etrace_bridge. To proceed, "
         f"pass a JAX implementation with `custom_ops={{'{name}': jax_fn}}` (jax_fn takes the "
         "op's arguments as JAX arrays; use jax.custom_vjp for a custom gradient), rewrite that "
         "line with supported tensor operations, or open an issue naming this op.")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import brainstate
 import jax
@@ -40,18 +40,17 @@ class _Layout:
     """How `update`'s inputs and the hidden states map onto the exported step.
 
     `step_inputs(args, states)` builds the step's inputs; `split_outputs(outputs)` returns
-    `(model output, {path: new state})`. `init` holds each state's example value and batch axis.
+    `(model output, {path: new state})`. `init` holds each state's example value and batch axis;
+    `update_args` are example inputs of `update` (batch first, no time axis).
     """
 
     export_args: tuple
+    update_args: tuple
     batch_axes: Any
+    batch: int | None
     init: dict[Path, tuple[torch.Tensor, int | None]]
     step_inputs: Callable[[tuple, dict], tuple]
     split_outputs: Callable[[Any], tuple[Any, dict]]
-
-
-def _batch_of(x: torch.Tensor) -> int | None:
-    return x.shape[0] if x.ndim >= 2 else None
 
 
 def _cell_layout(module: torch.nn.Module, args: tuple) -> _Layout:
@@ -68,15 +67,18 @@ def _cell_layout(module: torch.nn.Module, args: tuple) -> _Layout:
         raise ValueError(f"{type(module).__name__} example_inputs must be (x,) or (x, state), "
                          f"got {len(args)} items")
     axis = 0 if x.ndim == 2 else None
+    batch = x.shape[0] if axis == 0 else None
     if lstm:
         h, c = state
         init = {("h",): (h, axis), ("c",): (c, axis)}
         return _Layout(
-            export_args=(x, (h, c)), batch_axes=(axis, (axis, axis)), init=init,
+            export_args=(x, (h, c)), update_args=(x,), batch_axes=(axis, (axis, axis)),
+            batch=batch, init=init,
             step_inputs=lambda a, s: (a[0], (s[("h",)], s[("c",)])),
             split_outputs=lambda o: (o[0], {("h",): o[0], ("c",): o[1]}))
     return _Layout(
-        export_args=(x, state), batch_axes=(axis, axis), init={("h",): (state, axis)},
+        export_args=(x, state), update_args=(x,), batch_axes=(axis, axis), batch=batch,
+        init={("h",): (state, axis)},
         step_inputs=lambda a, s: (a[0], s[("h",)]),
         split_outputs=lambda o: (o, {("h",): o}))
 
@@ -125,10 +127,9 @@ def _rnn_layout(module: torch.nn.RNNBase, args: tuple) -> _Layout:
             news.update({p: t[i] for i, p in enumerate(paths[k])})
         return jnp.squeeze(out, time_axis), news
 
-    export_state = tuple(t for t in tensors) if lstm else tensors[0]
     return _Layout(
-        export_args=(x.unsqueeze(time_axis), export_state),
-        batch_axes=(x_axis, (1, 1) if lstm else 1), init=init,
+        export_args=(x.unsqueeze(time_axis), tensors if lstm else tensors[0]), update_args=(x,),
+        batch_axes=(x_axis, (1, 1) if lstm else 1), batch=batch, init=init,
         step_inputs=step_inputs, split_outputs=split_outputs)
 
 
@@ -192,7 +193,8 @@ def _explicit_layout(module, args, step: ExportedStep, spec: Mapping | None) -> 
         y = [items[j] for j in (out_rest or state_out)]
         return (y[0] if len(y) == 1 else tuple(y)), news
 
-    return _Layout(export_args=args, batch_axes=None, init=init,
+    return _Layout(export_args=args, update_args=tuple(args[i] for i in arg_slots),
+                   batch_axes=None, batch=step.batch_size, init=init,
                    step_inputs=step_inputs, split_outputs=split_outputs)
 
 
@@ -269,7 +271,6 @@ class _Bridge:
     state_init: dict[Path, tuple[torch.Tensor, int | None]]
     batch_size: int | None
     dynamic_batch: bool
-    current_batch: int | None = None
 
     def __repr__(self) -> str:
         return (f"<torch {type(self.torch_module).__name__}: {len(self.params)} parameters, "
@@ -305,7 +306,7 @@ class TorchModule(brainstate.nn.Module):
                 raise ValueError(f"{what} at path {path} collides with {owner}")
         taken[path] = what
         node = self
-        for i, key in enumerate(path[:-1]):
+        for key in path[:-1]:
             child = node.__dict__.get(key)
             if child is None:
                 self._check_free(node, key, what)
@@ -353,10 +354,11 @@ class TorchModule(brainstate.nn.Module):
                 f"this model was exported with a static batch size of {b.batch_size} (torch "
                 f"could not keep the batch dimension dynamic), but the input has batch size "
                 f"{size}. Convert it again with example inputs of batch size {size}.")
-        current = b.current_batch if b.current_batch is not None else b.batch_size
-        if size != current and any(axis is not None for _, axis in b.state_init.values()):
-            raise ValueError(f"the hidden states hold batch size {current} but the input has "
-                             f"batch size {size}; call reset_state({size}) first")
+        for path, (_, axis) in b.state_init.items():
+            current = jnp.shape(self._state(path).value)[axis] if axis is not None else size
+            if current != size:
+                raise ValueError(f"the hidden states hold batch size {current} but the input "
+                                 f"has batch size {size}; call reset_state({size}) first")
 
     # -- states
 
@@ -370,12 +372,29 @@ class TorchModule(brainstate.nn.Module):
                              f"with example inputs of batch size {batch_size}")
         for path, (value, axis) in b.state_init.items():
             self._state(path).value = _import(_resize(value, axis, batch_size, path), copy=True)
-        if batch_size is not None:
-            b.current_batch = batch_size
 
     def reset_state(self, batch_size: int | None = None, **kwargs) -> None:
         """Same as `init_state`: hidden states back to their example values."""
         self.init_state(batch_size, **kwargs)
+
+    def example_step_inputs(self, batch_size: int | None = None) -> tuple:
+        """Example inputs of `update` as JAX arrays (e.g. to compile an online algorithm).
+
+        With another `batch_size` they are zeros of the re-batched shape: only shapes and dtypes
+        are meant to be used.
+        """
+        b = self._bridge
+        if batch_size is not None and b.batch_size is not None and not b.dynamic_batch \
+                and batch_size != b.batch_size:
+            raise ValueError(f"this model was exported with a static batch size of "
+                             f"{b.batch_size}, not {batch_size}")
+        out = []
+        for x in b.layout.update_args:
+            if (isinstance(x, torch.Tensor) and batch_size is not None and b.batch_size is not None
+                    and x.ndim >= 1 and x.shape[0] == b.batch_size and batch_size != b.batch_size):
+                x = x.new_zeros((batch_size, *x.shape[1:]))
+            out.append(_import(x, copy=True) if isinstance(x, torch.Tensor) else x)
+        return tuple(out)
 
     # -- torch side
 
@@ -467,13 +486,10 @@ def from_torch(
     if layout is not None:
         step = export_step(module, layout.export_args, dynamic_batch=dynamic_batch,
                            batch_axes=layout.batch_axes)
-        batch = _batch_of(layout.export_args[0]) if not isinstance(
-            module, torch.nn.RNNBase) else layout.export_args[0].shape[
-                0 if module.batch_first else 1]
     else:
         step = export_step(module, args, dynamic_batch=dynamic_batch)
         layout = _explicit_layout(module, args, step, state)
-        batch = step.batch_size
+    batch = layout.batch
     lowered = lower(step, custom_ops)
     buffer_states = [(tuple(name.split(".")), name) for name in step.mutated_buffers]
     state_init = dict(layout.init)

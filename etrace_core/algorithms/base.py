@@ -99,8 +99,11 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def init_etrace_state(self, *args, **kwargs) -> None:
         """Create zero traces for the current hidden-state shapes."""
         plan = self._require_plan()
-        self.etrace = ETraceState({"traces": online.init_traces(plan),
-                                   "count": jnp.zeros((), _float_dtype())})
+        value = {"traces": online.init_traces(plan), "count": jnp.zeros((), _float_dtype())}
+        if self.etrace is None:
+            self.etrace = ETraceState(value)
+        else:   # keep the State object (a new one made inside a transformation would leak)
+            self.etrace.value = value
 
     def reset_state(self, *args, **kwargs) -> None:
         """Zero the traces (the model's own states are reset by the model)."""
@@ -110,6 +113,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def get_etrace_of(self, weight_path) -> Dict[str, Any]:
         """The traces of one weight, by connection (relation, hidden group)."""
         plan = self._require_plan()
+        self._require_etrace()
         weight_path = tuple(weight_path)
         out = {}
         for conn in plan.connections:
@@ -122,7 +126,14 @@ class ETraceAlgorithm(brainstate.nn.Module):
         return out
 
     def trace_sizes(self) -> Dict[str, int]:
+        """Number of scalars each trace holds, by trace key."""
+        self._require_etrace()
         return online.trace_sizes(self.etrace.value["traces"])
+
+    def _require_etrace(self):
+        self._require_plan()
+        if self.etrace is None:
+            raise NotCompiledError(f"call {type(self).__name__}.init_etrace_state() first")
 
     # -- stepping -----------------------------------------------------------------------------
 
@@ -145,24 +156,40 @@ class ETraceAlgorithm(brainstate.nn.Module):
         plan = self._require_plan()
         if self.etrace is None:
             raise NotCompiledError(f"call {type(self).__name__}.init_etrace_state() before stepping")
+        # The graph holds the State objects it was compiled against, but `init_state` /
+        # `brainstate.nn.init_all_states` replace a module's states with new objects: check the
+        # model's *current* states, or the step would silently run on (and write) stale ones.
+        current = self.model.states()
+        held = self.graph.module_info.retrieved_model_states
+        missing = [p for p in held if p not in current]
+        if missing:
+            raise ValueError(f"the model no longer has the states {missing} it was compiled "
+                             "with; call compile_graph(x) and init_etrace_state() again")
         for g in plan.spec.graph.hidden_groups:
-            for p, st in zip(g.hidden_paths, g.hidden_states):
-                shape = tuple(jnp.shape(st.value))
+            for p in g.hidden_paths:
+                shape = tuple(jnp.shape(current[p].value))
                 if shape != tuple(g.varshape):
                     if self.auto_reinit:
-                        self.compile_graph(*self._example_for(shape))
-                        self.init_etrace_state()
+                        with jax.ensure_compile_time_eval():   # also inside a transformation
+                            self.compile_graph(*self._example_for(shape))
+                            self.init_etrace_state()
                         return
                     raise ValueError(
                         f"hidden state {p} has shape {shape} but the graph and traces were built "
                         f"for {tuple(g.varshape)} (a different batch size?); call "
                         "compile_graph(x) and init_etrace_state() again, or construct the "
                         "algorithm with auto_reinit=True")
+        if any(current[p] is not st for p, st in held.items()):
+            # same shapes, new State objects: rebind the graph to them (the traces stay valid)
+            with jax.ensure_compile_time_eval():
+                self.compile_graph(*self._compiled.example)
 
     def _example_for(self, hidden_shape):
+        # numpy, not jnp: this can run inside a transformation (brainstate grad of `algo(x)`),
+        # where jnp.zeros would be a tracer and compile_graph needs concrete example inputs
         batch = hidden_shape[0] if hidden_shape else None
-        return jax.tree.map(lambda a: jnp.zeros((batch,) + tuple(jnp.shape(a))[1:],
-                                                jnp.result_type(a)), self._compiled.example)
+        return jax.tree.map(lambda a: np.zeros((batch,) + tuple(np.shape(a))[1:],
+                                               jnp.result_type(a)), self._compiled.example)
 
     def _split_values(self):
         values = self.executor.state_values()

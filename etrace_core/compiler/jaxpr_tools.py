@@ -38,11 +38,66 @@ EqnRule = Callable[[jcore.JaxprEqn, list], list]
 
 
 def bind_eqn(eqn: jcore.JaxprEqn, invals: Sequence) -> list:
-    """Evaluate one equation as JAX would, returning a list of outputs."""
+    """Evaluate one equation as JAX would, returning a list of outputs.
+
+    A `while` loop with float operands goes through `_while_with_vjp`: JAX cannot reverse-
+    differentiate a while loop, and the interpreters built on this function (D, df, dL/dh) do.
+    """
+    if eqn.primitive.name == "while" and any(_is_float(v) for v in invals):
+        return _while_with_vjp(eqn, invals)
+    return _bind_raw(eqn, invals)
+
+
+def _bind_raw(eqn: jcore.JaxprEqn, invals: Sequence) -> list:
     params = eqn.primitive.get_bind_params(eqn.params)
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _while_with_vjp(eqn: jcore.JaxprEqn, invals: Sequence) -> list:
+    """The while loop's value, with a VJP assembled from forward-mode derivatives (JVPs).
+
+    Position-wise loops (every output element depends on the same element of each operand) need
+    one JVP per float operand: the Jacobian blocks are diagonal. Other loops get the full
+    forward-mode Jacobian of each float operand (cost: that operand's size in JVPs).
+    """
+    floats = tuple(i for i, v in enumerate(invals) if _is_float(v))
+    positionwise = _positionwise_call(eqn)
+
+    @jax.custom_vjp
+    def loop(*args):
+        return tuple(_bind_raw(eqn, args))
+
+    def fwd(*args):
+        return loop(*args), args
+
+    def bwd(args, cts):
+        def outputs_of(i, a):
+            return [o for o in _bind_raw(eqn, [a if j == i else x for j, x in enumerate(args)])]
+
+        grads = [None] * len(args)
+        for i in floats:
+            a = args[i]
+            float_out = [(k, ct) for k, ct in enumerate(cts) if _is_float(ct)]
+            if positionwise:
+                _, tans = jax.jvp(lambda a: outputs_of(i, a), (a,), (jnp.ones_like(a),))
+                g = jnp.zeros_like(a)
+                for k, ct in float_out:
+                    if jnp.ndim(a) == 0:
+                        g = g + jnp.sum(ct * tans[k]).astype(a.dtype)
+                    elif jnp.shape(ct) == jnp.shape(a):
+                        g = g + (ct * tans[k]).astype(a.dtype)
+            else:
+                jac = jax.jacfwd(lambda a: outputs_of(i, a))(a)
+                g = jnp.zeros_like(a)
+                for k, ct in float_out:
+                    g = g + jnp.tensordot(ct, jac[k], axes=jnp.ndim(ct)).astype(a.dtype)
+            grads[i] = g
+        return tuple(grads)
+
+    loop.defvjp(fwd, bwd)
+    return list(loop(*invals))
 
 
 def read_var(env: dict, v):
@@ -85,7 +140,7 @@ def _flatten_rule(eqn, invals):
         return eval_jaxpr(closed.jaxpr, closed.consts, invals, _flatten_rule)
     if name == "cond":
         return _cond_as_select(eqn, invals)
-    return bind_eqn(eqn, invals)
+    return _bind_raw(eqn, invals)  # loops stay loops in the flat jaxpr
 
 
 def _cond_as_select(eqn, invals):

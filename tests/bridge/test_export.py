@@ -83,12 +83,14 @@ def test_dynamic_batch_false_exports_static():
 
 
 @pytest.mark.parametrize("factory, args", [
-    (lambda: nn.RNNCell(4, 5, nonlinearity="relu", bias=False), (torch.randn(B, 4), torch.randn(B, 5))),
+    (lambda: nn.RNNCell(4, 5, nonlinearity="relu", bias=False),
+     (torch.randn(B, 4), torch.randn(B, 5))),
     (lambda: nn.GRUCell(4, 5), (torch.randn(B, 4), torch.randn(B, 5))),
     (lambda: nn.LSTMCell(4, 5), (torch.randn(B, 4), (torch.randn(B, 5), torch.randn(B, 5)))),
     (lambda: nn.RNN(4, 5, 2, batch_first=True), (torch.randn(B, 1, 4), torch.randn(2, B, 5))),
     (lambda: nn.GRU(4, 5, 2, bias=False), (torch.randn(1, B, 4), torch.randn(2, B, 5))),
-    (lambda: nn.LSTM(4, 5, 2), (torch.randn(1, B, 4), (torch.randn(2, B, 5), torch.randn(2, B, 5)))),
+    (lambda: nn.LSTM(4, 5, 2),
+     (torch.randn(1, B, 4), (torch.randn(2, B, 5), torch.randn(2, B, 5)))),
 ])
 def test_recurrent_targets_are_all_lowered(factory, args):
     step = export_step(factory(), args)

@@ -16,7 +16,7 @@ B = 3
 
 
 def run_lowered(model, args, custom_ops=None, dynamic_batch=True, call_args=None):
-    """Export + lower `model`, run it on `call_args` (default `args`); return (jax out, torch out)."""
+    """Export + lower `model`, run on `call_args` (default `args`); return (jax, torch) outputs."""
     step = export_step(model, args, dynamic_batch=dynamic_batch)
     fn = lower(step, custom_ops)
     params = {k: jx(v) for k, v in model.named_parameters()}

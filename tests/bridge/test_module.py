@@ -237,7 +237,7 @@ def test_lstm_proj_size_refused():
         from_torch(nn.LSTM(I, H, proj_size=2), (torch.randn(B, I),))
 
 
-# ----------------------------------------------------------------------------- (c) forward(x, *state)
+# ----------------------------------------------------------------------------- (c) explicit state
 
 
 def explicit_reference(model, state, names):
@@ -517,3 +517,13 @@ def test_float64_model_with_x64_off_refused():
 def test_refusals_surface_through_from_torch(model):
     with pytest.raises(UnsupportedModelError):
         from_torch(model, (torch.randn(B, I),))
+
+
+def test_example_step_inputs_follow_update_signature():
+    tm = from_torch(nn.LSTM(I, H, batch_first=True), (torch.randn(B, 1, I),))
+    (x,) = tm.example_step_inputs()
+    assert x.shape == (B, I)
+    (x,) = tm.example_step_inputs(6)
+    assert x.shape == (6, I) and x.dtype == jnp.float32
+    tm = from_torch(StackedLSTM(), (torch.randn(B, I), *[torch.zeros(B, H)] * 4))
+    assert [a.shape for a in tm.example_step_inputs(2)] == [(2, I)]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import brainstate
 import jax
@@ -39,20 +39,31 @@ Path = Tuple[str, ...]
 
 __all__ = [
     "Case", "Ctx", "CASES", "CASE_BY_NAME", "pure_step", "hidden_paths", "param_values",
-    "set_random_hidden", "rand",
+    "set_random_hidden", "rand", "uinit", "relation_keys", "oracle_forward", "Oracles", "oracles",
+    "unit_of_output",
     # models
     "RNNReadout", "TwoLayerGRU", "LSTMReadout", "LIFReadout", "ConvRNN", "CoupledCell",
     "CondCell", "TiedLeaky", "FusedGateCell", "FanOut", "LeakyReadout", "SkipCell",
     "CounterRNN", "FeedForward", "NestedJitLeaky", "SubstepLeaky", "WhileLeaky",
-    "WeightInScan", "ShapeChanging", "ParamWriter",
+    "WhileMixInput", "WeightInScan", "ShapeChanging", "ParamWriter",
 ]
 
 
 # ---------------------------------------------------------------------------- helpers
 
 def rand(key, *shape, scale=1.0, dtype=None):
+    """Standard normal draws (numpy: no XLA compilation per new shape)."""
     dtype = jnp.result_type(float) if dtype is None else dtype
-    return scale * jax.random.normal(jax.random.PRNGKey(key), shape, dtype=dtype)
+    return jnp.asarray(scale * np.random.default_rng(key).standard_normal(shape), dtype)
+
+
+def uinit(seed, low=-0.6, high=0.6):
+    """An initializer drawing U(low, high) from its own numpy generator (fresh draws per call)."""
+    rng = np.random.default_rng(seed)
+
+    def init(shape, dtype=None):
+        return jnp.asarray(rng.uniform(low, high, shape), nn.init.resolve_dtype(dtype))
+    return init
 
 
 def _bshape(batch, *shape):
@@ -70,10 +81,10 @@ def hidden_paths(model):
 def set_random_hidden(model, key=0, low=-0.8, high=0.8, overrides=None):
     """Give every hidden state a random value (so Jacobians are non-trivial)."""
     overrides = overrides or {}
-    for i, (path, st) in enumerate(sorted(model.states(brainstate.HiddenState).items())):
+    rng = np.random.default_rng(key)
+    for path, st in sorted(model.states(brainstate.HiddenState).items()):
         lo, hi = overrides.get(path[-1], (low, high))
-        st.value = jax.random.uniform(jax.random.PRNGKey(key * 101 + i), st.value.shape,
-                                      st.value.dtype, lo, hi)
+        st.value = jnp.asarray(rng.uniform(lo, hi, st.value.shape), st.value.dtype)
 
 
 def pure_step(model):
@@ -154,8 +165,8 @@ def _readout(params, prefix, x, ctx=None, bias=True):
 class RNNReadout(brainstate.nn.Module):
     def __init__(self, n_in=3, n_rec=5, n_out=2):
         super().__init__()
-        self.rnn = nn.VanillaRNNCell(n_in, n_rec, key=1)
-        self.out = nn.Linear(n_rec, n_out, key=2)
+        self.rnn = nn.VanillaRNNCell(n_in, n_rec, w_init=uinit(1), b_init=uinit(10))
+        self.out = nn.Linear(n_rec, n_out, w_init=uinit(2), b_init=uinit(20))
 
     def update(self, x):
         return self.out(self.rnn(x))
@@ -172,9 +183,9 @@ def _rnn_oracle(params, h, x, ctx):
 class TwoLayerGRU(brainstate.nn.Module):
     def __init__(self, n_in=3, n_rec=4, n_out=2):
         super().__init__()
-        self.rnn1 = nn.GRUCell(n_in, n_rec, key=3)
-        self.rnn2 = nn.GRUCell(n_rec, n_rec, key=4)
-        self.out = nn.Linear(n_rec, n_out, key=5)
+        self.rnn1 = nn.GRUCell(n_in, n_rec, w_init=uinit(3), b_init=uinit(30))
+        self.rnn2 = nn.GRUCell(n_rec, n_rec, w_init=uinit(4), b_init=uinit(40))
+        self.out = nn.Linear(n_rec, n_out, w_init=uinit(5), b_init=uinit(50))
 
     def update(self, x):
         return self.out(self.rnn2(self.rnn1(x)))
@@ -202,8 +213,8 @@ def _gru2_oracle(params, h, x, ctx):
 class LSTMReadout(brainstate.nn.Module):
     def __init__(self, n_in=3, n_rec=4, n_out=2):
         super().__init__()
-        self.lstm = nn.LSTMCell(n_in, n_rec, key=6)
-        self.out = nn.Linear(n_rec, n_out, key=7)
+        self.lstm = nn.LSTMCell(n_in, n_rec, w_init=uinit(6), b_init=uinit(60))
+        self.out = nn.Linear(n_rec, n_out, w_init=uinit(7), b_init=uinit(70))
 
     def update(self, x):
         return self.out(self.lstm(x))
@@ -224,9 +235,8 @@ class LIFReadout(brainstate.nn.Module):
     def __init__(self, n_in=3, n_rec=5, n_out=2, recurrent=True):
         super().__init__()
         self.lif = nn.LIF(n_in, n_rec, recurrent=recurrent, beta=0.4, tau_mem=10., tau_adapt=50.,
-                          w_init=nn.init.uniform(-1., 1.5),
-                          w_rec_init=nn.init.uniform(-0.5, 0.5), key=8)
-        self.out = nn.Linear(n_rec, n_out, key=9)
+                          w_init=uinit(8, -1., 1.5), w_rec_init=uinit(80, -0.5, 0.5))
+        self.out = nn.Linear(n_rec, n_out, w_init=uinit(9), b_init=uinit(90))
 
     def update(self, x):
         return self.out(self.lif(x))
@@ -252,9 +262,9 @@ class ConvRNN(brainstate.nn.Module):
 
     def __init__(self, n_rec=4, n_out=2, side=5):
         super().__init__()
-        self.conv = nn.Conv2d(1, 2, kernel_size=3, padding='SAME', key=10)
-        self.rnn = nn.VanillaRNNCell(2 * side * side, n_rec, key=11)
-        self.out = nn.Linear(n_rec, n_out, key=12)
+        self.conv = nn.Conv2d(1, 2, kernel_size=3, padding='SAME', w_init=uinit(10), b_init=uinit(100))
+        self.rnn = nn.VanillaRNNCell(2 * side * side, n_rec, w_init=uinit(11), b_init=uinit(110))
+        self.out = nn.Linear(n_rec, n_out, w_init=uinit(12), b_init=uinit(120))
 
     def update(self, x):
         feat = self.conv(x)
@@ -290,8 +300,8 @@ class CoupledCell(RecurrentModule):
 
     def __init__(self, n_in=3, n=4):
         super().__init__((n,))
-        self.W_u = nn.Linear(n_in, n, key=13)
-        self.W_v = nn.Linear(n_in, n, bias=False, key=14)
+        self.W_u = nn.Linear(n_in, n, w_init=uinit(13), b_init=uinit(130))
+        self.W_v = nn.Linear(n_in, n, bias=False, w_init=uinit(14))
         self.decay = brainstate.ParamState(jnp.linspace(-1., 1., n, dtype=self.dtype))
 
     def update(self, x):
@@ -325,8 +335,8 @@ class CondCell(RecurrentModule):
 
     def __init__(self, n_in=3, n=4):
         super().__init__((n,))
-        self.W_a = nn.Linear(n_in, n, key=15)
-        self.W_b = nn.Linear(n_in, n, bias=False, key=16)
+        self.W_a = nn.Linear(n_in, n, w_init=uinit(15), b_init=uinit(150))
+        self.W_b = nn.Linear(n_in, n, bias=False, w_init=uinit(16))
 
     def update(self, x):
         def on(h, x):
@@ -356,8 +366,8 @@ class TiedLeaky(brainstate.nn.Module):
 
     def __init__(self, n=4, n_out=2):
         super().__init__()
-        self.W = nn.Linear(n, n, bias=False, key=17)
-        self.out = nn.Linear(n, n_out, key=18)
+        self.W = nn.Linear(n, n, bias=False, w_init=uinit(17))
+        self.out = nn.Linear(n, n_out, w_init=uinit(18), b_init=uinit(180))
         self.h1 = brainstate.HiddenState(jnp.zeros(n))
         self.h2 = brainstate.HiddenState(jnp.zeros(n))
         self.n = n
@@ -395,8 +405,8 @@ class FusedGateCell(RecurrentModule):
 
     def __init__(self, n_in=3, n=4):
         super().__init__((n,))
-        self.weight = brainstate.ParamState(rand(19, 3 * n, n_in, dtype=self.dtype))
-        self.bias = brainstate.ParamState(rand(20, 3 * n, scale=0.3, dtype=self.dtype))
+        self.weight = brainstate.ParamState(uinit(19, -1., 1.)((3 * n, n_in), self.dtype))
+        self.bias = brainstate.ParamState(uinit(20, -0.3, 0.3)((3 * n,), self.dtype))
         self.n = n
 
     def update(self, x):
@@ -427,8 +437,8 @@ class FanOut(brainstate.nn.Module):
 
     def __init__(self, n_in=3, n=4):
         super().__init__()
-        self.W = nn.Linear(n_in, n, key=21)
-        self.W_r = nn.Linear(n, n, bias=False, key=22)
+        self.W = nn.Linear(n_in, n, w_init=uinit(21), b_init=uinit(210))
+        self.W_r = nn.Linear(n, n, bias=False, w_init=uinit(22))
         self.n = n
         self.init_state()
 
@@ -460,8 +470,8 @@ class LeakyReadout(brainstate.nn.Module):
 
     def __init__(self, n_in=3, n=5, n_out=2):
         super().__init__()
-        self.cell = nn.LeakyRNNCell(n_in, n, tau=4., recurrent=False, key=23)
-        self.out = nn.Linear(n, n_out, key=24)
+        self.cell = nn.LeakyRNNCell(n_in, n, tau=4., recurrent=False, w_init=uinit(23), b_init=uinit(230))
+        self.out = nn.Linear(n, n_out, w_init=uinit(24), b_init=uinit(240))
 
     def update(self, x):
         return self.out(self.cell(x))
@@ -482,7 +492,7 @@ class SkipCell(RecurrentModule):
 
     def __init__(self, n_in=3, n=4):
         super().__init__((n,))
-        self.W = nn.Linear(n_in, n, key=25)
+        self.W = nn.Linear(n_in, n, w_init=uinit(25), b_init=uinit(250))
 
     def update(self, x):
         y = self.W(x)
@@ -595,8 +605,8 @@ class CounterRNN(brainstate.nn.Module):
 
     def __init__(self, n_in=3, n=4, n_out=2):
         super().__init__()
-        self.rnn = nn.VanillaRNNCell(n_in, n, key=30)
-        self.out = nn.Linear(n, n_out, key=31)
+        self.rnn = nn.VanillaRNNCell(n_in, n, w_init=uinit(30), b_init=uinit(300))
+        self.out = nn.Linear(n, n_out, w_init=uinit(31), b_init=uinit(310))
         self.count = brainstate.ShortTermState(jnp.zeros(()))
 
     def update(self, x):
@@ -609,8 +619,8 @@ class FeedForward(brainstate.nn.Module):
 
     def __init__(self, n_in=3, n=4, n_out=2):
         super().__init__()
-        self.l1 = nn.Linear(n_in, n, key=32)
-        self.l2 = nn.Linear(n, n_out, key=33)
+        self.l1 = nn.Linear(n_in, n, w_init=uinit(32), b_init=uinit(320))
+        self.l2 = nn.Linear(n, n_out, w_init=uinit(33), b_init=uinit(330))
 
     def update(self, x):
         return self.l2(jnp.tanh(self.l1(x)))
@@ -628,7 +638,7 @@ class NestedJitLeaky(RecurrentModule):
 
     def __init__(self, n_in=3, n=4):
         super().__init__((n,))
-        self.W = nn.Linear(n_in, n, key=34)
+        self.W = nn.Linear(n_in, n, w_init=uinit(34), b_init=uinit(340))
 
     def update(self, x):
         h = _jitted_leak(self.h.value, self.W(x))
@@ -649,7 +659,7 @@ class SubstepLeaky(RecurrentModule):
 
     def __init__(self, n_in=3, n=4, substeps=3):
         super().__init__((n,))
-        self.W = nn.Linear(n_in, n, key=35)
+        self.W = nn.Linear(n_in, n, w_init=uinit(35), b_init=uinit(350))
         self.substeps = substeps
 
     def update(self, x):
@@ -676,7 +686,7 @@ class WhileLeaky(RecurrentModule):
 
     def __init__(self, n_in=3, n=4):
         super().__init__((n,))
-        self.W = nn.Linear(n_in, n, key=36)
+        self.W = nn.Linear(n_in, n, w_init=uinit(36), b_init=uinit(360))
 
     def update(self, x):
         y = self.W(x)
@@ -690,6 +700,33 @@ class WhileLeaky(RecurrentModule):
         return h
 
 
+class WhileMixInput(RecurrentModule):
+    """The input goes through a weight-free ``lax.while_loop`` that mixes positions (a roll)."""
+
+    state_names = ("h",)
+
+    def __init__(self, n_in=3, n=4):
+        super().__init__((n,))
+        self.W = nn.Linear(n_in, n, w_init=uinit(41), b_init=uinit(410))
+
+    def update(self, x):
+        def body(carry):
+            i, v = carry
+            return i + 1, v + 0.5 * jnp.roll(v, 1, axis=-1)
+
+        _, xm = lax.while_loop(lambda c: c[0] < 2, body, (0, x))
+        h = 0.9 * self.h.value + jnp.tanh(self.W(xm))
+        self.h.value = h
+        return h
+
+
+def while_mix_oracle(params, h, x, ctx):
+    for _ in range(2):
+        x = x + 0.5 * jnp.roll(x, 1, axis=-1)
+    h1 = ctx.hidden(P("h"), 0.9 * h[P("h")] + jnp.tanh(_mm(params, ctx, ("W",), x)))
+    return h1, {P("h"): h1}
+
+
 class WeightInScan(RecurrentModule):
     """A recurrent weight used inside a ``lax.scan``: not supported (clear compile error)."""
 
@@ -697,7 +734,7 @@ class WeightInScan(RecurrentModule):
 
     def __init__(self, n=4):
         super().__init__((n,))
-        self.W_hh = nn.Linear(n, n, bias=False, key=37)
+        self.W_hh = nn.Linear(n, n, bias=False, w_init=uinit(37))
 
     def update(self, x):
         w = self.W_hh.weight.value
@@ -715,7 +752,7 @@ class ShapeChanging(brainstate.nn.Module):
 
     def __init__(self, n=3):
         super().__init__()
-        self.W = nn.Linear(n, n, key=38)
+        self.W = nn.Linear(n, n, w_init=uinit(38), b_init=uinit(380))
         self.h = brainstate.HiddenState(jnp.zeros(n))
 
     def update(self, x):
@@ -728,7 +765,7 @@ class ParamWriter(brainstate.nn.Module):
 
     def __init__(self, n=3):
         super().__init__()
-        self.W = nn.Linear(n, n, key=39)
+        self.W = nn.Linear(n, n, w_init=uinit(39), b_init=uinit(390))
         self.h = brainstate.HiddenState(jnp.zeros(n))
 
     def update(self, x):
@@ -774,28 +811,34 @@ def oracle_forward(case, params, h_prev, x):
     return out, h_new, ctx.ys
 
 
-def oracle_dh_dh(case, params, h_prev, x, cut=True):
-    """``J[dst][src] = d h_dst^t / d h_src^{t-1}`` (varshape + varshape); ETP outputs fixed if cut."""
-    def f(h):
-        return case.oracle(params, h, x, Ctx(cut=cut))[1]
-    return jax.jacobian(f)(h_prev)
+class Oracles(NamedTuple):
+    outputs: Any
+    h_new: Dict[Path, Any]
+    ys: Dict[Tuple[Path, int], Any]          # every ETP output, by (weight path, use)
+    dh_dh_cut: Dict[Path, Dict[Path, Any]]   # [dst][src]: varshape + varshape, ETP outputs fixed
+    dh_dh_full: Dict[Path, Dict[Path, Any]]  # [dst][src]: the full step Jacobian
+    dh_dy: Dict[Path, Dict[Any, Any]]        # [dst][etp key]: varshape + y shape, others fixed
+    dL_dh: Dict[Path, Any]                   # L = sum(outputs * cot), h^t perturbed where made
+    dL_dx: Any                               # same-step dL/dx
 
 
-def oracle_dh_dy(case, params, h_prev, x, key, y_like):
-    """``J[dst] = d h_dst^t / d y_key`` (varshape + y shape), other ETP outputs fixed."""
-    def f(dy):
-        return case.oracle(params, h_prev, x, Ctx(cut=True, dy={key: dy}))[1]
-    return jax.jacobian(f)(jnp.zeros_like(y_like))
+def oracles(case, params, h_prev, x, cot) -> Oracles:
+    """Every oracle quantity of one step, in one jitted computation (one XLA compilation)."""
+    ys = oracle_forward(case, params, h_prev, x)[2]
 
+    @jax.jit
+    def run(params, h_prev, x, cot):
+        out, h_new, _ = oracle_forward(case, params, h_prev, x)
+        cut = jax.jacobian(lambda h: case.oracle(params, h, x, Ctx(cut=True))[1])(h_prev)
+        full = jax.jacobian(lambda h: case.oracle(params, h, x, Ctx())[1])(h_prev)
+        dy0 = {k: jnp.zeros_like(y) for k, y in ys.items()}
+        dh_dy = jax.jacobian(lambda dy: case.oracle(params, h_prev, x, Ctx(cut=True, dy=dy))[1])(dy0)
 
-def oracle_dL_dh(case, params, h_prev, x, cot):
-    """dL/dh^t for ``L = sum(outputs * cot)``, h^t perturbed where it is produced."""
-    def loss(p):
-        out = case.oracle(params, h_prev, x, Ctx(p=p))[0]
-        return jnp.sum(out * cot)
-    return jax.grad(loss)({p: jnp.zeros_like(v) for p, v in h_prev.items()})
+        def loss(p, x):
+            return jnp.sum(case.oracle(params, h_prev, x, Ctx(p=p))[0] * cot)
 
+        p0 = {p: jnp.zeros_like(v) for p, v in h_prev.items()}
+        dl_dh, dl_dx = jax.grad(loss, argnums=(0, 1))(p0, x)
+        return Oracles(out, h_new, {}, cut, full, dh_dy, dl_dh, dl_dx)
 
-def oracle_dL_dx(case, params, h_prev, x, cot):
-    """Same-step dL/dx (h^{t-1} and parameters fixed)."""
-    return jax.grad(lambda x: jnp.sum(case.oracle(params, h_prev, x, Ctx())[0] * cot))(x)
+    return run(params, h_prev, x, cot)._replace(ys=ys)

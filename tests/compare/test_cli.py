@@ -1,0 +1,171 @@
+"""The `etrace-compare` command: reports, user models, one-line errors, gradient fidelity."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from etrace_bridge.cli import main
+from etrace_bridge.compare import CompareConfig, run_comparison
+from etrace_bridge.report import PLOTS
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--epochs", "1", "--hidden", "8", "--train-subset", "64", "--test-subset", "32",
+        "--batch-size", "16", "--no-progress"]
+LABELS = ("BPTT", "D-RTRL", "ES-D-RTRL", "hybrid")
+
+USER_MODEL = """
+import torch
+from torch import nn
+
+class TinyRNN(nn.Module):
+    def __init__(self, n_in, n_out, hidden=8):
+        super().__init__()
+        self.hidden = hidden
+        self.cell = nn.RNNCell(n_in, hidden)
+        self.readout = nn.Linear(hidden, n_out)
+
+    def initial_state(self, batch_size):
+        return (torch.zeros(batch_size, self.hidden),)
+
+    def forward(self, x, h):
+        h = self.cell(x, h)
+        return self.readout(h), h
+
+def factory(n_in, n_out):
+    return TinyRNN(n_in, n_out)
+"""
+
+NOT_EXPORTABLE = """
+import torch
+from torch import nn
+
+class Clip(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(-1, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+class ClippedRNN(nn.Module):
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.inp = nn.Linear(n_in, 8)
+        self.readout = nn.Linear(8, n_out)
+
+    def initial_state(self, batch_size):
+        return (torch.zeros(batch_size, 8),)
+
+    def forward(self, x, h):
+        h = Clip.apply(0.5 * h + self.inp(x))
+        return self.readout(h), h
+
+def factory(n_in, n_out):
+    return ClippedRNN(n_in, n_out)
+"""
+
+
+def _table(out: str, title: str) -> list[str]:
+    """Lines of the terminal table called `title` (up to the blank line after it)."""
+    lines = out.splitlines()
+    start = lines.index(title)
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    return lines[start + 3:end]
+
+
+def _assert_one_line_error(rc, err: str):
+    assert rc != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("etrace-compare: error: "), err
+    assert "Traceback" not in err
+
+
+def test_quick_writes_report_tables_and_plots(tmp_path, capsys):
+    out_dir = tmp_path / "report"
+    rc = main(["--quick", *TINY, "--seq-lens", "4,16", "--out", str(out_dir)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for title in ("Learning summary", "Peak memory vs sequence length",
+                  "Time per training step vs sequence length"):
+        rows = _table(out, title)
+        assert [r.split()[0] for r in rows] == list(LABELS), (title, rows)
+        assert not any("n/a" in r for r in rows), rows
+    fidelity = "\n".join(_table(out, "Gradient fidelity vs BPTT at initialisation"))
+    assert "cell.weight_hh" in fidelity and "readout.bias" in fidelity
+    report = (out_dir / "report.md").read_text()
+    for name in PLOTS:
+        assert (out_dir / name).stat().st_size > 5000, name
+        assert f"]({name})" in report
+    for label in LABELS:
+        assert f"| {label} |" in report
+    assert "etrace-compare --quick" in report and "torch" in report
+
+
+def test_user_model_file(tmp_path, capsys):
+    path = tmp_path / "my_model.py"
+    path.write_text(USER_MODEL)
+    rc = main(["--model", f"{path}:factory", "--methods", "bptt,es_d_rtrl", "--no-memory", *TINY])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert [r.split()[0] for r in _table(out, "Learning summary")] == ["BPTT", "ES-D-RTRL"]
+    assert "cell.weight_ih" in out
+
+
+@pytest.mark.parametrize("case", ["model", "task", "method", "missing_file", "import_error",
+                                  "no_factory", "not_exportable"])
+def test_bad_input_is_one_line_error(case, tmp_path, capsys):
+    files = {"import_error": "import torch\nraise RuntimeError('broken on purpose')\n",
+             "no_factory": "x = 1\n", "not_exportable": NOT_EXPORTABLE}
+    if case in files:
+        (tmp_path / "m.py").write_text(files[case])
+    args = {
+        "model": ["--model", "transformer"],
+        "task": ["--task", "imagenet"],
+        "method": ["--methods", "bptt,rtrl"],
+        "missing_file": ["--model", str(tmp_path / "nope.py:factory")],
+        "import_error": ["--model", f"{tmp_path / 'm.py'}:factory"],
+        "no_factory": ["--model", f"{tmp_path / 'm.py'}:factory"],
+        "not_exportable": ["--model", f"{tmp_path / 'm.py'}:factory", "--methods", "bptt,d_rtrl"],
+    }[case]
+    rc = main([*args, "--no-memory", *TINY])
+    err = capsys.readouterr().err
+    _assert_one_line_error(rc, err)
+    expected = {"model": "transformer", "task": "imagenet", "method": "rtrl",
+                "missing_file": "not found", "import_error": "broken on purpose",
+                "no_factory": "factory", "not_exportable": "d_rtrl"}[case]
+    assert expected in err
+
+
+def _command():
+    script = shutil.which("etrace-compare")
+    return [script] if script else [sys.executable, "-m", "etrace_bridge"]
+
+
+def test_entry_point_in_a_real_process(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ok = subprocess.run([*_command(), "--quick", "--methods", "bptt,d_rtrl", "--no-memory", *TINY],
+                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert [r.split()[0] for r in _table(ok.stdout, "Learning summary")] == ["BPTT", "D-RTRL"]
+    bad = subprocess.run([sys.executable, "-m", "etrace_bridge", "--model", "nope"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    _assert_one_line_error(bad.returncode, bad.stderr)
+
+
+def test_d_rtrl_is_exact_for_the_leaky_model():
+    """Element-wise recurrence: D-RTRL's online gradient equals BPTT's (whole bridge end to end)."""
+    cfg = CompareConfig(model="leaky", methods=("d_rtrl",), hidden=16, epochs=1, train_subset=64,
+                        test_subset=32, batch_size=16, measure_memory=False,
+                        progress=False).checked()
+    result = run_comparison(cfg, log=lambda msg: None)
+    report = result.fidelity["d_rtrl"]
+    assert {r.name for r in report.rows} == {"input.weight", "input.bias", "readout.weight",
+                                             "readout.bias"}
+    assert report.min_cosine > 0.999999, report.table()
+    assert report.worst_rel_error < 1e-3, report.table()
