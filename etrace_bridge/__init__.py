@@ -1,2 +1,16 @@
+"""etrace_bridge: train PyTorch recurrent models online with eligibility traces (via JAX)."""
 import os
+
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax starts: share the GPU with torch
+
+from .bptt import BPTTResult, GradientReport, bptt_gradients, compare_gradients  # noqa: E402
+from .dlpack import to_jax, to_torch  # noqa: E402
+from .errors import BridgeError, ExportError, UnsupportedModelError, UnsupportedOpError  # noqa: E402
+from .learner import OnlineLearner, make_algorithm  # noqa: E402
+from .module import TorchModule, from_torch  # noqa: E402
+
+__all__ = [
+    "from_torch", "TorchModule", "OnlineLearner", "make_algorithm", "to_jax", "to_torch",
+    "bptt_gradients", "compare_gradients", "BPTTResult", "GradientReport",
+    "BridgeError", "ExportError", "UnsupportedModelError", "UnsupportedOpError",
+]

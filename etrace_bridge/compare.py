@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -39,7 +40,7 @@ from .tasks import IGNORE_INDEX, TASK_NAMES, SequenceTask, get_task, iterate_min
 
 __all__ = [
     "METHODS", "ONLINE_METHODS", "CompareError", "CompareConfig", "EpochStats", "MethodRun",
-    "SweepPoint", "MemoryProfile", "ComparisonResult", "run_comparison", "resolve_model",
+    "TimePoint", "MemoryPoint", "MemoryProfile", "ComparisonResult", "run_comparison", "resolve_model",
     "load_task", "memory_child",
 ]
 
@@ -79,6 +80,7 @@ class CompareConfig:
     decay: float = 0.9
     dtype: str = "float32"
     measure_memory: bool = True
+    sweep: bool = True
     progress: bool = True
     threads: int | None = 1
 
@@ -412,19 +414,24 @@ class MethodRun:
         return float(np.mean(times)) if times else float("nan")
 
 
-class SweepPoint(NamedTuple):
+class TimePoint(NamedTuple):
+    """Wall time of one training step (forward, gradients, Adam) over T synthetic steps."""
     seq_len: int
-    peak_mb: float          # peak RSS during the first training step of length T
-    first_seconds: float    # first step at this T (includes compilation for online methods)
-    step_seconds: float     # second, warm step
+    first_seconds: float    # the first step at this T (includes compilation for online methods)
+    step_seconds: float     # a second, warm step
+
+
+class MemoryPoint(NamedTuple):
+    seq_len: int
+    peak_mb: float          # peak RSS (MiB) during the first training step of length T
 
 
 @dataclass
 class MemoryProfile:
+    """What one fresh process training with `method` measured."""
     method: str
-    task_peak_mb: float = float("nan")     # peak RSS of a fresh process after one task minibatch
-    task_seconds: float = float("nan")
-    sweep: list[SweepPoint] = field(default_factory=list)
+    task_peak_mb: float = float("nan")     # peak RSS since start, after one task minibatch
+    sweep: list[MemoryPoint] = field(default_factory=list)
     hwm_reset: bool = True
     error: str | None = None
 
@@ -440,6 +447,7 @@ class ComparisonResult:
     n_batches: int
     runs: dict[str, MethodRun] = field(default_factory=dict)
     fidelity: dict[str, GradientReport] = field(default_factory=dict)
+    timing: dict[str, list[TimePoint]] = field(default_factory=dict)
     memory: dict[str, MemoryProfile] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -489,13 +497,14 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] = print) ->
         result.fidelity = gradient_fidelity(init, trainers, xs0, ys0, task_loss(task), setup)
         for method, trainer in trainers.items():
             result.runs[method] = train_method(trainer, task, cfg, setup[method])
+        if cfg.sweep:
+            log(f"timing one training step at T = {', '.join(map(str, cfg.seq_lens))} ...")
+            result.timing = {m: time_vs_length(t, task, cfg) for m, t in trainers.items()}
         if cfg.measure_memory:
-            for method in cfg.methods:
-                log(f"measuring memory and time vs T for {method} in a fresh process ...")
-                result.memory[method] = measure_memory(cfg, factory, method)
-                if result.memory[method].error:
-                    result.notes.append(f"memory measurement of {method} failed: "
-                                        f"{result.memory[method].error}")
+            log("measuring peak memory, one fresh process per method ...")
+            result.memory = measure_memory_all(cfg, factory)
+            result.notes += [f"memory measurement of {m} failed: {p.error}"
+                             for m, p in result.memory.items() if p.error]
     result.seconds = time.perf_counter() - start
     return result
 
@@ -558,7 +567,36 @@ def _epoch_stats(model, task, epoch, objective, seconds, dtype) -> EpochStats:
     return EpochStats(epoch, train_loss, train_acc, test_loss, test_acc, objective, seconds)
 
 
+def time_vs_length(trainer, task: SequenceTask, cfg: CompareConfig) -> list[TimePoint]:
+    """Time a first and a second training step on synthetic sequences of each length T."""
+    dtype, points = _torch_dtype(cfg.dtype), []
+    for seq_len in cfg.seq_lens:
+        xs, ys = synthetic_batch(task, seq_len, batch_size_for(task, cfg), dtype, cfg.seed + seq_len)
+        first = _timed(trainer.train_batch, xs, ys)
+        points.append(TimePoint(seq_len, first, _timed(trainer.train_batch, xs, ys)))
+    return points
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------- memory
+
+def measure_memory_all(cfg: CompareConfig, factory: ModelFactory) -> dict[str, MemoryProfile]:
+    """One fresh process per method, up to two at a time (peak RSS is per process, so running
+    side by side does not change it)."""
+    workers = max(1, min(2, len(cfg.methods), _usable_cores()))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {m: pool.submit(measure_memory, cfg, factory, m) for m in cfg.methods}
+        return {m: f.result() for m, f in futures.items()}
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def measure_memory(cfg: CompareConfig, factory: ModelFactory, method: str,
                    timeout: float = 1200.0) -> MemoryProfile:
@@ -573,7 +611,7 @@ def measure_memory(cfg: CompareConfig, factory: ModelFactory, method: str,
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_MARK):
             data = json.loads(line[len(_RESULT_MARK):])
-            data["sweep"] = [SweepPoint(*p) for p in data["sweep"]]
+            data["sweep"] = [MemoryPoint(*p) for p in data["sweep"]]
             return MemoryProfile(**data)
     tail = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no output"]
     cause = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else tail[0].strip()
@@ -582,36 +620,31 @@ def measure_memory(cfg: CompareConfig, factory: ModelFactory, method: str,
 
 def memory_child() -> None:
     """Entry point of the measuring subprocess: job JSON on stdin, result line on stdout."""
+    import warnings
+    warnings.simplefilter("ignore")
     job = json.loads(sys.stdin.read())
     raw = job["config"]
     cfg = CompareConfig(**{**raw, "methods": tuple(raw["methods"]),
                            "seq_lens": tuple(raw["seq_lens"]), "progress": False})
     with numeric_setup(cfg):
-        profile = profile_method(cfg, job["method"])
+        profile = profile_memory(cfg, job["method"])
     print(_RESULT_MARK + json.dumps(dataclasses.asdict(profile)), flush=True)
 
 
-def profile_method(cfg: CompareConfig, method: str) -> MemoryProfile:
+def profile_memory(cfg: CompareConfig, method: str) -> MemoryProfile:
+    """Peak RSS after one task minibatch, then during one step at each T (ascending)."""
     dtype = _torch_dtype(cfg.dtype)
     task = load_task(cfg)
     model = make_model(resolve_model(cfg.model, cfg.hidden), task, cfg)
     xs, ys = first_minibatch(task, cfg, dtype)
     trainer = make_trainer(method, model, task, cfg, xs[0])
-    profile = MemoryProfile(method)
-    t0 = time.perf_counter()
     trainer.train_batch(xs, ys)
-    profile.task_seconds = time.perf_counter() - t0
-    profile.task_peak_mb = peak_rss_mb()
-    for seq_len in cfg.seq_lens:
+    profile = MemoryProfile(method, task_peak_mb=peak_rss_mb())
+    for seq_len in cfg.seq_lens if cfg.sweep else ():
         xs, ys = synthetic_batch(task, seq_len, xs.shape[1], dtype, cfg.seed + seq_len)
         profile.hwm_reset = reset_peak_rss() and profile.hwm_reset
-        t0 = time.perf_counter()
         trainer.train_batch(xs, ys)
-        first = time.perf_counter() - t0
-        peak = peak_rss_mb()
-        t0 = time.perf_counter()
-        trainer.train_batch(xs, ys)
-        profile.sweep.append(SweepPoint(seq_len, peak, first, time.perf_counter() - t0))
+        profile.sweep.append(MemoryPoint(seq_len, peak_rss_mb()))
     return profile
 
 

@@ -92,35 +92,45 @@ def fidelity_table(result: ComparisonResult) -> Table:
                  "gradient, same weights, same first minibatch.")
 
 
-def _sweep_table(result: ComparisonResult, title: str, field: str, fmt, note: str) -> Table:
-    lens = list(result.config.seq_lens)
-    rows = []
-    for method, mem in result.memory.items():
-        by_len = {p.seq_len: getattr(p, field) for p in mem.sweep}
-        rows.append((LABELS.get(method, method),) + tuple(fmt(by_len.get(T, float("nan")))
-                                                          for T in lens))
+def _sweep_table(title: str, lens, series: dict, fmt, note: str) -> Table:
+    """Rows = methods, columns = T; `series[method]` maps T to a value."""
+    rows = [(LABELS.get(m, m),) + tuple(fmt(values.get(T, float("nan"))) for T in lens)
+            for m, values in series.items()]
     return Table(title, ("method",) + tuple(f"T={T}" for T in lens), rows, note)
 
 
+def memory_series(result: ComparisonResult) -> dict[str, dict[int, float]]:
+    return {m: {p.seq_len: p.peak_mb for p in prof.sweep} for m, prof in result.memory.items()}
+
+
+def time_series(result: ComparisonResult) -> dict[str, dict[int, float]]:
+    return {m: {p.seq_len: p.step_seconds for p in points} for m, points in result.timing.items()}
+
+
 def memory_sweep_table(result: ComparisonResult) -> Table:
-    note = ("Peak resident memory (MiB) of one training step over T synthetic steps, batch "
+    note = ("Peak resident memory (MiB) during one training step over T synthetic steps, batch "
             f"{result.batch_size}, in one fresh process per method (high-water mark reset before "
-            "each T; includes the interpreter, torch and JAX).")
+            "each T, T ascending; includes the interpreter, torch and JAX, and for online methods "
+            "the compilation for that T).")
     if any(not m.hwm_reset for m in result.memory.values()):
         note += " The high-water mark could not be reset here: values are cumulative peaks."
-    return _sweep_table(result, "Peak memory vs sequence length", "peak_mb", _mb, note)
+    return _sweep_table("Peak memory vs sequence length", result.config.seq_lens,
+                        memory_series(result), _mb, note)
 
 
 def time_sweep_table(result: ComparisonResult) -> Table:
-    return _sweep_table(result, "Time per training step vs sequence length", "step_seconds",
-                        _seconds, "Seconds for one warm training step (forward, gradients, Adam) "
-                        f"over T synthetic steps, batch {result.batch_size}.")
+    return _sweep_table("Time per training step vs sequence length", result.config.seq_lens,
+                        time_series(result), _seconds,
+                        "Seconds for one warm training step (forward, gradients, Adam) over T "
+                        f"synthetic steps, batch {result.batch_size}, all methods in this process.")
 
 
 def all_tables(result: ComparisonResult) -> list[Table]:
     tables = [summary_table(result), fidelity_table(result)]
-    if result.memory:
-        tables += [memory_sweep_table(result), time_sweep_table(result)]
+    if result.memory and result.config.sweep:
+        tables.append(memory_sweep_table(result))
+    if result.timing:
+        tables.append(time_sweep_table(result))
     return tables
 
 
@@ -229,36 +239,43 @@ def _n_params(result: ComparisonResult) -> int:
     return max((len(r.rows) for r in result.fidelity.values()), default=1)
 
 
-def _plot_sweep(result: ComparisonResult, path: Path, field: str, ylabel: str, title: str,
-                logy: bool) -> None:
+def _plot_sweep(result: ComparisonResult, path: Path, series: dict, ylabel: str, title: str,
+                logy: bool, missing: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method, mem in result.memory.items():
-        points = [(p.seq_len, getattr(p, field)) for p in mem.sweep
-                  if math.isfinite(getattr(p, field))]
+    for method, values in series.items():
+        points = sorted((T, v) for T, v in values.items() if math.isfinite(v))
         if points:
             ax.plot(*zip(*points), marker="o", color=COLORS.get(method),
                     label=LABELS.get(method, method))
-    if not result.memory:
-        ax.text(0.5, 0.5, "not measured (--no-memory)", ha="center", transform=ax.transAxes)
-    ax.set(xscale="log", xlabel="sequence length T (log)", ylabel=ylabel, title=title)
+    if not any(series.values()):
+        ax.text(0.5, 0.5, missing, ha="center", transform=ax.transAxes)
+    ax.set(xscale="log", xlabel="sequence length T (log scale)", ylabel=ylabel, title=title)
     if logy:
         ax.set_yscale("log")
     ax.set_xticks(list(result.config.seq_lens), [str(t) for t in result.config.seq_lens])
+    ax.xaxis.set_minor_locator(_null_locator())  # only the measured T values as x ticks
     ax.grid(alpha=0.3, which="both")
-    if result.memory:
+    if any(series.values()):
         ax.legend(fontsize=8)
     _save(fig, path)
 
 
+def _null_locator():
+    from matplotlib.ticker import NullLocator
+    return NullLocator()
+
+
 def plot_memory_vs_T(result: ComparisonResult, path: Path) -> None:
-    _plot_sweep(result, path, "peak_mb", "peak resident memory (MiB)",
-                f"Peak memory of one training step (batch {result.batch_size})", logy=False)
+    _plot_sweep(result, path, memory_series(result), "peak resident memory (MiB)",
+                f"Peak memory of one training step (batch {result.batch_size})", logy=False,
+                missing="not measured (--no-memory / --no-sweep)")
 
 
 def plot_time_vs_T(result: ComparisonResult, path: Path) -> None:
-    _plot_sweep(result, path, "step_seconds", "seconds per training step (log)",
-                f"Time of one training step (batch {result.batch_size})", logy=True)
+    _plot_sweep(result, path, time_series(result), "seconds per training step (log scale)",
+                f"Time of one training step (batch {result.batch_size})", logy=True,
+                missing="not measured (--no-sweep)")
 
 
 def _save(fig, path: Path) -> None:
@@ -331,7 +348,9 @@ def markdown_report(result: ComparisonResult, argv: Sequence[str], plots: Sequen
             if image in plots:
                 lines += [f"![{image[:-4]}]({image})", ""]
     if not result.memory:
-        lines += ["Memory and time vs T were not measured (`--no-memory`).", ""]
+        lines += ["Peak memory was not measured (`--no-memory`).", ""]
+    if not result.timing:
+        lines += ["Time vs T was not measured (`--no-sweep`).", ""]
     if result.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
     return "\n".join(lines)

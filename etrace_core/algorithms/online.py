@@ -82,9 +82,25 @@ def partial_hidden_grads(plan: TracePlan, dh: Dict[Path, Any], Ms) -> List[Any]:
         delta = jnp.stack(cols, axis=-1).reshape(-1, g.num_state)
         if Ms is not None and g.num_state > 1:
             M = Ms[g.index].reshape(-1, g.num_state, g.num_state)
-            delta = jnp.linalg.solve(jnp.swapaxes(M, -1, -2), delta[..., None])[..., 0]
+            delta = _solve_transposed(M, delta)
         out.append(delta)
     return out
+
+
+def _solve_transposed(M, b):
+    """x with M^T x = b for a batch of small (S, S) matrices M (..., S, S) and b (..., S).
+
+    For S = 2 (e.g. LIF's (V, a)) the closed form: an element-wise expression that XLA fuses,
+    where a batched LAPACK LU on CPU costs a custom call, pivoting loop and two triangular
+    solves per step."""
+    if M.shape[-1] == 2:
+        a, c = M[..., 0, 0], M[..., 0, 1]   # M^T = [[a, b], [c, d]]
+        b_, d = M[..., 1, 0], M[..., 1, 1]
+        det = a * d - b_ * c
+        x0 = (d * b[..., 0] - b_ * b[..., 1]) / det
+        x1 = (a * b[..., 1] - c * b[..., 0]) / det
+        return jnp.stack([x0, x1], axis=-1)
+    return jnp.linalg.solve(jnp.swapaxes(M, -1, -2), b[..., None])[..., 0]
 
 
 def trace_grads(plan: TracePlan, params: Dict[Path, Any], traces, count, deltas) -> Dict[Path, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 
@@ -42,14 +43,24 @@ class ParamDimTrace:
 
     @staticmethod
     def update(trace, X, df, D_y, decay):
-        eps = jnp.einsum("...ost,...iot->...ios", D_y, trace["eps"])
+        # Written as broadcast products and a sum over the state axis (not einsum): the
+        # contraction is over S (usually 1 or 2), and as a dot_general XLA would emit it in
+        # (..., o, i, s) order plus a transposed copy of the whole trace every step.
+        eps = jnp.sum(D_y[..., None, :, :, :] * trace["eps"][..., :, :, None, :], axis=-1)
         eps = eps + X[..., :, None, None] * df[..., None, :, :]
         return {"eps": eps}
 
     @staticmethod
     def grad(trace, delta_y, count, decay):
-        eps = trace["eps"]
-        return jnp.einsum("...ios,...os->io", eps, delta_y)
+        # sum_s eps * delta (element-wise, fused with the update), then the sum over the leading
+        # axes L as a vector-matrix product with ones. As an einsum this is a dot batched over o
+        # after a transposed copy of the whole trace; as a reduction over L, XLA:CPU reads the
+        # trace with a stride. Both cost several times the GEMV.
+        w = jnp.sum(trace["eps"] * delta_y[..., None, :, :], axis=-1)     # L + (I, O)
+        I, O = w.shape[-2:]
+        w = w.reshape((-1, I * O))
+        ones = jnp.ones((w.shape[0],), w.dtype)
+        return jnp.dot(ones, w, precision=lax.Precision.HIGHEST).reshape(I, O)
 
     @staticmethod
     def size(trace) -> int:

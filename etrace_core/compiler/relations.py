@@ -89,7 +89,9 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
         groups, maps, problems = _landing(eqn, prop, hidden_out, static)
         b_path = param_of.get(b) if b is not None and not isinstance(b, jcore.Literal) else None
         if not groups:
-            reason = _why_not_traced(jaxpr, eqn, prop, hidden_out_vars)
+            # a broadcast/duplication found by _landing says more than the generic reason
+            reason = (f"{problems[0]}: same-step gradient" if problems
+                      else _why_not_traced(jaxpr, eqn, prop, hidden_out_vars))
             untraced += [UntracedUse(p, reason) for p in (w_path, b_path) if p is not None]
             continue
         traced_vars.update(v for v in (w, b) if v is not None)

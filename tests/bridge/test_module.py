@@ -206,9 +206,8 @@ def run_rnn(cls, layers, batch_first, bias, dtype, tol):
 
 
 @pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM], ids=lambda c: c.__name__)
-@pytest.mark.parametrize("layers", [1, 2])
-@pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layers, batch_first, bias", [  # every pair of options appears
+    (1, False, True), (1, True, False), (2, False, False), (2, True, True)])
 def test_rnn_modules_float32(cls, layers, batch_first, bias):
     run_rnn(cls, layers, batch_first, bias, torch.float32, F32_TOL)
 

@@ -39,11 +39,12 @@ Path = Tuple[str, ...]
 
 __all__ = [
     "Case", "Ctx", "CASES", "CASE_BY_NAME", "pure_step", "hidden_paths", "param_values",
-    "set_random_hidden", "rand", "uinit", "relation_keys", "oracle_forward", "Oracles", "oracles",
+    "set_random_hidden", "rand", "SKIP_PATH_CASES", "uinit", "relation_keys", "oracle_forward", "Oracles", "oracles",
     "unit_of_output",
     # models
     "RNNReadout", "TwoLayerGRU", "LSTMReadout", "LIFReadout", "ConvRNN", "CoupledCell",
     "CondCell", "TiedLeaky", "FusedGateCell", "FanOut", "LeakyReadout", "SkipCell",
+    "PartialFused", "ConvLeaky",
     "CounterRNN", "FeedForward", "NestedJitLeaky", "SubstepLeaky", "WhileLeaky",
     "WhileMixInput", "WeightInScan", "ShapeChanging", "ParamWriter",
 ]
@@ -273,11 +274,7 @@ class ConvRNN(brainstate.nn.Module):
 
 
 def _conv_oracle(params, h, x, ctx):
-    w, b = params[P("conv.weight")], params[P("conv.bias")]
-    xb = x if x.ndim == 4 else x[None]
-    y = lax.conv_general_dilated(xb, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"),
-                                 precision=lax.Precision.HIGHEST) + b[:, None, None]
-    y = y if x.ndim == 4 else y[0]
+    y = _conv2d(x, params[P("conv.weight")], params[P("conv.bias")])
     y = ctx.etp(P("conv.weight"), y)
     feat = y.reshape(y.shape[:-3] + (-1,))
     pre = _mm(params, ctx, ("rnn", "W_ih"), feat) + _mm(params, ctx, ("rnn", "W_hh"), h[P("rnn.h")], False)
@@ -507,6 +504,72 @@ def _skip_oracle(params, h, x, ctx):
     return h1 + y, {P("h"): h1}
 
 
+# ---------------------------------------------------------------------------- 13. partial fan-out
+
+class PartialFused(RecurrentModule):
+    """One ``(I, 2H)`` matmul: the first half drives ``h``, the second half gates the output::
+
+        y = x W + b;  h' = 0.9 h + tanh(y[:H]);  output = h' * y[H:]
+    """
+
+    state_names = ("h",)
+
+    def __init__(self, n_in=3, n=4):
+        super().__init__((n,))
+        self.W = nn.Linear(n_in, 2 * n, w_init=uinit(26), b_init=uinit(260))
+        self.n = n
+
+    def update(self, x):
+        y = self.W(x)
+        h = 0.9 * self.h.value + jnp.tanh(y[..., :self.n])
+        self.h.value = h
+        return h * y[..., self.n:]
+
+
+def _partial_oracle(params, h, x, ctx):
+    H = h[P("h")].shape[-1]
+    y = _mm(params, ctx, ("W",), x)
+    h1 = ctx.hidden(P("h"), 0.9 * h[P("h")] + jnp.tanh(y[..., :H]))
+    return h1 * y[..., H:], {P("h"): h1}
+
+
+# ---------------------------------------------------------------------------- 14. conv recurrence
+
+class ConvLeaky(RecurrentModule):
+    """An image-shaped state with convolutional input and recurrent kernels::
+
+        h' = 0.8 h + 0.2 tanh(conv_in(x) + conv_rec(h)),   h: (2, 5, 5) or (B, 2, 5, 5)
+    """
+
+    state_names = ("h",)
+
+    def __init__(self, side=5):
+        super().__init__((2, side, side))
+        self.conv_in = nn.Conv2d(1, 2, 3, padding='SAME', w_init=uinit(27), b_init=uinit(270))
+        self.conv_rec = nn.Conv2d(2, 2, 3, padding='SAME', bias=False, w_init=uinit(28, -0.3, 0.3))
+
+    def update(self, x):
+        h = 0.8 * self.h.value + 0.2 * jnp.tanh(self.conv_in(x) + self.conv_rec(self.h.value))
+        self.h.value = h
+        return h
+
+
+def _conv2d(x, w, b=None):
+    xb = x if x.ndim == 4 else x[None]
+    y = lax.conv_general_dilated(xb, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                 precision=lax.Precision.HIGHEST)
+    if b is not None:
+        y = y + b[:, None, None]
+    return y if x.ndim == 4 else y[0]
+
+
+def _conv_leaky_oracle(params, h, x, ctx):
+    a = ctx.etp(P("conv_in.weight"), _conv2d(x, params[P("conv_in.weight")], params[P("conv_in.bias")]))
+    r = ctx.etp(P("conv_rec.weight"), _conv2d(h[P("h")], params[P("conv_rec.weight")]))
+    h1 = ctx.hidden(P("h"), 0.8 * h[P("h")] + 0.2 * jnp.tanh(a + r))
+    return h1, {P("h"): h1}
+
+
 # ---------------------------------------------------------------------------- the case table
 
 def _x(n):
@@ -593,7 +656,18 @@ CASES = (
          groups=(G("h"),),
          relations=((P("W.weight"), (G("h"),)),),
          untraced=(), oracle=_skip_oracle, full_exact=True),
+    Case("partial", _init(PartialFused), _x_signed(3),
+         groups=(G("h"),),
+         relations=((P("W.weight"), (G("h"),)),),
+         untraced=(), oracle=_partial_oracle, full_exact=True),
+    Case("conv_leaky", _init(ConvLeaky), _image,
+         groups=(G("h"),),
+         relations=((P("conv_in.weight"), (G("h"),)), (P("conv_rec.weight"), (G("h"),))),
+         untraced=(), oracle=_conv_leaky_oracle),
 )
+
+# cases whose relation outputs also reach the model output by a path that avoids hidden states
+SKIP_PATH_CASES = frozenset({"skip", "partial"})
 
 CASE_BY_NAME = {c.name: c for c in CASES}
 
