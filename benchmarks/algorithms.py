@@ -169,11 +169,11 @@ def _braintrace_models():
             return self.out(self.rnn(x))
 
     class BTLIF(brainstate.nn.Module):
-        """etrace_core.nn.LIF's equations (beta=0, no detach) over braintrace.nn.Linear."""
+        """etrace_core.nn.LIF's equations (defaults: beta=0, no detach) over braintrace.nn.Linear."""
 
-        def __init__(self, n_in, n_hid, tau_mem=20., tau_adapt=100., threshold=1.0):
+        def __init__(self, n_in, n_hid, tau_mem=20., tau_adapt=100., threshold=1.0, beta=0.0):
             super().__init__()
-            self.n_hid = n_hid
+            self.n_hid, self.beta = n_hid, beta
             self.alpha, self.rho = math.exp(-1 / tau_mem), math.exp(-1 / tau_adapt)
             self.threshold = threshold
             self.W_in = braintrace.nn.Linear(n_in, n_hid, b_init=None)
@@ -184,17 +184,18 @@ def _braintrace_models():
             self.V = brainstate.HiddenState(jnp.zeros(shape))
             self.a = brainstate.HiddenState(jnp.zeros(shape))
 
-        def spike(self, V):
-            return enn.spike_fn((V - self.threshold) / self.threshold)
+        def spike(self, V, a):
+            return enn.spike_fn((V - self.threshold - self.beta * a) / self.threshold)
 
         def update(self, x):
             V, a = self.V.value, self.a.value
-            s = self.spike(V)
+            s = self.spike(V, a)
             current = self.W_in(x) + self.W_rec(s)
             V = self.alpha * V + (1. - self.alpha) * current - self.threshold * s
+            a = self.rho * a + s
             self.V.value = V
-            self.a.value = self.rho * a + s
-            return self.spike(V)
+            self.a.value = a
+            return self.spike(V, a)
 
     class BTReadout(brainstate.nn.Module):
         def __init__(self, n_in, n_out, tau=5.0):

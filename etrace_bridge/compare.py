@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import importlib.util
 import json
 import os
@@ -143,7 +144,8 @@ def resolve_model(spec: str, hidden: int) -> ModelFactory:
 def _load_factory(path: Path, attr: str, spec: str) -> Callable:
     if not path.is_file():
         raise CompareError(f"model file {str(path)!r} not found (from --model {spec})")
-    name = f"_etrace_user_model_{abs(hash(str(path)))}"
+    name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules \
+        else f"_etrace_user_model_{abs(hash(str(path)))}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise CompareError(f"cannot import {str(path)!r} as a Python module")
@@ -424,6 +426,12 @@ class TimePoint(NamedTuple):
 class MemoryPoint(NamedTuple):
     seq_len: int
     peak_mb: float          # peak RSS (MiB) during the first training step of length T
+    before_mb: float        # RSS (MiB) just before that step
+
+    @property
+    def step_mb(self) -> float:
+        """What the step added on top of the process's resident memory."""
+        return self.peak_mb - self.before_mb
 
 
 @dataclass
@@ -633,6 +641,7 @@ def memory_child() -> None:
 
 def profile_memory(cfg: CompareConfig, method: str) -> MemoryProfile:
     """Peak RSS after one task minibatch, then during one step at each T (ascending)."""
+    import jax
     dtype = _torch_dtype(cfg.dtype)
     task = load_task(cfg)
     model = make_model(resolve_model(cfg.model, cfg.hidden), task, cfg)
@@ -642,21 +651,37 @@ def profile_memory(cfg: CompareConfig, method: str) -> MemoryProfile:
     profile = MemoryProfile(method, task_peak_mb=peak_rss_mb())
     for seq_len in cfg.seq_lens if cfg.sweep else ():
         xs, ys = synthetic_batch(task, seq_len, xs.shape[1], dtype, cfg.seed + seq_len)
+        jax.clear_caches()  # every T compiles afresh, also the T of the task minibatch
+        gc.collect()
         profile.hwm_reset = reset_peak_rss() and profile.hwm_reset
+        before = rss_mb()
         trainer.train_batch(xs, ys)
-        profile.sweep.append(MemoryPoint(seq_len, peak_rss_mb()))
+        profile.sweep.append(MemoryPoint(seq_len, peak_rss_mb(), before))
     return profile
+
+
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """This process's current resident set size in MiB (NaN where /proc is missing)."""
+    value = _proc_status_mb("VmRSS")
+    return float("nan") if value is None else value
 
 
 def peak_rss_mb() -> float:
     """This process's peak resident set size (VmHWM) in MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
+    value = _proc_status_mb("VmHWM")
+    if value is not None:
+        return value
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024.0

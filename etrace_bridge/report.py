@@ -99,23 +99,33 @@ def _sweep_table(title: str, lens, series: dict, fmt, note: str) -> Table:
     return Table(title, ("method",) + tuple(f"T={T}" for T in lens), rows, note)
 
 
-def memory_series(result: ComparisonResult) -> dict[str, dict[int, float]]:
-    return {m: {p.seq_len: p.peak_mb for p in prof.sweep} for m, prof in result.memory.items()}
+def memory_series(result: ComparisonResult, field: str = "peak_mb") -> dict[str, dict[int, float]]:
+    return {m: {p.seq_len: getattr(p, field) for p in prof.sweep}
+            for m, prof in result.memory.items()}
 
 
-def time_series(result: ComparisonResult) -> dict[str, dict[int, float]]:
-    return {m: {p.seq_len: p.step_seconds for p in points} for m, points in result.timing.items()}
+def time_series(result: ComparisonResult, scale: float = 1.0) -> dict[str, dict[int, float]]:
+    return {m: {p.seq_len: scale * p.step_seconds for p in points}
+            for m, points in result.timing.items()}
 
 
 def memory_sweep_table(result: ComparisonResult) -> Table:
     note = ("Peak resident memory (MiB) during one training step over T synthetic steps, batch "
-            f"{result.batch_size}, in one fresh process per method (high-water mark reset before "
-            "each T, T ascending; includes the interpreter, torch and JAX, and for online methods "
-            "the compilation for that T).")
+            f"{result.batch_size}, one fresh process per method, T ascending, the kernel's "
+            "high-water mark reset before each T; in parentheses what the step added to the "
+            "process's resident memory just before it (for online methods this includes compiling "
+            "the step for that T).")
     if any(not m.hwm_reset for m in result.memory.values()):
         note += " The high-water mark could not be reset here: values are cumulative peaks."
-    return _sweep_table("Peak memory vs sequence length", result.config.seq_lens,
-                        memory_series(result), _mb, note)
+    lens = result.config.seq_lens
+    rows = []
+    for method, prof in result.memory.items():
+        points = {p.seq_len: p for p in prof.sweep}
+        rows.append((LABELS.get(method, method),) + tuple(
+            f"{_mb(points[T].peak_mb)} (+{_mb(points[T].step_mb)})" if T in points else "n/a"
+            for T in lens))
+    return Table("Peak memory vs sequence length", ("method",) + tuple(f"T={T}" for T in lens),
+                 rows, note)
 
 
 def time_sweep_table(result: ComparisonResult) -> Table:
@@ -239,10 +249,8 @@ def _n_params(result: ComparisonResult) -> int:
     return max((len(r.rows) for r in result.fidelity.values()), default=1)
 
 
-def _plot_sweep(result: ComparisonResult, path: Path, series: dict, ylabel: str, title: str,
-                logy: bool, missing: str) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+def _draw_series(ax, result: ComparisonResult, series: dict, ylabel: str, title: str,
+                 logy: bool, missing: str) -> None:
     for method, values in series.items():
         points = sorted((T, v) for T, v in values.items() if math.isfinite(v))
         if points:
@@ -253,12 +261,20 @@ def _plot_sweep(result: ComparisonResult, path: Path, series: dict, ylabel: str,
     ax.set(xscale="log", xlabel="sequence length T (log scale)", ylabel=ylabel, title=title)
     if logy:
         ax.set_yscale("log")
+        from matplotlib.ticker import LogLocator, NullFormatter
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(_plain_formatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(list(result.config.seq_lens), [str(t) for t in result.config.seq_lens])
     ax.xaxis.set_minor_locator(_null_locator())  # only the measured T values as x ticks
     ax.grid(alpha=0.3, which="both")
     if any(series.values()):
         ax.legend(fontsize=8)
-    _save(fig, path)
+
+
+def _plain_formatter():
+    from matplotlib.ticker import FuncFormatter
+    return FuncFormatter(lambda v, _: f"{v:g}")
 
 
 def _null_locator():
@@ -267,15 +283,25 @@ def _null_locator():
 
 
 def plot_memory_vs_T(result: ComparisonResult, path: Path) -> None:
-    _plot_sweep(result, path, memory_series(result), "peak resident memory (MiB)",
-                f"Peak memory of one training step (batch {result.batch_size})", logy=False,
-                missing="not measured (--no-memory / --no-sweep)")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [("peak_mb", "peak resident memory (MiB)", "Peak RSS of the process"),
+              ("step_mb", "added by the step (MiB)", "Memory added by one training step")]
+    for ax, (field, ylabel, title) in zip(axes, panels):
+        _draw_series(ax, result, memory_series(result, field), ylabel, title, logy=False,
+                     missing="not measured (--no-memory / --no-sweep)")
+    fig.suptitle(f"Memory vs sequence length: one training step, batch {result.batch_size}, "
+                 "fresh process per method")
+    _save(fig, path)
 
 
 def plot_time_vs_T(result: ComparisonResult, path: Path) -> None:
-    _plot_sweep(result, path, time_series(result), "seconds per training step (log scale)",
-                f"Time of one training step (batch {result.batch_size})", logy=True,
-                missing="not measured (--no-sweep)")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    _draw_series(ax, result, time_series(result, 1e3), "milliseconds per training step (log scale)",
+                 f"Time of one warm training step (batch {result.batch_size})", logy=True,
+                 missing="not measured (--no-sweep)")
+    _save(fig, path)
 
 
 def _save(fig, path: Path) -> None:

@@ -96,18 +96,21 @@ class Adam:
             s.value = values[p]
 
 
-def accuracy(model, xs, ys) -> float:
-    """Run the model forward (no learning) over the whole sequence and score the last step."""
-    brainstate.nn.reset_all_states(model, xs.shape[1])
+def make_predict(model):
+    """A jitted forward pass over a whole sequence (no learning); returns the last step's output."""
 
     @brainstate.transform.jit
-    def forward(xs):
-        out = None
-        for t in range(xs.shape[0]):
-            out = model(xs[t])
-        return out
+    def predict(xs):
+        return brainstate.transform.for_loop(model, xs)[-1]
 
-    return float(jnp.mean(jnp.argmax(forward(xs), -1) == ys[-1]))
+    return predict
+
+
+def accuracy(model, predict, xs, ys, train_batch: int) -> float:
+    brainstate.nn.reset_all_states(model, xs.shape[1])
+    acc = float(jnp.mean(jnp.argmax(predict(xs), -1) == ys[-1]))
+    brainstate.nn.reset_all_states(model, train_batch)     # back to the shapes the graph has
+    return acc
 
 
 def main(argv=None) -> dict:
@@ -133,6 +136,7 @@ def main(argv=None) -> dict:
     algo.compile_graph(jnp.zeros((args.batch, n_in)))
     algo.init_etrace_state()
     optimizer = Adam(model.states(brainstate.ParamState), lr=args.lr)
+    predict = make_predict(model)
     print(f"evidence accumulation: {xs_train.shape[1]} train sequences of {seq_len} steps; "
           f"LIF({hidden}) -> LeakyRateReadout({n_out}), online {type(algo).__name__}")
 
@@ -147,8 +151,7 @@ def main(argv=None) -> dict:
                                             jnp.asarray(ys_train[:, idx]))
             optimizer.step(result.grads)
             losses.append(float(result.loss))
-        acc = accuracy(model, jnp.asarray(xs_test), ys_test)
-        brainstate.nn.reset_all_states(model, args.batch)        # back to the training batch size
+        acc = accuracy(model, predict, jnp.asarray(xs_test), ys_test, args.batch)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "test_accuracy": acc})
         print(f"epoch {epoch:3d}  train loss {np.mean(losses):.4f}  test accuracy {acc:.3f}  "
               f"({time.perf_counter() - start:.1f} s)")

@@ -86,7 +86,7 @@ class AdaptiveLIF(nn.Module):
     """
 
     def __init__(self, n_in: int, n_hidden: int, n_out: int, batch: int, *, tau_mem: float = 10.,
-                 tau_adapt: float = 100., beta: float = 0.5, tau_out: float = 5.):
+                 tau_adapt: float = 200., beta: float = 2.0, tau_out: float = 5.):
         super().__init__()
         self.alpha = math.exp(-1 / tau_mem)
         self.rho = math.exp(-1 / tau_adapt)
@@ -133,14 +133,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
-    epochs = args.epochs or (2 if quick else 20)
-    hidden = args.hidden or (32 if quick else 100)
-    task = get_task("dms", n_train=256 if quick else 1024, n_test=128 if quick else 256,
-                    seq_len=30 if quick else 50, seed=args.seed)
+    epochs = args.epochs or (4 if quick else 12)
+    hidden = args.hidden or 64
+    task = get_task("dms", n_train=512 if quick else 1024, n_test=128 if quick else 256,
+                    seq_len=40 if quick else 50, seed=args.seed)
     # train on the whole test period (the last 30 % of the steps), evaluate at the last step
     ys_train = task.ys_train.copy()
     ys_train[-max(1, round(0.3 * task.seq_len)):] = task.ys_train[-1]

@@ -43,12 +43,14 @@ class ParamDimTrace:
 
     @staticmethod
     def update(trace, X, df, D_y, decay):
-        # Written as broadcast products and a sum over the state axis (not einsum): the
-        # contraction is over S (usually 1 or 2), and as a dot_general XLA would emit it in
-        # (..., o, i, s) order plus a transposed copy of the whole trace every step.
-        eps = jnp.sum(D_y[..., None, :, :, :] * trace["eps"][..., :, :, None, :], axis=-1)
-        eps = eps + X[..., :, None, None] * df[..., None, :, :]
-        return {"eps": eps}
+        # The contraction over t (S is small: 1, 2, ...) unrolled into element-wise products and
+        # sums, which XLA fuses into one pass over the trace. As an einsum it is a dot_general
+        # batched over (..., o), emitted in (..., o, i, s) order plus a transposed copy of the
+        # whole trace every step; as a reduction over a size-S axis, a slow reduce loop.
+        eps = trace["eps"]
+        S = eps.shape[-1]
+        prop = sum(D_y[..., None, :, :, t] * eps[..., :, :, None, t] for t in range(S))
+        return {"eps": prop + X[..., :, None, None] * df[..., None, :, :]}
 
     @staticmethod
     def grad(trace, delta_y, count, decay):
@@ -56,7 +58,8 @@ class ParamDimTrace:
         # axes L as a vector-matrix product with ones. As an einsum this is a dot batched over o
         # after a transposed copy of the whole trace; as a reduction over L, XLA:CPU reads the
         # trace with a stride. Both cost several times the GEMV.
-        w = jnp.sum(trace["eps"] * delta_y[..., None, :, :], axis=-1)     # L + (I, O)
+        eps = trace["eps"]
+        w = sum(eps[..., s] * delta_y[..., None, :, s] for s in range(eps.shape[-1]))  # L+(I,O)
         I, O = w.shape[-2:]
         w = w.reshape((-1, I * O))
         ones = jnp.ones((w.shape[0],), w.dtype)
@@ -79,14 +82,18 @@ class IODimTrace:
 
     @staticmethod
     def update(trace, X, df, D_y, decay):
-        f = jnp.einsum("...ost,...ot->...os", D_y, trace["f"])
+        # sum_t D[..., o, s, t] f[..., o, t], unrolled over the (small) state axis so that it
+        # fuses with the rest of the update (see ParamDimTrace.update)
+        f = sum(D_y[..., t] * trace["f"][..., None, t] for t in range(trace["f"].shape[-1]))
         return {"x": decay * trace["x"] + X, "f": decay * f + (1 - decay) * df}
 
     @staticmethod
     def grad(trace, delta_y, count, decay):
         correction = 1.0 - decay ** count
         scale = jnp.where(count > 0, 1.0 / jnp.where(correction == 0, 1.0, correction), 0.0)
-        g = jnp.einsum("...i,...os,...os->io", trace["x"], delta_y, trace["f"])
+        f = trace["f"]
+        w = sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))     # L + (O,)
+        g = jnp.einsum("...i,...o->io", trace["x"], w)
         return g * scale.astype(g.dtype)
 
     @staticmethod

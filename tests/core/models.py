@@ -38,9 +38,12 @@ from etrace_core.nn.base import RecurrentModule
 Path = Tuple[str, ...]
 
 __all__ = [
-    "Case", "Ctx", "CASES", "CASE_BY_NAME", "pure_step", "hidden_paths", "param_values",
-    "set_random_hidden", "rand", "SKIP_PATH_CASES", "uinit", "relation_keys", "oracle_forward", "Oracles", "oracles",
-    "unit_of_output",
+    # cases and oracles
+    "Case", "Ctx", "CASES", "CASE_BY_NAME", "SKIP_PATH_CASES", "Oracles", "oracles",
+    "oracle_forward", "relation_keys", "unit_of_output", "G", "P",
+    # helpers
+    "rand", "uinit", "initialised", "signed_input", "positive_input", "image_input", "pure_step",
+    "hidden_paths", "param_values", "set_random_hidden",
     # models
     "RNNReadout", "TwoLayerGRU", "LSTMReadout", "LIFReadout", "ConvRNN", "CoupledCell",
     "CondCell", "TiedLeaky", "FusedGateCell", "FanOut", "LeakyReadout", "SkipCell",
@@ -140,10 +143,12 @@ class Case:
 
 
 def G(*paths) -> frozenset:
+    """A hidden group as a set of paths: ``G("lstm.h", "lstm.c")``."""
     return frozenset(tuple(p.split(".")) for p in paths)
 
 
 def P(path: str) -> Path:
+    """A state path from dotted text: ``P("rnn.W_hh.weight")``."""
     return tuple(path.split("."))
 
 
@@ -365,9 +370,8 @@ class TiedLeaky(brainstate.nn.Module):
         super().__init__()
         self.W = nn.Linear(n, n, bias=False, w_init=uinit(17))
         self.out = nn.Linear(n, n_out, w_init=uinit(18), b_init=uinit(180))
-        self.h1 = brainstate.HiddenState(jnp.zeros(n))
-        self.h2 = brainstate.HiddenState(jnp.zeros(n))
         self.n = n
+        self.init_state()
 
     def init_state(self, batch_size=None, **kwargs):
         dtype = nn.init.default_dtype()
@@ -572,20 +576,22 @@ def _conv_leaky_oracle(params, h, x, ctx):
 
 # ---------------------------------------------------------------------------- the case table
 
-def _x(n):
+def positive_input(n):
     """Positive inputs (times `sign`): the sign picks the branch of CondCell."""
     return lambda batch, sign=1.0: sign * (jnp.abs(rand(99, *_bshape(batch, n))) + 0.1)
 
 
-def _x_signed(n):
+def signed_input(n):
+    """Standard normal inputs of size n (times `sign`)."""
     return lambda batch, sign=1.0: sign * rand(98, *_bshape(batch, n))
 
 
-def _image(batch, sign=1.0):
+def image_input(batch, sign=1.0):
     return sign * rand(97, *_bshape(batch, 1, 5, 5))
 
 
-def _init(cls, **kw):
+def initialised(cls, **kw):
+    """``make(batch)``: build ``cls(**kw)`` and initialise its states for ``batch``."""
     def make(batch):
         model = cls(**kw)
         brainstate.nn.init_all_states(model, batch)
@@ -596,71 +602,71 @@ def _init(cls, **kw):
 RNN_H = G("rnn.h")
 
 CASES = (
-    Case("rnn", _init(RNNReadout), _x_signed(3),
+    Case("rnn", initialised(RNNReadout), signed_input(3),
          groups=(RNN_H,),
          relations=((P("rnn.W_ih.weight"), (RNN_H,)), (P("rnn.W_hh.weight"), (RNN_H,))),
          untraced=(P("out.weight"), P("out.bias")), oracle=_rnn_oracle),
-    Case("gru2", _init(TwoLayerGRU), _x_signed(3),
+    Case("gru2", initialised(TwoLayerGRU), signed_input(3),
          groups=(G("rnn1.h"), G("rnn2.h")),
          relations=((P("rnn1.W_ih.weight"), (G("rnn1.h"),)), (P("rnn1.W_hh.weight"), (G("rnn1.h"),)),
                     (P("rnn2.W_ih.weight"), (G("rnn2.h"),)), (P("rnn2.W_hh.weight"), (G("rnn2.h"),))),
          untraced=(P("out.weight"), P("out.bias")), oracle=_gru2_oracle),
-    Case("lstm", _init(LSTMReadout), _x_signed(3),
+    Case("lstm", initialised(LSTMReadout), signed_input(3),
          groups=(G("lstm.h", "lstm.c"),),
          relations=((P("lstm.W_ih.weight"), (G("lstm.h", "lstm.c"),)),
                     (P("lstm.W_hh.weight"), (G("lstm.h", "lstm.c"),))),
          untraced=(P("out.weight"), P("out.bias")), oracle=_lstm_oracle),
-    Case("lif", _init(LIFReadout), _x_signed(3),
+    Case("lif", initialised(LIFReadout), signed_input(3),
          groups=(G("lif.V", "lif.a"),),
          relations=((P("lif.W_in.weight"), (G("lif.V", "lif.a"),)),
                     (P("lif.W_rec.weight"), (G("lif.V", "lif.a"),))),
          untraced=(P("out.weight"), P("out.bias")), oracle=_lif_oracle,
          hidden_ranges={"V": (0.6, 1.4), "a": (0.0, 0.5)}),
-    Case("lif_ff", _init(LIFReadout, recurrent=False), _x_signed(3),
+    Case("lif_ff", initialised(LIFReadout, recurrent=False), signed_input(3),
          groups=(G("lif.V", "lif.a"),),
          relations=((P("lif.W_in.weight"), (G("lif.V", "lif.a"),)),),
          untraced=(P("out.weight"), P("out.bias")),
          oracle=lambda p, h, x, ctx: _lif_oracle(p, h, x, ctx, recurrent=False),
          full_exact=True, hidden_ranges={"V": (0.6, 1.4), "a": (0.0, 0.5)}),
-    Case("conv_rnn", _init(ConvRNN), _image,
+    Case("conv_rnn", initialised(ConvRNN), image_input,
          groups=(RNN_H,),
          relations=((P("rnn.W_ih.weight"), (RNN_H,)), (P("rnn.W_hh.weight"), (RNN_H,))),
          untraced=(P("conv.weight"), P("conv.bias"), P("out.weight"), P("out.bias")),
          oracle=_conv_oracle),
-    Case("coupled", _init(CoupledCell), _x_signed(3),
+    Case("coupled", initialised(CoupledCell), signed_input(3),
          groups=(G("u", "v"),),
          relations=((P("decay"), (G("u", "v"),)), (P("W_u.weight"), (G("u", "v"),)),
                     (P("W_v.weight"), (G("u", "v"),))),
          untraced=(), oracle=_coupled_oracle, full_exact=True),
-    Case("cond", _init(CondCell), _x(3),
+    Case("cond", initialised(CondCell), positive_input(3),
          groups=(G("h"),),
          relations=((P("W_a.weight"), (G("h"),)), (P("W_b.weight"), (G("h"),))),
          untraced=(), oracle=_cond_oracle, full_exact=True),
-    Case("tied", _init(TiedLeaky), _x_signed(4),
+    Case("tied", initialised(TiedLeaky), signed_input(4),
          groups=(G("h1"), G("h2")),
          relations=((P("W.weight"), (G("h1"),)), (P("W.weight"), (G("h2"),))),
          untraced=(P("out.weight"), P("out.bias")), oracle=_tied_oracle),
-    Case("fused", _init(FusedGateCell), _x_signed(3),
+    Case("fused", initialised(FusedGateCell), signed_input(3),
          groups=(G("h"),),
          relations=((P("weight"), (G("h"),)),),
          untraced=(), oracle=_fused_oracle, full_exact=True),
-    Case("fanout", _init(FanOut), _x_signed(3),
+    Case("fanout", initialised(FanOut), signed_input(3),
          groups=(G("h1"), G("h2")),
          relations=((P("W.weight"), (G("h1"), G("h2"))), (P("W_r.weight"), (G("h1"),))),
          untraced=(), oracle=_fanout_oracle),
-    Case("leaky", _init(LeakyReadout), _x_signed(3),
+    Case("leaky", initialised(LeakyReadout), signed_input(3),
          groups=(G("cell.h"),),
          relations=((P("cell.W_in.weight"), (G("cell.h"),)),),
          untraced=(P("out.weight"), P("out.bias")), oracle=_leaky_oracle, full_exact=True),
-    Case("skip", _init(SkipCell), _x_signed(3),
+    Case("skip", initialised(SkipCell), signed_input(3),
          groups=(G("h"),),
          relations=((P("W.weight"), (G("h"),)),),
          untraced=(), oracle=_skip_oracle, full_exact=True),
-    Case("partial", _init(PartialFused), _x_signed(3),
+    Case("partial", initialised(PartialFused), signed_input(3),
          groups=(G("h"),),
          relations=((P("W.weight"), (G("h"),)),),
          untraced=(), oracle=_partial_oracle, full_exact=True),
-    Case("conv_leaky", _init(ConvLeaky), _image,
+    Case("conv_leaky", initialised(ConvLeaky), image_input,
          groups=(G("h"),),
          relations=((P("conv_in.weight"), (G("h"),)), (P("conv_rec.weight"), (G("h"),))),
          untraced=(), oracle=_conv_leaky_oracle),

@@ -3,8 +3,6 @@
 The numbers (D, df, dL/dh) are checked against hand-written oracles in ``test_executor.py``;
 here every model of ``tests/core/models.py`` has its expected structure asserted explicitly.
 """
-import warnings
-
 import brainstate
 import jax
 import jax.numpy as jnp

@@ -37,10 +37,6 @@ def setup(case, batch, sign=1.0, seed=0):
     return model, x, ex, params, h_prev
 
 
-def group_by_paths(graph):
-    return {frozenset(g.hidden_paths): g for g in graph.hidden_groups}
-
-
 def w_canon(rel, params):
     """The relation's weight (and bias row) in canonical (I[+1], O) form."""
     w = params[rel.weight_path]
@@ -135,11 +131,19 @@ def run_all_checks(case, batch, sign=1.0):
     cot = M.rand(7, *out_shape)
     orc = M.oracles(case, params, h_prev, x, cot)
 
+    step, values = M.pure_step(model)
+
+    def loss(pv):
+        return jnp.sum(step({**values, **pv}, x)[0] * cot)
+
     def solve(x, cot):
         *result, residuals = ex.solve_h2w_h2h_l2h_jacobian(x)
-        return result, residuals(cot)
+        # the exact same-step gradient of the untraced parameters, from the model itself
+        exact = jax.grad(loss)({p: values[p] for p in case.untraced})
+        return result, residuals(cot), exact
 
-    (out, new_h, others, (xs, dfs), Ds), (direct, dl_dh, dx) = jax.jit(solve)(x, cot)
+    # jitted: one XLA compilation instead of one per primitive (eager use: test_solvers_are_pure)
+    (out, new_h, others, (xs, dfs), Ds), (direct, dl_dh, dx), exact = jax.jit(solve)(x, cot)
 
     np.testing.assert_allclose(out, orc.outputs, **TOL)
     assert set(new_h) == set(orc.h_new) and others == {}
@@ -158,12 +162,6 @@ def run_all_checks(case, batch, sign=1.0):
     np.testing.assert_allclose(dx[0], orc.dL_dx, **TOL)
 
     # direct gradients: untraced parameters get the exact same-step gradient, traced weights 0
-    step, values = M.pure_step(model)
-
-    def loss(pv):
-        return jnp.sum(step({**values, **pv}, x)[0] * cot)
-
-    exact = jax.jit(jax.grad(loss))({p: values[p] for p in case.untraced})
     assert set(direct) == set(params)
     for p in case.untraced:
         np.testing.assert_allclose(direct[p], exact[p], **TOL, err_msg=f"direct grad {p}")
@@ -260,7 +258,7 @@ def test_control_flow_steps(x64, cls, oracle):
     """Nested jit inlined; weight-free scan / while loops that produce the hidden state work
     (a while loop has no reverse-mode rule in JAX: its VJP is assembled from JVPs), and a
     position-mixing while loop on the input still gives the exact dL/dx."""
-    case = M.Case(cls.__name__, M._init(cls), M._x_signed(3), groups=(M.G("h"),),
+    case = M.Case(cls.__name__, M.initialised(cls), M.signed_input(3), groups=(M.G("h"),),
                   relations=((M.P("W.weight"), (M.G("h"),)),), untraced=(), oracle=oracle,
                   full_exact=True)
     graph = ec.compile_etrace_graph(case.make(None), case.x(None))
@@ -420,14 +418,19 @@ def test_float32_solver_matches_oracle():
     case = M.CASE_BY_NAME["gru2"]
     model, x, ex, params, h_prev = setup(case, 2)
     assert x.dtype == jnp.float32
-    out, new_h, others, (xs, dfs), Ds, resid = ex.solve_h2w_h2h_l2h_jacobian(x)
     cot = M.rand(7, 2, 2)
+
+    def solve(x, cot):
+        *result, residuals = ex.solve_h2w_h2h_l2h_jacobian(x)
+        return result[4], residuals(cot)[1]
+
+    Ds, dl_dh = jax.jit(solve)(x, cot)
     orc = M.oracles(case, params, h_prev, x, cot)
     loose = dict(rtol=2e-5, atol=2e-6)
     for g, D in zip(ex.graph.hidden_groups, Ds):
         (p,) = g.hidden_paths
         block = np.asarray(orc.dh_dh_cut[p][p]).reshape(g.size, g.size)
         np.testing.assert_allclose(np.asarray(D).reshape(-1), np.diag(block), **loose)
-    dl_dh = resid(cot)[1]
+    assert Ds[0].dtype == jnp.float32
     for p in orc.dL_dh:
         np.testing.assert_allclose(dl_dh[p], orc.dL_dh[p], **loose)
