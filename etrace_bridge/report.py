@@ -22,6 +22,9 @@ __all__ = [
 PLOTS = ("learning_curves.png", "gradient_fidelity.png", "memory_vs_T.png", "time_vs_T.png")
 COLORS = {"bptt": "#222222", "d_rtrl": "#1f77b4", "es_d_rtrl": "#d62728", "hybrid": "#2ca02c"}
 LABELS = {"bptt": "BPTT", "d_rtrl": "D-RTRL", "es_d_rtrl": "ES-D-RTRL", "hybrid": "hybrid"}
+# Distinct markers and decreasing widths keep identical curves (e.g. hybrid = ES-D-RTRL) visible.
+MARKERS = {"bptt": "o", "d_rtrl": "s", "es_d_rtrl": "^", "hybrid": "x"}
+WIDTHS = {"bptt": 2.0, "d_rtrl": 2.0, "es_d_rtrl": 2.6, "hybrid": 1.2}
 
 
 class Table(NamedTuple):
@@ -197,7 +200,8 @@ def plot_learning_curves(result: ComparisonResult, path: Path) -> None:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method, run in result.runs.items():
         epochs = [e.epoch for e in run.curve]
-        style = dict(color=COLORS.get(method), marker="o", markersize=3)
+        style = dict(color=COLORS.get(method), marker=MARKERS.get(method, "o"), markersize=4,
+                     lw=WIDTHS.get(method, 1.5))
         label = LABELS.get(method, method)
         ax_loss.plot(epochs, [e.test_loss for e in run.curve], label=f"{label} test", **style)
         ax_loss.plot(epochs, [e.train_loss for e in run.curve], ls="--", alpha=0.6,
@@ -234,14 +238,15 @@ def plot_gradient_fidelity(result: ComparisonResult, path: Path) -> None:
         ax_cos.bar(x + offset, [r.cosine for r in rows], **kw)
         ax_err.bar(x + offset, [max(r.rel_error, 1e-12) for r in rows], **kw)
     low = min(0.0, min(r.cosine for m in methods for r in result.fidelity[m].rows))
-    ax_cos.set(ylabel="cosine vs BPTT", ylim=(low, 1.05),
-               title="Online gradient vs BPTT at initialisation (same weights, same minibatch)")
+    ax_cos.set(ylabel="cosine vs BPTT", ylim=(low, 1.05))
+    fig.suptitle("Online gradient vs BPTT at initialisation (same weights, same minibatch)")
     ax_cos.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax_err.set(ylabel="relative error (log)", yscale="log")
     ax_err.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     for ax in (ax_cos, ax_err):
         ax.grid(axis="y", alpha=0.3)
-    ax_cos.legend(fontsize=8, loc="lower left")
+    ax_cos.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(methods),
+                  frameon=False)
     _save(fig, path)
 
 
@@ -254,8 +259,8 @@ def _draw_series(ax, result: ComparisonResult, series: dict, ylabel: str, title:
     for method, values in series.items():
         points = sorted((T, v) for T, v in values.items() if math.isfinite(v))
         if points:
-            ax.plot(*zip(*points), marker="o", color=COLORS.get(method),
-                    label=LABELS.get(method, method))
+            ax.plot(*zip(*points), marker=MARKERS.get(method, "o"), color=COLORS.get(method),
+                    lw=WIDTHS.get(method, 1.5), label=LABELS.get(method, method))
     if not any(series.values()):
         ax.text(0.5, 0.5, missing, ha="center", transform=ax.transAxes)
     ax.set(xscale="log", xlabel="sequence length T (log scale)", ylabel=ylabel, title=title)
@@ -339,7 +344,10 @@ def _machine() -> str:
     except (OSError, StopIteration, ValueError):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{platform.platform()}; {cpu}; {cores} usable CPU core(s){ram}"
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = f"; load average {os.getloadavg()[0]:.1f} when the report was written"
+    return f"{platform.platform()}; {cpu}; {cores} usable CPU core(s){ram}{load}"
 
 
 def _config_lines(result: ComparisonResult) -> list[str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from typing import Dict, List, Optional
 
@@ -138,13 +139,17 @@ def make_algorithm(method: str, model, decay: float):
 
 
 def train(method: str = "d_rtrl", *, epochs: int = 30, cell: str = "gru", hidden: int = 64,
-          batch_size: int = 32, lr: float = 1e-2, decay: float = 0.9, seed: int = 0,
-          max_train: Optional[int] = None, data=None, verbose: bool = True) -> Dict:
+          batch_size: int = 32, lr: float = 1e-2, schedule: str = "cosine", decay: float = 0.9,
+          seed: int = 0, max_train: Optional[int] = None, data=None,
+          verbose: bool = True) -> Dict:
     """Train one method; returns {'method', 'test_acc' (per epoch), 'train_loss', 'seconds'}.
 
     Every method sees the same initial weights, minibatch order and optimiser; only the
-    gradient differs. ``test_acc[0]`` is the accuracy before training.
+    gradient differs. ``test_acc[0]`` is the accuracy before training. ``schedule='cosine'``
+    anneals the learning rate from ``lr`` to 0 over the epochs; ``'constant'`` keeps it.
     """
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown schedule {schedule!r}; use 'cosine' or 'constant'")
     x_tr, y_tr, x_te, y_te = load_data(seed) if data is None else data
     if max_train is not None:
         x_tr, y_tr = x_tr[:max_train], y_tr[:max_train]
@@ -176,6 +181,8 @@ def train(method: str = "d_rtrl", *, epochs: int = 30, cell: str = "gru", hidden
         start = time.perf_counter()
         order = rng.permutation(len(x_tr))
         total = 0.0
+        lr_epoch = lr if schedule == "constant" else \
+            lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         for b in range(n_batches):
             idx = order[b * batch_size:(b + 1) * batch_size]
             xs = jnp.asarray(np.swapaxes(x_tr[idx], 0, 1))          # (T, B, I)
@@ -188,7 +195,7 @@ def train(method: str = "d_rtrl", *, epochs: int = 30, cell: str = "gru", hidden
                 targets = (jnp.broadcast_to(onehot, (T_STEPS,) + onehot.shape), mask)
                 res = etrace_core.run_online(algo, last_step_loss, xs, targets)
                 loss, grads = res.loss, res.grads
-            params, opt = adam_update(params, grads, opt, lr)
+            params, opt = adam_update(params, grads, opt, lr_epoch)
             for p, st in param_states.items():
                 st.value = params[p]
             total += float(loss)
@@ -231,6 +238,8 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
+                    help="learning rate over the epochs")
     ap.add_argument("--decay", type=float, default=0.9, help="ES-D-RTRL / hybrid trace decay")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the per-epoch results here")
@@ -242,7 +251,8 @@ def main(argv=None):
     results = []
     for method in args.methods:
         results.append(train(method, epochs=epochs, cell=args.cell, hidden=args.hidden,
-                             batch_size=args.batch_size, lr=args.lr, decay=args.decay,
+                             batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+                             decay=args.decay,
                              seed=args.seed, max_train=max_train, data=data))
     print("\nfinal test accuracy:")
     for r in results:

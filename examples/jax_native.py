@@ -5,8 +5,10 @@ neurons without recurrent weights and a leaky rate readout. The task, generated 
 is evidence accumulation: two input populations fire at random rates for T steps; the network
 must report which one fired more, at every step of the last quarter of the sequence.
 
-Each minibatch is one call of `run_online` (T online steps in one jitted `lax.scan`); its summed
-gradients go into a hand-written Adam (no optimizer library needed).
+The LIF layer has no recurrent weights, so its traces are exact per neuron; the readout's own
+memory (a second hidden group) is the one path D-RTRL leaves out for the LIF input weights
+(docs/concepts.md). Each minibatch is one call of `run_online` (T online steps in one jitted
+`lax.scan`); its summed gradients go into a hand-written Adam (no optimizer library needed).
 
     python examples/jax_native.py               # full run
     python examples/jax_native.py --quick       # small run, well under 30 s

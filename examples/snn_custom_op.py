@@ -80,9 +80,10 @@ class AdaptiveLIF(nn.Module):
         z   = spike(v - 1 - beta * a)
         out = kappa * out + W_out z
 
-    Every state is computed from the previous state of the same neuron, and the spikes that
-    feed the readout come from the *new* state: D-RTRL is exact for `W_in` up to the readout's
-    own memory (`out`), a second hidden group (see docs/concepts.md).
+    Each neuron's `(v, a)` depends only on its own previous `(v, a)` (no recurrent weights), and
+    the spikes that reach the readout are those of the *new* state. The one approximation D-RTRL
+    makes for `W_in` here is the path through the readout's own memory `out`, a second hidden
+    group (see docs/concepts.md, "When is the online gradient exact").
     """
 
     def __init__(self, n_in: int, n_hidden: int, n_out: int, batch: int, *, tau_mem: float = 10.,

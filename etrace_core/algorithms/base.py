@@ -221,8 +221,8 @@ class ETraceAlgorithm(brainstate.nn.Module):
 
     def _run_window(self, args):
         params, rest = self._split_values()
-        outs, new_values, etrace = _online_window(self._plan, self.executor, args, params, rest,
-                                                  self.etrace.value)
+        outs, new_values, etrace = _online_window(self._plan, self.check_finite, self.executor,
+                                                  args, params, rest, self.etrace.value)
         self._write(new_values, etrace)
         return jax.tree.unflatten(self.graph.module_info.out_tree, outs)
 
@@ -344,15 +344,15 @@ def _chunk_scan(plan, check_finite, rebuild, params, rest, etrace, seq, with_vjp
 
 # ---- a multi-step window: exact BPTT inside, traces across windows -----------------------------
 
-def _online_window(plan, executor, args, params, rest, etrace):
+def _online_window(plan, check_finite, executor, args, params, rest, etrace):
     seq, rebuild = data.split_for_scan(args)
 
     def primal(p, r, e, s):
-        outs, new, e2, _ = _chunk_scan(plan, False, rebuild, p, r, e, s, with_vjp=False)
+        outs, new, e2, _ = _chunk_scan(plan, check_finite, rebuild, p, r, e, s, with_vjp=False)
         return outs, new, e2
 
     def fwd(p, r, e, s):
-        outs, new, e2, _ = _chunk_scan(plan, False, rebuild, p, r, e, s, with_vjp=False)
+        outs, new, e2, _ = _chunk_scan(plan, check_finite, rebuild, p, r, e, s, with_vjp=False)
         window_args = tuple(data.MultiStepData(x) if isinstance(a, data.MultiStepData) else a
                             for a, x in zip(args, _refill(args, s)))
         window_fn = executor.window_vjp(window_args, {**r, **p}).vjp_fn

@@ -74,12 +74,12 @@ def _while_with_vjp(eqn: jcore.JaxprEqn, invals: Sequence) -> list:
 
     def bwd(args, cts):
         def outputs_of(i, a):
-            return [o for o in _bind_raw(eqn, [a if j == i else x for j, x in enumerate(args)])]
+            return _bind_raw(eqn, [a if j == i else x for j, x in enumerate(args)])
 
-        grads = [None] * len(args)
+        grads = [None] * len(args)  # None: no cotangent for integer operands
+        float_out = [(k, ct) for k, ct in enumerate(cts) if _is_float(ct)]
         for i in floats:
             a = args[i]
-            float_out = [(k, ct) for k, ct in enumerate(cts) if _is_float(ct)]
             if positionwise:
                 _, tans = jax.jvp(lambda a: outputs_of(i, a), (a,), (jnp.ones_like(a),))
                 g = jnp.zeros_like(a)

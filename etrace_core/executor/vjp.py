@@ -1,7 +1,7 @@
 """ETraceVjpGraphExecutor: Jacobians and dL/dh of a compiled step, for the VJP-based algorithms."""
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict
 
 import jax
 from jax import lax
@@ -15,14 +15,22 @@ from .step import StepSpec, build_spec, jacobian_step, split_outputs, step_inval
 VJP_METHODS = ("single-step", "multi-step")
 
 
-class VjpResiduals(NamedTuple):
-    """What a step keeps to turn output cotangents into dL/dparams (direct) and dL/dh."""
-    vjp_fn: Any
-    out_tree: Any
+class VjpResiduals:
+    """What a step keeps to turn output cotangents into dL/dparams (direct) and dL/dh.
+
+    A pytree (the output structure is static), so it can be returned from `jax.jit`.
+    """
+
+    def __init__(self, vjp_fn, out_tree):
+        self.vjp_fn, self.out_tree = vjp_fn, out_tree
 
     def __call__(self, out_cotangent):
         """(direct parameter gradients {path}, dL/dh {hidden path}, input gradients)."""
         return self.vjp_fn(jax.tree.leaves(out_cotangent))
+
+
+jax.tree_util.register_pytree_node(
+    VjpResiduals, lambda r: ((r.vjp_fn,), r.out_tree), lambda tree, ch: VjpResiduals(ch[0], tree))
 
 
 class ETraceVjpGraphExecutor(ETraceGraphExecutor):

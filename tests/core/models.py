@@ -896,22 +896,28 @@ class Oracles(NamedTuple):
     h_new: Dict[Path, Any]
     ys: Dict[Tuple[Path, int], Any]          # every ETP output, by (weight path, use)
     dh_dh_cut: Dict[Path, Dict[Path, Any]]   # [dst][src]: varshape + varshape, ETP outputs fixed
-    dh_dh_full: Dict[Path, Dict[Path, Any]]  # [dst][src]: the full step Jacobian
+    dh_dh_full: Optional[dict]                # [dst][src]: the full step Jacobian (full_exact cases)
     dh_dy: Dict[Path, Dict[Any, Any]]        # [dst][etp key]: varshape + y shape, others fixed
     dL_dh: Dict[Path, Any]                   # L = sum(outputs * cot), h^t perturbed where made
     dL_dx: Any                               # same-step dL/dx
 
 
-def oracles(case, params, h_prev, x, cot) -> Oracles:
-    """Every oracle quantity of one step, in one jitted computation (one XLA compilation)."""
+def oracles(case, params, h_prev, x, cot, keys=None) -> Oracles:
+    """Every oracle quantity of one step, in one jitted computation (one XLA compilation).
+
+    ``dh_dy`` covers the ETP uses in ``keys`` (default: all); ``dh_dh_full`` is only computed
+    for ``case.full_exact`` cases (else None).
+    """
     ys = oracle_forward(case, params, h_prev, x)[2]
+    keys = list(ys) if keys is None else list(keys)
 
     @jax.jit
     def run(params, h_prev, x, cot):
         out, h_new, _ = oracle_forward(case, params, h_prev, x)
-        cut = jax.jacobian(lambda h: case.oracle(params, h, x, Ctx(cut=True))[1])(h_prev)
-        full = jax.jacobian(lambda h: case.oracle(params, h, x, Ctx())[1])(h_prev)
-        dy0 = {k: jnp.zeros_like(y) for k, y in ys.items()}
+        cut = jax.jacfwd(lambda h: case.oracle(params, h, x, Ctx(cut=True))[1])(h_prev)
+        full = (jax.jacfwd(lambda h: case.oracle(params, h, x, Ctx())[1])(h_prev)
+                if case.full_exact else None)
+        dy0 = {k: jnp.zeros_like(ys[k]) for k in keys}
         dh_dy = jax.jacobian(lambda dy: case.oracle(params, h_prev, x, Ctx(cut=True, dy=dy))[1])(dy0)
 
         def loss(p, x):

@@ -154,7 +154,8 @@ def test_replaced_states_are_followed():
     etrace_core.run_online(algo, mse, xs, ys)
     brainstate.nn.init_all_states(model, batch_size=B)          # new, zero hidden states
     algo.init_etrace_state()
-    res = etrace_core.run_online(algo, mse, xs, ys)
+    res = etrace_core.run_online(algo, mse, xs, ys, return_outputs=True)
+    assert res.outputs.shape == (xs.shape[0], B, 3)
     assert float(jnp.max(jnp.abs(model.rnn.h.value))) > 0      # the model's state advanced
     assert_grads_close(res.grads, fresh_grads(param_values(model), B, xs, ys), 1e-6)
 
@@ -177,6 +178,12 @@ def test_check_finite_names_the_weight():
     algo.etrace.value = value
     with pytest.raises(Exception, match=r"non-finite.*\('rnn', 'W_hh', 'weight'\)"):
         jax.block_until_ready(algo(xs[0]))
+    # also in multi-step windows (check_finite used to be ignored there)
+    window = etrace_core.D_RTRL(model, vjp_method="multi-step", check_finite=True)
+    window.compile_graph(xs[0])
+    window.init_etrace_state()
+    with pytest.raises(Exception, match=r"non-finite.*\('rnn', 'W_ih', 'weight'\)"):
+        jax.block_until_ready(window(etrace_core.MultiStepData(bad)))
     # without check_finite the NaN just propagates
     _, quiet, _, _ = gru_setup()
     quiet.compile_graph(xs[0])
