@@ -78,8 +78,8 @@ class OnlineLearner:
     def _accumulate(self, grads) -> None:
         for path, param in self._params.items():
             g = grads.get(path)
-            if g is None:
-                continue
+            if g is None or not param.requires_grad:
+                continue  # frozen parameters get no .grad, as with loss.backward()
             g = to_torch(g).to(device=param.device, dtype=param.dtype).reshape(param.shape)
             if param.grad is None:
                 param.grad = g.clone()

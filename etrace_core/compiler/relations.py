@@ -77,6 +77,8 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
     static = static_values(minfo.closed_jaxpr)
     relations, untraced = [], []
     traced_vars = set()
+    after_group = {g.index: reachable(jaxpr, g.hidden_invars) for g in hid_path_to_group.values()}
+    feeds_memory = _groups_feeding_memory(minfo, hid_path_to_group)
 
     for eqn in jaxpr.eqns:
         if not is_etp_primitive(eqn.primitive):
@@ -97,6 +99,13 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
         traced_vars.update(v for v in (w, b) if v is not None)
         before_hidden = propagate(jaxpr, eqn.outvars[0], static, stop=hidden_out_vars)
         approx = list(problems) + _approximations(jaxpr, before_hidden, hidden_out_vars)
+        x = eqn.invars[0] if eqn.primitive.name != "etp_elemwise" else None
+        if x is not None and not isinstance(x, jcore.Literal) and any(
+                x in after_group[g.index] for g in groups):
+            approx.append("its input depends on the previous states of the hidden group it "
+                          "drives; that hidden-to-hidden path is not in the trace (diagonal "
+                          "approximation)")
+        approx += [feeds_memory[g.index] for g in groups if g.index in feeds_memory]
         relations.append(HiddenParamOpRelation(
             weight_path=w_path, bias_path=b_path, primitive=eqn.primitive, eqn=eqn,
             x=eqn.invars[0] if eqn.primitive.name != "etp_elemwise" else None,
@@ -105,6 +114,22 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
 
     untraced += _plain_uses(minfo, param_of, traced_vars)
     return relations, untraced
+
+
+def _groups_feeding_memory(minfo, hid_path_to_group) -> Dict[int, str]:
+    """group index -> note, for groups whose states reach another group that has memory."""
+    groups = {g.index: g for g in hid_path_to_group.values()}
+    outs = {i: set(g.hidden_outvars) for i, g in groups.items()}
+    with_memory = {i for i, g in groups.items()
+                   if reachable(minfo.jaxpr, g.hidden_invars) & outs[i]}
+    notes = {}
+    for i, g in groups.items():
+        downstream = reachable(minfo.jaxpr, g.hidden_outvars)
+        fed = [j for j in sorted(with_memory) if j != i and downstream & outs[j]]
+        if fed:
+            notes[i] = (f"hidden group {i} feeds hidden group(s) {fed}, which keep memory; the "
+                        "trace does not follow that path over time")
+    return notes
 
 
 def _landing(eqn, prop, hidden_out, static):
