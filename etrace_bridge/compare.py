@@ -9,10 +9,11 @@ turns a `ComparisonResult` into tables and plots.
   `OnlineLearner.run`; both are sums over time of the per-step loss.
 - Learning curves are measured with the torch model itself (same evaluation code for all).
 - Gradient fidelity: online vs BPTT gradients on the first minibatch at initialisation.
-- Memory: each method trains in its own fresh subprocess (`memory_child`); its peak resident
-  set size after one minibatch of the task, then, for each synthetic sequence length T
-  (ascending), the peak during one training step of length T (the kernel's high-water mark is
-  reset before each point) and the time of a second, warm step.
+- Time vs sequence length: one training step on synthetic sequences of each length T, timed
+  in this process after training (best of a few warm steps).
+- Memory: each method trains in its own fresh subprocess (`memory_child`): its peak resident
+  set size after one minibatch of the task, then, for each T (ascending), the peak during the
+  first training step of length T (the kernel's high-water mark is reset before each point).
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ from .tasks import IGNORE_INDEX, TASK_NAMES, SequenceTask, get_task, iterate_min
 
 __all__ = [
     "METHODS", "ONLINE_METHODS", "CompareError", "CompareConfig", "EpochStats", "MethodRun",
-    "TimePoint", "MemoryPoint", "MemoryProfile", "ComparisonResult", "run_comparison", "resolve_model",
-    "load_task", "memory_child",
+    "TimePoint", "MemoryPoint", "MemoryProfile", "ComparisonResult", "run_comparison",
+    "resolve_model", "load_task", "memory_child",
 ]
 
 METHODS = ("bptt", "d_rtrl", "es_d_rtrl", "hybrid")
@@ -87,8 +88,9 @@ class CompareConfig:
 
     def checked(self) -> "CompareConfig":
         """Validate names and sizes (raises CompareError); methods deduplicated, in given order."""
-        methods = tuple(dict.fromkeys(m.strip().lower().replace("-", "_") for m in self.methods))
-        if not methods or methods == ("",):
+        methods = tuple(dict.fromkeys(m.strip().lower().replace("-", "_")
+                                      for m in self.methods if m.strip()))
+        if not methods:
             raise CompareError(f"no methods given; choose from {', '.join(METHODS)}")
         for m in methods:
             if m not in METHODS:
@@ -98,7 +100,7 @@ class CompareConfig:
         if not _is_file_spec(self.model) and self.model not in MODEL_NAMES:
             raise CompareError(f"unknown model {self.model!r}; expected one of "
                                f"{', '.join(MODEL_NAMES)} or path/to/file.py:factory")
-        for name in ("hidden", "epochs", "batch_size", "train_subset", "test_subset"):
+        for name in ("hidden", "epochs", "batch_size", "train_subset", "test_subset", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise CompareError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -221,13 +223,17 @@ def _state_arguments(model: nn.Module) -> int:
 def torch_outputs(model: nn.Module, xs: torch.Tensor) -> torch.Tensor:
     """Run the torch model over a time-major sequence without gradients; outputs (T, B, ...)."""
     state = zero_state(model, xs.shape[1])
-    outputs = []
-    with torch.no_grad():
-        for x in xs:
-            out = model(x, *state)
-            if state:
-                out, *state = out
-            outputs.append(out)
+    outputs, training = [], model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x in xs:
+                out = model(x, *state)
+                if state:
+                    out, *state = out
+                outputs.append(out)
+    finally:
+        model.train(training)
     return torch.stack(outputs)
 
 
@@ -486,7 +492,6 @@ def _torch_dtype(name: str) -> torch.dtype:
 def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] = print) -> ComparisonResult:
     """Everything `etrace-compare` reports, for an already `checked()` config."""
     start = time.perf_counter()
-    _warm_up_runtimes(export=any(m != "bptt" for m in cfg.methods))
     with numeric_setup(cfg):
         factory = resolve_model(cfg.model, cfg.hidden)
         task = load_task(cfg)
@@ -499,6 +504,7 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] = print) ->
                       n_out=task.n_out, n_train=task.n_train, n_test=task.n_test),
             batch_size=batch_size_for(task, cfg), n_batches=n_minibatches(task, cfg))
         xs0, ys0 = first_minibatch(task, cfg, dtype)
+        _warm_up_runtimes(export=any(m != "bptt" for m in cfg.methods))
         log(f"model {factory.spec} ({result.model_class}, {result.n_params} parameters), task "
             f"{task.name} (T={task.seq_len}, {task.n_train} train / {task.n_test} test sequences)")
         trainers, setup = build_trainers(cfg, init, task, xs0, log)

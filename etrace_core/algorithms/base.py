@@ -261,6 +261,15 @@ def _direct_and_trace_grads(plan, params, etrace, dparams, dh, Ms):
     return online.add_grads(dparams, grads)
 
 
+def _escape_grads(plan, params, old_etrace, escape_fn, out_cotangents):
+    """The part of the gradient carried by paths from h^{t-1} to the outputs that avoid h^t:
+    dL/dh^{t-1} (those paths) . traces at t-1. Empty when the step has no such path."""
+    if escape_fn is None:
+        return {}
+    deltas = online.partial_hidden_grads(plan, escape_fn(out_cotangents), None)
+    return online.trace_grads(plan, params, old_etrace["traces"], old_etrace["count"], deltas)
+
+
 # ---- one step --------------------------------------------------------------------------------
 
 def _online_step(plan, check_finite, params, rest, etrace, flat):
@@ -279,15 +288,16 @@ def _step_fwd(plan, check_finite, params, rest, etrace, flat):
     jac = jacobian_step(plan.spec, flat, values)
     vjp = vjp_step(plan.spec, flat, values)
     new_etrace = _advance(plan, check_finite, etrace, jac)
-    residuals = (vjp.vjp_fn, params, new_etrace, jac.Ms, rest, etrace, flat)
+    residuals = (vjp.vjp_fn, vjp.escape_fn, params, new_etrace, jac.Ms, rest, etrace, flat)
     return (jac.outputs, jac.new_values, new_etrace), residuals
 
 
 def _step_bwd(plan):
     def bwd(residuals, cts):
-        vjp_fn, params, new_etrace, Ms, rest, etrace, flat = residuals
+        vjp_fn, escape_fn, params, new_etrace, Ms, rest, etrace, flat = residuals
         dparams, dh, dargs = vjp_fn(cts[0])
         grads = _direct_and_trace_grads(plan, params, new_etrace, dparams, dh, Ms)
+        grads = online.add_grads(grads, _escape_grads(plan, params, etrace, escape_fn, cts[0]))
         dargs = [zero_cotangent(a) if d is None else d for a, d in zip(flat, dargs)]
         return (grads, jax.tree.map(zero_cotangent, rest), jax.tree.map(zero_cotangent, etrace),
                 dargs)
@@ -306,15 +316,16 @@ def _online_chunk(plan, check_finite, rebuild, params, rest, etrace, seq):
         return (outs, new, e2), (per_step, p, r, e, s)
 
     def bwd(res, cts):
-        (vjp_fns, etraces, Ms), p, r, e, s = res
+        (vjp_fns, escape_fns, old_etraces, etraces, Ms), p, r, e, s = res
 
         def body(acc, item):
-            vjp_fn, et, M, g_out = item
+            vjp_fn, escape_fn, old, et, M, g_out = item
             dparams, dh, _ = vjp_fn(g_out)
-            return online.add_grads(acc, _direct_and_trace_grads(plan, p, et, dparams, dh, M)), None
+            acc = online.add_grads(acc, _direct_and_trace_grads(plan, p, et, dparams, dh, M))
+            return online.add_grads(acc, _escape_grads(plan, p, old, escape_fn, g_out)), None
 
         zero = jax.tree.map(jnp.zeros_like, p)
-        grads, _ = jax.lax.scan(body, zero, (vjp_fns, etraces, Ms, cts[0]))
+        grads, _ = jax.lax.scan(body, zero, (vjp_fns, escape_fns, old_etraces, etraces, Ms, cts[0]))
         return (grads, jax.tree.map(zero_cotangent, r), jax.tree.map(zero_cotangent, e),
                 jax.tree.map(zero_cotangent, s))
 
@@ -329,12 +340,14 @@ def _chunk_scan(plan, check_finite, rebuild, params, rest, etrace, seq, with_vjp
         flat = jax.tree.leaves(rebuild(xs_t))
         values = {**rest, **params}
         jac = jacobian_step(plan.spec, flat, values)
-        etrace = _advance(plan, check_finite, etrace, jac)
+        old, etrace = etrace, _advance(plan, check_finite, etrace, jac)
         rest = dict(rest)
         rest.update({p: v for p, v in jac.new_values.items() if p in rest})
         extra = None
         if with_vjp:
-            extra = (vjp_step(plan.spec, flat, values).vjp_fn, etrace, jac.Ms)
+            vjp = vjp_step(plan.spec, flat, values)
+            extra = (vjp.vjp_fn, vjp.escape_fn, old if vjp.escape_fn is not None else None,
+                     etrace, jac.Ms)
         return (rest, etrace), (jac.outputs, jac.new_values, extra)
 
     (rest_f, etrace_f), (outs, new_values, extra) = jax.lax.scan(body, (rest, etrace), seq)

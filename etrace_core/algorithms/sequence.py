@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from etrace_core.executor.step import jacobian_step, vjp_step
 
 from . import online
-from .base import ETraceAlgorithm, _advance, _direct_and_trace_grads
+from .base import ETraceAlgorithm, _advance, _direct_and_trace_grads, _escape_grads
+from .online import add_grads
 
 
 class OnlineResult(NamedTuple):
@@ -54,11 +55,13 @@ def _drive(plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, 
         values = {**rest, **params}
         jac = jacobian_step(spec, flat, values)
         vjp = vjp_step(spec, flat, values)
-        etrace = _advance(plan, check_finite, etrace, jac)
+        old, etrace = etrace, _advance(plan, check_finite, etrace, jac)
         out = jax.tree.unflatten(out_tree, jac.outputs)
         loss, g_out = jax.value_and_grad(loss_fn)(out, y_t)
         dparams, dh, _ = vjp.vjp_fn(jax.tree.leaves(g_out))
         grads = _direct_and_trace_grads(plan, params, etrace, dparams, dh, jac.Ms)
+        grads = add_grads(grads, _escape_grads(plan, params, old, vjp.escape_fn,
+                                               jax.tree.leaves(g_out)))
         gsum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), gsum, grads)
         rest = dict(rest)
         rest.update({p: v for p, v in jac.new_values.items() if p in rest})

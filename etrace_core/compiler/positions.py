@@ -176,11 +176,13 @@ def consumers(jaxpr: jcore.Jaxpr) -> dict:
     return users
 
 
-def reachable(jaxpr: jcore.Jaxpr, start_vars) -> set:
-    """Every variable that depends on any of `start_vars` (through any equation)."""
+def reachable(jaxpr: jcore.Jaxpr, start_vars, stop=frozenset()) -> set:
+    """Every variable that depends on any of `start_vars` (through any equation), not going
+    through the variables in `stop` (they are reached but not followed)."""
     seen = set(v for v in start_vars if not isinstance(v, jcore.Literal))
     for eqn in jaxpr.eqns:
-        if any(not isinstance(v, jcore.Literal) and v in seen for v in eqn.invars):
+        if any(not isinstance(v, jcore.Literal) and v in seen and v not in stop
+               for v in eqn.invars):
             seen.update(v for v in eqn.outvars if not isinstance(v, jcore.DropVar))
     return seen
 

@@ -14,7 +14,7 @@ from jax.extend import core as jcore
 
 from etrace_core.compiler.graph import ETraceGraph
 from etrace_core.compiler.jaxpr_tools import bind_eqn, read_var, stop_gradient_all
-from etrace_core.compiler.positions import is_admissible, propagate, static_values
+from etrace_core.compiler.positions import is_admissible, propagate, reachable, static_values
 from etrace_core.compiler.relations import etp_operands
 from etrace_core.ops import is_etp_primitive, rule_for
 
@@ -30,6 +30,7 @@ class StepSpec(NamedTuple):
     tail: frozenset                        # eqn indices between relation outputs and h^t
     hidden_slot: Dict[Any, Tuple[Tuple[int, int], ...]]  # hidden outvar -> ((group, slot), ...)
     seeds: Tuple[Tuple[Tuple[int, int], ...], ...]      # cotangent seeds: ((group, slot), ...)
+    escapes: bool       # outputs read h^{t-1} by a path that does not go through h^t
 
 
 def build_spec(graph: ETraceGraph) -> StepSpec:
@@ -52,8 +53,11 @@ def build_spec(graph: ETraceGraph) -> StepSpec:
         for s, v in enumerate(g.hidden_outvars):
             hidden_slot.setdefault(v, []).append((g.index, s))
     tail = _tail_eqns(jaxpr, graph, static, set(hidden_slot))
+    hidden_in = [v for g in graph.hidden_groups for v in g.hidden_invars]
+    escaped = reachable(jaxpr, hidden_in, stop=set(hidden_slot)) - set(hidden_slot)
+    escapes = bool(escaped & set(minfo.output_vars))
     return StepSpec(graph, relation_at, traced, admissible, tail,
-                    {v: tuple(s) for v, s in hidden_slot.items()}, _seeds(graph))
+                    {v: tuple(s) for v, s in hidden_slot.items()}, _seeds(graph), escapes)
 
 
 def _tail_eqns(jaxpr, graph, static, hidden_vars) -> frozenset:
@@ -216,6 +220,7 @@ class StepVjp(NamedTuple):
     outputs: list
     new_values: Dict[Path, Any]
     vjp_fn: Any   # out cotangents (flat list) -> (dparams {path}, dL/dh {path}, dargs (flat))
+    escape_fn: Any = None   # out cotangents -> dL/dh^{t-1} {path} through paths avoiding h^t
 
 
 def vjp_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepVjp:
@@ -273,7 +278,45 @@ def vjp_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepVjp:
                for p in perturb_paths}
     dargs = [args_flat[i] for i in diff_args]
     outs, vjp_fn, new_values = jax.vjp(run, params, perturb, dargs, has_aux=True)
-    return StepVjp(outs, new_values, _ArgsVjp(vjp_fn, tuple(diff_args), len(args_flat)))
+    escape = escape_vjp(spec, args_flat, values) if spec.escapes else None
+    return StepVjp(outs, new_values, _ArgsVjp(vjp_fn, tuple(diff_args), len(args_flat)), escape)
+
+
+def escape_vjp(spec: StepSpec, args_flat, values: Dict[Path, Any]):
+    """VJP of the outputs w.r.t. h^{t-1} along paths that avoid h^t (e.g. an output read from
+    the membrane before its reset). Traces at t-1 turn it into the rest of the gradient."""
+    graph = spec.graph
+    minfo = graph.module_info
+    hidden_paths = [p for g in graph.hidden_groups for p in g.hidden_paths]
+    blocked = set(spec.hidden_slot)
+
+    def run(shift):
+        vals = dict(values)
+        vals.update({p: values[p] + shift[p] for p in hidden_paths})
+        env = dict(zip(minfo.jaxpr.constvars, minfo.closed_jaxpr.consts))
+        env.update(zip(minfo.jaxpr.invars, step_invals(graph, args_flat, vals)))
+        for eqn in minfo.jaxpr.eqns:
+            outs = bind_eqn(eqn, [read_var(env, v) for v in eqn.invars])
+            for v, o in zip(eqn.outvars, outs):
+                if not isinstance(v, jcore.DropVar):
+                    env[v] = lax.stop_gradient(o) if v in blocked else o
+        return [read_var(env, v) for v in minfo.output_vars]
+
+    zero = {p: jnp.zeros_like(values[p]) for p in hidden_paths}
+    _, fn = jax.vjp(run, zero)
+    return _EscapeVjp(fn)
+
+
+class _EscapeVjp:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, out_cotangents):
+        return self.fn(list(out_cotangents))[0]
+
+
+jax.tree_util.register_pytree_node(
+    _EscapeVjp, lambda v: ((v.fn,), None), lambda _, ch: _EscapeVjp(ch[0]))
 
 
 def _inexact(a) -> bool:

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 import etrace_core
-from etrace_core import NotCompiledError, nn
+from etrace_core import NotCompiledError
 
-from .test_algorithms_exact import (ALGOS, EXACT_MODELS, GRUNet, assert_grads_close,
-                                    hand_reference, make_algo, mse, param_values, per_step_grads,
-                                    sequence, state_values)
+from .test_algorithms_exact import (ALGOS, GRUNet, assert_grads_close, hand_reference,
+                                    make_algo, mse, param_values, per_step_grads, sequence)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 B = 3

@@ -31,8 +31,7 @@ import pytest
 import etrace_core
 from etrace_core import nn
 
-from .test_algorithms_exact import (bptt_grads, mse, param_values, randomize_hidden, rel_err,
-                                    sequence)
+from .test_algorithms_exact import bptt_grads, mse, randomize_hidden, rel_err, sequence
 
 I, H, O = 6, 16, 4
 T, B, SEED = 20, 4, 0
