@@ -179,10 +179,6 @@ class ETraceAlgorithm(brainstate.nn.Module):
                         f"for {tuple(g.varshape)} (a different batch size?); call "
                         "compile_graph(x) and init_etrace_state() again, or construct the "
                         "algorithm with auto_reinit=True")
-        if any(current[p] is not st for p, st in held.items()):
-            # same shapes, new State objects: rebind the graph to them (the traces stay valid)
-            with jax.ensure_compile_time_eval():
-                self.compile_graph(*self._compiled.example)
 
     def _example_for(self, hidden_shape):
         # numpy, not jnp: this can run inside a transformation (brainstate grad of `algo(x)`),
@@ -198,7 +194,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         return params, rest
 
     def _write(self, new_values, etrace):
-        states = self.graph.module_info.retrieved_model_states
+        states = self.model.states()
         for p, v in new_values.items():
             states[p].value = v
         self.etrace.value = etrace

@@ -65,8 +65,10 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         self._spec = build_spec(self.graph)
 
     def state_values(self) -> Dict[tuple, Any]:
-        """Current values of the states the step reads."""
-        return self.graph.module_info.state_values()
+        """Current values of the states the step reads, looked up by path in the model now
+        (`init_state` may have replaced the State objects the graph was compiled with)."""
+        current = self.model.states()
+        return {p: current[p].value for p in self.graph.module_info.state_paths}
 
     # -- public solvers (pure: they read states, never write them) ----------------------------
 
