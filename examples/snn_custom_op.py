@@ -1,6 +1,6 @@
 """Online training of a spiking network written in PyTorch, with a custom surrogate-spike op.
 
-The spike is a `torch.library.custom_op` (Heaviside forward, fast-sigmoid surrogate backward,
+The spike is a `torch.library.custom_op` (Heaviside forward, sigmoid surrogate backward,
 registered with `register_fake` and `register_autograd`). Its JAX twin, a `jax.custom_jvp`
 function with the same surrogate, is handed to the bridge as `custom_ops={"snn_example::spike":
 spike_jax}`. The network keeps its state in registered buffers that `forward` reassigns (the
@@ -25,7 +25,7 @@ from torch import nn
 from etrace_bridge import OnlineLearner
 from etrace_bridge.tasks import get_task, iterate_minibatches
 
-SURROGATE_SCALE = 5.0
+SURROGATE_SCALE = 4.0
 
 
 # ----------------------------------------------------------------------------- the spike op
@@ -46,8 +46,10 @@ def _spike_setup(ctx, inputs, output):
 
 
 def _spike_backward(ctx, grad):
+    """Sigmoid surrogate: the derivative of sigmoid(scale * x) stands in for the step's."""
     (x,) = ctx.saved_tensors
-    return grad / (1.0 + SURROGATE_SCALE * x.abs()) ** 2
+    s = torch.sigmoid(SURROGATE_SCALE * x)
+    return grad * SURROGATE_SCALE * s * (1 - s)
 
 
 spike.register_autograd(_spike_backward, setup_context=_spike_setup)
@@ -55,14 +57,15 @@ spike.register_autograd(_spike_backward, setup_context=_spike_setup)
 
 @jax.custom_jvp
 def spike_jax(x):
-    """The same spike in JAX: Heaviside forward, fast-sigmoid surrogate derivative."""
+    """The same spike in JAX: Heaviside forward, sigmoid surrogate derivative."""
     return (x > 0).astype(x.dtype)
 
 
 @spike_jax.defjvp
 def _spike_jax_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
-    return spike_jax(x), dx / (1.0 + SURROGATE_SCALE * jnp.abs(x)) ** 2
+    s = jax.nn.sigmoid(SURROGATE_SCALE * x)
+    return spike_jax(x), dx * SURROGATE_SCALE * s * (1 - s)
 
 
 CUSTOM_OPS = {"snn_example::spike": spike_jax}

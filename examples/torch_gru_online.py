@@ -23,20 +23,8 @@ from torch import nn
 
 from etrace_bridge import OnlineLearner
 from etrace_bridge.bptt import resolve_loss
+from etrace_bridge.models import GRUClassifier   # nn.GRUCell + nn.Linear, forward(x, h) -> (y, h)
 from etrace_bridge.tasks import get_task, iterate_minibatches
-
-
-class GRUClassifier(nn.Module):
-    """`forward(x, h) -> (logits, h)`: a GRU cell and a linear readout."""
-
-    def __init__(self, n_in: int, n_hidden: int, n_out: int):
-        super().__init__()
-        self.cell = nn.GRUCell(n_in, n_hidden)
-        self.readout = nn.Linear(n_hidden, n_out)
-
-    def forward(self, x, h):
-        h = self.cell(x, h)
-        return self.readout(h), h
 
 
 class GRULayerClassifier(nn.Module):
