@@ -51,7 +51,8 @@ from etrace_core import nn as enn
 from etrace_core.nn.base import RecurrentModule
 
 BATCH, N_IN, N_HID, N_OUT = 32, 32, 128, 10
-MODELS = ("gru", "gru_bt", "lif")
+MODELS = ("gru", "gru_bt", "gru_bt_frozen", "lif")
+SLOW = ("d_rtrl", "bt_d_rtrl")   # timed in their own interleaved group
 ETRACE_METHODS = ("es_d_rtrl", "d_rtrl", "hybrid")
 BT_METHODS = ("bt_pp_prop", "bt_d_rtrl")
 DECAY = 0.9
@@ -97,10 +98,18 @@ class ConcatGRUCell(RecurrentModule):
 
 
 class GRUBTNet(brainstate.nn.Module):
-    def __init__(self, n_in=N_IN, n_hid=N_HID, n_out=N_OUT, seed=0):
+    """``ConcatGRUCell`` + ``Linear`` readout. ``frozen=True`` turns ``Wr`` and the readout into
+    constants (plain ``brainstate.State``, no gradient): the set of weights braintrace 0.2.6
+    returns non-zero gradients for on this model, for a like-for-like timing."""
+
+    def __init__(self, n_in=N_IN, n_hid=N_HID, n_out=N_OUT, seed=0, frozen=False):
         super().__init__()
         self.rnn = ConcatGRUCell(n_in, n_hid, seed=seed)
         self.out = enn.Linear(n_hid, n_out, key=seed + 1)
+        if frozen:
+            for lin in (self.rnn.Wr, self.out):
+                lin.weight = brainstate.State(lin.weight.value)
+                lin.bias = brainstate.State(lin.bias.value)
 
     def update(self, x):
         return self.out(self.rnn(x))
@@ -119,8 +128,10 @@ class LIFNet(brainstate.nn.Module):
         return self.out(self.lif(x))
 
 
-ETRACE_MODELS = {"gru": GRUNet, "gru_bt": GRUBTNet, "lif": LIFNet}
-INPUT_SCALE = {"gru": 1.0, "gru_bt": 1.0, "lif": 3.0}
+ETRACE_MODELS = {"gru": GRUNet, "gru_bt": GRUBTNet, "gru_bt_frozen": partial(GRUBTNet, frozen=True),
+                 "lif": LIFNet}
+INPUT_SCALE = {"gru": 1.0, "gru_bt": 1.0, "gru_bt_frozen": 1.0, "lif": 3.0}
+BT_TWIN = {"gru_bt": "gru_bt", "gru_bt_frozen": "gru_bt", "lif": "lif"}  # braintrace twin
 
 
 class KeyDriven(brainstate.nn.Module):
@@ -349,7 +360,7 @@ def braintrace_runner(model_name: str, method: str, xs, ys, *, key_driven=False,
     """braintrace's learner on the braintrace.nn twin of the model, driven by its own
     ``etrace_grad`` over the sequence inside one ``brainstate.transform.jit``."""
     import braintrace
-    bt_net = _braintrace_models()[model_name]()
+    bt_net = _braintrace_models()[BT_TWIN[model_name]]()
     if copy_from is not None:
         copy_params_to_braintrace(model_name, copy_from, bt_net)
     batch = BATCH if key_driven else xs.shape[1]
@@ -403,7 +414,7 @@ def time_model(model_name: str, *, T: int = 100, repeats: int = 7, warmup: int =
                methods=None, with_braintrace: bool = True, progress=None) -> Dict[str, Any]:
     """Interleaved timings of every method on one model; returns times and sanity checks."""
     methods = list(methods or (ETRACE_METHODS + ("bptt",) + BT_METHODS))
-    bt = with_braintrace and have_braintrace() and model_name in ("gru_bt", "lif")
+    bt = with_braintrace and have_braintrace() and model_name in BT_TWIN
     if not bt:
         methods = [m for m in methods if m not in BT_METHODS]
     xs, ys = sequence_data(T, scale=INPUT_SCALE[model_name])
@@ -417,10 +428,18 @@ def time_model(model_name: str, *, T: int = 100, repeats: int = 7, warmup: int =
         else:
             runners[m] = braintrace_runner(model_name, m, xs, ys)
         compile_s[m] = common.time_once(runners[m])  # first call: trace + compile + run
-    timings = common.time_interleaved(runners, repeats=repeats, warmup=warmup, progress=progress)
+    # the fast methods and the slow (param-dim) ones in separate interleaved groups, so that each
+    # ratio compares calls of similar length taken under the same load
+    timings = {}
+    for group in ([m for m in methods if m not in SLOW], [m for m in methods if m in SLOW]):
+        if group:
+            reps = repeats if group[0] in SLOW else 2 * repeats
+            timings.update(common.time_interleaved({m: runners[m] for m in group}, repeats=reps,
+                                                   warmup=warmup, progress=progress))
     out = {"T": T, "batch": xs.shape[1], "first_call_s": compile_s,
            "times": {m: t.as_dict() for m, t in timings.items()},
-           "median_s": {m: t.median for m, t in timings.items()}}
+           "median_s": {m: t.median for m, t in timings.items()},
+           "min_s": {m: t.best for m, t in timings.items()}}
     for m in methods:
         if m in ETRACE_METHODS:
             out.setdefault("trace_sizes", {})[m] = runners[m].algo.trace_sizes()
@@ -439,7 +458,7 @@ def agreement_checks(model_name: str, T: int = 20) -> Dict[str, Any]:
         base[m] = run.model
         res[m] = run()
     res["bptt"] = bptt_runner(model_name, xs, ys)()
-    bt = have_braintrace() and model_name in ("gru_bt", "lif")
+    bt = have_braintrace() and model_name in BT_TWIN
     if bt:
         for et, btm in (("es_d_rtrl", "bt_pp_prop"), ("d_rtrl", "bt_d_rtrl")):
             res[btm] = braintrace_runner(model_name, btm, xs, ys, copy_from=base[et])()
@@ -481,7 +500,7 @@ def measure_memory(models, methods, Ts, *, progress=None) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for model in models:
         for method in methods:
-            if method in BT_METHODS and (not have_braintrace() or model not in ("gru_bt", "lif")):
+            if method in BT_METHODS and (not have_braintrace() or model not in BT_TWIN):
                 continue
             for T in Ts:
                 r = peak_rss("benchmarks.algorithms:memory_case",
@@ -496,16 +515,19 @@ def measure_memory(models, methods, Ts, *, progress=None) -> Dict[str, Any]:
 # the whole set
 
 
-def run(*, quick: bool = False, progress=None, log=print) -> Dict[str, Any]:
-    cfg = dict(T=100, repeats=3 if quick else 9, warmup=1 if quick else 2)
-    models = ("gru_bt", "lif") if quick else MODELS
-    mem_models = ("gru",) if quick else ("gru", "lif")
-    mem_methods = ("es_d_rtrl", "bptt") if quick else ETRACE_METHODS + ("bptt",) + BT_METHODS
-    mem_Ts = (100, 1000) if quick else (100, 1000, 10000)
+def methods_for(model: str, quick: bool = False):
+    if model == "gru_bt_frozen":
+        return ("es_d_rtrl", "bt_pp_prop")
     if quick:
-        methods = ("es_d_rtrl", "d_rtrl", "bptt") + BT_METHODS
-    else:
-        methods = None
+        return ("es_d_rtrl", "d_rtrl", "bptt") + BT_METHODS
+    return ETRACE_METHODS + ("bptt",) + BT_METHODS
+
+
+def run(*, quick: bool = False, progress=None, log=print) -> Dict[str, Any]:
+    cfg = dict(T=100, repeats=5 if quick else 11, warmup=1 if quick else 2)
+    models = ("gru_bt", "gru_bt_frozen", "lif") if quick else MODELS
+    mem_models = ("gru",) if quick else ("gru", "gru_bt", "lif")
+    mem_Ts = (100, 1000) if quick else (100, 1000, 10000)
     bt = have_braintrace()
     result: Dict[str, Any] = {"config": {**cfg, "models": list(models), "batch": BATCH,
                                          "n_in": N_IN, "n_hid": N_HID, "n_out": N_OUT,
@@ -513,14 +535,19 @@ def run(*, quick: bool = False, progress=None, log=print) -> Dict[str, Any]:
                                          "memory_models": list(mem_models),
                                          "braintrace": bt},
                               "timing": {}, "memory": {}, "ratios": {}, "goals": []}
+    if not bt:
+        log("braintrace is not importable here: its columns and goals are skipped")
     for model in models:
-        log(f"\n== timing: {model} (T={cfg['T']}, batch {BATCH}, median of {cfg['repeats']}) ==")
+        methods = methods_for(model, quick)
+        log(f"\n== timing: {model} (T={cfg['T']}, batch {BATCH}; median [min] of "
+            f"{2 * cfg['repeats']} calls, {cfg['repeats']} for D-RTRL) ==")
         r = time_model(model, methods=methods, progress=progress, T=cfg["T"],
                        repeats=cfg["repeats"], warmup=cfg["warmup"])
         result["timing"][model] = r
         med = r["median_s"]
         for m, t in med.items():
-            log(f"  {m:12s} {common.fmt_ms(t)} / sequence   (first call {r['first_call_s'][m]:.2f} s)")
+            log(f"  {m:12s} {common.fmt_ms(t)} [{common.fmt_ms(r['min_s'][m]).strip()}] / sequence"
+                f"   (first call {r['first_call_s'][m]:.2f} s)")
         ratios = {}
         for m in ETRACE_METHODS:
             if m in med:
@@ -531,19 +558,24 @@ def run(*, quick: bool = False, progress=None, log=print) -> Dict[str, Any]:
         result["ratios"][model] = ratios
         for k, v in ratios.items():
             log(f"  ratio {k:22s} {v:6.3f}")
-        r["checks"] = agreement_checks(model)
-        for k, v in r["checks"].items():
-            log(f"  check {k}: {_short(v)}")
+        if model != "gru_bt_frozen":
+            r["checks"] = agreement_checks(model)
+            for k, v in r["checks"].items():
+                log(f"  check {k}: {_short(v)}")
 
-    log(f"\n== peak RSS, fresh process per (model, method, T); T = {list(mem_Ts)} ==")
+    mem_methods = ("es_d_rtrl", "bptt") if quick else ETRACE_METHODS + ("bptt",) + BT_METHODS
+    log(f"\n== peak RSS (VmHWM), fresh process per (model, method, T); T = {list(mem_Ts)}; "
+        "inputs drawn inside the scan ==")
     mem = measure_memory(mem_models, mem_methods, mem_Ts, progress=progress)
     result["memory"] = mem
     for model, per in mem.items():
         for method, byT in per.items():
             vals = [byT[str(T)].get("peak_rss_mib") for T in mem_Ts]
             errs = [byT[str(T)].get("error") for T in mem_Ts if "error" in byT[str(T)]]
+            growth = (f"  ({100 * (vals[-1] - vals[0]) / vals[0]:+.1f}%)"
+                      if None not in (vals[0], vals[-1]) else "")
             log(f"  {model:6s} {method:12s} " + "  ".join(
-                f"T={T}: {common.fmt_mib(v)}" for T, v in zip(mem_Ts, vals))
+                f"T={T}: {common.fmt_mib(v)}" for T, v in zip(mem_Ts, vals)) + growth
                 + (f"  ERROR {errs[0]}" if errs else ""))
     result["goals"] = [g.as_dict() for g in goals(result)]
     log("\n== goals ==")
@@ -571,14 +603,17 @@ def _mem_growth(mem, model, method, T0, T1):
 
 def goals(result) -> List[common.Goal]:
     out = []
-    for model in ("gru_bt", "lif"):
+    for model in ("gru_bt", "lif", "gru_bt_frozen"):
+        if model == "gru_bt_frozen" and model not in result["ratios"]:
+            continue
         r = result["ratios"].get(model, {})
         out.append(common.Goal(f"{model}: ES-D-RTRL time / braintrace pp_prop",
                                r.get("es_d_rtrl/bt_pp_prop"), 0.8,
                                detail="" if "es_d_rtrl/bt_pp_prop" in r else "braintrace not installed"))
-        out.append(common.Goal(f"{model}: D-RTRL time / braintrace D_RTRL",
-                               r.get("d_rtrl/bt_d_rtrl"), 0.5,
-                               detail="" if "d_rtrl/bt_d_rtrl" in r else "braintrace not installed"))
+        if model != "gru_bt_frozen":
+            out.append(common.Goal(f"{model}: D-RTRL time / braintrace D_RTRL",
+                                   r.get("d_rtrl/bt_d_rtrl"), 0.5,
+                                   detail="" if "d_rtrl/bt_d_rtrl" in r else "braintrace not installed"))
     for model in result["ratios"]:
         r = result["ratios"][model]
         if "es_d_rtrl/bptt" in r:

@@ -4,7 +4,9 @@
 ``python -m benchmarks.memory <target> <json kwargs>``; the child pins threads, imports the target
 module, records its high-water RSS so far (imports done), calls ``fn(**kwargs)`` (which builds the
 model and runs one training sequence, blocking on the result), and prints one JSON line with
-``peak_rss_mib`` (``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end), ``import_rss_mib``
+``peak_rss_mib`` (the process's ``VmHWM`` from ``/proc/self/status`` at the end; on Linux
+``getrusage(RUSAGE_SELF).ru_maxrss`` of a subprocess also counts the RSS of the forked parent
+copy before ``execve``, so it is kept only as ``ru_maxrss_mib``), ``import_rss_mib``
 and whatever dict the function returned. Every case gets its own process, so no allocator cache
 or compiled executable of another case counts.
 """
@@ -68,11 +70,14 @@ def _child(target: str, kwargs_json: str) -> None:
     module_name, fn_name = target.split(":")
     module = importlib.import_module(module_name)
     fn = getattr(module, fn_name)
-    import_rss = _ru_maxrss_mib()
+    import_rss = _vm_hwm_mib() or _ru_maxrss_mib()
     t0 = time.perf_counter()
     extra = fn(**json.loads(kwargs_json)) or {}
     wall = time.perf_counter() - t0
-    result = {"peak_rss_mib": _ru_maxrss_mib(), "vm_hwm_mib": _vm_hwm_mib(),
+    hwm, maxrss = _vm_hwm_mib(), _ru_maxrss_mib()
+    # VmHWM is this process's own high-water mark. ru_maxrss also keeps, across execve, the RSS
+    # the forked child had before it (a copy of the parent's), so it is only a fallback.
+    result = {"peak_rss_mib": hwm if hwm is not None else maxrss, "ru_maxrss_mib": maxrss,
               "import_rss_mib": import_rss, "wall_s": wall}
     result.update(extra)
     print(MARKER + json.dumps(result), flush=True)

@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="minibatch size (default 32, quick 16)")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data split, order")
-    p.add_argument("--train-subset", type=int, metavar="N", help="use the first N training sequences")
-    p.add_argument("--test-subset", type=int, metavar="N", help="use the first N held-out sequences")
+    p.add_argument("--train-subset", type=int, metavar="N",
+                   help="use the first N training sequences")
+    p.add_argument("--test-subset", type=int, metavar="N",
+                   help="use the first N held-out sequences")
     p.add_argument("--seq-lens", type=_int_list, metavar="T1,T2,..",
                    help="sequence lengths of the memory/time sweep (default 10,100,1000)")
     p.add_argument("--decay", type=float, default=0.9,

@@ -96,7 +96,8 @@ class CompareConfig:
             if m not in METHODS:
                 raise CompareError(f"unknown method {m!r}; expected one of {', '.join(METHODS)}")
         if self.task not in TASK_NAMES:
-            raise CompareError(f"unknown task {self.task!r}; expected one of {', '.join(TASK_NAMES)}")
+            raise CompareError(f"unknown task {self.task!r}; expected one of "
+                               f"{', '.join(TASK_NAMES)}")
         if not _is_file_spec(self.model) and self.model not in MODEL_NAMES:
             raise CompareError(f"unknown model {self.model!r}; expected one of "
                                f"{', '.join(MODEL_NAMES)} or path/to/file.py:factory")
@@ -617,7 +618,8 @@ def time_vs_length(trainer, task: SequenceTask, cfg: CompareConfig) -> list[Time
     """Time a first and a second training step on synthetic sequences of each length T."""
     dtype, points = _torch_dtype(cfg.dtype), []
     for seq_len in cfg.seq_lens:
-        xs, ys = synthetic_batch(task, seq_len, batch_size_for(task, cfg), dtype, cfg.seed + seq_len)
+        batch = batch_size_for(task, cfg)
+        xs, ys = synthetic_batch(task, seq_len, batch, dtype, cfg.seed + seq_len)
         first = _timed(trainer.train_batch, xs, ys)
         points.append(TimePoint(seq_len, first, _best_time(trainer.train_batch, xs, ys)))
     return points

@@ -60,15 +60,18 @@ def summary_table(result: ComparisonResult) -> Table:
     rows = []
     for method, run in result.runs.items():
         mem = result.memory.get(method)
-        rows.append((LABELS.get(method, method), _pct(run.final.train_acc), _pct(run.final.test_acc),
-                     _num(run.final.train_loss), _num(run.final.test_loss),
+        final = run.final
+        rows.append((LABELS.get(method, method), _pct(final.train_acc), _pct(final.test_acc),
+                     _num(final.train_loss), _num(final.test_loss),
                      _seconds(run.seconds_per_epoch), _seconds(run.setup_seconds),
                      _mb(mem.task_peak_mb) if mem else "-"))
     header = ("method", "train acc", "test acc", "train loss", "test loss", "s/epoch", "setup s",
               "peak RSS MB")
+    loss = ("mean squared error" if result.task["kind"] == "regression_every_step"
+            else "mean cross-entropy per labelled step")
     note = (f"After {result.config.epochs} epoch(s) of {result.n_batches} minibatches of "
-            f"{result.batch_size}; loss = mean cross-entropy per labelled step. setup = conversion "
-            "+ first compiled run. peak RSS = a fresh process training one minibatch.")
+            f"{result.batch_size}; loss = {loss}. setup = conversion + first compiled run. "
+            "peak RSS = a fresh process training one minibatch.")
     return Table("Learning summary", header, rows, note)
 
 

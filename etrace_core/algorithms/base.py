@@ -156,9 +156,9 @@ class ETraceAlgorithm(brainstate.nn.Module):
         plan = self._require_plan()
         if self.etrace is None:
             raise NotCompiledError(f"call {type(self).__name__}.init_etrace_state() before stepping")
-        # The graph holds the State objects it was compiled against, but `init_state` /
-        # `brainstate.nn.init_all_states` replace a module's states with new objects: check the
-        # model's *current* states, or the step would silently run on (and write) stale ones.
+        # States are read and written by path at every step (`init_state` and
+        # `brainstate.nn.init_all_states` may replace the State objects): check that the
+        # model's current states still exist and keep the shapes the graph was compiled for.
         current = self.model.states()
         held = self.graph.module_info.retrieved_model_states
         missing = [p for p in held if p not in current]

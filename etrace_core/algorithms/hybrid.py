@@ -16,7 +16,7 @@ class HybridDimVjpAlgorithm(ETraceAlgorithm):
     `mode={weight_path: 'param' | 'io'}` overrides the choice for named weights.
     """
 
-    def __init__(self, model, decay_or_rank=0.9, *, max_param_dim_size: int = 1024,
+    def __init__(self, model, decay_or_rank=0.9, *, max_param_dim_size: int = 4096,
                  mode: Optional[Dict[tuple, str]] = None, **kwargs):
         super().__init__(model, **kwargs)
         self.decay = decay_from(decay_or_rank)
