@@ -105,14 +105,26 @@ def _solve_transposed(M, b):
 
 def trace_grads(plan: TracePlan, params: Dict[Path, Any], traces, count, deltas) -> Dict[Path, Any]:
     """Parameter gradients sum_s dL/dh_s * trace_s, mapped back to the weights' shapes."""
-    graph = plan.spec.graph
-    rels = graph.hidden_param_op_relations
+    return canonical_to_params(plan, params, trace_grads_canonical(plan, traces, count, deltas))
+
+
+def trace_grads_canonical(plan: TracePlan, traces, count, deltas) -> Dict[int, Any]:
+    """{relation index: its trace gradient M in canonical (I[+1], O) space}."""
     per_rel: Dict[int, Any] = {}
     for conn in plan.connections:
         delta_y = gather_units(conn, deltas[conn.group])
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
         M = kind.grad(traces[trace_key(conn)], delta_y, count, plan.decay)
         per_rel[conn.rel] = M if conn.rel not in per_rel else per_rel[conn.rel] + M
+    return per_rel
+
+
+def canonical_to_params(plan: TracePlan, params: Dict[Path, Any], per_rel) -> Dict[Path, Any]:
+    """Map canonical gradients {relation: M} to {parameter path: gradient} (``io_to_params``).
+
+    The map is linear in M, so a sum of canonical gradients can be mapped once (the sequence
+    driver does so after its scan, instead of a transposed/sliced accumulation every step)."""
+    rels = plan.spec.graph.hidden_param_op_relations
     grads: Dict[Path, Any] = {}
     for k, M in per_rel.items():
         rel = rels[k]

@@ -49,7 +49,7 @@ def _drive(plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, 
     spec = plan.spec
 
     def body(carry, inp):
-        rest, etrace, gsum, lsum = carry
+        rest, etrace, gsum, msum, lsum = carry
         args_t, y_t = inp
         flat = jax.tree.leaves(args_t)
         values = {**rest, **params}
@@ -59,19 +59,45 @@ def _drive(plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, 
         out = jax.tree.unflatten(out_tree, jac.outputs)
         loss, g_out = jax.value_and_grad(loss_fn)(out, y_t)
         dparams, dh, _ = vjp.vjp_fn(jax.tree.leaves(g_out))
-        grads = _direct_and_trace_grads(plan, params, etrace, dparams, dh, jac.Ms)
-        grads = add_grads(grads, _escape_grads(plan, params, old, vjp.escape_fn,
-                                               jax.tree.leaves(g_out)))
-        gsum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), gsum, grads)
+        # trace gradients stay in canonical (I[+1], O) space inside the scan and are mapped to
+        # the weights' layouts once at the end (io_to_params is linear): no per-step transposed
+        # or sliced accumulation (what _direct_and_trace_grads + _escape_grads would do)
+        deltas = online.partial_hidden_grads(plan, dh, jac.Ms)
+        ms = online.trace_grads_canonical(plan, etrace["traces"], etrace["count"], deltas)
+        if vjp.escape_fn is not None:
+            esc = online.partial_hidden_grads(plan, vjp.escape_fn(jax.tree.leaves(g_out)), None)
+            ms = _add_canonical(ms, online.trace_grads_canonical(plan, old["traces"],
+                                                                 old["count"], esc))
+        gsum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), gsum, dparams)
+        msum = {k: msum[k] + m.astype(msum[k].dtype) for k, m in ms.items()}
         rest = dict(rest)
         rest.update({p: v for p, v in jac.new_values.items() if p in rest})
-        return (rest, etrace, gsum, lsum + loss), (out if return_outputs else None)
+        return (rest, etrace, gsum, msum, lsum + loss), (out if return_outputs else None)
 
     zero = jax.tree.map(jnp.zeros_like, params)
+    msum0 = _canonical_zeros(plan, etrace)
     lsum0 = jnp.zeros((), jnp.result_type(float))
-    (rest, etrace, grads, loss), outs = jax.lax.scan(body, (rest, etrace, zero, lsum0),
-                                                     (args, targets))
+    (rest, etrace, gsum, msum, loss), outs = jax.lax.scan(
+        body, (rest, etrace, zero, msum0, lsum0), (args, targets))
+    grads = add_grads(gsum, online.canonical_to_params(plan, params, msum))
     return loss, grads, outs, rest, etrace
+
+
+def _add_canonical(a, b):
+    out = dict(a)
+    for k, m in b.items():
+        out[k] = out[k] + m if k in out else m
+    return out
+
+
+def _canonical_zeros(plan, etrace):
+    """Zeros shaped like each relation's canonical trace gradient (the scan's accumulator)."""
+    groups = plan.spec.graph.hidden_groups
+    dtype = jnp.result_type(*jax.tree.leaves(etrace["traces"])) if etrace["traces"] else float
+    deltas = [jax.ShapeDtypeStruct((g.size, g.num_state), dtype) for g in groups]
+    shapes = jax.eval_shape(lambda tr, c, d: online.trace_grads_canonical(plan, tr, c, d),
+                            etrace["traces"], etrace["count"], deltas)
+    return {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
 
 
 __all__ = ["OnlineResult", "run_online", "online"]
