@@ -304,19 +304,23 @@ def escape_vjp(spec: StepSpec, args_flat, values: Dict[Path, Any]):
 
     zero = {p: jnp.zeros_like(values[p]) for p in hidden_paths}
     _, fn = jax.vjp(run, zero)
-    return _EscapeVjp(fn)
+    return CotangentFn(fn, single=True)
 
 
-class _EscapeVjp:
-    def __init__(self, fn):
-        self.fn = fn
+class CotangentFn:
+    """A VJP function taking the flat list of output cotangents; a pytree, so it can be a
+    residual or cross a jit/scan boundary. `single`: the VJP has one primal input."""
+
+    def __init__(self, fn, single: bool = False):
+        self.fn, self.single = fn, single
 
     def __call__(self, out_cotangents):
-        return self.fn(list(out_cotangents))[0]
+        grads = self.fn(list(out_cotangents))
+        return grads[0] if self.single else grads
 
 
 jax.tree_util.register_pytree_node(
-    _EscapeVjp, lambda v: ((v.fn,), None), lambda _, ch: _EscapeVjp(ch[0]))
+    CotangentFn, lambda v: ((v.fn,), v.single), lambda single, ch: CotangentFn(ch[0], single))
 
 
 def _inexact(a) -> bool:
@@ -344,4 +348,4 @@ jax.tree_util.register_pytree_node(
 )
 
 __all__ = ["StepSpec", "build_spec", "StepJacobians", "jacobian_step", "StepVjp", "vjp_step",
-           "step_invals", "split_outputs"]
+           "escape_vjp", "CotangentFn", "step_invals", "split_outputs"]

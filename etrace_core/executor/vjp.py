@@ -10,7 +10,8 @@ from etrace_core.compiler.jaxpr_tools import eval_jaxpr
 
 from . import data
 from .base import ETraceGraphExecutor
-from .step import StepSpec, build_spec, jacobian_step, split_outputs, step_invals, vjp_step
+from .step import (CotangentFn, StepSpec, build_spec, jacobian_step, split_outputs, step_invals,
+                   vjp_step)
 
 VJP_METHODS = ("single-step", "multi-step")
 
@@ -156,16 +157,4 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         params = {p: values[p] for p in param_paths}
         h0 = {p: values[p] for p in hidden_paths}
         _, fn = jax.vjp(window, params, h0, seq)
-        return VjpResiduals(_WindowVjp(fn), minfo.out_tree)
-
-
-class _WindowVjp:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, out_cotangents):
-        return self.fn(list(out_cotangents))
-
-
-jax.tree_util.register_pytree_node(
-    _WindowVjp, lambda v: ((v.fn,), None), lambda _, ch: _WindowVjp(ch[0]))
+        return VjpResiduals(CotangentFn(fn), minfo.out_tree)
