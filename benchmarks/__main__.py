@@ -42,7 +42,8 @@ def main(argv=None) -> int:
           f"load avg {result['machine']['load_avg_at_start']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v))
 
-    bar = tqdm(desc="benchmarks", unit="run", leave=False, file=sys.stderr)
+    bar = tqdm(desc="benchmarks", unit="run", leave=False, file=sys.stderr,
+               disable=not sys.stderr.isatty())
 
     def progress(what):
         bar.set_postfix_str(str(what)[:40], refresh=False)

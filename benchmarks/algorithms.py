@@ -469,10 +469,11 @@ def agreement_checks(model_name: str, T: int = 20) -> Dict[str, Any]:
         for et, btm in (("es_d_rtrl", "bt_pp_prop"), ("d_rtrl", "bt_d_rtrl")):
             g_et = res[et][1]
             g_bt = braintrace_grads_by_etrace_path(model_name, res[btm][1])
+            zero = [p for p in g_bt if not np.any(np.asarray(g_bt[p]))]
             checks[f"grad_rel_diff_{et}_vs_{btm}"] = {
-                "/".join(p): _rel_err(g_et[p], g_bt[p]) for p in g_et if p in g_bt}
-            checks[f"braintrace_zero_grads_{btm}"] = sorted(
-                "/".join(p) for p in g_bt if not np.any(np.asarray(g_bt[p])))
+                "/".join(p): _rel_err(g_et[p], g_bt[p]) for p in g_et if p in g_bt
+                and p not in zero}
+            checks[f"braintrace_zero_grads_{btm}"] = sorted("/".join(p) for p in zero)
     return checks
 
 

@@ -26,7 +26,7 @@ round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan tanh xor
 # Primitives that move elements without combining them (position relabelling).
 RELABEL = frozenset("""
 broadcast_in_dim concatenate dynamic_slice expand_dims gather pad reshape rev slice split squeeze
-transpose
+stack transpose
 """.split())
 
 INLINE_CALLS = frozenset(["pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",

@@ -5,10 +5,12 @@ from typing import Any, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
-from .jaxpr_tools import bind_eqn, read_var
+from .jaxpr_tools import RELABEL, bind_eqn, read_var
 from .module_info import ModuleInfo, Path
+from .positions import propagate, static_values
 
 
 class HiddenPerturbation(NamedTuple):
@@ -49,16 +51,54 @@ def perturbed_eval(minfo: ModuleInfo, perturb: HiddenPerturbation, invals, pertu
         for v, o in zip(eqn.outvars, outs):
             if isinstance(v, jcore.DropVar):
                 continue
-            env[v] = o + perturbations[add[v]] if v in add else o
+            env[v] = o + jnp.reshape(perturbations[add[v]], jnp.shape(o)) if v in add else o
     return [read_var(env, v) for v in jaxpr.outvars]
 
 
 def add_hidden_perturbation_from_minfo(minfo: ModuleInfo) -> HiddenPerturbation:
-    """The perturbation of every hidden state the step writes."""
+    """The perturbation of every hidden state the step writes, placed where the state is made.
+
+    A state that reaches the output only through copies (stacked with others, then sliced back,
+    as torch's multi-layer RNN states are) is perturbed at the value it copies, so consumers of
+    that value inside the step (the next layer) are included in dL/dh.
+    """
     outvars = minfo.state_outvars
     produced = {v for eqn in minfo.jaxpr.eqns for v in eqn.outvars}
     paths = tuple(p for p in minfo.hidden_paths if outvars[p] in produced)
-    return HiddenPerturbation(perturb_paths=paths, perturb_vars=tuple(outvars[p] for p in paths))
+    static = static_values(minfo.closed_jaxpr)
+    return HiddenPerturbation(
+        perturb_paths=paths,
+        perturb_vars=tuple(production_point(minfo, outvars[p], static) for p in paths))
+
+
+def production_point(minfo: ModuleInfo, var, static):
+    """The earliest variable of which `var` is an exact copy (same elements in the same flat
+    order, possibly reshaped) through relabelling ops."""
+    producer = {v: eqn for eqn in minfo.jaxpr.eqns for v in eqn.outvars}
+    size = int(np.prod(var.aval.shape, dtype=int))
+    best, frontier, seen = var, [var], {var}
+    while frontier:
+        v = frontier.pop()
+        eqn = producer.get(v)
+        if eqn is None or eqn.primitive.name not in RELABEL:
+            continue
+        for a in eqn.invars:
+            if isinstance(a, jcore.Literal) or a in seen:
+                continue
+            seen.add(a)
+            frontier.append(a)
+            if (a in producer and int(np.prod(a.aval.shape, dtype=int)) == size
+                    and a.aval.dtype == var.aval.dtype):   # same elements, maybe reshaped
+                m = propagate(minfo.jaxpr, a, static).maps.get(var)
+                if m is not None and np.array_equal(m, np.arange(size)):
+                    best = a if _earlier(minfo, a, best) else best
+    return best
+
+
+def _earlier(minfo, a, b) -> bool:
+    order = {v: i for i, eqn in enumerate(minfo.jaxpr.eqns) for v in eqn.outvars}
+    order.update({v: -1 for v in minfo.jaxpr.invars})
+    return order.get(a, -1) < order.get(b, -1)
 
 
 def add_hidden_perturbation_in_module(model, *args) -> HiddenPerturbation:

@@ -67,8 +67,8 @@ def propagate(jaxpr: jcore.Jaxpr, source: jcore.Var, static: dict, stop=frozense
             blocked.append(eqn)
             continue
         for v, m in zip(eqn.outvars, out):
-            if not isinstance(v, jcore.DropVar):
-                maps[v] = m
+            if not isinstance(v, jcore.DropVar) and np.any(m != NONE):
+                maps[v] = m   # a value holding none of the source's elements is not followed
     return Propagation(maps, blocked)
 
 

@@ -10,6 +10,7 @@ from etrace_core.ops import is_etp_primitive, rule_for
 
 from .hidden_groups import HiddenGroup
 from .module_info import ModuleInfo, Path
+from .perturbation import production_point
 from .positions import MANY, NONE, propagate, reachable, static_values
 
 
@@ -77,8 +78,10 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
     static = static_values(minfo.closed_jaxpr)
     relations, untraced = [], []
     traced_vars = set()
-    after_group = {g.index: reachable(jaxpr, g.hidden_invars) for g in hid_path_to_group.values()}
+    after_group = {g.index: _depends_on(jaxpr, g.hidden_invars, static)
+                   for g in hid_path_to_group.values()}
     feeds_memory = _groups_feeding_memory(minfo, hid_path_to_group)
+    made_at = hidden_out_vars | {production_point(minfo, v, static) for v in hidden_out_vars}
 
     for eqn in jaxpr.eqns:
         if not is_etp_primitive(eqn.primitive):
@@ -97,7 +100,7 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
             untraced += [UntracedUse(p, reason) for p in (w_path, b_path) if p is not None]
             continue
         traced_vars.update(v for v in (w, b) if v is not None)
-        before_hidden = propagate(jaxpr, eqn.outvars[0], static, stop=hidden_out_vars)
+        before_hidden = propagate(jaxpr, eqn.outvars[0], static, stop=made_at)
         approx = list(problems) + _approximations(jaxpr, before_hidden, hidden_out_vars)
         x = eqn.invars[0] if eqn.primitive.name != "etp_elemwise" else None
         if x is not None and not isinstance(x, jcore.Literal) and any(
@@ -114,6 +117,17 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
 
     untraced += _plain_uses(minfo, param_of, traced_vars)
     return relations, untraced
+
+
+def _depends_on(jaxpr, sources, static) -> set:
+    """Variables that depend on some element of `sources`: through position maps where elements
+    can be followed (so a slice of a stack sees only what it takes), conservatively after."""
+    hit, mixed = set(), []
+    for src in sources:
+        prop = propagate(jaxpr, src, static)
+        hit.update(v for v, m in prop.maps.items() if np.any(m != NONE))
+        mixed += [v for eqn in prop.blocked for v in eqn.outvars]
+    return hit | reachable(jaxpr, mixed)
 
 
 def _groups_feeding_memory(minfo, hid_path_to_group) -> Dict[int, str]:

@@ -48,10 +48,13 @@ def build_spec(graph: ETraceGraph) -> StepSpec:
         traced[i] = tuple(positions)
     admissible = frozenset(i for i, e in enumerate(jaxpr.eqns) if is_admissible(e, static))
 
+    # where each hidden state is made (its perturbation point): p_prod and the cuts go there
+    made_at = dict(zip(graph.hidden_perturb.perturb_paths, graph.hidden_perturb.perturb_vars)) \
+        if graph.hidden_perturb is not None else {}
     hidden_slot: Dict[Any, list] = {}
     for g in graph.hidden_groups:
-        for s, v in enumerate(g.hidden_outvars):
-            hidden_slot.setdefault(v, []).append((g.index, s))
+        for s, (path, v) in enumerate(zip(g.hidden_paths, g.hidden_outvars)):
+            hidden_slot.setdefault(made_at.get(path, v), []).append((g.index, s))
     tail = _tail_eqns(jaxpr, graph, static, set(hidden_slot))
     hidden_in = [v for g in graph.hidden_groups for v in g.hidden_invars]
     escaped = reachable(jaxpr, hidden_in, stop=set(hidden_slot)) - set(hidden_slot)
@@ -150,7 +153,7 @@ def jacobian_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepJac
                 if isinstance(v, jcore.DropVar):
                     continue
                 for gi, s in spec.hidden_slot.get(v, ()):
-                    o = o + p_prod[gi][s]
+                    o = o + jnp.reshape(p_prod[gi][s], jnp.shape(o))
                 env[v] = o
         outvals = [read_var(env, v) for v in minfo.jaxpr.outvars]
         h_new = [[read_var(env, v) for v in g.hidden_outvars] for g in groups]
@@ -263,7 +266,7 @@ def vjp_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepVjp:
                     continue
                 if v in perturb_at:
                     base = twins[j] if twins is not None else outs[j]
-                    live[v] = base + perturb[perturb_at[v]]
+                    live[v] = base + jnp.reshape(perturb[perturb_at[v]], jnp.shape(base))
                     twin.pop(v, None)
                 else:
                     live[v] = outs[j]
