@@ -34,6 +34,7 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     result = {"date": common.now(), "command": " ".join(["python -m benchmarks"] + sys.argv[1:]),
+              "python_executable": sys.executable,
               "quick": args.quick, "machine": common.machine_info(),
               "versions": common.versions(), "thread_pinning": {
                   "XLA_FLAGS": " ".join(common.XLA_THREAD_FLAGS), "torch_threads": 1}}
