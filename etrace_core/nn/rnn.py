@@ -55,6 +55,19 @@ class VanillaRNNCell(RecurrentModule):
 ValinaRNNCell = VanillaRNNCell
 
 
+def _add_fused_gates(cell, num_in, num_out, n_gates, w_init, b_init, key) -> None:
+    """torch-style fused gate weights: `W_ih (num_in, n_gates*H)`, `W_hh (H, n_gates*H)`, biased."""
+    cell.num_in, cell.num_out = num_in, num_out
+    cell.in_size, cell.out_size = num_in, num_out
+    w_init = _torch_rnn_init(num_out) if w_init is None else w_init
+    b_init = _torch_rnn_init(num_out) if b_init is None else b_init
+    k_ih, k_hh = split_key(key, 2)
+    cell.W_ih = Linear(num_in, n_gates * num_out, w_init=w_init, b_init=b_init, dtype=cell.dtype,
+                       key=k_ih)
+    cell.W_hh = Linear(num_out, n_gates * num_out, w_init=w_init, b_init=b_init, dtype=cell.dtype,
+                       key=k_hh)
+
+
 class GRUCell(RecurrentModule):
     """GRU cell exactly as torch's ``nn.GRUCell``; state ``h``, returns ``h'``.
 
@@ -71,13 +84,7 @@ class GRUCell(RecurrentModule):
                  w_init: Optional[Initializer] = None, b_init: Optional[Initializer] = None,
                  dtype=None, key: Key = None, name: Optional[str] = None):
         super().__init__((num_out,), dtype, name=name)
-        self.num_in, self.num_out = num_in, num_out
-        self.in_size, self.out_size = num_in, num_out
-        w_init = _torch_rnn_init(num_out) if w_init is None else w_init
-        b_init = _torch_rnn_init(num_out) if b_init is None else b_init
-        k_ih, k_hh = split_key(key, 2)
-        self.W_ih = Linear(num_in, 3 * num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_ih)
-        self.W_hh = Linear(num_out, 3 * num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_hh)
+        _add_fused_gates(self, num_in, num_out, 3, w_init, b_init, key)
 
     def update(self, x):
         h = self.h.value
@@ -106,13 +113,7 @@ class LSTMCell(RecurrentModule):
                  w_init: Optional[Initializer] = None, b_init: Optional[Initializer] = None,
                  dtype=None, key: Key = None, name: Optional[str] = None):
         super().__init__((num_out,), dtype, name=name)
-        self.num_in, self.num_out = num_in, num_out
-        self.in_size, self.out_size = num_in, num_out
-        w_init = _torch_rnn_init(num_out) if w_init is None else w_init
-        b_init = _torch_rnn_init(num_out) if b_init is None else b_init
-        k_ih, k_hh = split_key(key, 2)
-        self.W_ih = Linear(num_in, 4 * num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_ih)
-        self.W_hh = Linear(num_out, 4 * num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_hh)
+        _add_fused_gates(self, num_in, num_out, 4, w_init, b_init, key)
 
     def update(self, x):
         gates = self.W_ih(x) + self.W_hh(self.h.value)
