@@ -362,7 +362,7 @@ def braintrace_runner(model_name: str, method: str, xs, ys, *, key_driven=False,
     import braintrace
     bt_net = _braintrace_models()[BT_TWIN[model_name]]()
     if copy_from is not None:
-        copy_params_to_braintrace(model_name, copy_from, bt_net)
+        copy_params_to_braintrace(BT_TWIN[model_name], copy_from, bt_net)
     batch = BATCH if key_driven else xs.shape[1]
     scale = INPUT_SCALE[model_name]
     example = jnp.zeros((batch, N_IN)) if key_driven else xs[0]
@@ -412,7 +412,8 @@ def _rel_err(a, b) -> float:
 
 def time_model(model_name: str, *, T: int = 100, repeats: int = 7, warmup: int = 2,
                methods=None, with_braintrace: bool = True, progress=None) -> Dict[str, Any]:
-    """Interleaved timings of every method on one model; returns times and sanity checks."""
+    """Interleaved timings of every method on one model: per-call times, medians, minima, the
+    first call's time (trace + compile + run) and the etrace methods' trace sizes."""
     methods = list(methods or (ETRACE_METHODS + ("bptt",) + BT_METHODS))
     bt = with_braintrace and have_braintrace() and model_name in BT_TWIN
     if not bt:
@@ -425,8 +426,10 @@ def time_model(model_name: str, *, T: int = 100, repeats: int = 7, warmup: int =
             runners[m] = etrace_runner(model_name, m, xs, ys)
         elif m == "bptt":
             runners[m] = bptt_runner(model_name, xs, ys)
-        else:
-            runners[m] = braintrace_runner(model_name, m, xs, ys)
+        else:   # the braintrace twin gets the etrace model's weights
+            src = runners.get("es_d_rtrl") or runners.get("d_rtrl")
+            runners[m] = braintrace_runner(model_name, m, xs, ys,
+                                           copy_from=None if src is None else src.model)
         compile_s[m] = common.time_once(runners[m])  # first call: trace + compile + run
     # the fast methods and the slow (param-dim) ones in separate interleaved groups, so that each
     # ratio compares calls of similar length taken under the same load

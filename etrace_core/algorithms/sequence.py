@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from etrace_core.executor.step import jacobian_step, vjp_step
 
 from . import online
-from .base import ETraceAlgorithm, _advance, _direct_and_trace_grads, _escape_grads
+from .base import ETraceAlgorithm, _advance
 from .online import add_grads
 
 
@@ -61,7 +61,7 @@ def _drive(plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, 
         dparams, dh, _ = vjp.vjp_fn(jax.tree.leaves(g_out))
         # trace gradients stay in canonical (I[+1], O) space inside the scan and are mapped to
         # the weights' layouts once at the end (io_to_params is linear): no per-step transposed
-        # or sliced accumulation (what _direct_and_trace_grads + _escape_grads would do)
+        # or sliced accumulation into the weights
         deltas = online.partial_hidden_grads(plan, dh, jac.Ms)
         ms = online.trace_grads_canonical(plan, etrace["traces"], etrace["count"], deltas)
         if vjp.escape_fn is not None:
