@@ -34,12 +34,10 @@ from . import common
 if __name__ == "__main__":
     common.pin_threads()
 
-import argparse
-import json
 import math
 import sys
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import brainstate
 import jax
@@ -636,15 +634,7 @@ def goals(result) -> List[common.Goal]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args(argv)
-    res = run(quick=args.quick)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1, default=float)
-    return 0
+    return common.script_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

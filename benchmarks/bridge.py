@@ -24,8 +24,6 @@ from . import common
 if __name__ == "__main__":
     common.pin_threads()
 
-import argparse
-import json
 import sys
 import time
 from typing import Any, Dict
@@ -341,15 +339,7 @@ def goals(result):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    res = run(quick=args.quick)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1, default=float)
-    return 0
+    return common.script_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -215,3 +215,18 @@ def fmt_ms(seconds: Optional[float]) -> str:
 
 def fmt_mib(mib: Optional[float]) -> str:
     return "n/a" if mib is None else f"{mib:8.1f} MiB"
+
+
+def script_main(run, description: str, argv=None) -> int:
+    """The command line of one benchmark module: `--quick`, and `--out` to write the JSON."""
+    import argparse
+    import json
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    res = run(quick=args.quick)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1, default=float)
+    return 0

@@ -16,7 +16,7 @@ from etrace_core.compiler.graph import ETraceGraph
 from etrace_core.compiler.jaxpr_tools import bind_eqn, read_var, stop_gradient_all
 from etrace_core.compiler.positions import is_admissible, propagate, reachable, static_values
 from etrace_core.compiler.relations import etp_operands
-from etrace_core.ops import is_etp_primitive, rule_for
+from etrace_core.ops import rule_for
 
 Path = Tuple[str, ...]
 
