@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.core import ShapedArray
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
+
+from etrace_core.ops.primitive import primitive_from_reference
 
 __all__ = ["conv", "etp_conv_p", "x_canon", "y_canon", "io_to_params"]
 
@@ -83,18 +83,7 @@ def _normalise_padding(padding, in_sizes, k_sizes, strides, dilations):
     return tuple(pads)
 
 
-etp_conv_p = Primitive("etp_conv")
-etp_conv_p.def_impl(_reference)
-
-
-def _abstract_eval(*avals, **params):
-    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
-    out = jax.eval_shape(lambda *a: _reference(*a, **params), *args)
-    return ShapedArray(out.shape, out.dtype)
-
-
-etp_conv_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(etp_conv_p, mlir.lower_fun(_reference, multiple_results=False))
+etp_conv_p = primitive_from_reference("etp_conv", _reference)
 
 
 def _no_bias(params):

@@ -9,9 +9,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.core import ShapedArray
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
+
+from etrace_core.ops.primitive import primitive_from_reference
 
 __all__ = ["element_wise", "etp_elemwise_p", "x_canon", "y_canon", "io_to_params"]
 
@@ -42,18 +42,7 @@ def _reference(w, *, fn, batch_shape, has_bias):
     return jnp.broadcast_to(fn(w), tuple(batch_shape) + w.shape)
 
 
-etp_elemwise_p = Primitive("etp_elemwise")
-etp_elemwise_p.def_impl(_reference)
-
-
-def _abstract_eval(aval, **params):
-    arg = jax.ShapeDtypeStruct(aval.shape, aval.dtype)
-    out = jax.eval_shape(lambda a: _reference(a, **params), arg)
-    return ShapedArray(out.shape, out.dtype)
-
-
-etp_elemwise_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(etp_elemwise_p, mlir.lower_fun(_reference, multiple_results=False))
+etp_elemwise_p = primitive_from_reference("etp_elemwise", _reference)
 
 
 def _jvp_w(dw, w, *, fn, batch_shape, has_bias):

@@ -5,9 +5,9 @@ torch ``Linear`` layout), so the compiler finds the parameter array itself as an
 """
 import jax
 import jax.numpy as jnp
-from jax.core import ShapedArray
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
+
+from etrace_core.ops.primitive import primitive_from_reference
 
 __all__ = ["matmul", "etp_matmul_p", "x_canon", "y_canon", "io_to_params"]
 
@@ -43,18 +43,7 @@ def _check(x, w, b, w_layout):
         raise ValueError(f"matmul: b must have shape (O,) = ({o},), got {jnp.shape(b)}")
 
 
-etp_matmul_p = Primitive("etp_matmul")
-etp_matmul_p.def_impl(_reference)
-
-
-def _abstract_eval(*avals, **params):
-    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
-    out = jax.eval_shape(lambda *a: _reference(*a, **params), *args)
-    return ShapedArray(out.shape, out.dtype)
-
-
-etp_matmul_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(etp_matmul_p, mlir.lower_fun(_reference, multiple_results=False))
+etp_matmul_p = primitive_from_reference("etp_matmul", _reference)
 
 
 def _jvp_x(dx, x, w, *b, w_layout, has_bias):
