@@ -138,12 +138,12 @@ class ETraceAlgorithm(brainstate.nn.Module):
     # -- stepping -----------------------------------------------------------------------------
 
     def update(self, *args):
-        self._check_ready()
+        states = self._check_ready()
         if data.is_multi_step(args):
             if self.executor.is_multi_step_vjp:
-                return self._run_window(args)
-            return self._run_chunk(args)
-        return self._run_step(data.unwrap(args))
+                return self._run_window(args, states)
+            return self._run_chunk(args, states)
+        return self._run_step(data.unwrap(args), states)
 
     def _require_plan(self):
         if self._plan is None:
@@ -152,7 +152,8 @@ class ETraceAlgorithm(brainstate.nn.Module):
                 ".init_etrace_state() before stepping")
         return self._plan
 
-    def _check_ready(self) -> None:
+    def _check_ready(self):
+        """Raise unless the algorithm can step; returns the model's current states by path."""
         plan = self._require_plan()
         if self.etrace is None:
             raise NotCompiledError(f"call {type(self).__name__}.init_etrace_state() before stepping")
@@ -173,12 +174,13 @@ class ETraceAlgorithm(brainstate.nn.Module):
                         with jax.ensure_compile_time_eval():   # also inside a transformation
                             self.compile_graph(*self._example_for(shape))
                             self.init_etrace_state()
-                        return
+                        return current
                     raise ValueError(
                         f"hidden state {p} has shape {shape} but the graph and traces were built "
                         f"for {tuple(g.varshape)} (a different batch size?); call "
                         "compile_graph(x) and init_etrace_state() again, or construct the "
                         "algorithm with auto_reinit=True")
+        return current
 
     def _example_for(self, hidden_shape):
         # numpy, not jnp: this can run inside a transformation (brainstate grad of `algo(x)`),
@@ -187,39 +189,38 @@ class ETraceAlgorithm(brainstate.nn.Module):
         return jax.tree.map(lambda a: np.zeros((batch,) + tuple(np.shape(a))[1:],
                                                jnp.result_type(a)), self._compiled.example)
 
-    def _split_values(self):
-        values = self.executor.state_values()
+    def _split_values(self, states):
+        values = self.executor.state_values(states)
         params = {p: values[p] for p in self.graph.module_info.param_paths}
         rest = {p: v for p, v in values.items() if p not in params}
         return params, rest
 
-    def _write(self, new_values, etrace):
-        states = self.model.states()
+    def _write(self, new_values, etrace, states):
         for p, v in new_values.items():
             states[p].value = v
         self.etrace.value = etrace
 
-    def _run_step(self, args):
-        params, rest = self._split_values()
+    def _run_step(self, args, states):
+        params, rest = self._split_values(states)
         flat = jax.tree.leaves(args)
         outs, new_values, etrace = _online_step(self._plan, self.check_finite, params, rest,
                                                 self.etrace.value, flat)
-        self._write(new_values, etrace)
+        self._write(new_values, etrace, states)
         return jax.tree.unflatten(self.graph.module_info.out_tree, outs)
 
-    def _run_chunk(self, args):
+    def _run_chunk(self, args, states):
         seq, rebuild = data.split_for_scan(args)
-        params, rest = self._split_values()
+        params, rest = self._split_values(states)
         outs, new_values, etrace = _online_chunk(self._plan, self.check_finite, rebuild, params,
                                                  rest, self.etrace.value, seq)
-        self._write(new_values, etrace)
+        self._write(new_values, etrace, states)
         return jax.tree.unflatten(self.graph.module_info.out_tree, outs)
 
-    def _run_window(self, args):
-        params, rest = self._split_values()
+    def _run_window(self, args, states):
+        params, rest = self._split_values(states)
         outs, new_values, etrace = _online_window(self._plan, self.check_finite, self.executor,
                                                   args, params, rest, self.etrace.value)
-        self._write(new_values, etrace)
+        self._write(new_values, etrace, states)
         return jax.tree.unflatten(self.graph.module_info.out_tree, outs)
 
 

@@ -27,11 +27,11 @@ def run_online(algo: ETraceAlgorithm, loss_fn: Callable, xs, targets, *,
 
     The model's states and traces advance by T steps; parameters are not changed.
     """
-    algo._check_ready()
+    states = algo._check_ready()
     if algo.executor.is_multi_step_vjp:
         raise ValueError("run_online steps one time step at a time; for windows of exact BPTT "
                          "call the algorithm on MultiStepData under brainstate.transform.grad")
-    params, rest = algo._split_values()
+    params, rest = algo._split_values(states)
     drivers = algo._drivers
     key = (loss_fn, return_outputs)
     if key not in drivers:
@@ -40,7 +40,7 @@ def run_online(algo: ETraceAlgorithm, loss_fn: Callable, xs, targets, *,
     args = xs if isinstance(xs, tuple) else (xs,)
     loss, grads, outs, rest, etrace = drivers[key](params, rest, algo.etrace.value, args, targets)
     algo._write({p: v for p, v in rest.items() if p in algo.graph.module_info.written_paths},
-                etrace)
+                etrace, states)
     return OnlineResult(loss, grads, outs)
 
 

@@ -65,10 +65,11 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
     def _on_compiled(self) -> None:
         self._spec = build_spec(self.graph)
 
-    def state_values(self) -> Dict[tuple, Any]:
+    def state_values(self, states=None) -> Dict[tuple, Any]:
         """Current values of the states the step reads, looked up by path in the model now
-        (`init_state` may have replaced the State objects the graph was compiled with)."""
-        current = self.model.states()
+        (`init_state` may have replaced the State objects the graph was compiled with);
+        `states` is the model's `states()` when the caller already has it."""
+        current = self.model.states() if states is None else states
         return {p: current[p].value for p in self.graph.module_info.state_paths}
 
     # -- public solvers (pure: they read states, never write them) ----------------------------
