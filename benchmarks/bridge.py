@@ -108,7 +108,7 @@ def time_steps(*, T: int = 100, repeats: int = 7, warmup: int = 2, progress=None
     import jax
     import torch
     import etrace_core
-    from etrace_bridge.dlpack import to_jax, to_torch
+    from etrace_bridge.arrays import to_jax, to_torch
 
     xs, ys = torch_data(T)
     xs_j, ys_j = to_jax(xs), to_jax(ys)

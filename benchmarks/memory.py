@@ -20,26 +20,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .common import pinned_env
+from .rss import peak_rss_mb, ru_maxrss_mb
 
 MARKER = "@@BENCH_RESULT@@"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _ru_maxrss_mib() -> float:
-    import resource
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024.0 if sys.platform != "darwin" else kib / 2**20
-
-
-def _vm_hwm_mib() -> Optional[float]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
 
 
 def peak_rss(target: str, kwargs: Optional[Dict[str, Any]] = None, *,
@@ -70,14 +54,14 @@ def _child(target: str, kwargs_json: str) -> None:
     module_name, fn_name = target.split(":")
     module = importlib.import_module(module_name)
     fn = getattr(module, fn_name)
-    import_rss = _vm_hwm_mib() or _ru_maxrss_mib()
+    import_rss = peak_rss_mb()
     t0 = time.perf_counter()
     extra = fn(**json.loads(kwargs_json)) or {}
     wall = time.perf_counter() - t0
-    hwm, maxrss = _vm_hwm_mib(), _ru_maxrss_mib()
+    hwm, maxrss = peak_rss_mb(), ru_maxrss_mb()
     # VmHWM is this process's own high-water mark. ru_maxrss also keeps, across execve, the RSS
     # the forked child had before it (a copy of the parent's), so it is only a fallback.
-    result = {"peak_rss_mib": hwm if hwm is not None else maxrss, "ru_maxrss_mib": maxrss,
+    result = {"peak_rss_mib": hwm, "ru_maxrss_mib": maxrss,
               "import_rss_mib": import_rss, "wall_s": wall}
     result.update(extra)
     print(MARKER + json.dumps(result), flush=True)

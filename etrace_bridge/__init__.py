@@ -4,9 +4,10 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax starts: share the GPU with torch
 
 from .bptt import BPTTResult, GradientReport, bptt_gradients, compare_gradients  # noqa: E402
-from .dlpack import to_jax, to_torch  # noqa: E402
+from .arrays import to_jax, to_torch  # noqa: E402
 from .errors import BridgeError, ExportError, UnsupportedModelError, UnsupportedOpError  # noqa: E402
-from .learner import OnlineLearner, make_algorithm  # noqa: E402
+from .algorithms import make_algorithm  # noqa: E402
+from .learner import OnlineLearner  # noqa: E402
 from .module import TorchModule, from_torch  # noqa: E402
 
 __all__ = [

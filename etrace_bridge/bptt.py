@@ -5,21 +5,12 @@ sequence and backpropagates the summed loss once: the exact gradient that online
 eligibility-trace learning approximates. `compare_gradients` reports how close
 an online gradient is to it, parameter by parameter.
 
-Recurrent state conventions understood by `bptt_gradients`:
-
-(a) `nn.RNNCell` / `nn.GRUCell` / `nn.LSTMCell`: state `h` or `(h, c)`, output `h`.
-(b) `nn.RNN` / `nn.GRU` / `nn.LSTM`: fed a length-1 sequence per step (respecting
-    `batch_first`); state `h` or `(h, c)` shaped `(num_layers, B, H)`; output the
-    step's top-layer output.
-(c) any module with `forward(x, *state) -> (y, *new_state)`; needs `state=`.
-(d) modules that keep their state in registered buffers updated inside `forward`:
-    called as `module(x)`. Selected by `state=None` or `state=()`. Prefer
-    reassigning the buffer (`self.h = h_new`): an in-place `self.h.copy_(h_new)`
-    breaks backpropagation if an op of an earlier step saved `self.h` itself.
+State conventions: see `etrace_bridge.conventions`. Prefer reassigning a state buffer
+(`self.h = h_new`): an in-place `self.h.copy_(h_new)` breaks backpropagation if an op of an
+earlier step saved `self.h` itself.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -28,14 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tasks import IGNORE_INDEX
+from .conventions import param_like, torch_step
+from .losses import resolve_loss
 
-__all__ = [
-    "BPTTResult", "GradientRow", "GradientReport", "IGNORE_INDEX",
-    "bptt_gradients", "compare_gradients", "resolve_loss", "LOSS_NAMES",
-]
-
-LOSS_NAMES = ("mse", "cross_entropy")
+__all__ = ["BPTTResult", "GradientRow", "GradientReport", "bptt_gradients", "compare_gradients"]
 
 
 class BPTTResult(NamedTuple):
@@ -43,149 +30,6 @@ class BPTTResult(NamedTuple):
     loss: float
     grads: dict[str, torch.Tensor]
     outputs: torch.Tensor
-
-
-# ----------------------------------------------------------------------------- losses
-
-def _torch_mse(output, target):
-    return F.mse_loss(output, target.to(output.dtype))
-
-
-def _torch_cross_entropy(output, target):
-    logits = output.reshape(-1, output.shape[-1])
-    labels = target.reshape(-1).long()
-    valid = labels != IGNORE_INDEX
-    per_item = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return per_item.sum() / valid.sum().clamp(min=1).to(per_item.dtype)
-
-
-def _jax_mse(output, target):
-    import jax.numpy as jnp
-    return jnp.mean((output - target.astype(output.dtype)) ** 2)
-
-
-def _jax_cross_entropy(output, target):
-    import jax
-    import jax.numpy as jnp
-    logits = output.reshape(-1, output.shape[-1])
-    labels = target.reshape(-1).astype(jnp.int32)
-    valid = labels != IGNORE_INDEX
-    safe = jnp.where(valid, labels, 0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[:, None], axis=-1)[:, 0]
-    total = jnp.sum(jnp.where(valid, nll, 0.0))
-    return total / jnp.maximum(jnp.sum(valid), 1).astype(total.dtype)
-
-
-_LOSSES = {
-    "torch": {"mse": _torch_mse, "cross_entropy": _torch_cross_entropy},
-    "jax": {"mse": _jax_mse, "cross_entropy": _jax_cross_entropy},
-}
-
-
-def resolve_loss(loss: str | Callable, *, backend: str = "torch") -> Callable:
-    """Return `loss(output_t, target_t) -> scalar` for a name or pass a callable through.
-
-    'mse': mean squared error over all elements. 'cross_entropy': `output` logits
-    `(B, C)` (or `(B, ..., C)`), integer targets `(B,)` (or `(B, ...)`); the mean over
-    entries whose target is not IGNORE_INDEX (-100), and 0 when a step has none, so
-    per-step losses on targets padded with -100 need no special casing.
-    backend='jax' returns the JAX implementation with the same semantics.
-    """
-    if backend not in _LOSSES:
-        raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'jax'")
-    if callable(loss):
-        return loss
-    if isinstance(loss, str) and loss in _LOSSES[backend]:
-        return _LOSSES[backend][loss]
-    raise ValueError(f"unknown loss {loss!r}; expected a callable or one of {', '.join(LOSS_NAMES)}")
-
-
-# ----------------------------------------------------------------------------- stepping
-
-_CELLS = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
-
-
-def _param_like(module: nn.Module, xs: torch.Tensor):
-    p = next(module.parameters(), None)
-    return (p.dtype, p.device) if p is not None else (xs.dtype, xs.device)
-
-
-def _cell_step(module, x, state):
-    if isinstance(module, nn.LSTMCell):
-        h, c = module(x, tuple(state))
-        return h, (h, c)
-    h = module(x, state[0] if isinstance(state, (tuple, list)) else state)
-    return h, h
-
-
-def _cell_zero_state(module, batch, dtype, device):
-    h = torch.zeros(batch, module.hidden_size, dtype=dtype, device=device)
-    return (h, h.clone()) if isinstance(module, nn.LSTMCell) else h
-
-
-def _rnn_step(module, x, state):
-    time_dim = 1 if module.batch_first else 0
-    out, new_state = module(x.unsqueeze(time_dim), state)
-    return out.squeeze(time_dim), new_state
-
-
-def _rnn_zero_state(module, batch, dtype, device):
-    if module.bidirectional:
-        raise ValueError("a bidirectional RNN has no step-by-step (causal) form")
-    h_size = getattr(module, "proj_size", 0) or module.hidden_size
-    h = torch.zeros(module.num_layers, batch, h_size, dtype=dtype, device=device)
-    if isinstance(module, nn.LSTM):
-        return h, torch.zeros(module.num_layers, batch, module.hidden_size, dtype=dtype, device=device)
-    return h
-
-
-def _forward_step(module, x, state):
-    out = module(x, *state)
-    if not isinstance(out, (tuple, list)) or len(out) != len(state) + 1:
-        raise TypeError(
-            f"{type(module).__name__}.forward(x, *state) must return (y, *new_state) with "
-            f"{len(state)} state tensors, got {type(out).__name__}")
-    return out[0], tuple(out[1:])
-
-
-def _buffer_step(module, x, state):
-    y = module(x)
-    if isinstance(y, (tuple, list)):
-        raise TypeError(
-            f"{type(module).__name__} returned a tuple: for forward(x, *state) -> (y, *new_state) "
-            "modules pass the initial state as state=")
-    return y, state
-
-
-def _required_positional(module) -> int:
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return 0
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
-
-
-def _pick_step(module, state, batch, dtype, device):
-    """Return (step, initial_state) for the module's state convention."""
-    if isinstance(module, _CELLS):
-        if state is None:
-            state = _cell_zero_state(module, batch, dtype, device)
-        return _cell_step, state
-    if isinstance(module, nn.RNNBase):
-        if state is None:
-            state = _rnn_zero_state(module, batch, dtype, device)
-        elif module.bidirectional:
-            raise ValueError("a bidirectional RNN has no step-by-step (causal) form")
-        return _rnn_step, tuple(state) if isinstance(state, list) else state
-    if state is None or (isinstance(state, (tuple, list)) and len(state) == 0):
-        if _required_positional(module) > 1:
-            raise TypeError(
-                f"{type(module).__name__}.forward takes state arguments: pass the initial state "
-                "as state= (forward(x, *state) -> (y, *new_state) convention)")
-        return _buffer_step, ()
-    return _forward_step, tuple(state) if isinstance(state, (tuple, list)) else (state,)
 
 
 # ----------------------------------------------------------------------------- BPTT
@@ -232,7 +76,7 @@ def bptt_gradients(
     not reach get zero gradients.
     """
     xs = torch.as_tensor(xs)
-    dtype, device = _param_like(module, xs)
+    dtype, device = param_like(module, xs)
     xs = xs.to(device)
     if targets is not None and not isinstance(targets, (list, tuple)):
         targets = torch.as_tensor(targets).to(device)
@@ -240,7 +84,7 @@ def bptt_gradients(
         raise ValueError(f"need one target entry per time step ({xs.shape[0]})")
     loss_fn = resolve_loss(loss)
     if step is None:
-        step, state = _pick_step(module, state, xs.shape[1], dtype, device)
+        step, state = torch_step(module, state, xs.shape[1], dtype, device)
 
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     originals = _swap_in_buffer_copies(module)

@@ -11,25 +11,10 @@ import torch
 
 import etrace_core
 
-from .bptt import resolve_loss
-from .dlpack import to_jax, to_torch
+from .algorithms import make_algorithm
+from .arrays import import_tensor, to_jax, to_torch
+from .losses import resolve_loss
 from .module import TorchModule, from_torch
-
-ALGORITHMS: Dict[str, Callable] = {
-    "es_d_rtrl": etrace_core.IODimVjpAlgorithm,
-    "pp_prop": etrace_core.IODimVjpAlgorithm,
-    "d_rtrl": etrace_core.ParamDimVjpAlgorithm,
-    "hybrid": etrace_core.HybridDimVjpAlgorithm,
-}
-
-
-def make_algorithm(name: str, model, **options) -> etrace_core.ETraceAlgorithm:
-    """The online algorithm called `name` ('es_d_rtrl', 'pp_prop', 'd_rtrl', 'hybrid')."""
-    key = name.lower().replace("-", "_")
-    if key not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
-    return ALGORITHMS[key](model, **options)
-
 
 class OnlineLearner:
     """Online training of a torch model with eligibility traces.
@@ -200,10 +185,7 @@ def _to_jax_input(t):
 
 def _targets_to_jax(t):
     if isinstance(t, torch.Tensor):
-        t = t.detach()
-        if t.dtype == torch.int64 and not jax.config.read("jax_enable_x64"):
-            t = t.to(torch.int32)  # class labels fit; JAX would otherwise refuse 64-bit input
-        return to_jax(t)
+        return import_tensor(t)
     return jax.tree.map(jnp.asarray, t)
 
 

@@ -5,7 +5,7 @@ registered with `register_fake` and `register_autograd`). Its JAX twin, a `jax.c
 function with the same surrogate, is handed to the bridge as `custom_ops={"snn_example::spike":
 spike_jax}`. The network keeps its state in registered buffers that `forward` reassigns (the
 SNN-style state convention), and learns online with D-RTRL (or ES-D-RTRL) and torch's Adam on
-the spiking delayed match-to-sample task (`etrace_bridge.tasks.get_task('dms')`).
+the spiking delayed match-to-sample task (`etrace_bridge.compare.tasks.get_task('dms')`).
 
     python examples/snn_custom_op.py            # full run
     python examples/snn_custom_op.py --quick    # small run, well under 30 s
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from etrace_bridge import OnlineLearner
-from etrace_bridge.tasks import get_task, iterate_minibatches
+from etrace_bridge.compare.tasks import get_task, iterate_minibatches
 
 SURROGATE_SCALE = 4.0
 

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from etrace_bridge import OnlineLearner
-from etrace_bridge.bptt import resolve_loss
-from etrace_bridge.models import GRUClassifier   # nn.GRUCell + nn.Linear, forward(x, h) -> (y, h)
-from etrace_bridge.tasks import get_task, iterate_minibatches
+from etrace_bridge.losses import resolve_loss
+from etrace_bridge.compare.models import GRUClassifier   # nn.GRUCell + nn.Linear, forward(x, h) -> (y, h)
+from etrace_bridge.compare.tasks import get_task, iterate_minibatches
 
 
 class GRULayerClassifier(nn.Module):

@@ -5,9 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from etrace_bridge.bptt import (
-    GradientReport, GradientRow, bptt_gradients, compare_gradients, resolve_loss,
-)
+from etrace_bridge.bptt import GradientReport, GradientRow, bptt_gradients, compare_gradients
+from etrace_bridge.losses import resolve_loss
 
 T, B = 4, 2
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from etrace_bridge.dlpack import CPU_ALIGNMENT, needs_copy, to_jax, to_torch
+from etrace_bridge.arrays import CPU_ALIGNMENT, needs_copy, to_jax, to_torch
 
 
 def _shares(tensor, array):

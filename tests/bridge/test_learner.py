@@ -9,7 +9,7 @@ from torch import nn
 
 from etrace_bridge.bptt import bptt_gradients, compare_gradients
 from etrace_bridge.learner import OnlineLearner
-from etrace_bridge.models import GRUClassifier, LeakyRNN, LSTMClassifier, initial_state, spike_jax, spike_op
+from etrace_bridge.compare.models import GRUClassifier, LeakyRNN, LSTMClassifier, initial_state, spike_jax, spike_op
 
 T, B, I, H, O = 7, 3, 5, 6, 2
 

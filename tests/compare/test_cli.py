@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from etrace_bridge.cli import main
-from etrace_bridge.compare import CompareConfig, run_comparison
-from etrace_bridge.report import PLOTS
+from etrace_bridge.compare.cli import main
+from etrace_bridge.compare.config import CompareConfig
+from etrace_bridge.compare.runs import run_comparison
+from etrace_bridge.compare.report import PLOTS
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--epochs", "1", "--hidden", "8", "--train-subset", "64", "--test-subset", "32",

@@ -19,12 +19,14 @@ from typing import Iterator
 
 import numpy as np
 
+from etrace_bridge.losses import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX", "SequenceTask", "sequential_digits", "delayed_recall", "spiking_dms",
     "TASK_NAMES", "get_task", "iterate_minibatches",
 ]
 
-IGNORE_INDEX = -100
+
 KINDS = ("classification_last", "classification_every_step", "regression_every_step")
 
 

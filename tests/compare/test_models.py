@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from etrace_bridge.bptt import bptt_gradients
-from etrace_bridge.models import (
+from etrace_bridge.compare.models import (
     SURROGATE_SCALE, GRUClassifier, LIFNet, LSTMClassifier, LeakyRNN, build_model, initial_state,
     spike_jax, spike_op,
 )

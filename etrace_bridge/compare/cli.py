@@ -13,8 +13,9 @@ import argparse
 import sys
 from typing import Sequence
 
+from .config import METHODS as METHOD_NAMES
+
 PROG = "etrace-compare"
-METHOD_NAMES = ("bptt", "d_rtrl", "es_d_rtrl", "hybrid")   # = compare.METHODS (kept import-free)
 
 # Settings that --quick changes; an explicit flag always wins.
 DEFAULTS = dict(hidden=64, epochs=10, batch_size=32, train_subset=None, test_subset=None,
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .compare import CompareConfig
+    from .config import CompareConfig
 
     preset = QUICK if args.quick else DEFAULTS
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import warnings
     # etrace_bridge.learner builds the loss tensor from a read-only numpy view: harmless, noisy
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    from .compare import run_comparison
+    from .runs import run_comparison
     from .report import print_report, write_report
 
     cfg = config_from_args(args)
@@ -148,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_error(err: Exception) -> int:
-    from .compare import CompareError, one_line
+    from .config import CompareError, one_line
 
     if isinstance(err, (UsageError, CompareError)):
         print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)

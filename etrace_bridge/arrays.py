@@ -1,5 +1,10 @@
-"""Zero-copy exchange of arrays between torch and JAX through DLPack.
+"""The one torch <-> JAX array policy: dtypes, 64-bit handling, and zero-copy DLPack exchange.
 
+Dtypes: every torch dtype maps to one JAX dtype (`jax_dtype`). 64-bit floats need JAX's x64 mode
+(never a silent downcast: `to_jax` and `check_float64` refuse); int64 tensors that the bridge
+imports itself (constants, labels, buffers) become int32 while x64 is off (`import_tensor`).
+
+DLPack:
 `to_jax` shares the torch tensor's memory whenever JAX can use it as it is:
 row-major tensors and any permutation of them (a transposed view keeps its
 layout in JAX). Other layouts need a copy, made on the torch side:
@@ -20,13 +25,71 @@ has touched the GPU before the import.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 import torch
 
-__all__ = ["to_jax", "to_torch", "needs_copy", "CPU_ALIGNMENT"]
+__all__ = ["to_jax", "to_torch", "needs_copy", "CPU_ALIGNMENT", "jax_dtype", "import_tensor",
+           "is_float64", "check_float64", "x64_enabled"]
 
 CPU_ALIGNMENT = 64
 _WIDE_DTYPES = (torch.float64, torch.int64, torch.uint64, torch.complex128)
+_FLOAT64 = (torch.float64, torch.complex128)
+
+_DTYPES = {
+    torch.float16: np.float16, torch.bfloat16: jnp.bfloat16, torch.float32: np.float32,
+    torch.float64: np.float64, torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32,
+    torch.int64: np.int64, torch.uint8: np.uint8, torch.bool: np.bool_,
+    torch.complex64: np.complex64, torch.complex128: np.complex128,
+}
+
+_X64_HINT = ("Enable it with jax.config.update('jax_enable_x64', True) before converting, or use "
+             "a float32 model and inputs (model.float()).")
+
+
+def x64_enabled() -> bool:
+    """Whether JAX computes in 64 bits now."""
+    return bool(jax.config.read("jax_enable_x64"))
+
+
+def jax_dtype(dtype: torch.dtype) -> np.dtype:
+    """The JAX dtype for a torch dtype (int64 becomes int32 while JAX x64 is off)."""
+    if dtype not in _DTYPES:
+        raise TypeError(f"torch dtype {dtype} has no JAX equivalent in the bridge")
+    return jax.dtypes.canonicalize_dtype(_DTYPES[dtype])
+
+
+def is_float64(value) -> bool:
+    """True for a float64/complex128 tensor, or a list/tuple holding one."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype in _FLOAT64
+    if isinstance(value, (list, tuple)):
+        return any(is_float64(v) for v in value)
+    return False
+
+
+def check_float64(tensors: Iterable[tuple[str, str, torch.Tensor]]) -> None:
+    """Refuse 64-bit float tensors (`(kind, name, tensor)`) while JAX x64 is off."""
+    if x64_enabled():
+        return
+    for kind, name, t in tensors:
+        if t.dtype in _FLOAT64:
+            raise TypeError(f"{kind} `{name}` is {t.dtype} but JAX 64-bit mode is off, so JAX "
+                            f"would silently compute in float32. {_X64_HINT}")
+
+
+def import_tensor(t: torch.Tensor, *, copy: bool = False) -> jax.Array:
+    """A tensor the bridge imports itself (parameter, buffer, constant, label) as a JAX array.
+
+    int64 becomes int32 while x64 is off (indices and labels fit; JAX would refuse them).
+    """
+    t = t.detach()
+    if t.dtype == torch.int64 and not x64_enabled():
+        t = t.to(torch.int32)
+    return to_jax(t, copy=True) if copy else to_jax(t)
 
 
 def _is_permuted_compact(shape, strides) -> bool:
@@ -68,12 +131,9 @@ def to_jax(tensor: torch.Tensor, *, copy: bool | None = None) -> jax.Array:
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"to_jax expects a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype in _WIDE_DTYPES and not jax.config.read("jax_enable_x64"):
-        raise TypeError(
-            f"{tensor.dtype} tensor while JAX 64-bit mode is off: JAX would silently "
-            "downcast it to 32 bits. Enable it with jax.config.update('jax_enable_x64', True) "
-            "before creating arrays, or convert the model/data to float32 (module.float())."
-        )
+    if tensor.dtype in _WIDE_DTYPES and not x64_enabled():
+        raise TypeError(f"{tensor.dtype} tensor while JAX 64-bit mode is off: JAX would silently "
+                        f"downcast it to 32 bits. {_X64_HINT}")
     tensor = tensor.detach()
     reason = needs_copy(tensor)
     if reason is not None and copy is False:

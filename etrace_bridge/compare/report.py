@@ -12,7 +12,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .compare import ComparisonResult
+from .results import ComparisonResult
 
 __all__ = [
     "Table", "summary_table", "fidelity_table", "memory_sweep_table", "time_sweep_table",

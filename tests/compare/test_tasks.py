@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from etrace_bridge.tasks import (
+from etrace_bridge.compare.tasks import (
     IGNORE_INDEX, SequenceTask, delayed_recall, get_task, iterate_minibatches, sequential_digits,
     spiking_dms,
 )

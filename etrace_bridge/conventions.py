@@ -1,0 +1,328 @@
+"""How a torch recurrent model keeps its state: the one place that knows the conventions.
+
+1. `nn.RNNCell` / `nn.GRUCell` / `nn.LSTMCell`: `cell(x, h)` / `cell(x, (h, c))`, output = new h.
+2. `nn.RNN` / `nn.GRU` / `nn.LSTM`: a length-1 sequence per step (respecting `batch_first`);
+   state `h` or `(h, c)` shaped `(num_layers, B, H)`; output the top layer's step output.
+3. `forward(x, *state) -> (y, *new_state)`, paired automatically or declared with `state=`.
+4. State kept in registered buffers updated inside `forward` (SNN style): `module(x)`.
+
+The torch side (`torch_step`: run one step eagerly, for BPTT) and the JAX side (`StateLayout`:
+how `update`'s inputs and the hidden states map onto the exported step) are both here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from etrace_bridge.export import ExportedStep
+
+__all__ = ["CELLS", "Path", "StateLayout", "cell_layout", "rnn_layout", "explicit_layout",
+           "torch_step", "required_positional", "param_like"]
+
+Path = tuple[str, ...]
+CELLS = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
+
+
+# ----------------------------------------------------------------------------- torch side
+
+def param_like(module: nn.Module, xs: torch.Tensor):
+    p = next(module.parameters(), None)
+    return (p.dtype, p.device) if p is not None else (xs.dtype, xs.device)
+
+
+def _cell_step(module, x, state):
+    if isinstance(module, nn.LSTMCell):
+        h, c = module(x, tuple(state))
+        return h, (h, c)
+    h = module(x, state[0] if isinstance(state, (tuple, list)) else state)
+    return h, h
+
+
+def _cell_zero_state(module, batch, dtype, device):
+    h = torch.zeros(batch, module.hidden_size, dtype=dtype, device=device)
+    return (h, h.clone()) if isinstance(module, nn.LSTMCell) else h
+
+
+def _rnn_step(module, x, state):
+    time_dim = 1 if module.batch_first else 0
+    out, new_state = module(x.unsqueeze(time_dim), state)
+    return out.squeeze(time_dim), new_state
+
+
+def _rnn_zero_state(module, batch, dtype, device):
+    if module.bidirectional:
+        raise ValueError("a bidirectional RNN has no step-by-step (causal) form")
+    h_size = getattr(module, "proj_size", 0) or module.hidden_size
+    h = torch.zeros(module.num_layers, batch, h_size, dtype=dtype, device=device)
+    if isinstance(module, nn.LSTM):
+        return h, torch.zeros(module.num_layers, batch, module.hidden_size, dtype=dtype, device=device)
+    return h
+
+
+def _forward_step(module, x, state):
+    out = module(x, *state)
+    if not isinstance(out, (tuple, list)) or len(out) != len(state) + 1:
+        raise TypeError(
+            f"{type(module).__name__}.forward(x, *state) must return (y, *new_state) with "
+            f"{len(state)} state tensors, got {type(out).__name__}")
+    return out[0], tuple(out[1:])
+
+
+def _buffer_step(module, x, state):
+    y = module(x)
+    if isinstance(y, (tuple, list)):
+        raise TypeError(
+            f"{type(module).__name__} returned a tuple: for forward(x, *state) -> (y, *new_state) "
+            "modules pass the initial state as state=")
+    return y, state
+
+
+def required_positional(module) -> int:
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
+
+
+def torch_step(module, state, batch, dtype, device):
+    """Return (step, initial_state) for the module's state convention."""
+    if isinstance(module, CELLS):
+        if state is None:
+            state = _cell_zero_state(module, batch, dtype, device)
+        return _cell_step, state
+    if isinstance(module, nn.RNNBase):
+        if state is None:
+            state = _rnn_zero_state(module, batch, dtype, device)
+        elif module.bidirectional:
+            raise ValueError("a bidirectional RNN has no step-by-step (causal) form")
+        return _rnn_step, tuple(state) if isinstance(state, list) else state
+    if state is None or (isinstance(state, (tuple, list)) and len(state) == 0):
+        if required_positional(module) > 1:
+            raise TypeError(
+                f"{type(module).__name__}.forward takes state arguments: pass the initial state "
+                "as state= (forward(x, *state) -> (y, *new_state) convention)")
+        return _buffer_step, ()
+    return _forward_step, tuple(state) if isinstance(state, (tuple, list)) else (state,)
+
+
+# ----------------------------------------------------------------------------- JAX side
+
+
+@dataclasses.dataclass(repr=False)
+class StateLayout:
+    """How `update`'s inputs and the hidden states map onto the exported step.
+
+    `step_inputs(args, states)` builds the step's inputs; `split_outputs(outputs)` returns
+    `(model output, {path: new state})`. `init` holds each state's example value and batch axis;
+    `update_args` are example inputs of `update` (batch first, no time axis).
+    """
+
+    export_args: tuple
+    update_args: tuple
+    batch_axes: Any
+    batch: int | None
+    init: dict[Path, tuple[torch.Tensor, int | None]]
+    step_inputs: Callable[[tuple, dict], tuple]
+    split_outputs: Callable[[Any], tuple[Any, dict]]
+
+
+def cell_layout(module: nn.Module, args: tuple) -> StateLayout:
+    """nn.RNNCell / GRUCell: state h; nn.LSTMCell: state (h, c); output = new h."""
+    x = args[0]
+    lstm = isinstance(module, nn.LSTMCell)
+    if len(args) == 1:
+        shape = (x.shape[0], module.hidden_size) if x.ndim == 2 else (module.hidden_size,)
+        zero = torch.zeros(shape, dtype=module.weight_ih.dtype)
+        state = (zero, zero.clone()) if lstm else zero
+    elif len(args) == 2:
+        state = args[1]
+    else:
+        raise ValueError(f"{type(module).__name__} example_inputs must be (x,) or (x, state), "
+                         f"got {len(args)} items")
+    axis = 0 if x.ndim == 2 else None
+    batch = x.shape[0] if axis == 0 else None
+    if lstm:
+        h, c = state
+        init = {("h",): (h, axis), ("c",): (c, axis)}
+        return StateLayout(
+            export_args=(x, (h, c)), update_args=(x,), batch_axes=(axis, (axis, axis)),
+            batch=batch, init=init,
+            step_inputs=lambda a, s: (a[0], (s[("h",)], s[("c",)])),
+            split_outputs=lambda o: (o[0], {("h",): o[0], ("c",): o[1]}))
+    return StateLayout(
+        export_args=(x, state), update_args=(x,), batch_axes=(axis, axis), batch=batch,
+        init={("h",): (state, axis)},
+        step_inputs=lambda a, s: (a[0], s[("h",)]),
+        split_outputs=lambda o: (o, {("h",): o}))
+
+
+def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
+    """nn.RNN / GRU / LSTM run with sequence length 1; one hidden state per layer."""
+    name = type(module).__name__
+    if getattr(module, "proj_size", 0):
+        raise ValueError(f"{name} with proj_size={module.proj_size} is not supported: its h and "
+                         "c have different sizes. Use proj_size=0 and a Linear readout.")
+    if len(args) not in (1, 2):
+        raise ValueError(f"{name} example_inputs must be (x,) or (x, state), got {len(args)} items")
+    x = args[0]
+    time_axis = 1 if module.batch_first else 0
+    if x.ndim == 3:
+        if x.shape[time_axis] != 1:
+            raise ValueError(f"{name} converts one time step: give x as (batch, input) or with a "
+                             f"time dimension of size 1, got shape {tuple(x.shape)}")
+        x = x.squeeze(time_axis)
+    if x.ndim != 2:
+        raise ValueError(f"{name} example x must be (batch, input_size), got {tuple(x.shape)}")
+    layers, batch, hidden = module.num_layers, x.shape[0], module.hidden_size
+    lstm = isinstance(module, nn.LSTM)
+    if len(args) == 2:
+        state = args[1]
+    else:
+        zero = torch.zeros(layers, batch, hidden, dtype=x.dtype)
+        state = (zero, zero.clone()) if lstm else zero
+    kinds = ("h", "c") if lstm else ("h",)
+    tensors = tuple(state) if lstm else (state,)
+    paths = {k: [(k, f"l{i}") for i in range(layers)] for k in kinds}
+    init = {p: (t[i], 0) for k, t in zip(kinds, tensors) for i, p in enumerate(paths[k])}
+    x_axis = 0 if module.batch_first else 1
+
+    def stacked(states, kind):
+        return jnp.stack([states[p] for p in paths[kind]], axis=0)
+
+    def step_inputs(a, s):
+        xs = jnp.expand_dims(a[0], time_axis)
+        return (xs, (stacked(s, "h"), stacked(s, "c"))) if lstm else (xs, stacked(s, "h"))
+
+    def split_outputs(o):
+        out, hn = o
+        news = {}
+        for k, t in zip(kinds, tuple(hn) if lstm else (hn,)):
+            news.update({p: t[i] for i, p in enumerate(paths[k])})
+        return jnp.squeeze(out, time_axis), news
+
+    return StateLayout(
+        export_args=(x.unsqueeze(time_axis), tensors if lstm else tensors[0]), update_args=(x,),
+        batch_axes=(x_axis, (1, 1) if lstm else 1), batch=batch, init=init,
+        step_inputs=step_inputs, split_outputs=split_outputs)
+
+
+def explicit_layout(module, args, step: ExportedStep, spec: Mapping | None) -> StateLayout:
+    """forward(x, *state) -> (y, *new_state): state inputs/outputs paired in order.
+
+    `spec` is `{'inputs': [i, ...], 'outputs': [j, ...], 'names': [...]}` (indices into
+    example_inputs and into forward's returned tuple; a non-tuple return is index 0). Without
+    `spec`, inputs 1.. pair with outputs 1.. when their structures and shapes match, and a
+    single returned tensor shaped like the only state input is that state's new value.
+    """
+    outputs_meta = _output_meta(step)
+    if spec is None:
+        state_in, state_out = _auto_pairing(args, outputs_meta)
+        names = None
+    else:
+        state_in = list(spec.get("inputs", ()))
+        state_out = list(spec.get("outputs", ()))
+        names = spec.get("names")
+    if len(state_in) != len(state_out):
+        raise ValueError(f"state= pairs inputs {state_in} with outputs {state_out}: they must "
+                         "have the same length")
+    tuple_out = isinstance(outputs_meta, (tuple, list))
+    out_items = list(outputs_meta) if tuple_out else [outputs_meta]
+    for i, j in zip(state_in, state_out):
+        if not 0 <= i < len(args) or not 0 <= j < len(out_items):
+            raise ValueError(f"state= index out of range: input {i} of {len(args)}, output {j} "
+                             f"of {len(out_items)}")
+        if pytree.tree_structure(args[i]) != pytree.tree_structure(out_items[j]):
+            raise ValueError(f"state input {i} and output {j} have different structures")
+    names = list(names) if names is not None else _input_names(module, state_in)
+    init, leaf_paths = {}, {}
+    for i, name in zip(state_in, names):
+        leaves, _ = pytree.tree_flatten(args[i])
+        paths = [(name,)] if len(leaves) == 1 and isinstance(args[i], torch.Tensor) else \
+            [(name, str(k)) for k in range(len(leaves))]
+        leaf_paths[i] = paths
+        for p, t in zip(paths, leaves):
+            init[p] = (t, 0 if t.ndim >= 1 and t.shape[0] == step.batch_size else None)
+    specs = {i: pytree.tree_structure(args[i]) for i in state_in}
+    arg_slots = [i for i in range(len(args)) if i not in state_in]
+    out_rest = [j for j in range(len(out_items)) if j not in state_out]
+
+    def step_inputs(a, s):
+        if len(a) != len(arg_slots):
+            raise TypeError(f"update() takes {len(arg_slots)} inputs, got {len(a)}")
+        full = [None] * len(args)
+        for slot, value in zip(arg_slots, a):
+            full[slot] = value
+        for i in state_in:
+            full[i] = pytree.tree_unflatten([s[p] for p in leaf_paths[i]], specs[i])
+        return tuple(full)
+
+    def split_outputs(o):
+        if not state_out:
+            return o, {}
+        items = list(o) if tuple_out else [o]
+        news = {}
+        for i, j in zip(state_in, state_out):
+            news.update(zip(leaf_paths[i], pytree.tree_leaves(items[j])))
+        y = [items[j] for j in (out_rest or state_out)]
+        return (y[0] if len(y) == 1 else tuple(y)), news
+
+    return StateLayout(export_args=args, update_args=tuple(args[i] for i in arg_slots),
+                   batch_axes=None, batch=step.batch_size, init=init,
+                   step_inputs=step_inputs, split_outputs=split_outputs)
+
+
+def _output_meta(step: ExportedStep):
+    out = next(n for n in step.graph.nodes if n.op == "output").args[0]
+    vals = [getattr(out[i], "meta", {}).get("val") for i in step.user_outputs]
+    return pytree.tree_unflatten(vals, step.out_spec)
+
+
+def _same_shape(a, b) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if a.ndim != b.ndim:
+        return False
+    return all(isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt) or x == y
+               for x, y in zip(a.shape, b.shape))
+
+
+def _matches(arg, out) -> bool:
+    if pytree.tree_structure(arg) != pytree.tree_structure(out):
+        return False
+    return all(_same_shape(a, o) for a, o in zip(pytree.tree_leaves(arg), pytree.tree_leaves(out)))
+
+
+def _auto_pairing(args, outputs_meta) -> tuple[list[int], list[int]]:
+    if len(args) < 2:
+        return [], []
+    if isinstance(outputs_meta, (tuple, list)):
+        if len(outputs_meta) == len(args) and all(
+                _matches(args[k], outputs_meta[k]) for k in range(1, len(args))):
+            return list(range(1, len(args))), list(range(1, len(args)))
+        return [], []
+    if len(args) == 2 and _matches(args[1], outputs_meta):
+        return [1], [0]
+    return [], []
+
+
+def _input_names(module, indices) -> list[str]:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for i in indices:
+        if i < len(params) and params[i].kind in (params[i].POSITIONAL_ONLY,
+                                                  params[i].POSITIONAL_OR_KEYWORD):
+            names.append(params[i].name)
+        else:
+            names.append(f"state{i}")
+    return names
