@@ -16,7 +16,6 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .conventions import param_like, torch_step
