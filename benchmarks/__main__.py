@@ -24,13 +24,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="fewer repeats, fewer models and T <= 1,000 (a couple of minutes)")
     p.add_argument("--out", default="benchmark-results.json", help="JSON output file")
-    p.add_argument("--only", choices=("algorithms", "bridge"), default=None,
-                   help="run one of the two sets")
+    p.add_argument("--only", choices=("algorithms", "bridge", "compile"), default=None,
+                   help="run one of the sets")
     args = p.parse_args(argv)
 
     from tqdm import tqdm
 
-    from . import algorithms, bridge
+    from . import algorithms, bridge, compile_depth
 
     started = time.perf_counter()
     result = {"date": common.now(), "command": " ".join(["python -m benchmarks"] + sys.argv[1:]),
@@ -57,9 +57,11 @@ def main(argv=None) -> int:
         result["algorithms"] = algorithms.run(quick=args.quick, progress=progress, log=log)
     if args.only in (None, "bridge"):
         result["bridge"] = bridge.run(quick=args.quick, progress=progress, log=log)
+    if args.only in (None, "compile"):
+        result["compile"] = compile_depth.run(quick=args.quick, progress=progress, log=log)
     bar.close()
     result["wall_s"] = time.perf_counter() - started
-    result["goals"] = [g for part in ("algorithms", "bridge") if part in result
+    result["goals"] = [g for part in ("algorithms", "bridge", "compile") if part in result
                        for g in result[part]["goals"]]
     print("\n== all goals ==")
     for g in result["goals"]:

@@ -10,7 +10,7 @@ from jax.extend import core as jcore
 
 from .jaxpr_tools import RELABEL, bind_eqn, read_var
 from .module_info import ModuleInfo, Path
-from .positions import propagate, static_values
+from .positions import MANY, relabel_table, static_values
 
 
 class HiddenPerturbation(NamedTuple):
@@ -73,32 +73,40 @@ def add_hidden_perturbation_from_minfo(minfo: ModuleInfo) -> HiddenPerturbation:
 
 def production_point(minfo: ModuleInfo, var, static):
     """The earliest variable of which `var` is an exact copy (same elements in the same flat
-    order, possibly reshaped) through relabelling ops."""
+    order, possibly reshaped) through relabelling ops.
+
+    Walks back from `var` through its producers while all of its elements come from one
+    operand (pulling positions back through each op's relabelling table): linear in the length
+    of the copy chain.
+    """
     producer = {v: eqn for eqn in minfo.jaxpr.eqns for v in eqn.outvars}
     size = int(np.prod(var.aval.shape, dtype=int))
-    best, frontier, seen = var, [var], {var}
-    while frontier:
-        v = frontier.pop()
-        eqn = producer.get(v)
+    best, current, positions = var, var, np.arange(size)
+    while True:
+        eqn = producer.get(current)
         if eqn is None or eqn.primitive.name not in RELABEL:
-            continue
-        for a in eqn.invars:
-            if isinstance(a, jcore.Literal) or a in seen:
-                continue
-            seen.add(a)
-            frontier.append(a)
-            if (a in producer and int(np.prod(a.aval.shape, dtype=int)) == size
-                    and a.aval.dtype == var.aval.dtype):   # same elements, maybe reshaped
-                m = propagate(minfo.jaxpr, a, static).maps.get(var)
-                if m is not None and np.array_equal(m, np.arange(size)):
-                    best = a if _earlier(minfo, a, best) else best
-    return best
-
-
-def _earlier(minfo, a, b) -> bool:
-    order = {v: i for i, eqn in enumerate(minfo.jaxpr.eqns) for v in eqn.outvars}
-    order.update({v: -1 for v in minfo.jaxpr.invars})
-    return order.get(a, -1) < order.get(b, -1)
+            return best
+        out = eqn.outvars.index(current)
+        table = relabel_table(eqn, static)
+        if table is None:
+            return best
+        out_size = int(np.prod(current.aval.shape, dtype=int))
+        operand, position = np.full(out_size, -1), np.full(out_size, -1)
+        for i, target in table[out]:
+            if np.any(target == MANY):
+                continue   # one element copied to several places: no single pull-back
+            hit = target >= 0
+            operand[target[hit]], position[target[hit]] = i, np.nonzero(hit)[0]
+        sources = operand[positions]
+        if np.any(sources < 0) or np.any(sources != sources[0]):
+            return best
+        current, positions = eqn.invars[int(sources[0])], position[positions]
+        if isinstance(current, jcore.Literal):
+            return best
+        if (int(np.prod(current.aval.shape, dtype=int)) == size
+                and current.aval.dtype == var.aval.dtype
+                and np.array_equal(positions, np.arange(size)) and current in producer):
+            best = current
 
 
 def add_hidden_perturbation_in_module(model, *args) -> HiddenPerturbation:

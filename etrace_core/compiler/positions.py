@@ -7,6 +7,8 @@ different positions through two paths).
 """
 from __future__ import annotations
 
+import functools
+import heapq
 from typing import Dict, List, NamedTuple
 
 import jax.numpy as jnp
@@ -49,18 +51,31 @@ def static_values(closed: jcore.ClosedJaxpr) -> dict:
     return env
 
 
-def propagate(jaxpr: jcore.Jaxpr, source: jcore.Var, static: dict, stop=frozenset()) -> Propagation:
+def propagate(jaxpr: jcore.Jaxpr, source: jcore.Var, static: dict, stop=frozenset(),
+              index: dict | None = None) -> Propagation:
     """Push `source` forward through element-wise and relabelling equations.
 
-    Variables in `stop` get a map but are not pushed further.
+    Variables in `stop` get a map but are not pushed further. Only the equations that read a
+    reached variable are visited (in program order), so a source that stays local costs little;
+    pass `index = consumer_index(jaxpr)` when pushing many sources through one jaxpr.
     """
+    index = consumer_index(jaxpr) if index is None else index
     size = int(np.prod(source.aval.shape, dtype=int))
     maps = {source: np.arange(size)}
     blocked = []
-    for eqn in jaxpr.eqns:
-        carried = [v for v in eqn.invars
-                   if not isinstance(v, jcore.Literal) and v in maps and v not in stop]
-        if not carried:
+    queue, queued = [], set()
+
+    def enqueue(var):
+        for k, eqn in index.get(var, ()):
+            if k not in queued:
+                queued.add(k)
+                heapq.heappush(queue, (k, eqn))  # each k once: eqns never compared
+
+    enqueue(source)
+    while queue:
+        _, eqn = heapq.heappop(queue)
+        if not any(not isinstance(v, jcore.Literal) and v in maps and v not in stop
+                   for v in eqn.invars):
             continue
         out = _push(eqn, maps, static)
         if out is None:
@@ -69,7 +84,21 @@ def propagate(jaxpr: jcore.Jaxpr, source: jcore.Var, static: dict, stop=frozense
         for v, m in zip(eqn.outvars, out):
             if not isinstance(v, jcore.DropVar) and np.any(m != NONE):
                 maps[v] = m   # a value holding none of the source's elements is not followed
+                if v not in stop:
+                    enqueue(v)
     return Propagation(maps, blocked)
+
+
+def consumer_index(jaxpr: jcore.Jaxpr) -> dict:
+    """var -> ((position, equation), ...) of the equations that read it, in program order."""
+    users: dict = {}
+    for k, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                entries = users.setdefault(v, [])
+                if not entries or entries[-1][0] != k:
+                    entries.append((k, eqn))
+    return users
 
 
 def is_admissible(eqn, static) -> bool:
@@ -111,49 +140,123 @@ def _push_elementwise(eqn, maps):
     return results
 
 
-def _push_relabel(eqn, maps, static):
-    """Run the relabelling op itself on arrays of element ids to learn where elements go."""
-    ids, offsets, offset = [], {}, 0
+def relabel_table(eqn, static):
+    """For each output of a relabelling equation: `((operand index, target), ...)`, `target[p]`
+    the flat output position of element `p` of that operand (NONE / MANY); None when the
+    positions are not static (dynamic indices) or the op cannot be replayed."""
+    spec = []
     for i, v in enumerate(eqn.invars):
         role = _operand_role(eqn, i)
-        if role == "fill":
-            ids.append(jnp.int32(NONE))
-        elif role == "index":
+        if role == "index":
             value = v.val if isinstance(v, jcore.Literal) else static.get(v)
             if value is None:
                 return None  # dynamic indices: positions are not known at compile time
-            ids.append(value)
-        elif not isinstance(v, jcore.Literal) and v in maps:
-            size = int(np.prod(v.aval.shape, dtype=int))
-            ids.append(jnp.arange(offset, offset + size, dtype=jnp.int32).reshape(v.aval.shape))
+            value = np.asarray(value)
+            spec.append(("index", value.shape, value.dtype.str, value.tobytes()))
+        else:
+            spec.append((role, tuple(v.aval.shape), None, None))
+    try:
+        return _relabel_targets(eqn.primitive, _frozen(dict(eqn.params)), tuple(spec))
+    except _Unhashable:
+        return _replay(eqn.primitive, dict(eqn.params), tuple(spec))
+
+
+def _push_relabel(eqn, maps, static):
+    """Where the carried operands' elements land, from the op's (cached) relabelling table."""
+    targets = relabel_table(eqn, static)
+    if targets is None:
+        return None
+    results = []
+    for per_operand in targets:
+        merged = None
+        for i, target in per_operand:
+            v = eqn.invars[i]
+            if isinstance(v, jcore.Literal) or v not in maps:
+                continue
+            src = maps[v]
+            m = np.where(src >= 0, target[np.clip(src, 0, None)], src)
+            merged = m if merged is None else merge(merged, m)
+        results.append(merged)
+    return results
+
+
+class _Unhashable(Exception):
+    """An equation parameter with no hashable stand-in: the op is replayed without the cache."""
+
+
+def _frozen(value):
+    """A hashable stand-in for equation parameters (tagged tuples for dicts, lists, arrays)."""
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _frozen(v)) for k, v in sorted(value.items())))
+    if isinstance(value, (list, tuple)):
+        return ("seq", tuple(_frozen(v) for v in value))
+    if isinstance(value, np.ndarray):
+        return ("array", value.shape, value.dtype.str, value.tobytes())
+    try:
+        hash(value)
+    except TypeError:
+        raise _Unhashable from None
+    return ("value", value)
+
+
+@functools.lru_cache(maxsize=8192)
+def _relabel_targets(primitive, frozen_params, spec):
+    """For each output of a relabelling op: `((operand index, target), ...)`, where `target[p]`
+    is the flat output position element `p` of that data operand lands in (NONE / MANY).
+
+    The op is replayed once on arrays of element ids (every data operand gets its own id range),
+    so the table depends only on the op, its parameters and its operand shapes: cached, and
+    shared by every source pushed through the same op.
+    """
+    return _replay(primitive, _thawed(frozen_params), spec)
+
+
+def _thawed(frozen):
+    kind, *rest = frozen
+    if kind == "dict":
+        return {k: _thawed(v) for k, v in rest[0]}
+    if kind == "seq":
+        return tuple(_thawed(v) for v in rest[0])
+    if kind == "array":
+        shape, dtype, data = rest
+        return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+    return rest[0]
+
+
+def _replay(primitive, params, spec):
+    ids, offsets, offset = [], {}, 0
+    for i, (role, shape, dtype, data) in enumerate(spec):
+        if role == "fill":
+            ids.append(np.int32(NONE))
+        elif role == "index":
+            ids.append(np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape))
+        else:
+            size = int(np.prod(shape, dtype=int))
+            ids.append(np.arange(offset, offset + size, dtype=np.int32).reshape(shape))
             offsets[i] = (offset, size)
             offset += size
-        else:
-            ids.append(jnp.full(v.aval.shape, NONE, jnp.int32))
-    params = dict(eqn.params)
-    if eqn.primitive.name == "gather":
+    params = dict(params)
+    if primitive.name == "gather":
         params["fill_value"] = NONE
     try:
-        outs = eqn.primitive.bind(*ids, **params)
+        outs = primitive.bind(*[jnp.asarray(x) for x in ids], **params)
     except Exception:  # noqa: BLE001 - an op we cannot replay on ids is treated as mixing
         return None
-    outs = list(outs) if eqn.primitive.multiple_results else [outs]
-    results = []
+    outs = list(outs) if primitive.multiple_results else [outs]
+    tables = []
     for out_ids in outs:
         flat = np.asarray(out_ids).reshape(-1)
-        merged = None
+        per_operand = []
         for i, (start, size) in offsets.items():
             where = np.nonzero((flat >= start) & (flat < start + size))[0]
             local = flat[where] - start
             target = np.full(size, NONE)
             target[local] = where
-            counts = np.bincount(local, minlength=size)
-            target[counts > 1] = MANY
-            src = maps[eqn.invars[i]]
-            m = np.where(src >= 0, target[np.clip(src, 0, None)], src)
-            merged = m if merged is None else merge(merged, m)
-        results.append(merged)
-    return results
+            target[np.bincount(local, minlength=size) > 1] = MANY
+            target.setflags(write=False)
+            per_operand.append((i, target))
+        tables.append(tuple(per_operand))
+    return tuple(tables)
 
 
 def _operand_role(eqn, i) -> str:
@@ -187,5 +290,7 @@ def reachable(jaxpr: jcore.Jaxpr, start_vars, stop=frozenset()) -> set:
     return seen
 
 
-__all__ = ["NONE", "MANY", "Propagation", "merge", "propagate", "static_values", "consumers",
+__all__ = ["NONE", "MANY", "Propagation", "merge", "propagate", "consumer_index", "relabel_table",
+           "static_values",
+           "consumers",
            "reachable", "is_admissible"]
