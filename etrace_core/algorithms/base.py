@@ -100,6 +100,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         """Create zero traces for the current hidden-state shapes."""
         plan = self._require_plan()
         value = {"traces": online.init_traces(plan), "count": jnp.zeros((), _float_dtype())}
+        value = _committed(value, self.model)
         if self.etrace is None:
             self.etrace = ETraceState(value)
         else:   # keep the State object (a new one made inside a transformation would leak)
@@ -108,7 +109,8 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def reset_state(self, *args, **kwargs) -> None:
         """Zero the traces (the model's own states are reset by the model)."""
         if self.etrace is not None:
-            self.etrace.value = jax.tree.map(jnp.zeros_like, self.etrace.value)
+            zeros = jax.tree.map(jnp.zeros_like, self.etrace.value)
+            self.etrace.value = _committed(zeros, self.model)
 
     def get_etrace_of(self, weight_path) -> Dict[str, Any]:
         """The traces of one weight, by connection (relation, hidden group)."""
@@ -384,3 +386,16 @@ def _refill(args, seq):
     """Per-arg data, taking MultiStepData values from `seq` (which may be tracers)."""
     it = iter(seq)
     return [next(it) if isinstance(a, data.MultiStepData) else None for a in args]
+
+
+def _committed(tree, model):
+    """`tree` placed (committed) on the device of the model's parameters.
+
+    A jitted step returns committed arrays; fresh `jnp.zeros` are not. Feeding the step both
+    kinds in turn would compile it twice (the cache keys on commitment), so traces are
+    committed from the start.
+    """
+    leaves = [s.value for s in model.states(brainstate.ParamState).values()]
+    arrays = [x for x in jax.tree.leaves(leaves) if isinstance(x, jax.Array)]
+    device = next(iter(arrays[0].devices())) if arrays else jax.devices()[0]
+    return jax.device_put(tree, device)

@@ -1,0 +1,83 @@
+"""Costs that grow as the work grows: one XLA compilation per learner and input shape."""
+import contextlib
+import logging
+
+import jax
+import torch
+from torch import nn
+
+from etrace_bridge import OnlineLearner
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(3, 6)
+        self.readout = nn.Linear(6, 2)
+
+    def forward(self, x, h):
+        h = self.cell(x, h)
+        return self.readout(h), h
+
+
+class _Count(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.names = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("Compiling "):
+            self.names.append(message.split(" ")[1])
+
+
+@contextlib.contextmanager
+def _compilations():
+    handler, logger = _Count(), logging.getLogger("jax")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            yield handler.names
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def _learner(algorithm):
+    torch.manual_seed(0)
+    model = _Net()
+    xs, ys = torch.randn(5, 4, 3), torch.randn(5, 4, 2)
+    learner = OnlineLearner(model, algorithm=algorithm, loss="mse",
+                            example_inputs=(xs[0], torch.zeros(4, 6)))
+    return learner, xs, ys
+
+
+def test_run_compiles_once_with_or_without_reset():
+    learner, xs, ys = _learner("es_d_rtrl")
+    learner.run(xs, ys)                       # first call compiles
+    with _compilations() as names:
+        learner.run(xs, ys)                   # traces carried over from a compiled call
+        learner.reset_state()
+        learner.run(xs, ys)                   # traces zeroed
+        learner.run(xs, ys)
+    assert [n for n in names if "_drive" in n] == []
+
+
+def test_a_new_sequence_length_is_a_new_shape_but_only_once():
+    learner, xs, ys = _learner("d_rtrl")
+    learner.run(xs, ys)
+    with _compilations() as names:
+        learner.run(xs[:3], ys[:3])
+        learner.run(xs[:3], ys[:3])
+    assert len([n for n in names if "_drive" in n]) == 1
+
+
+def test_step_compiles_once():
+    learner, xs, ys = _learner("es_d_rtrl")
+    learner.step(xs[0], ys[0])
+    with _compilations() as names:
+        for t in range(1, 5):
+            learner.step(xs[t], ys[t])
+    assert [n for n in names if "_drive" in n] == []
