@@ -396,6 +396,8 @@ def _committed(tree, model):
     committed from the start.
     """
     leaves = [s.value for s in model.states(brainstate.ParamState).values()]
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves([leaves, tree])):
+        return tree   # inside a transformation (auto_reinit): placement is the caller's
     arrays = [x for x in jax.tree.leaves(leaves) if isinstance(x, jax.Array)]
     device = next(iter(arrays[0].devices())) if arrays else jax.devices()[0]
     return jax.device_put(tree, device)

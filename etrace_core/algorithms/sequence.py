@@ -35,8 +35,11 @@ def run_online(algo: ETraceAlgorithm, loss_fn: Callable, xs, targets, *,
     drivers = algo._drivers
     key = (loss_fn, return_outputs)
     if key not in drivers:
+        # the traces are donated: the call replaces them, so XLA may update them in place
+        # instead of holding the old and the new copy (D-RTRL's trace is B x |theta|)
         drivers[key] = jax.jit(partial(_drive, algo._plan, algo.graph.module_info.out_tree,
-                                       loss_fn, algo.check_finite, return_outputs))
+                                       loss_fn, algo.check_finite, return_outputs),
+                               donate_argnums=(2,))
     args = xs if isinstance(xs, tuple) else (xs,)
     loss, grads, outs, rest, etrace = drivers[key](params, rest, algo.etrace.value, args, targets)
     algo._write({p: v for p, v in rest.items() if p in algo.graph.module_info.written_paths},

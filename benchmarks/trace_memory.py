@@ -1,0 +1,126 @@
+"""D-RTRL's trace memory and time against its O(B |theta|) work.
+
+Model: ``etrace_core.nn.GRUCell(32, H)`` + ``Linear(H, 10)``, batch 16, T = 20. Memory: the peak
+RSS of a fresh process for D-RTRL minus that of ES-D-RTRL (whose traces are O(B (I + O))), in
+units of B * |theta_traced| * 4 bytes (one float32 copy of the trace); goal <= 1.5 copies.
+Time: D-RTRL per step against torch BPTT (``nn.GRUCell`` + ``nn.Linear``, autograd through the
+unrolled loop) of the same size, goal <= 3x at H = 256. Run: ``python -m benchmarks.trace_memory``.
+"""
+from __future__ import annotations
+
+from . import common
+
+if __name__ == "__main__":
+    common.pin_threads()
+
+import time
+from typing import Any, Dict
+
+BATCH, N_IN, N_OUT, T = 16, 32, 10, 20
+
+
+def _etrace_model(hidden: int):
+    import brainstate
+
+    from .algorithms import GRUNet
+    model = GRUNet(N_IN, hidden, N_OUT, seed=0)
+    brainstate.nn.init_all_states(model, batch_size=BATCH)
+    return model
+
+
+def traced_size(hidden: int) -> int:
+    return 3 * hidden * (N_IN + hidden + 2)
+
+
+def memory_case(method: str, hidden: int) -> Dict[str, Any]:
+    """One sequence of D-RTRL or ES-D-RTRL (for benchmarks.memory.peak_rss)."""
+    import jax
+    import jax.numpy as jnp
+
+    import etrace_core
+    model = _etrace_model(hidden)
+    algo = (etrace_core.D_RTRL(model) if method == "d_rtrl"
+            else etrace_core.ES_D_RTRL(model, decay_or_rank=0.9))
+    xs = jax.random.normal(jax.random.PRNGKey(0), (T, BATCH, N_IN))
+    ys = jnp.zeros((T, BATCH, N_OUT))
+    algo.compile_graph(xs[0])
+    algo.init_etrace_state()
+    res = etrace_core.run_online(algo, lambda o, y: jnp.mean((o - y) ** 2), xs, ys)
+    jax.block_until_ready(res.grads)
+    return {}
+
+
+def _time_d_rtrl(hidden: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    import etrace_core
+    model = _etrace_model(hidden)
+    algo = etrace_core.D_RTRL(model)
+    xs = jax.random.normal(jax.random.PRNGKey(0), (T, BATCH, N_IN))
+    ys = jnp.zeros((T, BATCH, N_OUT))
+    algo.compile_graph(xs[0])
+    algo.init_etrace_state()
+
+    def run():
+        jax.block_until_ready(etrace_core.run_online(
+            algo, lambda o, y: jnp.mean((o - y) ** 2), xs, ys).grads)
+
+    return _best(run)
+
+
+def _time_torch_bptt(hidden: int) -> float:
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    cell, readout = nn.GRUCell(N_IN, hidden), nn.Linear(hidden, N_OUT)
+    xs, ys = torch.randn(T, BATCH, N_IN), torch.zeros(T, BATCH, N_OUT)
+
+    def run():
+        h = torch.zeros(BATCH, hidden)
+        loss = 0.0
+        for t in range(T):
+            h = cell(xs[t], h)
+            loss = loss + torch.mean((readout(h) - ys[t]) ** 2)
+        loss.backward()
+
+    return _best(run)
+
+
+def _best(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run(quick: bool = False, progress=lambda _: None, log=print) -> Dict[str, Any]:
+    from .memory import peak_rss
+    result: Dict[str, Any] = {"copies": {}, "time_ratio": {}}
+    goals = []
+    for hidden in (256,) if quick else (256, 512):
+        peaks = {m: peak_rss("benchmarks.trace_memory:memory_case",
+                             {"method": m, "hidden": hidden}).get("peak_rss_mib")
+                 for m in ("d_rtrl", "es_d_rtrl")}
+        one_copy = BATCH * traced_size(hidden) * 4 / 2 ** 20
+        copies = None if None in peaks.values() else (peaks["d_rtrl"] - peaks["es_d_rtrl"]) / one_copy
+        result["copies"][hidden] = copies
+        log(f"  H={hidden}: D-RTRL {peaks['d_rtrl']:.0f} MiB, ES-D-RTRL {peaks['es_d_rtrl']:.0f} "
+            f"MiB, one trace copy {one_copy:.0f} MiB -> {copies:.2f} copies")
+        goals.append(common.Goal(f"D-RTRL trace memory in trace copies, H={hidden}", copies, 1.5))
+        progress(f"memory H={hidden}")
+    ratio = _time_d_rtrl(256) / _time_torch_bptt(256)
+    result["time_ratio"][256] = ratio
+    log(f"  H=256: D-RTRL time / torch BPTT time = {ratio:.2f}")
+    goals.append(common.Goal("D-RTRL time per sequence / torch BPTT, H=256", ratio, 3.0))
+    result["goals"] = [g.as_dict() for g in goals]
+    for g in goals:
+        log("  " + g.line())
+    return result
+
+
+if __name__ == "__main__":
+    run()
