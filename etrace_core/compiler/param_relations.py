@@ -18,11 +18,13 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import jax.numpy as jnp
 import numpy as np
 
+from etrace_core.ops import is_etp_primitive
+
 from .hidden_groups import HiddenGroup
 from .module_info import ModuleInfo, Path
 from .origins import merge_origins, origins
 from .perturbation import production_point
-from .positions import MANY, NONE, reachable, static_values
+from .positions import MANY, NONE, propagate, reachable, static_values
 from .recurrence import recurrence_notes
 from .relations import UntracedUse
 
@@ -94,7 +96,7 @@ def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, 
             traced.append(ParamTraceRelation(path, "elementwise", var, tuple(hit), tuple(units),
                                              size, tuple(notes), ""))
             continue
-        mixing = _first_mixer(jaxpr, orig.mixers, hit, made_at, stop)
+        mixing = _first_mixer(jaxpr, var, orig.mixers, hit, made_at, stop, static)
         size = sum(g.size * g.num_state for g in hit) * size_p
         if size > budget:
             skipped.append(UntracedUse(path, (
@@ -122,11 +124,20 @@ def _unit_origins(maps, group, made_at) -> np.ndarray:
     return unit
 
 
-def _first_mixer(jaxpr, mixers, groups, made_at, stop) -> str:
+def _first_mixer(jaxpr, var, mixers, groups, made_at, stop, static) -> str:
+    """The op that mixes the parameter's positions on its way to the groups; for the weight of
+    an ETP op, also the op after it that keeps the ETP output from the hidden state."""
     targets = {made_at[p] for g in groups for p in g.hidden_paths}
     for eqn in mixers:
-        if reachable(jaxpr, eqn.outvars, stop=stop) & targets:
-            return eqn.primitive.name
+        if not reachable(jaxpr, eqn.outvars, stop=stop) & targets:
+            continue
+        name = eqn.primitive.name
+        if is_etp_primitive(eqn.primitive) and var in eqn.invars:
+            after = [e for e in propagate(jaxpr, eqn.outvars[0], static, stop=stop).blocked
+                     if reachable(jaxpr, e.outvars, stop=stop) & targets]
+            if after:
+                name += f" then {after[0].primitive.name}"
+        return name
     return mixers[0].primitive.name if mixers else "an op that mixes positions"
 
 
