@@ -214,20 +214,26 @@ def test_approximate_relation_is_noted():
 
     model = Mixed()
     brainstate.nn.init_all_states(model)
-    ex = ec.ETraceVjpGraphExecutor(model)
+    # no budget for dense traces: A keeps its relation (with the note), B its same-step gradient
+    ex = ec.ETraceVjpGraphExecutor(model, dense_trace_budget=0)
     ex.compile_graph(jnp.ones(3))
     (rel,) = ex.graph.hidden_param_op_relations
     assert rel.weight_path == ("A", "weight")
     assert len(rel.approximations) == 1 and "cumsum" in rel.approximations[0]
     msg = ex.show_graph(verbose=False, return_msg=True)
     assert "approximate: part of the output reaches hidden states through cumsum" in msg
-    # B reaches h only through cumsum: a dense trace (small), or same-step above the budget
-    assert "  ('B', 'weight') (12 elements) via etp_matmul then cumsum -> hidden group 0: dense trace" in msg
-    ex = ec.ETraceVjpGraphExecutor(model, dense_trace_budget=10)
-    ex.compile_graph(jnp.ones(3))
-    msg = ex.show_graph(verbose=False, return_msg=True)
     assert ("('B', 'weight'): approximate: same-step gradient: its value reaches hidden "
             "group(s) [0] through etp_matmul then cumsum") in msg
+    # within the budget both get dense traces, which follow the cumsum paths (A's relation,
+    # which drops them, is replaced)
+    ex = ec.ETraceVjpGraphExecutor(model)
+    ex.compile_graph(jnp.ones(3))
+    assert ex.graph.hidden_param_op_relations == ()
+    assert {r.path: r.kind for r in ex.param_trace_relations} == {
+        (n, k): "dense" for n in "AB" for k in ("weight", "bias")}
+    msg = ex.show_graph(verbose=False, return_msg=True)
+    assert "  ('B', 'weight') (12 elements) via etp_matmul then cumsum -> hidden group 0: dense trace" in msg
+    assert "approximate" not in msg
 
 
 def test_broadcast_into_several_units_is_dropped_with_the_reason():
