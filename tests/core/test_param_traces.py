@@ -31,8 +31,8 @@ import etrace_core
 from tests.core import models as M
 from tests.core import param_trace_models as PM
 from tests.core.test_algorithms_exact import (assert_grads_close, bptt_grads, mse,
-                                              per_step_grads, rel_err, state_values,
-                                              window_grads)
+                                              per_step_grads, pure_model_step, rel_err,
+                                              state_values, window_grads)
 
 B, T = 3, 6
 
@@ -153,6 +153,7 @@ def test_over_budget_parameter_keeps_its_same_step_gradient(x64):
     same-step gradient (h^{t-1} held fixed), labelled approximate with the size needed."""
     model, xs, ys = build("conv_leaky")
     init = state_values(model)
+    _, ref = bptt_grads(model, xs, ys)
     algo = fresh_algo("d_rtrl", model, xs[0], init, dense_trace_budget=30)
     assert own_traced(algo) == {("conv", "bias"): DENSE}        # 12 elements fit, 216 do not
     msg = algo.show_graph(verbose=False, return_msg=True)
@@ -162,7 +163,7 @@ def test_over_budget_parameter_keeps_its_same_step_gradient(x64):
             "to trace this parameter)") in msg.splitlines()
     got = etrace_core.run_online(algo, mse, xs, ys).grads
 
-    step = __import__("tests.core.test_algorithms_exact", fromlist=["x"]).pure_model_step(model)
+    step = pure_model_step(model)
     params = {p: s.value for p, s in model.states(brainstate.ParamState).items()}
     grad_t = jax.grad(lambda p, h, x, y: mse(step(p, h, x)[0], y))
     h, same = init, None
@@ -170,7 +171,6 @@ def test_over_budget_parameter_keeps_its_same_step_gradient(x64):
         g = grad_t(params, h, xs[t], ys[t])
         same = g if same is None else jax.tree.map(jnp.add, same, g)
         h = step(params, h, xs[t])[1]
-    _, ref = bptt_grads(model, xs, ys)
     assert rel_err(same[("conv", "weight")], ref[("conv", "weight")]) > 1e-3   # not vacuous
     assert_grads_close(got, same, paths=[("conv", "weight")])
     assert_grads_close(got, ref, paths=[("conv", "bias"), ("W", "weight")])
@@ -267,7 +267,7 @@ def test_online_training_lowers_the_loss(name, algo_name):
     sequences of 12 steps; the loss of the last 5 steps is well below the first."""
     teacher, xs, _ = build(name, seed=1)
     init_t = state_values(teacher)
-    step = __import__("tests.core.test_algorithms_exact", fromlist=["x"]).pure_model_step(teacher)
+    step = pure_model_step(teacher)
     factory = MODELS[name][0]
     student = factory()
     brainstate.nn.init_all_states(student, batch_size=B)
