@@ -509,8 +509,12 @@ def test_graph_tutorial_example_runs(tmp_path):
     import subprocess
     import sys
     script = pathlib.Path(__file__).resolve().parents[2] / "examples" / "graph_tutorial.py"
+    import os
+    root = str(script.parents[1])   # this checkout's packages, not an installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     proc = subprocess.run([sys.executable, str(script), "--plot", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for line in [
@@ -524,8 +528,8 @@ def test_graph_tutorial_example_runs(tmp_path):
         "number of relations: 4",
         "  weight 3: ('rnn2', 'W_hh', 'weight') -> groups [1]",
         "  Group 0: [('rnn', 'h')]  (num_state=1, varshape=(64,))",
-        "  ('conv', 'weight'): its output reaches hidden states only through etp_matmul, which "
-        "mixes positions: same-step gradient",
+        "  ('conv', 'weight') (72 elements) via etp_conv then etp_matmul -> hidden group 0: "
+        "dense trace, 4608 elements, memory 0.0176 MiB",
         "graph fields: module_info, hidden_groups, hid_path_to_group, hidden_param_op_relations, "
         "hidden_perturb",
     ]:
