@@ -67,6 +67,8 @@ class ParamTraces(NamedTuple):
     traced: Tuple[ParamTraceRelation, ...]
     over_budget: Tuple[UntracedUse, ...]   # feed hidden states; dense trace above the budget
     replaced: frozenset                    # weight paths whose ETP relations the traces replace
+    also_used: Tuple[Tuple[Path, str], ...] = ()   # (weight path, note): relation weights that
+    #                                        also reach hidden states through other, untraced uses
 
 
 def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGroup],
@@ -121,7 +123,32 @@ def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, 
              for p in (r.weight_path, r.bias_path) if p is not None}
     traced = tuple(r for p, r in found.items() if p not in clean)
     over = tuple(u for u in skipped if u.path not in clean)
-    return ParamTraces(traced, over, replaced)
+    kept = [r for r in relations if r.weight_path not in replaced]
+    return ParamTraces(traced, over, replaced, _other_uses(minfo, kept, stop))
+
+
+def _other_uses(minfo, relations, stop):
+    """Relation weights/biases that also reach a hidden state through an op that is not one of
+    their traced relations: the trace misses that path."""
+    jaxpr = minfo.jaxpr
+    param_of = {v: p for p, v in minfo.param_invars.items()}
+    traced_at = {}
+    for r in relations:
+        for p in (r.weight_path, r.bias_path):
+            if p is not None:
+                traced_at.setdefault(p, set()).add(id(r.eqn))
+    notes = []
+    for path, eqn_ids in traced_at.items():
+        var = minfo.param_invars[path]
+        for eqn in jaxpr.eqns:
+            if id(eqn) in eqn_ids or not any(v is var for v in eqn.invars):
+                continue
+            if reachable(jaxpr, [v for v in eqn.outvars], stop=stop) & stop:
+                notes.append((path, f"{path} is also used through {eqn.primitive.name}, which "
+                                    "reaches hidden states outside its traced relation; that "
+                                    "path is not in the trace"))
+                break
+    return tuple(notes)
 
 
 def _mixed_relation_weights(jaxpr, relations, static, stop) -> set:

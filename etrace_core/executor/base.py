@@ -64,6 +64,13 @@ class ETraceGraphExecutor:
         if found.replaced:   # relations that drop a mixing path: their dense traces replace them
             graph = graph._replace(hidden_param_op_relations=tuple(
                 r for r in graph.hidden_param_op_relations if r.weight_path not in found.replaced))
+        if found.also_used:  # a relation weight with another, untraced way into hidden states
+            notes = dict(found.also_used)
+            graph = graph._replace(hidden_param_op_relations=tuple(
+                r._replace(approximations=r.approximations + tuple(
+                    notes[p] for p in (r.weight_path, r.bias_path) if p in notes))
+                if r.weight_path in notes or r.bias_path in notes else r
+                for r in graph.hidden_param_op_relations))
         self._graph = graph
         self._param_traces = (found.traced, found.over_budget)
         self._on_compiled()
