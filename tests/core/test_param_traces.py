@@ -9,7 +9,8 @@ from random non-zero hidden states. Claims:
   constant, minGRU, the real-valued LRU (two states per unit; nu, theta, gamma learnable), a
   conv kernel behind a dense layer (dense trace), a weight behind an RMS norm (dense trace)
   with a gain and bias after it, and an adaptive LIF with a learnable decay (two coupled
-  states). Checked via run_online; via per-step brainstate grad and multi-step windows for some.
+  states), also with a custom-VJP surrogate spike read in the same step (forward mode through
+  its reverse rule). Checked via run_online; via per-step grad and multi-step windows for some.
 - ES-D-RTRL and hybrid use the same param-dim traces for these parameters: exact for them.
 - Above `dense_trace_budget` a parameter keeps its exact same-step gradient, labelled
   approximate with the size that would trace it.
@@ -63,6 +64,9 @@ MODELS = {
                                            ("out", "bias"): READOUT}),
     "lif_decay": (PM.LIFDecay, (PM.I,), {("W", "weight"): ETP, ("alpha_logit",): ELEM,
                                          ("out", "weight"): READOUT, ("out", "bias"): READOUT}),
+    "lif_custom_vjp": (PM.LIFCustomVjp, (PM.I,), {("W", "weight"): ETP, ("alpha_logit",): ELEM,
+                                                  ("rho",): ELEM, ("out", "weight"): READOUT,
+                                                  ("out", "bias"): READOUT}),
     # the seed tutorial's ConvRNN: its recurrent weight makes the RNN's traces approximate
     "seed_conv_rnn": (M.ConvRNN, (1, 5, 5), {("conv", "weight"): DENSE, ("conv", "bias"): DENSE,
                                              ("rnn", "W_ih", "weight"): ETP,
