@@ -3,11 +3,14 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax starts: share the GPU with torch
 
-from .bptt import BPTTResult, GradientReport, bptt_gradients, compare_gradients  # noqa: E402
-from .dlpack import to_jax, to_torch  # noqa: E402
-from .errors import BridgeError, ExportError, UnsupportedModelError, UnsupportedOpError  # noqa: E402
-from .learner import OnlineLearner, make_algorithm  # noqa: E402
-from .module import TorchModule, from_torch  # noqa: E402
+from etrace_core.x64 import keep_x64  # noqa: E402
+
+with keep_x64():   # importing brainstate resets jax_enable_x64: keep the user's setting
+    from .bptt import BPTTResult, GradientReport, bptt_gradients, compare_gradients
+    from .dlpack import to_jax, to_torch
+    from .errors import BridgeError, ExportError, UnsupportedModelError, UnsupportedOpError
+    from .learner import OnlineLearner, make_algorithm
+    from .module import TorchModule, from_torch
 
 __all__ = [
     "from_torch", "TorchModule", "OnlineLearner", "make_algorithm", "to_jax", "to_torch",

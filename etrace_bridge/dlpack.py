@@ -72,7 +72,8 @@ def to_jax(tensor: torch.Tensor, *, copy: bool | None = None) -> jax.Array:
         raise TypeError(
             f"{tensor.dtype} tensor while JAX 64-bit mode is off: JAX would silently "
             "downcast it to 32 bits. Enable it with jax.config.update('jax_enable_x64', True) "
-            "before creating arrays, or convert the model/data to float32 (module.float())."
+            "before creating arrays (after importing brainstate, whose import switches it off; "
+            "importing etrace keeps it), or convert the model/data to float32 (module.float())."
         )
     tensor = tensor.detach()
     reason = needs_copy(tensor)

@@ -671,8 +671,9 @@ class LoweredStep:
             raise TypeError(
                 "this torch model computes in float64 but JAX 64-bit mode is off, so JAX would "
                 "silently compute in float32. Enable it with "
-                "jax.config.update('jax_enable_x64', True), or convert the model and inputs to "
-                "float32 (model.float()).")
+                "jax.config.update('jax_enable_x64', True) (after importing brainstate: its "
+                "import and brainstate.environ.set(precision=32) switch it off; importing "
+                "etrace keeps it), or convert the model and inputs to float32 (model.float()).")
         env = self._bind(params, buffers, inputs)
         for node, fn, flag in self._plan:
             args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])
