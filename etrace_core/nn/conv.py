@@ -8,7 +8,7 @@ from etrace_core import ops
 
 from .init import Initializer, Key, fan_in_uniform, make_param, resolve_dtype, split_key
 
-__all__ = ['Conv1d', 'Conv2d']
+__all__ = ['Conv1d', 'Conv2d', 'Conv3d']
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -77,3 +77,8 @@ class Conv1d(_ConvNd):
 class Conv2d(_ConvNd):
     """2-D convolution over ``(B, C_in, H, W)`` or ``(C_in, H, W)`` inputs; see :class:`_ConvNd`."""
     num_spatial_dims = 2
+
+
+class Conv3d(_ConvNd):
+    """3-D convolution over ``(B, C_in, D, H, W)`` or ``(C_in, D, H, W)``; see :class:`_ConvNd`."""
+    num_spatial_dims = 3

@@ -518,3 +518,99 @@ def test_bridge_converts_float64_torch_model_after_either_import_order(enable_fi
         print('ok')
     """)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+# ============================================================== item 4: new layers
+
+def _rand(*shape, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+def test_gated_cells_equations_and_online_step():
+    x = _rand(2, 3)
+    for cell in (nn.MGUCell(3, 4, key=0), nn.MinimalRNNCell(3, 4, key=0), nn.MiniGRU(3, 4, key=0)):
+        brainstate.nn.init_all_states(cell, batch_size=2)
+        cell.h.value = _rand(2, 4, seed=1)
+        h = cell.h.value
+        lin = lambda layer, v: v @ layer.weight.value + layer.bias.value
+        if isinstance(cell, nn.MGUCell):
+            f = jax.nn.sigmoid(lin(cell.Wf, jnp.concatenate([x, h], -1)))
+            cand = jnp.tanh(lin(cell.Wh, jnp.concatenate([x, f * h], -1)))
+            ref = (1 - f) * h + f * cand
+        elif isinstance(cell, nn.MinimalRNNCell):
+            z = lin(cell.phi, x)
+            g = jax.nn.sigmoid(lin(cell.W_u, jnp.concatenate([z, h], -1)))
+            ref = g * h + (1 - g) * z
+        else:
+            z = jax.nn.sigmoid(lin(cell.W_z, jnp.concatenate([x, h], -1)))
+            ref = (1 - z) * h + z * lin(cell.W_x, x)
+        np.testing.assert_allclose(cell(x), ref, rtol=1e-5, atol=1e-6)
+        learner = etrace_core.compile(cell, 'd_rtrl', x, batch_size=2)
+        grads = _online_grads(learner, x[None])
+        assert set(grads) == set(cell.states(brainstate.ParamState))
+
+
+def test_lru_cell_matches_complex_recurrence(x64):
+    cell = nn.LRUCell(3, 5, key=0)
+    brainstate.nn.init_all_states(cell, batch_size=2)
+    xs = _rand(4, 2, 3)
+    lam = jnp.exp(-jnp.exp(cell.nu_log.value) + 1j * jnp.exp(cell.theta_log.value))
+    gamma = jnp.exp(cell.gamma_log.value)
+    B = cell.B_re.weight.value + 1j * cell.B_im.weight.value
+    C = cell.C_re.weight.value + 1j * cell.C_im.weight.value
+    h = jnp.zeros((2, 5), complex)
+    learner = etrace_core.compile(cell, 'd_rtrl', xs[0], batch_size=2)
+    for x in xs:
+        h = lam * h + gamma * (x @ B)
+        ref = (h @ C).real + x * cell.D.value
+        np.testing.assert_allclose(learner(x), ref, rtol=1e-10, atol=1e-12)
+    traced = {r.weight_path for r in learner.graph.hidden_param_op_relations}
+    assert {('B_re', 'weight'), ('B_im', 'weight')} <= traced
+    grads = _online_grads(learner, xs[:1])
+    assert set(grads) == set(cell.states(brainstate.ParamState))
+
+
+def test_linear_variants_and_embedding(x64):
+    x = _rand(2, 3)
+    sign = jnp.array([1., -1., 1., -1.])
+    s = nn.SignedWLinear(3, 4, w_sign=sign, key=0)
+    np.testing.assert_allclose(s(x), x @ (jnp.abs(s.weight.value) * sign))
+    ws = nn.ScaledWSLinear(3, 4, key=0)
+    ref = x @ brainstate.nn.weight_standardization(ws.weight.value, 1e-4, None)
+    np.testing.assert_allclose(ws(x), ref * ws.gain.value + ws.bias.value)
+    lora = nn.LoRA(3, 2, 4, key=0)
+    np.testing.assert_allclose(lora(x), x @ lora.lora_a.value @ lora.lora_b.value / 2)
+    emb = nn.Embedding(6, 3, key=0)
+    idx = jnp.array([[0, 5], [2, 2]])
+    np.testing.assert_allclose(emb(idx), emb.weight.value[idx])
+    with pytest.raises(NotImplementedError, match="padding_idx"):
+        nn.Embedding(6, 3, padding_idx=0)
+    conv = nn.Conv3d(2, 3, 3, key=0)
+    assert conv(_rand(1, 2, 4, 4, 4)).shape == (1, 3, 4, 4, 4)
+
+    # weights behind a constraint are traced exactly: signed input weights of a leaky cell
+    class Net(brainstate.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.SignedWLinear(3, 4, w_sign=sign, key=1)
+            self.h = brainstate.HiddenState(jnp.zeros((2, 4)))
+
+        def update(self, x):
+            self.h.value = jnp.tanh(0.8 * self.h.value + self.inp(x))
+            return self.h.value
+
+    net = Net()
+    w0 = net.inp.weight.value
+    xs = _rand(5, 2, 3, seed=4)
+    learner = etrace_core.D_RTRL(net)
+    learner.compile_graph(xs[0])
+    got = _online_grads(learner, xs)[('inp', 'weight')]
+
+    def loss(w):
+        h, total = jnp.zeros((2, 4)), 0.
+        for x in xs:
+            h = jnp.tanh(0.8 * h + x @ (jnp.abs(w) * sign))
+            total = total + jnp.sum(h ** 2)
+        return total
+
+    np.testing.assert_allclose(got, jax.grad(loss)(w0), rtol=TOL, atol=TOL)
