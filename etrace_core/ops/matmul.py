@@ -87,8 +87,9 @@ def _batch(args, dims, *, w_layout, has_bias, weight_fn=None):
     x_dim, *rest = dims
     if all(d is None for d in rest):
         x = jnp.moveaxis(args[0], x_dim, 0)
+        extra = {} if weight_fn is None else {"weight_fn": weight_fn}
         return etp_matmul_p.bind(x, *args[1:], w_layout=w_layout, has_bias=has_bias,
-                                 weight_fn=weight_fn), 0
+                                 **extra), 0
     fn = lambda *a: _reference(*a, w_layout=w_layout, has_bias=has_bias, weight_fn=weight_fn)
     return jax.vmap(fn, in_axes=tuple(dims))(*args), 0
 
@@ -122,7 +123,8 @@ def matmul(x, w, b=None, *, w_layout="io", bias=None, weight_fn=None):
         fn = ElementFn(weight_fn)
     _check(x, w, b, w_layout)
     operands = (x, w) if b is None else (x, w, b)
-    y = etp_matmul_p.bind(*operands, w_layout=w_layout, has_bias=b is not None, weight_fn=fn)
+    extra = {} if fn is None else {"weight_fn": fn}   # plain matmuls keep their two params
+    y = etp_matmul_p.bind(*operands, w_layout=w_layout, has_bias=b is not None, **extra)
     return with_unit(y, unit)
 
 
