@@ -123,6 +123,10 @@ def parse_junit(xml: pathlib.Path) -> list:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
                 message = (child.get("message") or "").strip().splitlines()
                 message = message[0][:160] if message else child.tag
+                if message == "collection failure":   # the import error that stopped it
+                    errors = [ln[1:].strip() for ln in (child.text or "").splitlines()
+                              if ln.startswith("E ")]
+                    message = "collection: " + (errors[-1][:140] if errors else "?")
                 break
         cases.append({"name": f"{case.get('classname')}::{case.get('name')}",
                       "outcome": outcome, "message": message})

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 __all__ = [
     'Initializer', 'default_dtype', 'resolve_dtype', 'zeros', 'constant', 'uniform', 'normal', 'fan_in_uniform',
     'make_param', 'split_key', 'state_zeros', 'DEFAULT', 'feature_size', 'init_value',
+    'decay_factor',
 ]
 
 
@@ -27,6 +28,20 @@ class _Default:
 
 
 DEFAULT = _Default()
+
+
+def decay_factor(dt, tau):
+    """``exp(-dt / tau)`` as a plain float (or array). ``tau`` and ``dt`` may carry time units
+    (brainunit): with a unit-carrying ``tau`` and ``dt=None`` the step is brainstate's
+    ``environ.get_dt()``; the ratio must be dimensionless."""
+    import brainunit as u
+    if dt is None:
+        dt = brainstate.environ.get_dt() if isinstance(tau, u.Quantity) else 1.0
+    ratio = u.maybe_decimal(dt / tau)
+    if isinstance(ratio, u.Quantity):
+        raise ValueError(f'dt / tau must be dimensionless, got dt={dt!r}, tau={tau!r}')
+    ratio = jnp.asarray(ratio)
+    return float(jnp.exp(-ratio)) if ratio.ndim == 0 else jnp.exp(-ratio)
 
 
 def feature_size(size, what: str = 'size') -> int:

@@ -10,7 +10,6 @@ Constructors also take braintrace's forms: ``in_size``/``out_size`` (ints or tup
 ``state_init, w_init, b_init``; GRU/LSTM: ``w_init, b_init, state_init``), then ``activation``;
 any ``init(shape)`` initialiser (braintools' too); ``b_init=None`` for no bias.
 """
-import math
 from typing import Callable, Optional, Union
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 
 from .activations import get_activation
 from .base import RecurrentModule
-from .init import DEFAULT, Initializer, Key, fan_in_uniform, feature_size, split_key
+from .init import DEFAULT, Initializer, Key, decay_factor, fan_in_uniform, feature_size, split_key
 from .linear import Linear
 
 __all__ = ['VanillaRNNCell', 'ValinaRNNCell', 'GRUCell', 'LSTMCell', 'LeakyRNNCell']
@@ -171,7 +170,7 @@ class LeakyRNNCell(RecurrentModule):
         super().__init__((num_out,), dtype, name=name, state_init=state_init)
         _set_sizes(self, in_size, out_size)
         self.tau, self.dt = tau, dt
-        self.decay = math.exp(-dt / tau)
+        self.decay = decay_factor(dt, tau)
         self.activation = get_activation(activation)
         self.recurrent = recurrent
         k_in, k_hh = split_key(key, 2)
