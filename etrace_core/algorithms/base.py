@@ -181,12 +181,13 @@ class ETraceAlgorithm(brainstate.nn.Module):
 
     def update(self, *args):
         states = self._check_ready()
+        # braintrace's running_index counts update calls; the de-bias count of ES-D-RTRL
+        # (etrace["count"]) counts time steps
+        self.running_index.value = self.running_index.value + 1
         if data.is_multi_step(args):
-            self.running_index.value = self.running_index.value + data.num_steps(args)
             if self.executor.is_multi_step_vjp:
                 return self._run_window(args, states)
             return self._run_chunk(args, states)
-        self.running_index.value = self.running_index.value + 1
         return self._run_step(data.unwrap(args), states)
 
     def _require_plan(self):
