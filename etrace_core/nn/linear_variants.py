@@ -61,8 +61,9 @@ class _Standardise:
 class ScaledWSLinear(brainstate.nn.Module):
     """``y = (x @ ws(W) [* mask]) * gain + bias`` with ``ws`` scaled weight standardisation.
 
-    ``weight`` is traced through the standardisation; ``gain`` (``ws_gain=True``, shape
-    ``(1, out)``) and ``bias`` act after the op and get their same-step gradient.
+    ``weight`` is one ParamState holding a dict (brainstate's layout): ``'weight'`` is traced
+    through the standardisation; ``'gain'`` (``ws_gain=True``, shape ``(1, out)``) and
+    ``'bias'`` act after the op and get their same-step gradient.
     """
 
     def __init__(self, in_size, out_size, w_init: Optional[Initializer] = DEFAULT,
@@ -73,21 +74,26 @@ class ScaledWSLinear(brainstate.nn.Module):
         self.in_size, self.out_size = (n_in,), (n_out,)
         dtype = resolve_dtype(dtype)
         w_key, b_key = split_key(key, 2)
-        self.weight = make_param(w_init, (n_in, n_out), dtype, w_key, fan_in_uniform(n_in))
-        self.bias = (None if b_init is None else
-                     make_param(b_init, (n_out,), dtype, b_key, lambda s, d=None: jnp.zeros(s)))
-        self.gain = brainstate.ParamState(jnp.ones((1, n_out), dtype)) if ws_gain else None
+        params = {'weight': make_param(w_init, (n_in, n_out), dtype, w_key,
+                                       fan_in_uniform(n_in)).value}
+        if b_init is not None:
+            params['bias'] = make_param(b_init, (n_out,), dtype, b_key,
+                                        lambda s, d=None: jnp.zeros(s)).value
+        if ws_gain:
+            params['gain'] = jnp.ones((1, n_out), dtype)
+        self.weight = brainstate.ParamState(params)
         self.eps = eps
         self.w_mask = None if w_mask is None else jnp.broadcast_to(jnp.asarray(w_mask),
                                                                    (n_in, n_out))
         self._fn = _Standardise(eps, self.w_mask)
 
     def update(self, x):
-        y = ops.matmul(x, self.weight.value, weight_fn=self._fn)
-        if self.gain is not None:
-            y = y * self.gain.value
-        if self.bias is not None:
-            y = y + self.bias.value
+        params = self.weight.value
+        y = ops.matmul(x, params['weight'], weight_fn=self._fn)
+        if 'gain' in params:
+            y = y * params['gain']
+        if 'bias' in params:
+            y = y + params['bias']
         return y
 
 
@@ -95,6 +101,7 @@ class LoRA(brainstate.nn.Module):
     """Low-rank adapter ``y = (x @ A) @ B / rank [+ base_module(x)]``, ``A: (in, rank)``,
     ``B: (rank, out)``, both ``kernel_init`` (default U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
 
+    ``weight`` is one ParamState holding ``{'lora_a': A, 'lora_b': B}`` (braintrace's layout).
     Two chained ETP matmuls: ``lora_b`` is traced exactly; ``lora_a`` reaches the hidden state
     through ``lora_b``'s op, where the compiler treats it as its rules say (see ``show_graph``).
     """
@@ -110,14 +117,16 @@ class LoRA(brainstate.nn.Module):
         self.out_size = (out_features,)
         dtype = resolve_dtype(dtype)
         a_key, b_key = split_key(key, 2)
-        self.lora_a = make_param(kernel_init, (in_features, lora_rank), dtype, a_key,
-                                 fan_in_uniform(in_features))
-        self.lora_b = make_param(kernel_init, (lora_rank, out_features), dtype, b_key,
-                                 fan_in_uniform(lora_rank))
+        self.weight = brainstate.ParamState({
+            'lora_a': make_param(kernel_init, (in_features, lora_rank), dtype, a_key,
+                                 fan_in_uniform(in_features)).value,
+            'lora_b': make_param(kernel_init, (lora_rank, out_features), dtype, b_key,
+                                 fan_in_uniform(lora_rank)).value})
         self.base_module = base_module
 
     def update(self, x):
-        y = ops.matmul(ops.matmul(x, self.lora_a.value) / self.lora_rank, self.lora_b.value)
+        p = self.weight.value
+        y = ops.matmul(ops.matmul(x, p['lora_a']) / self.lora_rank, p['lora_b'])
         if self.base_module is not None:
             y = y + self.base_module(x)
         return y
