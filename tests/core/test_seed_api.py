@@ -615,3 +615,18 @@ def test_linear_variants_and_embedding(x64):
         return total
 
     np.testing.assert_allclose(got, jax.grad(loss)(w0), rtol=TOL, atol=TOL)
+
+
+def test_conv_layer_channels_last_form():
+    """brainstate's ``Conv2d(in_size=(H, W, C), out_channels, kernel_size)`` equals the
+    channels-first layer with the same weights on transposed data."""
+    x = _rand(2, 6, 5, 3)
+    last = nn.Conv2d(in_size=(6, 5, 3), out_channels=4, kernel_size=3, stride=(2, 1), key=0)
+    first = nn.Conv2d(3, 4, 3, stride=(2, 1), key=0)
+    assert last.in_channels == 3 and last.in_size == (6, 5, 3)
+    ref = jnp.moveaxis(first(jnp.moveaxis(x, -1, 1)), 1, -1)
+    np.testing.assert_allclose(last(x), ref, rtol=1e-6)
+    assert last(x[0]).shape == (3, 5, 4)
+    assert nn.Conv1d(in_size=(10, 3), out_channels=2, kernel_size=3, b_init=None).bias is None
+    with pytest.raises(ValueError, match="in_size"):
+        nn.Conv2d(in_size=(6, 3), out_channels=4, kernel_size=3)
