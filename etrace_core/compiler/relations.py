@@ -36,6 +36,16 @@ class HiddenParamOpRelation(NamedTuple):
         return self.weight_path
 
     @property
+    def x_var(self):
+        """The op's input var (braintrace's name for ``x``)."""
+        return self.x
+
+    @property
+    def y_var(self):
+        """The op's output var (braintrace's name for ``y``)."""
+        return self.y
+
+    @property
     def connected_hidden_paths(self) -> Tuple[Path, ...]:
         """The paths of every hidden state this op's output reaches (braintrace's name)."""
         return tuple(p for g in self.hidden_groups for p in g.hidden_paths)

@@ -40,6 +40,18 @@ class Embedding(brainstate.nn.Module):
         self.weight = make_param(embedding_init, (self.num_embeddings, self.embedding_size),
                                  resolve_dtype(dtype), key, normal(1.0))
 
+    @classmethod
+    def from_pretrained(cls, embeddings, freeze: bool = True, **kwargs):
+        """An Embedding holding `embeddings` (``(num, size)``). ``freeze=True`` (torch's and
+        brainstate's default) is refused like the other unsupported options: pass
+        ``freeze=False`` and leave the table out of the optimiser to keep it fixed."""
+        embeddings = jnp.asarray(embeddings)
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings must be 2-D (num_embeddings, embedding_size), "
+                             f"got shape {embeddings.shape}")
+        return cls(embeddings.shape[0], embeddings.shape[1], embeddings, freeze=freeze,
+                   dtype=kwargs.pop('dtype', embeddings.dtype), **kwargs)
+
     def update(self, indices):
         indices = jnp.asarray(indices)
         if not jnp.issubdtype(indices.dtype, jnp.integer):
