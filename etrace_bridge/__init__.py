@@ -3,12 +3,15 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax starts: share the GPU with torch
 
-from .bptt import BPTTResult, GradientReport, bptt_gradients, compare_gradients  # noqa: E402
-from .arrays import to_jax, to_torch  # noqa: E402
-from .errors import BridgeError, ExportError, UnsupportedModelError, UnsupportedOpError  # noqa: E402
-from .algorithms import make_algorithm  # noqa: E402
-from .learner import OnlineLearner  # noqa: E402
-from .module import TorchModule, from_torch  # noqa: E402
+from etrace_core.x64 import keep_x64  # noqa: E402
+
+with keep_x64():   # importing brainstate resets jax_enable_x64: keep the user's setting
+    from .algorithms import make_algorithm
+    from .arrays import to_jax, to_torch
+    from .bptt import BPTTResult, GradientReport, bptt_gradients, compare_gradients
+    from .errors import BridgeError, ExportError, UnsupportedModelError, UnsupportedOpError
+    from .learner import OnlineLearner
+    from .module import TorchModule, from_torch
 
 __all__ = [
     "from_torch", "TorchModule", "OnlineLearner", "make_algorithm", "to_jax", "to_torch",

@@ -46,8 +46,9 @@ _DTYPES = {
     torch.complex64: np.complex64, torch.complex128: np.complex128,
 }
 
-_X64_HINT = ("Enable it with jax.config.update('jax_enable_x64', True) before converting, or use "
-             "a float32 model and inputs (model.float()).")
+X64_HINT = ("Enable it with jax.config.update('jax_enable_x64', True) (after importing brainstate, "
+            "whose import switches it off; importing etrace keeps it), or use a float32 model and "
+            "inputs (model.float()).")
 
 
 def x64_enabled() -> bool:
@@ -78,7 +79,7 @@ def check_float64(tensors: Iterable[tuple[str, str, torch.Tensor]]) -> None:
     for kind, name, t in tensors:
         if t.dtype in _FLOAT64:
             raise TypeError(f"{kind} `{name}` is {t.dtype} but JAX 64-bit mode is off, so JAX "
-                            f"would silently compute in float32. {_X64_HINT}")
+                            f"would silently compute in float32. {X64_HINT}")
 
 
 def import_tensor(t: torch.Tensor, *, copy: bool = False) -> jax.Array:
@@ -133,7 +134,7 @@ def to_jax(tensor: torch.Tensor, *, copy: bool | None = None) -> jax.Array:
         raise TypeError(f"to_jax expects a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype in _WIDE_DTYPES and not x64_enabled():
         raise TypeError(f"{tensor.dtype} tensor while JAX 64-bit mode is off: JAX would silently "
-                        f"downcast it to 32 bits. {_X64_HINT}")
+                        f"downcast it to 32 bits. {X64_HINT}")
     tensor = tensor.detach()
     reason = needs_copy(tensor)
     if reason is not None and copy is False:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import torch
 import torch.utils._pytree as pytree
 
-from etrace_bridge.arrays import import_tensor, is_float64, jax_dtype, x64_enabled
+from etrace_bridge.arrays import X64_HINT, import_tensor, is_float64, jax_dtype, x64_enabled
 from etrace_bridge.errors import UnsupportedOpError
 from etrace_bridge.export import ExportedStep, user_frame
 
@@ -123,11 +123,8 @@ class LoweredStep:
 
     def __call__(self, params: Mapping, buffers: Mapping, *inputs):
         if self._uses_f64 and not x64_enabled():
-            raise TypeError(
-                "this torch model computes in float64 but JAX 64-bit mode is off, so JAX would "
-                "silently compute in float32. Enable it with "
-                "jax.config.update('jax_enable_x64', True), or convert the model and inputs to "
-                "float32 (model.float()).")
+            raise TypeError("this torch model computes in float64 but JAX 64-bit mode is off, "
+                            f"so JAX would silently compute in float32. {X64_HINT}")
         env = self._bind(params, buffers, inputs)
         for node, fn in self._plan:
             args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])

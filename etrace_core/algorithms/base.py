@@ -10,6 +10,7 @@ import numpy as np
 
 from etrace_core.compiler.errors import NotCompiledError
 from etrace_core.compiler.param_relations import DEFAULT_DENSE_TRACE_BUDGET
+from etrace_core.compiler.state_leaves import read_leaves, write_leaves
 from etrace_core.executor import data
 from etrace_core.executor.step import jacobian_step, vjp_step
 from etrace_core.executor.vjp import ETraceVjpGraphExecutor
@@ -38,7 +39,8 @@ class ETraceAlgorithm(brainstate.nn.Module):
 
     def __init__(self, model: brainstate.nn.Module, *, vjp_method: str = "single-step",
                  check_finite: bool = False, auto_reinit: bool = False,
-                 dense_trace_budget: int = DEFAULT_DENSE_TRACE_BUDGET, name=None):
+                 dense_trace_budget: int = DEFAULT_DENSE_TRACE_BUDGET, fast_solve: bool = True,
+                 trace_dtype=None, name=None):
         """`dense_trace_budget`: the largest dense parameter trace dh/dtheta (elements, batch
         included) kept for a parameter that reaches hidden states through a position-mixing
         op; a larger one leaves the parameter its same-step gradient, labelled approximate."""
@@ -48,6 +50,11 @@ class ETraceAlgorithm(brainstate.nn.Module):
                                                dense_trace_budget=dense_trace_budget)
         self.check_finite = check_finite
         self.auto_reinit = auto_reinit
+        # braintrace's switch between two implementations of the same trace update; etrace has
+        # one (per hidden group, block-diagonal), so the flag is kept for compatibility only
+        self.fast_solve = bool(fast_solve)
+        self.trace_dtype = None if trace_dtype is None else jnp.dtype(trace_dtype)
+        self.running_index = brainstate.LongTermState(jnp.zeros((), jnp.int32))
         self.etrace = None
         self._compiled = _Compiled()
 
@@ -61,12 +68,35 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def vjp_method(self) -> str:
         return self.executor.vjp_method
 
+    @property
+    def graph_executor(self):
+        """The graph executor (alias of ``executor``, braintrace's name)."""
+        return self.executor
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether ``compile_graph`` has run."""
+        return self._plan is not None
+
+    @property
+    def param_states(self):
+        """The model's ParamStates by path."""
+        return self.model.states(brainstate.ParamState)
+
+    @property
+    def hidden_states(self):
+        """The model's HiddenStates by path."""
+        return self.model.states(brainstate.HiddenState)
+
     def compile_graph(self, *args) -> None:
-        """Compile the model's one-step graph from example inputs, and plan the traces."""
+        """Compile the model's one-step graph from example inputs, plan the traces and create
+        them (zero), so ``algo.compile_graph(x); algo(x)`` runs; ``init_etrace_state()`` zeroes
+        them again (e.g. before a new sequence)."""
         self.executor.compile_graph(*args)
         self._compiled = _Compiled(
             plan=online.make_plan(self.executor.spec, self.trace_kinds(), self.decay),
             example=data.single_step_example(args))
+        self.init_etrace_state()
 
     def show_graph(self, verbose: bool = True, return_msg: bool = False):
         msg = self.executor.show_graph(verbose=False, return_msg=True)
@@ -107,8 +137,12 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def init_etrace_state(self, *args, **kwargs) -> None:
         """Create zero traces for the current hidden-state shapes."""
         plan = self._require_plan()
-        value = {"traces": online.init_traces(plan), "count": jnp.zeros((), _float_dtype())}
+        traces = online.init_traces(plan)
+        if self.trace_dtype is not None:
+            traces = jax.tree.map(lambda t: t.astype(self.trace_dtype), traces)
+        value = {"traces": traces, "count": jnp.zeros((), _float_dtype())}
         value = _committed(value, self.model)
+        self.running_index.value = jnp.zeros((), jnp.int32)
         if self.etrace is None:
             self.etrace = ETraceState(value)
         else:   # keep the State object (a new one made inside a transformation would leak)
@@ -120,14 +154,22 @@ class ETraceAlgorithm(brainstate.nn.Module):
             zeros = jax.tree.map(jnp.zeros_like, self.etrace.value)
             self.etrace.value = _committed(zeros, self.model)
 
-    def get_etrace_of(self, weight_path) -> Dict[str, Any]:
-        """The traces of one weight, by connection (relation, hidden group)."""
+    def get_etrace_of(self, weight) -> Dict[str, Any]:
+        """The traces of one weight (its path, or its ParamState), by connection (relation,
+        hidden group). A ParamState whose value is a dict gives the traces of all its entries."""
         plan = self._require_plan()
         self._require_etrace()
-        weight_path = tuple(weight_path)
+        if isinstance(weight, brainstate.State):
+            found = [p for p, st in self.model.states().items() if st is weight]
+            if not found:
+                raise KeyError(f"{type(weight).__name__} is not a state of {type(self.model).__name__}")
+            weight_path = tuple(found[0])
+        else:
+            weight_path = tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
         out = {}
         for conn in plan.connections:
-            if self.graph.hidden_param_op_relations[conn.rel].weight_path == weight_path:
+            path = self.graph.hidden_param_op_relations[conn.rel].weight_path
+            if path == weight_path or path[:len(weight_path)] == weight_path:
                 key = online.trace_key(conn)
                 out[key] = self.etrace.value["traces"][key]
         for k, r in enumerate(plan.spec.param_traces):
@@ -156,6 +198,9 @@ class ETraceAlgorithm(brainstate.nn.Module):
 
     def update(self, *args):
         states = self._check_ready()
+        # braintrace's running_index counts update calls; the de-bias count of ES-D-RTRL
+        # (etrace["count"]) counts time steps
+        self.running_index.value = self.running_index.value + 1
         if data.is_multi_step(args):
             if self.executor.is_multi_step_vjp:
                 return self._run_window(args, states)
@@ -183,9 +228,11 @@ class ETraceAlgorithm(brainstate.nn.Module):
         if missing:
             raise ValueError(f"the model no longer has the states {missing} it was compiled "
                              "with; call compile_graph(x) and init_etrace_state() again")
+        hidden_now = read_leaves(current, self.graph.module_info.leaf_refs or {},
+                                 [p for g in plan.spec.graph.hidden_groups for p in g.hidden_paths])
         for g in plan.spec.graph.hidden_groups:
             for p in g.hidden_paths:
-                shape = tuple(jnp.shape(current[p].value))
+                shape = tuple(jnp.shape(hidden_now[p]))
                 if shape != tuple(g.varshape):
                     if self.auto_reinit:
                         with jax.ensure_compile_time_eval():   # also inside a transformation
@@ -213,8 +260,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         return params, rest
 
     def _write(self, new_values, etrace, states):
-        for p, v in new_values.items():
-            states[p].value = v
+        write_leaves(states, self.graph.module_info.leaf_refs or {}, new_values)
         self.etrace.value = etrace
 
     def _run_step(self, args, states):
@@ -254,6 +300,8 @@ def zero_cotangent(x):
 
 def _advance(plan, check_finite, etrace, jac):
     traces = online.update_traces(plan, etrace["traces"], jac)
+    # traces keep the dtype they were created with (``trace_dtype``)
+    traces = jax.tree.map(lambda new, old: new.astype(old.dtype), traces, etrace["traces"])
     if check_finite:
         _raise_if_not_finite(plan, traces)
     return {"traces": traces, "count": etrace["count"] + 1}

@@ -1,5 +1,5 @@
 """The eligibility-trace compiler: jaxpr analyses that build an ETraceGraph."""
-from .errors import CompilationError, NotCompiledError
+from .errors import CompilationError, NotCompiledError, NotSupportedError
 from .graph import CompiledGraph, ETraceGraph, compile_etrace_graph
 from .hidden_groups import HiddenGroup, find_hidden_groups_from_minfo, find_hidden_groups_from_module
 from .module_info import ModuleInfo, extract_module_info
@@ -10,7 +10,7 @@ from .relations import (HiddenParamOpRelation, UntracedUse, analyse_relations,
                         find_hidden_param_op_relations_from_module)
 
 __all__ = [
-    "CompilationError", "NotCompiledError", "ETraceGraph", "CompiledGraph", "compile_etrace_graph",
+    "CompilationError", "NotCompiledError", "NotSupportedError", "ETraceGraph", "CompiledGraph", "compile_etrace_graph",
     "HiddenGroup", "find_hidden_groups_from_minfo", "find_hidden_groups_from_module",
     "ModuleInfo", "extract_module_info", "HiddenPerturbation",
     "add_hidden_perturbation_from_minfo", "add_hidden_perturbation_in_module",

@@ -7,3 +7,7 @@ class CompilationError(ValueError):
 
 class NotCompiledError(ValueError):
     """A graph was asked for before `compile_graph` was called."""
+
+
+class NotSupportedError(NotImplementedError):
+    """A model feature or option that etrace does not support (braintrace's name)."""

@@ -29,8 +29,11 @@ class ETraceGraph(NamedTuple):
 CompiledGraph = ETraceGraph
 
 
-def compile_etrace_graph(model, *args) -> ETraceGraph:
-    """Compile `model` (a one-step brainstate module) called with `args` into an ETraceGraph."""
+def compile_etrace_graph(model, *args, include_hidden_perturb: bool = True) -> ETraceGraph:
+    """Compile `model` (a one-step brainstate module) called with `args` into an ETraceGraph.
+
+    ``include_hidden_perturb=False`` leaves out the hidden perturbation (``hidden_perturb`` is
+    None): enough to inspect the graph; the algorithms compile with it."""
     minfo = extract_module_info(model, *args)
     check_opaque_ops(minfo)
     groups, by_path = find_hidden_groups_from_minfo(minfo)
@@ -40,7 +43,8 @@ def compile_etrace_graph(model, *args) -> ETraceGraph:
             "carry over time, so online learning gives each step's ordinary gradient "
             "(a feed-forward model)", UserWarning, stacklevel=2)
     relations, _ = analyse_relations(minfo, by_path)
-    perturb = add_hidden_perturbation_from_minfo(minfo) if groups else None
+    perturb = (add_hidden_perturbation_from_minfo(minfo)
+               if groups and include_hidden_perturb else None)
     return ETraceGraph(minfo, tuple(groups), by_path, tuple(relations), perturb)
 
 

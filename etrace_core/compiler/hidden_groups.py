@@ -69,12 +69,11 @@ def find_hidden_groups_from_minfo(minfo: ModuleInfo):
     for p in paths:
         members.setdefault(root(p), []).append(p)
     groups, by_path = [], {}
-    states = minfo.retrieved_model_states
     for index, group_paths in enumerate(members.values()):
         g = HiddenGroup(
             index=index,
             hidden_paths=tuple(group_paths),
-            hidden_states=tuple(states[p] for p in group_paths),
+            hidden_states=tuple(minfo.state_of(p) for p in group_paths),
             hidden_invars=tuple(invars[p] for p in group_paths),
             hidden_outvars=tuple(outvars[p] for p in group_paths),
             varshape=tuple(invars[group_paths[0]].aval.shape),

@@ -9,6 +9,7 @@ from jax.extend import core as jcore
 
 from .errors import CompilationError
 from .jaxpr_tools import flatten_jaxpr
+from .state_leaves import leaf_refs, read_leaves
 
 Path = Tuple[str, ...]
 
@@ -31,6 +32,7 @@ class ModuleInfo(NamedTuple):
     param_paths: Tuple[Path, ...]
     other_paths: Tuple[Path, ...]
     retrieved_model_states: Any  # brainstate.util.FlattedDict[Path, State]
+    leaf_refs: Any = None        # {leaf path: LeafRef} for states with pytree values
 
     @property
     def jaxpr(self) -> jcore.Jaxpr:
@@ -68,8 +70,13 @@ class ModuleInfo(NamedTuple):
         return {p: inv[p] for p in self.param_paths if p in inv}
 
     def state_values(self) -> dict:
-        """Current values of every state the step reads, by path."""
-        return {p: self.retrieved_model_states[p].value for p in self.state_paths}
+        """Current values of every state leaf the step reads, by path."""
+        return read_leaves(self.retrieved_model_states, self.leaf_refs or {}, self.state_paths)
+
+    def state_of(self, path):
+        """The State object that holds the leaf `path`."""
+        refs = self.leaf_refs or {}
+        return self.retrieved_model_states[refs[path].state_path if path in refs else path]
 
 
 def extract_module_info(model: brainstate.nn.Module, *args) -> ModuleInfo:
@@ -90,20 +97,30 @@ def extract_module_info(model: brainstate.nn.Module, *args) -> ModuleInfo:
     in_tree = jax.tree.structure(args)
     num_args = len(jax.tree.leaves(args))
     num_outputs = out_tree.num_leaves
-    if num_outputs + len(written) != len(closed.jaxpr.outvars):
-        raise CompilationError("the step's outputs do not match its written states; "
-                               "return plain arrays (or pytrees of arrays) from update()")
+
+    refs = {}
 
     def paths(states):
+        """(leaf paths, the State of each leaf) of `states`, in the jaxpr's order."""
         missing = [st for st in states if id(st) not in path_of]
         if missing:
             raise CompilationError(
                 f"the step uses {len(missing)} state(s) that are not attributes of the model "
-                f"(e.g. {type(missing[0]).__name__} of shape {missing[0].value.shape}); make "
+                f"(e.g. {type(missing[0]).__name__} of shape "
+                f"{jax.tree.map(jax.numpy.shape, missing[0].value)}); make "
                 "every state an attribute of the module tree")
-        return tuple(path_of[id(st)] for st in states)
+        leaf_paths, owners = [], []
+        for st in states:
+            these = leaf_refs(path_of[id(st)], st.value)
+            refs.update(these)
+            leaf_paths += list(these)
+            owners += [st] * len(these)
+        return tuple(leaf_paths), owners
 
-    state_paths, written_paths = paths(read), paths(written)
+    (state_paths, read), (written_paths, written) = paths(read), paths(written)
+    if num_outputs + len(written_paths) != len(closed.jaxpr.outvars):
+        raise CompilationError("the step's outputs do not match its written states; "
+                               "return plain arrays (or pytrees of arrays) from update()")
     _check_states(closed, num_args, num_outputs, read, written, state_paths, written_paths)
 
     hidden = tuple(p for p, st in zip(written_paths, written)
@@ -117,10 +134,13 @@ def extract_module_info(model: brainstate.nn.Module, *args) -> ModuleInfo:
         state_paths=state_paths, written_paths=written_paths,
         hidden_paths=hidden, param_paths=params, other_paths=tuple(dict.fromkeys(others)),
         retrieved_model_states=all_states,
+        leaf_refs={p: r for p, r in refs.items() if r.count > 1},
     )
 
 
 def _check_states(closed, num_args, num_outputs, read, written, state_paths, written_paths):
+    if len(state_paths) != len(closed.jaxpr.invars) - num_args:
+        raise CompilationError("the step's inputs do not match the leaves of the states it reads")
     for path, st in zip(written_paths, written):
         if isinstance(st, brainstate.ParamState):
             raise CompilationError(

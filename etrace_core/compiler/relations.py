@@ -37,6 +37,29 @@ class HiddenParamOpRelation(NamedTuple):
         return self.weight_path
 
     @property
+    def x_var(self):
+        """The op's input var (braintrace's name for ``x``)."""
+        return self.x
+
+    @property
+    def y_var(self):
+        """The op's output var (braintrace's name for ``y``)."""
+        return self.y
+
+    @property
+    def connected_hidden_paths(self) -> Tuple[Path, ...]:
+        """The paths of every hidden state this op's output reaches (braintrace's name)."""
+        return tuple(p for g in self.hidden_groups for p in g.hidden_paths)
+
+    @property
+    def trainable_paths(self) -> Dict[str, Path]:
+        """{'weight': path[, 'bias': path]} of the parameters this op trains (leaf paths)."""
+        out = {"weight": self.weight_path}
+        if self.bias_path is not None:
+            out["bias"] = self.bias_path
+        return out
+
+    @property
     def params(self) -> dict:
         return self.eqn.params
 

@@ -37,9 +37,8 @@ def dynamic_states(graph: ETraceGraph) -> List[tuple]:
     """Short-term states written by the step that are not hidden states."""
     minfo = graph.module_info
     hidden = set(graph.hid_path_to_group)
-    states = minfo.retrieved_model_states
     return [p for p in minfo.written_paths
-            if p not in hidden and isinstance(states[p], brainstate.ShortTermState)]
+            if p not in hidden and isinstance(minfo.state_of(p), brainstate.ShortTermState)]
 
 
 def graph_summary(graph: ETraceGraph, param_traces=(), over_budget=()) -> str:

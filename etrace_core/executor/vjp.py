@@ -7,6 +7,7 @@ import jax
 from jax import lax
 
 from etrace_core.compiler.jaxpr_tools import eval_jaxpr
+from etrace_core.compiler.state_leaves import read_leaves
 
 from . import data
 from .base import ETraceGraphExecutor
@@ -70,7 +71,8 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         (`init_state` may have replaced the State objects the graph was compiled with);
         `states` is the model's `states()` when the caller already has it."""
         current = self.model.states() if states is None else states
-        return {p: current[p].value for p in self.graph.module_info.state_paths}
+        minfo = self.graph.module_info
+        return read_leaves(current, minfo.leaf_refs or {}, minfo.state_paths)
 
     # -- public solvers (pure: they read states, never write them) ----------------------------
 

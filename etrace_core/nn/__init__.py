@@ -2,17 +2,21 @@
 from . import init, surrogate
 from .activations import get_activation
 from .base import RecurrentModule
-from .conv import Conv1d, Conv2d
+from .conv import Conv1d, Conv2d, Conv3d
+from .embedding import Embedding
+from .gated import LRUCell, MGUCell, MiniGRU, MinimalRNNCell
 from .lif import LIF
 from .linear import Linear
+from .linear_variants import LoRA, ScaledWSLinear, SignedWLinear
 from .readout import LeakyRateReadout
 from .rnn import GRUCell, LSTMCell, LeakyRNNCell, ValinaRNNCell, VanillaRNNCell
 from .surrogate import sigmoid_surrogate, spike_fn
 
 __all__ = [
     'init', 'surrogate', 'get_activation', 'RecurrentModule',
-    'Linear', 'Conv1d', 'Conv2d',
+    'Linear', 'SignedWLinear', 'ScaledWSLinear', 'LoRA', 'Embedding', 'Conv1d', 'Conv2d', 'Conv3d',
     'VanillaRNNCell', 'ValinaRNNCell', 'GRUCell', 'LSTMCell', 'LeakyRNNCell',
+    'MGUCell', 'MinimalRNNCell', 'MiniGRU', 'LRUCell',
     'LIF', 'LeakyRateReadout',
     'spike_fn', 'sigmoid_surrogate',
 ]

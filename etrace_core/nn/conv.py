@@ -3,12 +3,13 @@ import math
 from typing import Optional, Sequence, Union
 
 import brainstate
+import jax.numpy as jnp
 
 from etrace_core import ops
 
-from .init import Initializer, Key, fan_in_uniform, make_param, resolve_dtype, split_key
+from .init import DEFAULT, Initializer, Key, fan_in_uniform, make_param, resolve_dtype, split_key
 
-__all__ = ['Conv1d', 'Conv2d']
+__all__ = ['Conv1d', 'Conv2d', 'Conv3d']
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -35,17 +36,37 @@ class _ConvNd(brainstate.nn.Module):
     both go through :func:`etrace_core.ops.conv`. Defaults follow torch:
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with ``fan_in = C_in/groups * prod(K)``.
     ``padding`` is ``'SAME'``, ``'VALID'`` (either case), an int or a tuple of ints.
+
+    brainstate's channels-last form is accepted too: ``Conv2d(in_size=(H, W, C), out_channels,
+    kernel_size, ...)`` takes and returns ``(B, *S, C)`` / ``(*S, C)`` arrays (``rhs_dilation=``
+    for ``dilation``, ``b_init=None`` for no bias); the weight keeps torch's layout.
     """
 
     num_spatial_dims: int = 0
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, *,
+    def __init__(self, in_channels: Optional[int] = None, out_channels: Optional[int] = None,
+                 kernel_size: IntOrTuple = None, *,
                  stride: IntOrTuple = 1, padding: Union[str, IntOrTuple] = 'SAME',
                  dilation: IntOrTuple = 1, groups: int = 1, bias: bool = True,
-                 w_init: Optional[Initializer] = None, b_init: Optional[Initializer] = None,
+                 w_init: Optional[Initializer] = None, b_init: Optional[Initializer] = DEFAULT,
+                 in_size=None, rhs_dilation: Optional[IntOrTuple] = None,
                  dtype=None, key: Key = None, name: Optional[str] = None):
         super().__init__(name=name)
         n = self.num_spatial_dims
+        self.channel_last = in_size is not None
+        if in_size is not None:
+            in_size = tuple(in_size) if isinstance(in_size, (tuple, list)) else (in_size,)
+            if in_channels is not None or len(in_size) != n + 1:
+                raise ValueError(f'give in_channels, or in_size=(*spatial, channels) with {n} '
+                                 f'spatial dims (channels last), got in_channels={in_channels}, '
+                                 f'in_size={in_size}')
+            in_channels = in_size[-1]
+            self.in_size = in_size
+        if in_channels is None or out_channels is None or kernel_size is None:
+            raise ValueError('a convolution needs in_channels (or in_size), out_channels and '
+                             'kernel_size')
+        if rhs_dilation is not None:
+            dilation = rhs_dilation
         if in_channels % groups or out_channels % groups:
             raise ValueError(f'in_channels ({in_channels}) and out_channels ({out_channels}) '
                              f'must be divisible by groups ({groups})')
@@ -61,12 +82,17 @@ class _ConvNd(brainstate.nn.Module):
         default = fan_in_uniform(in_channels // groups * math.prod(self.kernel_size))
         w_shape = (out_channels, in_channels // groups) + self.kernel_size
         self.weight = make_param(w_init, w_shape, dtype, w_key, default)
-        self.bias = make_param(b_init, (out_channels,), dtype, b_key, default) if bias else None
+        has_bias = bias and b_init is not None
+        self.bias = make_param(b_init, (out_channels,), dtype, b_key, default) if has_bias else None
 
     def update(self, x):
         bias = None if self.bias is None else self.bias.value
-        return ops.conv(x, self.weight.value, bias, stride=self.stride, padding=self.padding,
-                        dilation=self.dilation, groups=self.groups)
+        if self.channel_last:   # (B, *S, C) -> (B, C, *S) and back: index relabelling only
+            axis = x.ndim - self.num_spatial_dims - 1
+            x = jnp.moveaxis(x, -1, axis)
+        y = ops.conv(x, self.weight.value, bias, stride=self.stride, padding=self.padding,
+                     dilation=self.dilation, groups=self.groups)
+        return jnp.moveaxis(y, axis, -1) if self.channel_last else y
 
 
 class Conv1d(_ConvNd):
@@ -77,3 +103,8 @@ class Conv1d(_ConvNd):
 class Conv2d(_ConvNd):
     """2-D convolution over ``(B, C_in, H, W)`` or ``(C_in, H, W)`` inputs; see :class:`_ConvNd`."""
     num_spatial_dims = 2
+
+
+class Conv3d(_ConvNd):
+    """3-D convolution over ``(B, C_in, D, H, W)`` or ``(C_in, D, H, W)``; see :class:`_ConvNd`."""
+    num_spatial_dims = 3

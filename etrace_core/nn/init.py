@@ -1,7 +1,9 @@
 """Initialisers for weights and hidden states.
 
-An initialiser is a callable ``(shape, dtype) -> array``. The built-in ones draw from
-``brainstate.random``; layers that receive a ``key`` run them under
+An initialiser is any callable ``init(shape) -> array`` (braintools' initialisers, e.g.
+``braintools.init.KaimingNormal()``, are called this way); the result is cast to the layer's
+dtype (a brainunit Quantity keeps its unit). The built-in ones also take an optional dtype and
+draw from ``brainstate.random``; layers that receive a ``key`` run them under
 ``brainstate.random.seed_context(key)``, so a given key always gives the same weights.
 """
 import math
@@ -13,8 +15,59 @@ import jax.numpy as jnp
 
 __all__ = [
     'Initializer', 'default_dtype', 'resolve_dtype', 'zeros', 'constant', 'uniform', 'normal', 'fan_in_uniform',
-    'make_param', 'split_key', 'state_zeros',
+    'make_param', 'split_key', 'state_zeros', 'DEFAULT', 'feature_size', 'init_value',
+    'decay_factor',
 ]
+
+
+class _Default:
+    """Marks an initialiser argument left at the layer's default (``None`` means "none")."""
+
+    def __repr__(self):
+        return 'DEFAULT'
+
+
+DEFAULT = _Default()
+
+
+def decay_factor(dt, tau):
+    """``exp(-dt / tau)`` as a plain float (or array). ``tau`` and ``dt`` may carry time units
+    (brainunit): with a unit-carrying ``tau`` and ``dt=None`` the step is brainstate's
+    ``environ.get_dt()``; the ratio must be dimensionless."""
+    import brainunit as u
+    if dt is None:
+        dt = brainstate.environ.get_dt() if isinstance(tau, u.Quantity) else 1.0
+    ratio = u.maybe_decimal(dt / tau)
+    if isinstance(ratio, u.Quantity):
+        raise ValueError(f'dt / tau must be dimensionless, got dt={dt!r}, tau={tau!r}')
+    ratio = jnp.asarray(ratio)
+    return float(jnp.exp(-ratio)) if ratio.ndim == 0 else jnp.exp(-ratio)
+
+
+def feature_size(size, what: str = 'size') -> int:
+    """The number of features of a layer size: an int, or a tuple whose last entry counts them
+    (brainstate's ``in_size=(..., n)``)."""
+    if isinstance(size, (tuple, list)):
+        if not size:
+            raise ValueError(f'{what} must be an int or a non-empty tuple, got {size!r}')
+        size = size[-1]
+    try:
+        n = int(size)
+    except (TypeError, ValueError):
+        raise ValueError(f'{what} must be an int or a tuple of ints, got {size!r}') from None
+    if n != size or n < 1:
+        raise ValueError(f'{what} must be a positive int, got {size!r}')
+    return n
+
+
+def init_value(init, shape, dtype):
+    """``init(shape)`` (or ``init`` itself when it is an array), cast to ``dtype``; a Quantity
+    keeps its unit. Any callable taking the shape works (braintools' initialisers too)."""
+    import brainunit as u
+    value = init(tuple(shape)) if callable(init) else init
+    if isinstance(value, u.Quantity):
+        return u.Quantity(jnp.asarray(value.mantissa, dtype=dtype), unit=value.unit)
+    return jnp.asarray(value, dtype=dtype)
 
 Initializer = Callable[[tuple, jnp.dtype], jax.Array]
 Key = Union[None, int, jax.Array]
@@ -66,22 +119,19 @@ def fan_in_uniform(fan_in: int) -> Initializer:
 
 def make_param(init: Union[None, Initializer, jax.Array], shape: Sequence[int], dtype,
                key: Key = None, default: Optional[Initializer] = None) -> brainstate.ParamState:
-    """A ``ParamState`` holding ``init(shape, dtype)`` (or the given array), checked for shape.
+    """A ``ParamState`` holding ``init(shape)`` cast to ``dtype`` (or the given array), checked
+    for shape.
 
-    ``init=None`` uses ``default``.
+    ``init=None`` or ``DEFAULT`` uses ``default``.
     """
     shape = tuple(shape)
-    if init is None:
+    if init is None or init is DEFAULT:
         init = default
-    if callable(init):
-        if key is None:
-            value = init(shape, dtype)
-        else:
-            with brainstate.random.seed_context(key):
-                value = init(shape, dtype)
+    if key is None:
+        value = init_value(init, shape, dtype)
     else:
-        value = init
-    value = jnp.asarray(value, dtype=dtype)
+        with brainstate.random.seed_context(key):
+            value = init_value(init, shape, dtype)
     if value.shape != shape:
         raise ValueError(f'initial value has shape {value.shape}, expected {shape}')
     return brainstate.ParamState(value)
@@ -96,7 +146,11 @@ def split_key(key: Key, num: int) -> list:
     return list(jax.random.split(key, num))
 
 
-def state_zeros(varshape: Sequence[int], batch_size: Optional[int], dtype) -> jax.Array:
-    """Zeros of shape ``varshape``, or ``(batch_size,) + varshape`` when a batch size is given."""
+def state_zeros(varshape: Sequence[int], batch_size: Optional[int], dtype,
+                init=None) -> jax.Array:
+    """Zeros (or ``init(shape)``) of shape ``varshape``, or ``(batch_size,) + varshape`` when a
+    batch size is given."""
     shape = tuple(varshape) if batch_size is None else (batch_size,) + tuple(varshape)
-    return jnp.zeros(shape, dtype)
+    if init is None or init is DEFAULT:
+        return jnp.zeros(shape, dtype)
+    return init_value(init, shape, dtype)

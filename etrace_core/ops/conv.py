@@ -19,10 +19,12 @@ from jax import lax
 from jax.interpreters import ad, batching
 
 from etrace_core.ops.primitive import primitive_from_reference
+from etrace_core.ops.units import strip, strip_bias, with_unit
 
 __all__ = ["conv", "etp_conv_p", "x_canon", "y_canon", "io_to_params"]
 
-_DIMENSION_NUMBERS = {1: ("NCH", "OIH", "NCH"), 2: ("NCHW", "OIHW", "NCHW")}
+_DIMENSION_NUMBERS = {1: ("NCH", "OIH", "NCH"), 2: ("NCHW", "OIHW", "NCHW"),
+                      3: ("NCDHW", "OIDHW", "NCDHW")}
 
 
 def _reference(x, w, *b, window_strides, padding, rhs_dilation, feature_group_count, has_bias,
@@ -138,17 +140,32 @@ def _batch(args, dims, **params):
 batching.primitive_batchers[etp_conv_p] = _batch
 
 
-def conv(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1):
-    """torch-style channels-first 1-D/2-D convolution (cross-correlation) ``+ b``.
+def conv(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1, strides=None,
+         bias=None):
+    """torch-style channels-first 1-D/2-D/3-D convolution (cross-correlation) ``+ b``.
+
+    ``strides=`` and ``bias=`` are braintrace's keywords for ``stride`` and ``b``.
 
     ``padding``: ``'SAME'`` (output size ``ceil(S / stride)``; for stride 1 equals torch
     ``'same'``), ``'VALID'``, an int, or a tuple with one int (or ``(lo, hi)`` pair) per spatial dim.
     """
+    if strides is not None:
+        stride = strides
+    if bias is not None:
+        if b is not None:
+            raise ValueError("conv: pass the bias once, as b or as bias=")
+        b = bias
+    (x, w), unit = strip(x, w)
+    b = None if b is None else strip_bias(b, unit)
+    return with_unit(_conv(x, w, b, stride, padding, dilation, groups), unit)
+
+
+def _conv(x, w, b, stride, padding, dilation, groups):
     x, w = jnp.asarray(x), jnp.asarray(w)
     b = None if b is None else jnp.asarray(b)
-    if w.ndim not in (3, 4):
-        raise ValueError("conv: w must have shape (C_out, C_in/groups, *K) with 1 or 2 spatial "
-                         f"dims (torch OIH / OIHW), got shape {w.shape}")
+    if w.ndim not in (3, 4, 5):
+        raise ValueError("conv: w must have shape (C_out, C_in/groups, *K) with 1, 2 or 3 "
+                         f"spatial dims (torch OIH / OIHW / OIDHW), got shape {w.shape}")
     n = w.ndim - 2
     if x.ndim not in (n + 1, n + 2):
         raise ValueError(f"conv: for a {n}-D kernel x must have shape (B, C_in, *S) or (C_in, *S) "

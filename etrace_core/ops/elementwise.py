@@ -7,6 +7,7 @@ applied element by element. Canonical form: ``X = ones(batch_shape + (1,))`` (``
 """
 import math
 
+import brainunit as u
 import jax
 import jax.numpy as jnp
 from jax.interpreters import ad, batching
@@ -64,11 +65,30 @@ def _batch(args, dims, **params):
 batching.primitive_batchers[etp_elemwise_p] = _batch
 
 
-def element_wise(fn, w, *, batch_shape=()):
-    """``broadcast_to(fn(w), batch_shape + w.shape)`` with ``fn`` an element-wise JAX function."""
+_IDENTITY = ElementFn(lambda w: w)
+
+
+def element_wise(fn, w=None, *, batch_shape=(), weight_fn=None):
+    """``broadcast_to(fn(w), batch_shape + w.shape)`` with ``fn`` an element-wise JAX function.
+
+    braintrace's form ``element_wise(weight, weight_fn=None)`` (weight first, identity when no
+    ``weight_fn``) is accepted too. A brainunit Quantity weight keeps its unit: ``fn`` acts on
+    the mantissa.
+    """
+    if w is None and not callable(fn):      # braintrace: element_wise(weight, weight_fn=...)
+        fn, w = (weight_fn if weight_fn is not None else _IDENTITY.fn), fn
+    elif weight_fn is not None:
+        raise ValueError("element_wise: give the function once (element_wise(fn, w) or "
+                         "element_wise(w, weight_fn=fn))")
     if not callable(fn):
         raise ValueError(f"element_wise: fn must be callable, got {fn!r}")
-    w = jnp.asarray(w)
+    unit = w.unit if isinstance(w, u.Quantity) and not w.unit.is_unitless else None
+    w = jnp.asarray(w.mantissa if isinstance(w, u.Quantity) else w)
+    y = _element_wise(fn, w, batch_shape)
+    return y if unit is None else u.Quantity(y, unit=unit)
+
+
+def _element_wise(fn, w, batch_shape):
     try:
         batch_shape = tuple(int(d) for d in batch_shape)
     except TypeError:

@@ -7,15 +7,19 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import ad, batching
 
+from etrace_core.ops.elementwise import ElementFn
 from etrace_core.ops.primitive import primitive_from_reference
+from etrace_core.ops.units import strip, strip_bias, with_unit
 
 __all__ = ["matmul", "etp_matmul_p", "x_canon", "y_canon", "io_to_params"]
 
 _LAYOUTS = ("io", "oi")
 
 
-def _reference(x, w, *b, w_layout, has_bias):
+def _reference(x, w, *b, w_layout, has_bias, weight_fn=None):
     """Plain jnp implementation; impl, abstract eval and lowering all derive from it."""
+    if weight_fn is not None:
+        w = weight_fn(w)
     y = jnp.matmul(x, w if w_layout == "io" else w.T)
     if has_bias:
         y = y + b[0]
@@ -46,17 +50,19 @@ def _check(x, w, b, w_layout):
 etp_matmul_p = primitive_from_reference("etp_matmul", _reference)
 
 
-def _jvp_x(dx, x, w, *b, w_layout, has_bias):
-    y = _reference(dx, w, w_layout=w_layout, has_bias=False)
+def _jvp_x(dx, x, w, *b, w_layout, has_bias, weight_fn=None):
+    y = _reference(dx, w, w_layout=w_layout, has_bias=False, weight_fn=weight_fn)
     return y.astype(jnp.result_type(x, w, *b))
 
 
-def _jvp_w(dw, x, w, *b, w_layout, has_bias):
+def _jvp_w(dw, x, w, *b, w_layout, has_bias, weight_fn=None):
+    if weight_fn is not None:
+        _, dw = jax.jvp(weight_fn, (w,), (dw,))
     y = _reference(x, dw, w_layout=w_layout, has_bias=False)
     return y.astype(jnp.result_type(x, w, *b))
 
 
-def _jvp_b(db, x, w, b, *, w_layout, has_bias):
+def _jvp_b(db, x, w, b, *, w_layout, has_bias, weight_fn=None):
     o = _io_sizes(w.shape, w_layout)[1]
     shape = jnp.shape(x)[:-1] + (o,)
     return jnp.broadcast_to(db, shape).astype(jnp.result_type(x, w, b))
@@ -76,29 +82,50 @@ def _jvp(primals, tangents, **params):
 ad.primitive_jvps[etp_matmul_p] = _jvp
 
 
-def _batch(args, dims, *, w_layout, has_bias):
+def _batch(args, dims, *, w_layout, has_bias, weight_fn=None):
     """vmap: a mapped x only stays one primitive (extra leading dim); else the jnp reference."""
     x_dim, *rest = dims
     if all(d is None for d in rest):
         x = jnp.moveaxis(args[0], x_dim, 0)
-        return etp_matmul_p.bind(x, *args[1:], w_layout=w_layout, has_bias=has_bias), 0
-    fn = lambda *a: _reference(*a, w_layout=w_layout, has_bias=has_bias)
+        extra = {} if weight_fn is None else {"weight_fn": weight_fn}
+        return etp_matmul_p.bind(x, *args[1:], w_layout=w_layout, has_bias=has_bias,
+                                 **extra), 0
+    fn = lambda *a: _reference(*a, w_layout=w_layout, has_bias=has_bias, weight_fn=weight_fn)
     return jax.vmap(fn, in_axes=tuple(dims))(*args), 0
 
 
 batching.primitive_batchers[etp_matmul_p] = _batch
 
 
-def matmul(x, w, b=None, *, w_layout="io"):
+def matmul(x, w, b=None, *, w_layout="io", bias=None, weight_fn=None):
     """``x @ w + b`` (``'io'``, ``w: (I, O)``) or ``x @ w.T + b`` (``'oi'``, ``w: (O, I)``).
 
-    ``x`` is ``(..., I)`` with any number of leading dims (also none); ``b`` is ``(O,)`` or None.
+    ``x`` is ``(..., I)`` with any number of leading dims (also none); ``b`` (or ``bias=``,
+    braintrace's keyword) is ``(O,)`` or None. ``weight_fn`` (a JAX function keeping ``w``'s
+    shape, e.g. a mask or a sign constraint) makes the op ``x @ weight_fn(w) + b`` with ``w``
+    itself the trained parameter. brainunit quantities work: the output's unit is
+    unit(x) * unit(w), and ``b`` must carry it.
     """
+    if bias is not None:
+        if b is not None:
+            raise ValueError("matmul: pass the bias once, as b or as bias=")
+        b = bias
+    (x, w), unit = strip(x, w)
+    b = None if b is None else jnp.asarray(strip_bias(b, unit))
     x, w = jnp.asarray(x), jnp.asarray(w)
-    b = None if b is None else jnp.asarray(b)
+    fn = None
+    if weight_fn is not None:
+        if not callable(weight_fn):
+            raise ValueError(f"matmul: weight_fn must be callable, got {weight_fn!r}")
+        shape = getattr(jax.eval_shape(weight_fn, w), "shape", None)
+        if shape != w.shape:
+            raise ValueError(f"matmul: weight_fn must keep w's shape {w.shape}, got {shape}")
+        fn = ElementFn(weight_fn)
     _check(x, w, b, w_layout)
     operands = (x, w) if b is None else (x, w, b)
-    return etp_matmul_p.bind(*operands, w_layout=w_layout, has_bias=b is not None)
+    extra = {} if fn is None else {"weight_fn": fn}   # plain matmuls keep their two params
+    y = etp_matmul_p.bind(*operands, w_layout=w_layout, has_bias=b is not None, **extra)
+    return with_unit(y, unit)
 
 
 def x_canon(params, x, w):
@@ -119,4 +146,7 @@ def io_to_params(params, w, M):
         raise ValueError(f"matmul.io_to_params: M must have shape (I{'+1' if has_bias else ''}, O)"
                          f" = {(i + has_bias, o)}, got {M.shape}")
     dw = M[:i] if layout == "io" else M[:i].T
+    fn = params.get("weight_fn")
+    if fn is not None:   # M is the gradient w.r.t. weight_fn(w): pull it back to w
+        dw = jax.vjp(fn, w)[1](dw.astype(jnp.result_type(w)))[0]
     return dw, (M[i] if has_bias else None)

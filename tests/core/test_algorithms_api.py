@@ -76,21 +76,24 @@ def test_float32_d_rtrl_close_to_bptt():
 
 # ============================================================================ not ready
 
-def test_calls_before_compile_graph_and_init_etrace_state():
+def test_calls_before_compile_graph_and_compile_graph_creates_traces():
     model, algo, xs, ys = gru_setup()
     for call in (lambda: algo(xs[0]), algo.init_etrace_state, algo.trace_sizes,
                  lambda: etrace_core.run_online(algo, mse, xs, ys),
                  lambda: algo.get_etrace_of(("rnn", "W_hh", "weight"))):
         with pytest.raises(NotCompiledError, match="compile_graph"):
             call()
-    algo.compile_graph(xs[0])
-    for call in (lambda: algo(xs[0]), algo.trace_sizes,
-                 lambda: etrace_core.run_online(algo, mse, xs, ys),
-                 lambda: algo.get_etrace_of(("rnn", "W_hh", "weight"))):
-        with pytest.raises(NotCompiledError, match="init_etrace_state"):
-            call()
-    algo.init_etrace_state()
+    assert not algo.is_compiled
+    algo.compile_graph(xs[0])     # braintrace semantics: also creates (zero) traces
+    assert algo.is_compiled
+    assert all(float(jnp.max(jnp.abs(t))) == 0.0
+               for t in jax.tree.leaves(algo.get_etrace_of(("rnn", "W_hh", "weight"))))
     assert algo(xs[0]).shape == (B, 3)
+    assert int(algo.running_index.value) == 1
+    algo.init_etrace_state()      # still zeroes them
+    assert int(algo.running_index.value) == 0
+    assert all(float(jnp.max(jnp.abs(t))) == 0.0
+               for t in jax.tree.leaves(algo.get_etrace_of(("rnn", "W_hh", "weight"))))
 
 
 def test_get_etrace_of_and_show_graph():

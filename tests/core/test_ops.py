@@ -372,8 +372,8 @@ def test_conv_bad_inputs():
         conv(jnp.ones((1, 1, 4, 8)), w, groups=2)
     with pytest.raises(ValueError, match="groups must be a positive int dividing"):
         conv(x, w, groups=3)
-    with pytest.raises(ValueError, match="1 or 2 spatial"):
-        conv(jnp.ones((1, 4, 8, 8, 8)), jnp.ones((6, 4, 3, 3, 3)))
+    with pytest.raises(ValueError, match="1, 2 or 3 spatial"):
+        conv(jnp.ones((1, 4, 8, 8, 8, 8)), jnp.ones((6, 4, 3, 3, 3, 3)))
     with pytest.raises(ValueError, match="stride"):
         conv(x, w, stride=(1, 1), groups=2)
     with pytest.raises(ValueError, match=r"b must have shape \(C_out,\) = \(6,\)"):
