@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conventions import param_like, torch_step
-from .losses import resolve_loss
+from .losses import IGNORE_INDEX, resolve_loss
 
 __all__ = ["BPTTResult", "TBPTTWindow", "GradientRow", "GradientReport", "bptt_gradients",
            "tbptt_windows", "tbptt_gradients", "compare_gradients"]
@@ -119,13 +119,21 @@ def bptt_gradients(
 
 class TBPTTWindow(NamedTuple):
     """One truncated-BPTT window: steps [start, stop), its summed loss, its gradients (keyed by
-    torch parameter name), whether any step of it carried a loss, and its (T_w, B, ...) outputs."""
+    torch parameter name), whether any step of it carried a loss (a target that is not None and
+    not all IGNORE_INDEX), and its (T_w, B, ...) outputs."""
     start: int
     stop: int
     loss: float
     grads: dict[str, torch.Tensor]
     has_loss: bool
     outputs: torch.Tensor
+
+
+def _has_labels(target: torch.Tensor) -> bool:
+    """False only for class targets that are all IGNORE_INDEX (a step that carries no loss)."""
+    if target.is_floating_point() or target.is_complex():
+        return True
+    return bool((target != IGNORE_INDEX).any())
 
 
 def _detach(state):
@@ -188,14 +196,16 @@ def tbptt_windows(
             named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
             state = _detach(state)
             _detach_buffers(module)
-            outputs, total = [], None
+            outputs, total, labelled = [], None, False
             with torch.enable_grad():
                 for t in range(start, stop):
                     y, state = step(module, xs[t], state)
                     outputs.append(y.detach())
                     if targets[t] is None:
                         continue
-                    term = loss_fn(y, torch.as_tensor(targets[t], device=device))
+                    target = torch.as_tensor(targets[t], device=device)
+                    labelled = labelled or _has_labels(target)
+                    term = loss_fn(y, target)
                     total = term if total is None else total + term
                 if total is None or not total.requires_grad:
                     grads = [None] * len(named)
@@ -205,8 +215,7 @@ def tbptt_windows(
                      for (n, p), g in zip(named, grads)}
             value = 0.0 if total is None else float(total.detach())
             state = _detach(state)
-            yield TBPTTWindow(start, stop, value, grads, total is not None,
-                              torch.stack(outputs))
+            yield TBPTTWindow(start, stop, value, grads, labelled, torch.stack(outputs))
     finally:
         _put_back(originals)
 

@@ -24,8 +24,8 @@ PROG = "etrace-compare"
 # Settings that --quick changes; an explicit flag always wins. `delay` applies to cue_delay.
 DEFAULTS = dict(hidden=64, epochs=10, batch_size=32, train_subset=None, test_subset=None,
                 seq_lens=(100, 1000, 3000, 10000, 30000, 50000), delay=100, stream_trials=200)
-QUICK = dict(hidden=32, epochs=3, batch_size=32, train_subset=512, test_subset=256,
-             seq_lens=(100, 1000, 3000), delay=40, stream_trials=60)
+QUICK = dict(hidden=32, epochs=4, batch_size=32, train_subset=512, test_subset=256,
+             seq_lens=(100, 1000), delay=40, stream_trials=60)
 
 
 class UsageError(Exception):
@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(DEFAULT_METHODS)}); variants tbptt@K (window K), "
                         "es_d_rtrl@DECAY, hybrid@DECAY")
     p.add_argument("--quick", action="store_true",
-                   help="small and fast: hidden 32, 3 epochs, 512 training / 256 held-out "
-                        "sequences, cue_delay delay 40, T in 100,1000,3000, 60 stream trials")
+                   help="small and fast: hidden 32, 4 epochs, 512 training / 256 held-out "
+                        "sequences, cue_delay delay 40, T in 100,1000, 60 stream trials")
     p.add_argument("--out", metavar="DIR",
                    help="write report.md and PNG plots (learning curves, gradient fidelity, "
                         "memory and time vs T) into DIR")
@@ -175,7 +175,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .report import print_report, write_report
 
     cfg = config_from_args(args)
-    log = lambda msg: print(f"[{PROG}] {msg}", file=sys.stderr, flush=True)
+    import time
+    start = time.perf_counter()
+    log = lambda msg: print(f"[{PROG}] {msg} ({time.perf_counter() - start:.0f} s)",
+                            file=sys.stderr, flush=True)
     result = run_comparison(cfg, log=log)
     print_report(result)
     if args.out:

@@ -117,13 +117,16 @@ class LeakyRNN(nn.Module):
 
 
 class MultiTimescaleLeaky(nn.Module):
-    """Leaky units with fixed per-unit time constants spread log-uniformly over
-    [tau_min, tau_max] steps: `h = alpha*h + (1-alpha)*tanh(W x + b)`, `alpha = exp(-1/tau)`.
+    """Leaky integrators with fixed per-unit time constants spread log-uniformly over
+    [tau_min, tau_max] steps: `h = alpha*h + tanh(W x)`, `alpha = exp(-1/tau)`.
 
     No recurrent weights and a memoryless linear readout `y = V h + c`: the recurrence is
     element-wise, so D-RTRL's online gradient equals BPTT's. The slow units can hold a cue for
-    hundreds of steps, which the single 10-step time constant of `LeakyRNN` cannot.
-    `alpha` is a constant buffer (not learned). `forward(x, h) -> (y, h)`.
+    hundreds of steps, which the single 10-step time constant of `LeakyRNN` cannot. The input
+    is not scaled by (1 - alpha) and has no bias: a cue then stays at full size in a slow unit
+    (a (1 - alpha) factor shrinks it by tau and leaves the readout weights to grow by as much,
+    which Adam needed thousands of updates for), and no constant input piles up over up to
+    1000 steps. `alpha` is a constant buffer (not learned). `forward(x, h) -> (y, h)`.
     """
 
     def __init__(self, n_in: int, n_hidden: int, n_out: int, tau_min: float = 1.0,
@@ -134,11 +137,11 @@ class MultiTimescaleLeaky(nn.Module):
         tau = torch.logspace(math.log10(tau_min), math.log10(tau_max), n_hidden,
                              dtype=torch.float64)
         self.register_buffer("alpha", torch.exp(-1.0 / tau).to(torch.get_default_dtype()))
-        self.input = nn.Linear(n_in, n_hidden)
+        self.input = nn.Linear(n_in, n_hidden, bias=False)
         self.readout = nn.Linear(n_hidden, n_out)
 
     def forward(self, x, h):
-        h = self.alpha * h + (1.0 - self.alpha) * torch.tanh(self.input(x))
+        h = self.alpha * h + torch.tanh(self.input(x))
         return self.readout(h), h
 
 
@@ -200,9 +203,9 @@ _BUILDERS = {
     "gru": GRUClassifier,
     "lstm": LSTMClassifier,
     "lif": LIFNet,
+    "leaky": LeakyRNN,
     "lif_direct": lambda n_in, n_hidden, n_out, **kw: LIFNet(n_in, n_hidden, n_out,
                                                              **{"tau_out": None, **kw}),
-    "leaky": LeakyRNN,
 }
 MODEL_NAMES = tuple(_BUILDERS)
 

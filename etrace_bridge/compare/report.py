@@ -12,7 +12,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .config import method_base, method_option
+from .config import is_online, method_base, method_option
 from .results import ComparisonResult
 
 __all__ = [
@@ -165,7 +165,7 @@ def memory_cost_table(result: ComparisonResult) -> Table:
     for method, prof in result.memory.items():
         fit = memory_fit(prof)
         cross = "-"
-        if reference is not None and method != "bptt" and not prof.error:
+        if reference is not None and is_online(method) and not prof.error:
             c = crossover(reference, prof)
             fitted = f"~{c.fitted_T:,.0f}" if math.isfinite(c.fitted_T) and c.fitted_T > 0 \
                 else "none"
@@ -182,7 +182,10 @@ def memory_cost_table(result: ComparisonResult) -> Table:
             "'fixed' is the runtime's cost before any time step (for online methods mostly the "
             "JAX runtime), 'KiB/step' what each further time step adds. BPTT passes a method's "
             "memory at T = (fixed_method - fixed_BPTT) / (growth_BPTT - growth_method), and "
-            "between the two measured T where its measured peak first exceeds the method's.")
+            "between the two measured T where its measured peak first exceeds the method's. "
+            "Every method holds the T-step input batch itself "
+            f"({result.task['n_in'] * result.batch_size * 4 / 1024:.2f} KiB/step in float32); "
+            "TBPTT's memory is bounded by its window like the online methods'.")
     return Table("Memory: fixed cost, growth per step, crossover with BPTT",
                  ("method", "fixed MiB", "KiB/step", "BPTT passes it at T", "budget"),
                  rows, note)
