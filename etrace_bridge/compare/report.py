@@ -36,9 +36,11 @@ def _label(result: ComparisonResult, method: str) -> str:
     """'TBPTT(K=10)', 'ES-D-RTRL (decay 0.99)', 'D-RTRL', ... for a method or variant."""
     base = method_base(method)
     name = LABELS.get(base, method)
-    if base == "tbptt":
+    if base == "tbptt":  # in --stream its window is the update interval
         option = method_option(method)
-        return f"{name}(K={int(option) if option else result.config.tbptt_window})"
+        window = result.config.stream_every if result.stream else (
+            int(option) if option else result.config.tbptt_window)
+        return f"{name}(K={window})"
     if method in result.decays:
         return f"{name} (decay {result.decays[method]:.3g})"
     return name

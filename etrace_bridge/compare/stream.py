@@ -4,8 +4,9 @@ needs the whole sequence before its first update).
 
 - Online methods: `OnlineLearner.run` on each chunk of N steps continues the hidden states and
   traces of the previous chunk; Adam steps after each chunk.
-- TBPTT: `tbptt_windows` over the whole stream with window N and an Adam step after every
-  window that holds a go step (the usual PyTorch stream loop).
+- TBPTT: `tbptt_windows` over the whole stream with window N (whatever --tbptt-window or
+  tbptt@K say) and an Adam step after every window that holds a go step (the usual PyTorch
+  stream loop).
 - BPTT: not run (reported as not applicable).
 
 Accuracy over time: the prediction at each go step is the output the model gave then, with
