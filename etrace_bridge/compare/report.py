@@ -315,7 +315,8 @@ def plot_learning_curves(result: ComparisonResult, path: Path) -> None:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method, run in result.runs.items():
         epochs = [e.epoch for e in run.curve]
-        style = dict(color=COLORS.get(method_base(method)), marker=MARKERS.get(method_base(method), "o"), markersize=4,
+        base = method_base(method)
+        style = dict(color=COLORS.get(base), marker=MARKERS.get(base, "o"), markersize=4,
                      lw=WIDTHS.get(method_base(method), 1.5))
         label = _label(result, method)
         ax_loss.plot(epochs, [e.test_loss for e in run.curve], label=f"{label} test", **style)
@@ -375,7 +376,8 @@ def _draw_series(ax, result: ComparisonResult, series: dict, ylabel: str, title:
     for method, values in series.items():
         points = sorted((T, v) for T, v in values.items() if math.isfinite(v))
         if points:
-            ax.plot(*zip(*points), marker=MARKERS.get(method_base(method), "o"), color=COLORS.get(method_base(method)),
+            base = method_base(method)
+            ax.plot(*zip(*points), marker=MARKERS.get(base, "o"), color=COLORS.get(base),
                     lw=WIDTHS.get(method_base(method), 1.5), label=_label(result, method))
     if not any(series.values()):
         ax.text(0.5, 0.5, missing, ha="center", transform=ax.transAxes)
@@ -403,16 +405,58 @@ def _null_locator():
     return NullLocator()
 
 
+def _short(t: int) -> str:
+    return f"{t // 1000}k" if t >= 10000 and t % 1000 == 0 else f"{t:,}"
+
+
 def plot_memory_vs_T(result: ComparisonResult, path: Path) -> None:
+    """Left: peak RSS vs T with each method's fitted line (fixed + growth x T), the budget and
+    BPTT's crossovers. Right: the two parts of the fit, per method."""
+    from .results import crossover, memory_fit
+
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = [("peak_mb", "peak resident memory (MiB)", "Peak RSS of the process"),
-              ("step_mb", "added by the step (MiB)", "Memory added by one training step")]
-    for ax, (field, ylabel, title) in zip(axes, panels):
-        _draw_series(ax, result, memory_series(result, field), ylabel, title, logy=False,
-                     missing="not measured (--no-memory / --no-sweep)")
-    fig.suptitle(f"Memory vs sequence length: one training step, batch {result.batch_size}, "
-                 "fresh process per method")
+    fig, (ax, ax_fit) = plt.subplots(1, 2, figsize=(12, 4.4),
+                                     gridspec_kw={"width_ratios": [1.6, 1]})
+    _draw_series(ax, result, memory_series(result, "peak_mb"), "peak resident memory (MiB)",
+                 "Peak RSS of the process during one update", logy=False,
+                 missing="not measured (--no-memory / --no-sweep)")
+    lens = np.geomspace(min(result.config.seq_lens), max(result.config.seq_lens), 60)
+    fits = {m: memory_fit(p) for m, p in result.memory.items()}
+    for method, fit in fits.items():
+        if math.isfinite(fit.fixed_mb):
+            ax.plot(lens, fit.fixed_mb + fit.per_step_kb / 1024 * lens, ls="--", lw=0.8,
+                    color=COLORS.get(method_base(method)), alpha=0.7)
+    top = max((p.peak_mb for prof in result.memory.values() for p in prof.sweep), default=0)
+    if result.memory and result.config.memory_budget < 1.5 * max(top, 1):
+        ax.axhline(result.config.memory_budget, color="grey", ls=":", lw=1)
+        ax.text(lens[0], result.config.memory_budget, " --memory-budget", va="bottom",
+                fontsize=8, color="grey")
+    reference = result.memory.get("bptt")
+    for method, prof in result.memory.items():
+        if reference is None or not is_online(method) or prof.error:
+            continue
+        c = crossover(reference, prof)
+        if math.isfinite(c.fitted_T) and lens[0] <= c.fitted_T <= lens[-1]:
+            ax.axvline(c.fitted_T, color=COLORS.get(method_base(method)), ls=":", lw=1)
+            ax.text(c.fitted_T, ax.get_ylim()[1], f"{_label(result, method)}: T~{c.fitted_T:,.0f}",
+                    rotation=90, va="top", ha="right" if method_base(method) == "d_rtrl" else "left",
+                    fontsize=7, color=COLORS.get(method_base(method)))
+    ax.set_xticks(list(result.config.seq_lens), [_short(t) for t in result.config.seq_lens])
+    names = [m for m, f in fits.items() if math.isfinite(f.fixed_mb)]
+    y = np.arange(len(names))
+    growth = [fits[m].per_step_kb for m in names]
+    ax_fit.barh(y, growth, color=[COLORS.get(method_base(m)) for m in names])
+    for i, m in enumerate(names):
+        ax_fit.text(max(growth[i], 0), i, f" {growth[i]:.1f} KiB/step, fixed "
+                    f"{fits[m].fixed_mb:.0f} MiB", va="center", fontsize=8)
+    ax_fit.set_yticks(y, [_label(result, m) for m in names], fontsize=8)
+    ax_fit.invert_yaxis()
+    ax_fit.set(xlabel="memory added per time step (KiB)",
+               title="Fixed runtime cost vs growth per step")
+    ax_fit.set_xlim(0, 1.9 * max(growth + [1.0]))
+    ax_fit.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Memory vs sequence length: one update, batch {result.batch_size}, fresh "
+                 "process per method (dashed: fitted fixed + growth x T)")
     _save(fig, path)
 
 
