@@ -541,9 +541,12 @@ def _config_lines(result: ComparisonResult) -> list[str]:
         + (f"{c.decay}" if c.decay is not None else
            f"'auto' = max(0.9, 1 - 1/horizon) = {result.horizon_decay:.3g}")
         + f"; TBPTT: one Adam step per {c.tbptt_update}",
-        f"- training: {c.epochs} epoch(s), Adam lr {c.lr}, batch {result.batch_size} "
-        f"({result.n_batches} minibatches/epoch), seed {c.seed}; all methods start from the same "
-        "initial weights and see the same minibatches",
+        (f"- stream: {result.batch_size} streams of {c.stream_trials} trials, Adam lr {c.lr} "
+         f"every {c.stream_every} steps, seed {c.seed}; all methods start from the same initial "
+         "weights and see the same streams" if result.stream else
+         f"- training: {c.epochs} epoch(s), Adam lr {c.lr}, batch {result.batch_size} "
+         f"({result.n_batches} minibatches/epoch), seed {c.seed}; all methods start from the "
+         "same initial weights and see the same minibatches"),
         f"- total run time: {result.seconds:.1f} s",
     ]
 
@@ -585,8 +588,11 @@ def write_report(result: ComparisonResult, out_dir, argv: Sequence[str]) -> Path
         plotters = {"accuracy_over_time.png": plot_stream}
     else:
         plotters = {"learning_curves.png": plot_learning_curves,
-                    "gradient_fidelity.png": plot_gradient_fidelity,
-                    "memory_vs_T.png": plot_memory_vs_T, "time_vs_T.png": plot_time_vs_T}
+                    "gradient_fidelity.png": plot_gradient_fidelity}
+        if result.memory and result.config.sweep:  # no empty plots for what was not measured
+            plotters["memory_vs_T.png"] = plot_memory_vs_T
+        if result.timing:
+            plotters["time_vs_T.png"] = plot_time_vs_T
     for name, plot in plotters.items():
         plot(result, out / name)
     path = out / "report.md"
