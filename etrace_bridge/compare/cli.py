@@ -2,7 +2,7 @@
 
     etrace-compare --quick --out etrace-report          # the long-horizon story, fast
     etrace-compare --out docs/compare-report            # the same, full size (T up to 50,000)
-    etrace-compare --task digits --model gru --methods bptt,d_rtrl,es_d_rtrl,hybrid
+    etrace-compare --task digits --methods bptt,d_rtrl,es_d_rtrl,hybrid   # GRU, T = 8
     etrace-compare --stream --stream-every 10           # one long stream, no resets
     etrace-compare --model lif_direct --delay 50 --methods bptt,tbptt@60,d_rtrl
     etrace-compare --model my_model.py:factory --epochs 5
@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="A user model file defines factory(n_in, n_out) -> torch.nn.Module with either "
                "forward(x, *state) -> (y, *new_state) plus initial_state(batch_size), or state "
                "kept in buffers plus reset_state(batch_size).")
-    p.add_argument("--model", default="multiscale",
-                   help="multiscale (leaky units, time constants 1-1000 steps, default), gru, "
+    p.add_argument("--model", default=None,
+                   help="multiscale (leaky units, time constants 1-1000 steps; the default for "
+                        "cue_delay), gru (the default for the other tasks), "
                         "lstm, lif (spiking, leaky readout), lif_direct (spiking, memoryless "
                         "readout), leaky (one 10-step time constant), or path/to/file.py:factory")
     p.add_argument("--task", default="cue_delay",
@@ -154,8 +155,9 @@ def config_from_args(args: argparse.Namespace):
     preset = QUICK if args.quick else DEFAULTS
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]
     delay = args.delay if args.delay is not None or args.task != "cue_delay" else preset["delay"]
+    model = args.model or ("multiscale" if args.task == "cue_delay" else "gru")
     return CompareConfig(
-        model=args.model, task=args.task, methods=tuple(args.methods), hidden=pick("hidden"),
+        model=model, task=args.task, methods=tuple(args.methods), hidden=pick("hidden"),
         epochs=pick("epochs"), batch_size=pick("batch_size"), lr=args.lr, seed=args.seed,
         train_subset=pick("train_subset"), test_subset=pick("test_subset"),
         seq_lens=tuple(pick("seq_lens")), decay=args.decay, dtype=args.dtype,

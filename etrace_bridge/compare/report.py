@@ -439,7 +439,8 @@ def plot_memory_vs_T(result: ComparisonResult, path: Path) -> None:
         if math.isfinite(c.fitted_T) and lens[0] <= c.fitted_T <= lens[-1]:
             ax.axvline(c.fitted_T, color=COLORS.get(method_base(method)), ls=":", lw=1)
             ax.text(c.fitted_T, ax.get_ylim()[1], f"{_label(result, method)}: T~{c.fitted_T:,.0f}",
-                    rotation=90, va="top", ha="right" if method_base(method) == "d_rtrl" else "left",
+                    rotation=90, va="top",
+                    ha="right" if method_base(method) == "d_rtrl" else "left",
                     fontsize=7, color=COLORS.get(method_base(method)))
     ax.set_xticks(list(result.config.seq_lens), [_short(t) for t in result.config.seq_lens])
     names = [m for m, f in fits.items() if math.isfinite(f.fixed_mb)]

@@ -209,7 +209,8 @@ def test_task_and_method_flags_reach_the_config():
     quick = config_from_args(build_parser().parse_args(["--quick"]))
     assert default.methods == ("bptt", "tbptt", "d_rtrl", "es_d_rtrl") and default.decay is None
     assert default.delay == 100 and max(default.seq_lens) == 50000 and quick.delay == 40
-    assert config_from_args(build_parser().parse_args(["--task", "digits"])).delay is None
+    digits = config_from_args(build_parser().parse_args(["--task", "digits"]))
+    assert digits.delay is None and digits.model == "gru"  # the short-sequence case as before
 
 
 def test_decay_auto_follows_the_horizon():
