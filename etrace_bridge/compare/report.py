@@ -231,7 +231,8 @@ def options_table(result: ComparisonResult) -> Table:
     rows = [
         ("TBPTT", f"window K (here {c.tbptt_window}; --tbptt-window, tbptt@K)",
          f"gradients reach back K steps: K must reach past the horizon ({horizon} steps here) "
-         "or the cue is out of reach; its memory then grows like BPTT's up to K"),
+         "or the earliest input a target needs (the cue) is out of reach; its memory then grows "
+         "like BPTT's up to K"),
         ("D-RTRL", "none needed for element-wise models",
          "exact (= BPTT) when the recurrence is element-wise and the readout memoryless "
          "(multiscale, leaky, lif_direct); approximate with recurrent weights (gru, lstm)"),
