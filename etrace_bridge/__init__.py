@@ -8,13 +8,15 @@ from etrace_core.x64 import keep_x64  # noqa: E402
 with keep_x64():   # importing brainstate resets jax_enable_x64: keep the user's setting
     from .algorithms import make_algorithm
     from .arrays import to_jax, to_torch
-    from .bptt import BPTTResult, GradientReport, bptt_gradients, compare_gradients
+    from .bptt import (BPTTResult, GradientReport, TBPTTWindow, bptt_gradients,
+                       compare_gradients, tbptt_gradients, tbptt_windows)
     from .errors import BridgeError, ExportError, UnsupportedModelError, UnsupportedOpError
     from .learner import OnlineLearner
     from .module import TorchModule, from_torch
 
 __all__ = [
     "from_torch", "TorchModule", "OnlineLearner", "make_algorithm", "to_jax", "to_torch",
-    "bptt_gradients", "compare_gradients", "BPTTResult", "GradientReport",
+    "bptt_gradients", "tbptt_gradients", "tbptt_windows", "compare_gradients", "BPTTResult",
+    "TBPTTWindow", "GradientReport",
     "BridgeError", "ExportError", "UnsupportedModelError", "UnsupportedOpError",
 ]

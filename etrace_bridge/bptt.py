@@ -2,8 +2,11 @@
 
 `bptt_gradients` runs a torch module one step at a time over a time-major
 sequence and backpropagates the summed loss once: the exact gradient that online
-eligibility-trace learning approximates. `compare_gradients` reports how close
-an online gradient is to it, parameter by parameter.
+eligibility-trace learning approximates. `tbptt_windows` / `tbptt_gradients` are
+truncated BPTT, the usual PyTorch answer to long sequences: windows of K steps,
+the state carried from window to window but detached, so no gradient flows back
+further than K steps. `compare_gradients` reports how close an online gradient is
+to the exact one, parameter by parameter.
 
 State conventions: see `etrace_bridge.conventions`. Prefer reassigning a state buffer
 (`self.h = h_new`): an in-place `self.h.copy_(h_new)` breaks backpropagation if an op of an
@@ -12,16 +15,17 @@ earlier step saved `self.h` itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from .conventions import param_like, torch_step
-from .losses import resolve_loss
+from .losses import IGNORE_INDEX, resolve_loss
 
-__all__ = ["BPTTResult", "GradientRow", "GradientReport", "bptt_gradients", "compare_gradients"]
+__all__ = ["BPTTResult", "TBPTTWindow", "GradientRow", "GradientReport", "bptt_gradients",
+           "tbptt_windows", "tbptt_gradients", "compare_gradients"]
 
 
 class BPTTResult(NamedTuple):
@@ -108,6 +112,134 @@ def bptt_gradients(
              for (n, p), g in zip(named, grads)}
     value = 0.0 if total is None else float(total.detach())
     return BPTTResult(value, grads, torch.stack(outputs))
+
+
+# ----------------------------------------------------------------------------- truncated BPTT
+
+class TBPTTWindow(NamedTuple):
+    """One truncated-BPTT window: steps [start, stop), its summed loss, its gradients (keyed by
+    torch parameter name), whether any step of it carried a loss (a target that is not None and
+    not all IGNORE_INDEX), and its (T_w, B, ...) outputs."""
+    start: int
+    stop: int
+    loss: float
+    grads: dict[str, torch.Tensor]
+    has_loss: bool
+    outputs: torch.Tensor
+
+
+def _has_labels(target: torch.Tensor) -> bool:
+    """False only for class targets that are all IGNORE_INDEX (a step that carries no loss)."""
+    if target.is_floating_point() or target.is_complex():
+        return True
+    return bool((target != IGNORE_INDEX).any())
+
+
+def _detach(state):
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if isinstance(state, (tuple, list)):
+        return type(state)(_detach(s) for s in state)
+    return state
+
+
+def _detach_buffers(module) -> None:
+    """Cut the autograd history of state kept in buffers (values unchanged)."""
+    done = {}
+    for name, buf in list(module.named_buffers(remove_duplicate=False)):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if id(buf) not in done:
+            done[id(buf)] = buf.detach()
+        owner._buffers[leaf] = done[id(buf)]
+
+
+def tbptt_windows(
+    module: nn.Module,
+    xs,
+    targets,
+    loss: str | Callable,
+    *,
+    window: int,
+    state=None,
+    step: Callable | None = None,
+) -> Iterator[TBPTTWindow]:
+    """Truncated BPTT: yield one `TBPTTWindow` per `window` consecutive steps.
+
+    Within a window the gradient is exact BPTT of that window's summed loss; the state enters
+    the next window detached, so gradients never reach back more than `window` steps (the last
+    window may be shorter). The generator resumes with the parameters as they are then: a
+    caller that runs `optimizer.step()` between windows gets the per-window updates PyTorch
+    users write by hand (`etrace-compare`'s `tbptt` does that); summing the windows' gradients
+    without stepping gives `tbptt_gradients`. Arguments as for `bptt_gradients`; like it, no
+    `p.grad` is touched and the module runs on clones of its buffers (put back when the
+    generator finishes or is closed).
+    """
+    if int(window) < 1:
+        raise ValueError(f"window must be a positive number of steps, got {window}")
+    window = int(window)
+    xs = torch.as_tensor(xs)
+    dtype, device = param_like(module, xs)
+    xs = xs.to(device)
+    if targets is not None and not isinstance(targets, (list, tuple)):
+        targets = torch.as_tensor(targets).to(device)
+    if targets is None or len(targets) != xs.shape[0]:
+        raise ValueError(f"need one target entry per time step ({xs.shape[0]})")
+    loss_fn = resolve_loss(loss)
+    if step is None:
+        step, state = torch_step(module, state, xs.shape[1], dtype, device)
+    originals = _swap_in_buffer_copies(module)
+    try:
+        for start in range(0, xs.shape[0], window):
+            stop = min(start + window, xs.shape[0])
+            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            state = _detach(state)
+            _detach_buffers(module)
+            outputs, total, labelled = [], None, False
+            with torch.enable_grad():
+                for t in range(start, stop):
+                    y, state = step(module, xs[t], state)
+                    outputs.append(y.detach())
+                    if targets[t] is None:
+                        continue
+                    target = torch.as_tensor(targets[t], device=device)
+                    labelled = labelled or _has_labels(target)
+                    term = loss_fn(y, target)
+                    total = term if total is None else total + term
+                if total is None or not total.requires_grad:
+                    grads = [None] * len(named)
+                else:
+                    grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+            grads = {n: (g.detach() if g is not None else torch.zeros_like(p))
+                     for (n, p), g in zip(named, grads)}
+            value = 0.0 if total is None else float(total.detach())
+            state = _detach(state)
+            yield TBPTTWindow(start, stop, value, grads, labelled, torch.stack(outputs))
+    finally:
+        _put_back(originals)
+
+
+def tbptt_gradients(
+    module: nn.Module,
+    xs,
+    targets,
+    loss: str | Callable,
+    *,
+    window: int,
+    state=None,
+    step: Callable | None = None,
+) -> BPTTResult:
+    """Truncated-BPTT gradient of `sum_t loss(y_t, targets[t])` with the parameters held fixed:
+    the sum of every window's gradient (`tbptt_windows`). Equals `bptt_gradients` when
+    `window >= T`; for `window < T` it drops every path through time longer than the window.
+    """
+    loss_total, grads, outputs = 0.0, None, []
+    for win in tbptt_windows(module, xs, targets, loss, window=window, state=state, step=step):
+        loss_total += win.loss
+        outputs.append(win.outputs)
+        grads = dict(win.grads) if grads is None else {n: g + win.grads[n]
+                                                       for n, g in grads.items()}
+    return BPTTResult(loss_total, grads or {}, torch.cat(outputs))
 
 
 # ----------------------------------------------------------------------------- comparison

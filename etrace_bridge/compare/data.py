@@ -17,7 +17,7 @@ EVAL_CHUNK = 512
 
 def load_task(cfg: CompareConfig) -> SequenceTask:
     """The task, cut to the configured train/test subsets (first sequences of each split)."""
-    task = get_task(cfg.task, seed=cfg.seed)
+    task = get_task(cfg.task, seed=cfg.seed, **cfg.task_kwargs())
     n_train = min(cfg.train_subset or task.n_train, task.n_train)
     n_test = min(cfg.test_subset or task.n_test, task.n_test)
     return dataclasses.replace(

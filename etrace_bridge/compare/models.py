@@ -2,7 +2,7 @@
 
 State conventions (see `etrace_bridge.bptt`):
 
-- `GRUClassifier`, `LSTMClassifier`, `LeakyRNN`: explicit state,
+- `GRUClassifier`, `LSTMClassifier`, `LeakyRNN`, `MultiTimescaleLeaky`: explicit state,
   `forward(x, *state) -> (y, *new_state)`; `initial_state` gives the zero state.
 - `LIFNet`: state in registered (non-persistent) buffers of shape `(B, H)`, sized
   by `reset_state(batch_size)` and updated in `forward` by plain attribute
@@ -27,7 +27,7 @@ from torch import nn
 
 __all__ = [
     "SURROGATE_SCALE", "spike_op", "spike_jax", "GRUClassifier", "LSTMClassifier",
-    "LeakyRNN", "LIFNet", "MODEL_NAMES", "build_model", "initial_state",
+    "LeakyRNN", "MultiTimescaleLeaky", "LIFNet", "MODEL_NAMES", "build_model", "initial_state",
 ]
 
 SURROGATE_SCALE = 10.0
@@ -116,23 +116,55 @@ class LeakyRNN(nn.Module):
         return self.readout(h), h
 
 
+class MultiTimescaleLeaky(nn.Module):
+    """Leaky integrators with fixed per-unit time constants spread log-uniformly over
+    [tau_min, tau_max] steps: `h = alpha*h + tanh(W x)`, `alpha = exp(-1/tau)`.
+
+    No recurrent weights and a memoryless linear readout `y = V h + c`: the recurrence is
+    element-wise, so D-RTRL's online gradient equals BPTT's. The slow units can hold a cue for
+    hundreds of steps, which the single 10-step time constant of `LeakyRNN` cannot. The input
+    is not scaled by (1 - alpha) and has no bias: a cue then stays at full size in a slow unit
+    (a (1 - alpha) factor shrinks it by tau and leaves the readout weights to grow by as much,
+    which Adam needed thousands of updates for), and no constant input piles up over up to
+    1000 steps. `alpha` is a constant buffer (not learned). `forward(x, h) -> (y, h)`.
+    """
+
+    def __init__(self, n_in: int, n_hidden: int, n_out: int, tau_min: float = 1.0,
+                 tau_max: float = 1000.0):
+        super().__init__()
+        if not 0 < tau_min <= tau_max:
+            raise ValueError(f"need 0 < tau_min <= tau_max, got {tau_min}, {tau_max}")
+        tau = torch.logspace(math.log10(tau_min), math.log10(tau_max), n_hidden,
+                             dtype=torch.float64)
+        self.register_buffer("alpha", torch.exp(-1.0 / tau).to(torch.get_default_dtype()))
+        self.input = nn.Linear(n_in, n_hidden, bias=False)
+        self.readout = nn.Linear(n_hidden, n_out)
+
+    def forward(self, x, h):
+        h = self.alpha * h + torch.tanh(self.input(x))
+        return self.readout(h), h
+
+
 class LIFNet(nn.Module):
-    """Leaky integrate-and-fire layer with a leaky linear readout, state in buffers.
+    """Leaky integrate-and-fire layer with a linear readout, state in buffers.
 
     Per step (dt = 1): `v = a*v + W_in x [+ W_rec z] - threshold*z` (soft reset by
     the previous spikes), `z = spike(v - threshold)`, `out = k*out + W_out z`,
     with `a = exp(-1/tau_mem)`, `k = exp(-1/tau_out)`; returns `out`.
+    With `tau_out=None` the readout is memoryless, `out = W_out z` (model name `lif_direct`):
+    without recurrent weights every path through time then stays inside one unit and D-RTRL
+    is exact; the leaky readout (`lif`) has its own memory, which makes it approximate.
     Buffers `v`, `z` `(B, n_hidden)` and `out` `(B, n_out)`; call
     `reset_state(batch_size)` before a sequence.
     """
 
     def __init__(self, n_in: int, n_hidden: int, n_out: int, tau_mem: float = 20.0,
-                 threshold: float = 1.0, recurrent: bool = False, tau_out: float = 10.0):
+                 threshold: float = 1.0, recurrent: bool = False, tau_out: float | None = 10.0):
         super().__init__()
         self.n_hidden, self.n_out = n_hidden, n_out
         self.threshold = float(threshold)
         self.decay_mem = math.exp(-1.0 / tau_mem)
-        self.decay_out = math.exp(-1.0 / tau_out)
+        self.decay_out = None if tau_out is None else math.exp(-1.0 / tau_out)
         self.input = nn.Linear(n_in, n_hidden)
         self.recurrent = nn.Linear(n_hidden, n_hidden, bias=False) if recurrent else None
         self.readout = nn.Linear(n_hidden, n_out)
@@ -144,7 +176,8 @@ class LIFNet(nn.Module):
         zeros = lambda n: torch.zeros(batch_size, n, dtype=w.dtype, device=w.device)
         self.register_buffer("v", zeros(self.n_hidden), persistent=False)
         self.register_buffer("z", zeros(self.n_hidden), persistent=False)
-        self.register_buffer("out", zeros(self.n_out), persistent=False)
+        if self.decay_out is not None:
+            self.register_buffer("out", zeros(self.n_out), persistent=False)
 
     def forward(self, x):
         if x.shape[0] != self.v.shape[0]:
@@ -155,24 +188,30 @@ class LIFNet(nn.Module):
             current = current + self.recurrent(self.z)
         v = self.decay_mem * self.v + current - self.threshold * self.z
         z = spike_op(v - self.threshold)
+        self.v, self.z = v, z
+        if self.decay_out is None:
+            return self.readout(z)
         out = self.decay_out * self.out + self.readout(z)
-        self.v, self.z, self.out = v, z, out
+        self.out = out
         return out
 
 
 # ----------------------------------------------------------------------------- lookup
 
 _BUILDERS = {
+    "multiscale": MultiTimescaleLeaky,
     "gru": GRUClassifier,
     "lstm": LSTMClassifier,
     "lif": LIFNet,
     "leaky": LeakyRNN,
+    "lif_direct": lambda n_in, n_hidden, n_out, **kw: LIFNet(n_in, n_hidden, n_out,
+                                                             **{"tau_out": None, **kw}),
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
 
 def build_model(name: str, n_in: int, n_out: int, n_hidden: int = 64, **kwargs) -> nn.Module:
-    """Build a built-in model by name ('gru', 'lstm', 'lif', 'leaky'); kwargs go to its class."""
+    """Build a built-in model by name (MODEL_NAMES); kwargs go to its class."""
     try:
         cls = _BUILDERS[name]
     except KeyError:
@@ -187,7 +226,7 @@ def initial_state(model: nn.Module, batch_size: int) -> tuple[torch.Tensor, ...]
         return ()
     if isinstance(model, (GRUClassifier, LSTMClassifier)):
         hidden, n_state = model.cell.hidden_size, 2 if isinstance(model, LSTMClassifier) else 1
-    elif isinstance(model, LeakyRNN):
+    elif isinstance(model, (LeakyRNN, MultiTimescaleLeaky)):
         hidden, n_state = model.input.out_features, 1
     else:
         raise TypeError(f"no initial state known for {type(model).__name__}")

@@ -12,19 +12,38 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from .config import is_online, method_base, method_option
 from .results import ComparisonResult
 
 __all__ = [
-    "Table", "summary_table", "fidelity_table", "memory_sweep_table", "time_sweep_table",
-    "all_tables", "format_text", "format_markdown", "print_report", "write_report", "PLOTS",
+    "Table", "summary_table", "fidelity_table", "memory_sweep_table", "memory_cost_table",
+    "time_sweep_table", "stream_table", "options_table", "all_tables", "format_text",
+    "format_markdown", "print_report", "write_report", "PLOTS", "STREAM_PLOTS",
 ]
 
 PLOTS = ("learning_curves.png", "gradient_fidelity.png", "memory_vs_T.png", "time_vs_T.png")
-COLORS = {"bptt": "#222222", "d_rtrl": "#1f77b4", "es_d_rtrl": "#d62728", "hybrid": "#2ca02c"}
-LABELS = {"bptt": "BPTT", "d_rtrl": "D-RTRL", "es_d_rtrl": "ES-D-RTRL", "hybrid": "hybrid"}
+STREAM_PLOTS = ("accuracy_over_time.png",)
+COLORS = {"bptt": "#222222", "tbptt": "#9467bd", "d_rtrl": "#1f77b4", "es_d_rtrl": "#d62728",
+          "hybrid": "#2ca02c"}
+LABELS = {"bptt": "BPTT", "tbptt": "TBPTT", "d_rtrl": "D-RTRL", "es_d_rtrl": "ES-D-RTRL",
+          "hybrid": "hybrid"}
 # Distinct markers and decreasing widths keep identical curves (e.g. hybrid = ES-D-RTRL) visible.
-MARKERS = {"bptt": "o", "d_rtrl": "s", "es_d_rtrl": "^", "hybrid": "x"}
-WIDTHS = {"bptt": 2.0, "d_rtrl": 2.0, "es_d_rtrl": 2.6, "hybrid": 1.2}
+MARKERS = {"bptt": "o", "tbptt": "v", "d_rtrl": "s", "es_d_rtrl": "^", "hybrid": "x"}
+WIDTHS = {"bptt": 2.0, "tbptt": 2.0, "d_rtrl": 2.0, "es_d_rtrl": 2.6, "hybrid": 1.2}
+
+
+def _label(result: ComparisonResult, method: str) -> str:
+    """'TBPTT(K=10)', 'ES-D-RTRL (decay 0.99)', 'D-RTRL', ... for a method or variant."""
+    base = method_base(method)
+    name = LABELS.get(base, method)
+    if base == "tbptt":  # in --stream its window is the update interval
+        option = method_option(method)
+        window = result.config.stream_every if result.stream else (
+            int(option) if option else result.config.tbptt_window)
+        return f"{name}(K={window})"
+    if method in result.decays:
+        return f"{name} (decay {result.decays[method]:.3g})"
+    return name
 
 
 class Table(NamedTuple):
@@ -61,7 +80,7 @@ def summary_table(result: ComparisonResult) -> Table:
     for method, run in result.runs.items():
         mem = result.memory.get(method)
         final = run.final
-        rows.append((LABELS.get(method, method), _pct(final.train_acc), _pct(final.test_acc),
+        rows.append((_label(result, method), _pct(final.train_acc), _pct(final.test_acc),
                      _num(final.train_loss), _num(final.test_loss),
                      _seconds(run.seconds_per_epoch), _seconds(run.setup_seconds),
                      _mb(mem.task_peak_mb) if mem else "-"))
@@ -81,7 +100,7 @@ def fidelity_table(result: ComparisonResult) -> Table:
         return Table("Gradient fidelity vs BPTT at initialisation", ("",), [],
                      "no online method selected")
     header = ("parameter", "shape") + tuple(
-        f"{LABELS.get(m, m)} {what}" for m in methods for what in ("cos", "rel.err"))
+        f"{_label(result, m)} {what}" for m in methods for what in ("cos", "rel.err"))
     first = result.fidelity[methods[0]]
     rows = []
     for i, row in enumerate(first.rows):
@@ -98,11 +117,14 @@ def fidelity_table(result: ComparisonResult) -> Table:
                  "gradient, same weights, same first minibatch.")
 
 
-def _sweep_table(title: str, lens, series: dict, fmt, note: str) -> Table:
-    """Rows = methods, columns = T; `series[method]` maps T to a value."""
-    rows = [(LABELS.get(m, m),) + tuple(fmt(values.get(T, float("nan"))) for T in lens)
-            for m, values in series.items()]
-    return Table(title, ("method",) + tuple(f"T={T}" for T in lens), rows, note)
+def _cell(result: ComparisonResult, method: str, T: int, values: dict, fmt) -> str:
+    """A sweep cell: the value, 'over budget' where the method stopped at the memory budget."""
+    if T in values and math.isfinite(values[T]):
+        return fmt(values[T])
+    prof = result.memory.get(method)
+    if prof is not None and prof.over_budget_from is not None and T >= prof.over_budget_from:
+        return "over budget"
+    return "n/a"
 
 
 def memory_series(result: ComparisonResult, field: str = "peak_mb") -> dict[str, dict[int, float]]:
@@ -116,37 +138,128 @@ def time_series(result: ComparisonResult, scale: float = 1.0) -> dict[str, dict[
 
 
 def memory_sweep_table(result: ComparisonResult) -> Table:
-    note = ("Peak resident memory (MiB) during one training step over T synthetic steps, batch "
-            f"{result.batch_size}, one fresh process per method, T ascending, the kernel's "
-            "high-water mark reset before each T; in parentheses what the step added to the "
-            "process's resident memory just before it (for online methods this includes compiling "
-            "the step for that T).")
+    note = ("Peak resident memory (MiB) of the whole process during one training step over T "
+            f"synthetic steps, batch {result.batch_size}, one fresh process per method, T "
+            "ascending, the kernel's high-water mark reset before each T; in parentheses what the "
+            "step added to the process's resident memory just before it (for online methods this "
+            "includes compiling the step for that T). 'over budget': the step would pass "
+            f"--memory-budget {result.config.memory_budget:.0f} MiB and was not run.")
     if any(not m.hwm_reset for m in result.memory.values()):
         note += " The high-water mark could not be reset here: values are cumulative peaks."
     lens = result.config.seq_lens
     rows = []
     for method, prof in result.memory.items():
         points = {p.seq_len: p for p in prof.sweep}
-        rows.append((LABELS.get(method, method),) + tuple(
-            f"{_mb(points[T].peak_mb)} (+{_mb(points[T].step_mb)})" if T in points else "n/a"
-            for T in lens))
+        rows.append((_label(result, method),) + tuple(
+            f"{_mb(points[T].peak_mb)} (+{_mb(points[T].step_mb)})" if T in points
+            else _cell(result, method, T, {}, _mb) for T in lens))
     return Table("Peak memory vs sequence length", ("method",) + tuple(f"T={T}" for T in lens),
                  rows, note)
 
 
+def memory_cost_table(result: ComparisonResult) -> Table:
+    """Fixed runtime cost vs per-step growth (least-squares line through each method's peaks)
+    and the T where BPTT's memory passes each other method's."""
+    from .results import crossover, memory_fit
+
+    reference = result.memory.get("bptt")
+    rows = []
+    for method, prof in result.memory.items():
+        fit = memory_fit(prof)
+        cross = "-"
+        if reference is not None and is_online(method) and not prof.error:
+            c = crossover(reference, prof)
+            fitted = f"~{c.fitted_T:,.0f}" if math.isfinite(c.fitted_T) and c.fitted_T > 0 \
+                else "none"
+            measured = ("" if c.between is None else
+                        f" (measured: between T={c.between[0]:,} and {c.between[1]:,})"
+                        if c.between[0] != c.between[1] else
+                        f" (measured: already at T={c.between[0]:,})")
+            cross = fitted + measured
+        stop = (f"over budget from T={prof.over_budget_from:,}"
+                if prof.over_budget_from is not None else "")
+        rows.append((_label(result, method), _mb(fit.fixed_mb), _num(fit.per_step_kb, 2),
+                     cross, stop or "-"))
+    note = ("Least-squares line peak MiB = fixed + per-step x T through the measured points: "
+            "'fixed' is the runtime's cost before any time step (for online methods mostly the "
+            "JAX runtime), 'KiB/step' what each further time step adds. BPTT passes a method's "
+            "memory at T = (fixed_method - fixed_BPTT) / (growth_BPTT - growth_method), and "
+            "between the two measured T where its measured peak first exceeds the method's. "
+            "Every method holds the T-step input batch itself "
+            f"({result.task['n_in'] * result.batch_size * 4 / 1024:.2f} KiB/step in float32); "
+            "TBPTT's memory is bounded by its window like the online methods'.")
+    return Table("Memory: fixed cost, growth per step, crossover with BPTT",
+                 ("method", "fixed MiB", "KiB/step", "BPTT passes it at T", "budget"),
+                 rows, note)
+
+
 def time_sweep_table(result: ComparisonResult) -> Table:
-    return _sweep_table("Time per training step vs sequence length", result.config.seq_lens,
-                        time_series(result), _seconds,
-                        "Seconds for one warm training step (forward, gradients, Adam) over T "
-                        f"synthetic steps, batch {result.batch_size}, all methods in this process.")
+    lens = result.config.seq_lens
+    series = time_series(result)
+    rows = [(_label(result, m),) + tuple(_cell(result, m, T, series.get(m, {}), _seconds)
+                                         for T in lens) for m in result.memory or series]
+    return Table("Time per training step vs sequence length",
+                 ("method",) + tuple(f"T={T}" for T in lens), rows,
+                 "Seconds for one warm training step (forward, gradients, Adam) over T synthetic "
+                 f"steps, batch {result.batch_size}, measured in each method's memory process "
+                 "(two run side by side, sharing the cores).")
+
+
+def stream_table(result: ComparisonResult) -> Table:
+    rows = []
+    for method, run in result.stream.items():
+        if run.error or not run.curve:
+            rows.append((_label(result, method), "-", "-", "-", run.error or "no data"))
+            continue
+        first, last = run.curve[0], run.curve[-1]
+        tail = run.curve[-max(1, len(run.curve) // 4):]
+        rows.append((_label(result, method), _pct(first.accuracy), _pct(last.accuracy),
+                     _pct(float(np.mean([p.accuracy for p in tail]))), _seconds(run.seconds)))
+    c = result.config
+    return Table("Stream: accuracy over time", ("method", "first bin", "last bin",
+                                                "last quarter", "seconds"), rows,
+                 f"{result.batch_size} streams of {c.stream_trials} back-to-back cue-delay "
+                 f"trials (delay {c.delay}), no resets; an Adam step every {c.stream_every} steps "
+                 "(TBPTT: window = that interval). Accuracy of the prediction each go step made "
+                 "with the weights of that moment, in bins of trials.")
+
+
+def options_table(result: ComparisonResult) -> Table:
+    """Per algorithm, the options that reduce the accuracy gap when it is an algorithm choice."""
+    c, t = result.config, result.task
+    horizon = t.get("horizon") or t["seq_len"]
+    rows = [
+        ("TBPTT", f"window K (here {c.tbptt_window}; --tbptt-window, tbptt@K)",
+         f"gradients reach back K steps: K must reach past the horizon ({horizon} steps here) "
+         "or the earliest input a target needs (the cue) is out of reach; its memory then grows "
+         "like BPTT's up to K"),
+        ("D-RTRL", "none needed for element-wise models",
+         "exact (= BPTT) when the recurrence is element-wise and the readout memoryless "
+         "(multiscale, leaky, lif_direct); approximate with recurrent weights (gru, lstm)"),
+        ("ES-D-RTRL", f"trace decay (--decay, es_d_rtrl@DECAY; 'auto' = max(0.9, 1 - 1/H) = "
+                      f"{result.horizon_decay:.3g} here)",
+         "the input/output traces forget with the decay: a decay of 0.9 remembers about 10 "
+         "steps, too short for a long delay"),
+        ("hybrid", "trace decay of its io-dim traces, as ES-D-RTRL", "param-dim traces where "
+         "cheap, io-dim elsewhere"),
+        ("all online", "windows (vjp_method='multi-step')",
+         "not offered: OnlineLearner.run steps one time step at a time and etrace_core's "
+         "run_online refuses a multi-step executor"),
+    ]
+    return Table("Options that narrow the gap to BPTT", ("algorithm", "option", "why"), rows,
+                 "Variants to measure side by side: --methods bptt,tbptt@10,tbptt@"
+                 f"{horizon + 1},d_rtrl,es_d_rtrl@0.9,es_d_rtrl")
 
 
 def all_tables(result: ComparisonResult) -> list[Table]:
+    if result.stream:
+        return [stream_table(result), options_table(result)]
     tables = [summary_table(result), fidelity_table(result)]
     if result.memory and result.config.sweep:
-        tables.append(memory_sweep_table(result))
+        tables += [memory_cost_table(result), memory_sweep_table(result)]
     if result.timing:
         tables.append(time_sweep_table(result))
+    tables.append(options_table(result))
     return tables
 
 
@@ -203,9 +316,10 @@ def plot_learning_curves(result: ComparisonResult, path: Path) -> None:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method, run in result.runs.items():
         epochs = [e.epoch for e in run.curve]
-        style = dict(color=COLORS.get(method), marker=MARKERS.get(method, "o"), markersize=4,
-                     lw=WIDTHS.get(method, 1.5))
-        label = LABELS.get(method, method)
+        base = method_base(method)
+        style = dict(color=COLORS.get(base), marker=MARKERS.get(base, "o"), markersize=4,
+                     lw=WIDTHS.get(method_base(method), 1.5))
+        label = _label(result, method)
         ax_loss.plot(epochs, [e.test_loss for e in run.curve], label=f"{label} test", **style)
         ax_loss.plot(epochs, [e.train_loss for e in run.curve], ls="--", alpha=0.6,
                      label=f"{label} train", **style)
@@ -237,7 +351,8 @@ def plot_gradient_fidelity(result: ComparisonResult, path: Path) -> None:
     for k, method in enumerate(methods):
         rows = result.fidelity[method].rows
         offset = (k - (len(methods) - 1) / 2) * width
-        kw = dict(width=width, color=COLORS.get(method), label=LABELS.get(method, method))
+        kw = dict(width=width, color=COLORS.get(method_base(method)),
+                  label=_label(result, method))
         ax_cos.bar(x + offset, [r.cosine for r in rows], **kw)
         ax_err.bar(x + offset, [max(r.rel_error, 1e-12) for r in rows], **kw)
     low = min(0.0, min(r.cosine for m in methods for r in result.fidelity[m].rows))
@@ -262,8 +377,9 @@ def _draw_series(ax, result: ComparisonResult, series: dict, ylabel: str, title:
     for method, values in series.items():
         points = sorted((T, v) for T, v in values.items() if math.isfinite(v))
         if points:
-            ax.plot(*zip(*points), marker=MARKERS.get(method, "o"), color=COLORS.get(method),
-                    lw=WIDTHS.get(method, 1.5), label=LABELS.get(method, method))
+            base = method_base(method)
+            ax.plot(*zip(*points), marker=MARKERS.get(base, "o"), color=COLORS.get(base),
+                    lw=WIDTHS.get(method_base(method), 1.5), label=_label(result, method))
     if not any(series.values()):
         ax.text(0.5, 0.5, missing, ha="center", transform=ax.transAxes)
     ax.set(xscale="log", xlabel="sequence length T (log scale)", ylabel=ylabel, title=title)
@@ -290,16 +406,59 @@ def _null_locator():
     return NullLocator()
 
 
+def _short(t: int) -> str:
+    return f"{t // 1000}k" if t >= 10000 and t % 1000 == 0 else f"{t:,}"
+
+
 def plot_memory_vs_T(result: ComparisonResult, path: Path) -> None:
+    """Left: peak RSS vs T with each method's fitted line (fixed + growth x T), the budget and
+    BPTT's crossovers. Right: the two parts of the fit, per method."""
+    from .results import crossover, memory_fit
+
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = [("peak_mb", "peak resident memory (MiB)", "Peak RSS of the process"),
-              ("step_mb", "added by the step (MiB)", "Memory added by one training step")]
-    for ax, (field, ylabel, title) in zip(axes, panels):
-        _draw_series(ax, result, memory_series(result, field), ylabel, title, logy=False,
-                     missing="not measured (--no-memory / --no-sweep)")
-    fig.suptitle(f"Memory vs sequence length: one training step, batch {result.batch_size}, "
-                 "fresh process per method")
+    fig, (ax, ax_fit) = plt.subplots(1, 2, figsize=(12, 4.4),
+                                     gridspec_kw={"width_ratios": [1.6, 1]})
+    _draw_series(ax, result, memory_series(result, "peak_mb"), "peak resident memory (MiB)",
+                 "Peak RSS of the process during one update", logy=False,
+                 missing="not measured (--no-memory / --no-sweep)")
+    lens = np.geomspace(min(result.config.seq_lens), max(result.config.seq_lens), 60)
+    fits = {m: memory_fit(p) for m, p in result.memory.items()}
+    for method, fit in fits.items():
+        if math.isfinite(fit.fixed_mb):
+            ax.plot(lens, fit.fixed_mb + fit.per_step_kb / 1024 * lens, ls="--", lw=0.8,
+                    color=COLORS.get(method_base(method)), alpha=0.7)
+    top = max((p.peak_mb for prof in result.memory.values() for p in prof.sweep), default=0)
+    if result.memory and result.config.memory_budget < 1.5 * max(top, 1):
+        ax.axhline(result.config.memory_budget, color="grey", ls=":", lw=1)
+        ax.text(lens[0], result.config.memory_budget, " --memory-budget", va="bottom",
+                fontsize=8, color="grey")
+    reference = result.memory.get("bptt")
+    for method, prof in result.memory.items():
+        if reference is None or not is_online(method) or prof.error:
+            continue
+        c = crossover(reference, prof)
+        if math.isfinite(c.fitted_T) and lens[0] <= c.fitted_T <= lens[-1]:
+            ax.axvline(c.fitted_T, color=COLORS.get(method_base(method)), ls=":", lw=1)
+            ax.text(c.fitted_T, ax.get_ylim()[1], f"{_label(result, method)}: T~{c.fitted_T:,.0f}",
+                    rotation=90, va="top",
+                    ha="right" if method_base(method) == "d_rtrl" else "left",
+                    fontsize=7, color=COLORS.get(method_base(method)))
+    ax.set_xticks(list(result.config.seq_lens), [_short(t) for t in result.config.seq_lens])
+    names = [m for m, f in fits.items() if math.isfinite(f.fixed_mb)]
+    y = np.arange(len(names))
+    growth = [fits[m].per_step_kb for m in names]
+    ax_fit.barh(y, growth, color=[COLORS.get(method_base(m)) for m in names])
+    for i, m in enumerate(names):
+        ax_fit.text(max(growth[i], 0), i, f" {growth[i]:.1f} KiB/step, fixed "
+                    f"{fits[m].fixed_mb:.0f} MiB", va="center", fontsize=8)
+    ax_fit.set_yticks(y, [_label(result, m) for m in names], fontsize=8)
+    ax_fit.invert_yaxis()
+    ax_fit.set(xlabel="memory added per time step (KiB)",
+               title="Fixed runtime cost vs growth per step")
+    ax_fit.set_xlim(0, 1.9 * max(growth + [1.0]))
+    ax_fit.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Memory vs sequence length: one update, batch {result.batch_size}, fresh "
+                 "process per method (dashed: fitted fixed + growth x T)")
     _save(fig, path)
 
 
@@ -309,6 +468,24 @@ def plot_time_vs_T(result: ComparisonResult, path: Path) -> None:
     _draw_series(ax, result, time_series(result, 1e3), "milliseconds per training step (log scale)",
                  f"Time of one warm training step (batch {result.batch_size})", logy=True,
                  missing="not measured (--no-sweep)")
+    _save(fig, path)
+
+
+def plot_stream(result: ComparisonResult, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for method, run in result.stream.items():
+        if run.curve:
+            ax.plot([p.trials for p in run.curve], [p.accuracy for p in run.curve],
+                    color=COLORS.get(method_base(method)), marker=MARKERS.get(method_base(method)),
+                    lw=WIDTHS.get(method_base(method), 1.5), label=_label(result, method))
+    chance = 1.0 / result.task["n_out"]
+    ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance ({chance:.2f})")
+    ax.set(xlabel="trials seen (per stream)", ylabel="accuracy at the go step", ylim=(0, 1.02),
+           title=f"Learning on a stream: an Adam step every {result.config.stream_every} steps, "
+                 "no resets")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 
@@ -359,12 +536,19 @@ def _config_lines(result: ComparisonResult) -> list[str]:
         f"- model: `{result.model_spec}` ({result.model_class}, {result.n_params} parameters, "
         f"hidden {c.hidden} for built-in models), dtype {c.dtype}",
         f"- task: `{t['name']}` ({t['kind']}, T={t['seq_len']}, {t['n_in']} inputs, "
-        f"{t['n_out']} outputs, {t['n_train']} train / {t['n_test']} held-out sequences)",
-        f"- methods: {', '.join(LABELS.get(m, m) for m in c.methods)}; ES-D-RTRL / hybrid decay "
-        f"{c.decay}",
-        f"- training: {c.epochs} epoch(s), Adam lr {c.lr}, batch {result.batch_size} "
-        f"({result.n_batches} minibatches/epoch), seed {c.seed}; all methods start from the same "
-        "initial weights and see the same minibatches",
+        f"{t['n_out']} outputs, {t['n_train']} train / {t['n_test']} held-out sequences"
+        + (f", delay {c.delay}, dependency horizon {t.get('horizon')} steps, chance "
+           f"{1 / t['n_out']:.2f}" if t["name"] == "cue_delay" else "") + ")",
+        f"- methods: {', '.join(_label(result, m) for m in c.methods)}; io-dim trace decay "
+        + (f"{c.decay}" if c.decay is not None else
+           f"'auto' = max(0.9, 1 - 1/horizon) = {result.horizon_decay:.3g}")
+        + f"; TBPTT: one Adam step per {c.tbptt_update}",
+        (f"- stream: {result.batch_size} streams of {c.stream_trials} trials, Adam lr {c.lr} "
+         f"every {c.stream_every} steps, seed {c.seed}; all methods start from the same initial "
+         "weights and see the same streams" if result.stream else
+         f"- training: {c.epochs} epoch(s), Adam lr {c.lr}, batch {result.batch_size} "
+         f"({result.n_batches} minibatches/epoch), seed {c.seed}; all methods start from the "
+         "same initial weights and see the same minibatches"),
         f"- total run time: {result.seconds:.1f} s",
     ]
 
@@ -377,17 +561,18 @@ def markdown_report(result: ComparisonResult, argv: Sequence[str], plots: Sequen
     tables = all_tables(result)
     images = {"Learning summary": ["learning_curves.png"],
               "Gradient fidelity vs BPTT at initialisation": ["gradient_fidelity.png"],
-              "Peak memory vs sequence length": ["memory_vs_T.png"],
-              "Time per training step vs sequence length": ["time_vs_T.png"]}
+              "Memory: fixed cost, growth per step, crossover with BPTT": ["memory_vs_T.png"],
+              "Time per training step vs sequence length": ["time_vs_T.png"],
+              "Stream: accuracy over time": ["accuracy_over_time.png"]}
     for table in tables:
         lines.append(format_markdown(table))
         for image in images.get(table.title, []):
             if image in plots:
                 lines += [f"![{image[:-4]}]({image})", ""]
-    if not result.memory:
+    if not result.memory and not result.stream:
         lines += ["Peak memory was not measured (`--no-memory`).", ""]
-    if not result.timing:
-        lines += ["Time vs T was not measured (`--no-sweep`).", ""]
+    if not result.timing and not result.stream:
+        lines += ["Time vs T was not measured (`--no-memory` / `--no-sweep`).", ""]
     if result.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
     return "\n".join(lines)
@@ -401,9 +586,15 @@ def write_report(result: ComparisonResult, out_dir, argv: Sequence[str]) -> Path
     """Write the PNG plots and report.md into `out_dir` (created); return report.md's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plotters = {"learning_curves.png": plot_learning_curves,
-                "gradient_fidelity.png": plot_gradient_fidelity,
-                "memory_vs_T.png": plot_memory_vs_T, "time_vs_T.png": plot_time_vs_T}
+    if result.stream:
+        plotters = {"accuracy_over_time.png": plot_stream}
+    else:
+        plotters = {"learning_curves.png": plot_learning_curves,
+                    "gradient_fidelity.png": plot_gradient_fidelity}
+        if result.memory and result.config.sweep:  # no empty plots for what was not measured
+            plotters["memory_vs_T.png"] = plot_memory_vs_T
+        if result.timing:
+            plotters["time_vs_T.png"] = plot_time_vs_T
     for name, plot in plotters.items():
         plot(result, out / name)
     path = out / "report.md"

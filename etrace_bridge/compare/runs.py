@@ -9,11 +9,12 @@ turns a `ComparisonResult` into tables and plots.
   `OnlineLearner.run`; both are sums over time of the per-step loss.
 - Learning curves are measured with the torch model itself (same evaluation code for all).
 - Gradient fidelity: online vs BPTT gradients on the first minibatch at initialisation.
-- Time vs sequence length: one training step on synthetic sequences of each length T, timed
-  in this process after training (best of a few warm steps).
-- Memory: each method trains in its own fresh subprocess (`memory_child`): its peak resident
-  set size after one minibatch of the task, then, for each T (ascending), the peak during the
-  first training step of length T (the kernel's high-water mark is reset before each point).
+- Memory and time vs sequence length: each method trains in its own fresh subprocess
+  (`measure.memory_child`): its peak resident set size after one minibatch of the task, then,
+  for each T (ascending), the peak during the first training step of length T (the kernel's
+  high-water mark is reset before each point) and the time of that step and of a second, warm
+  one. A method whose step would pass `--memory-budget` stops there ("over budget").
+- `--stream` (`stream.run_stream`) replaces all of this by learning on one long stream.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import time
 from typing import Callable
 
 import numpy as np
+import torch
 from etrace_bridge.bptt import GradientReport, compare_gradients
 from torch import nn
 
@@ -34,14 +36,14 @@ from .data import (
     load_task,
     minibatches,
     n_minibatches,
-    synthetic_batch,
     task_loss,
 )
+from .config import is_online, method_base
 from .factory import make_model, resolve_model
 from .measure import measure_memory_all
-from .results import ComparisonResult, EpochStats, MethodRun, TimePoint
+from .results import ComparisonResult, EpochStats, MethodRun
 from .tasks import SequenceTask
-from .trainers import BPTTTrainer, OnlineTrainer, make_trainer
+from .trainers import BPTTTrainer, OnlineTrainer, horizon_decay, make_trainer, trace_decay
 
 
 def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] = print) -> ComparisonResult:
@@ -56,24 +58,36 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] = print) ->
             config=cfg, model_spec=factory.spec, model_class=type(init).__name__,
             n_params=sum(p.numel() for p in init.parameters()),
             task=dict(name=task.name, kind=task.kind, seq_len=task.seq_len, n_in=task.n_in,
-                      n_out=task.n_out, n_train=task.n_train, n_test=task.n_test),
+                      n_out=task.n_out, n_train=task.n_train, n_test=task.n_test,
+                      horizon=task.horizon),
             batch_size=batch_size_for(task, cfg), n_batches=n_minibatches(task, cfg))
-        xs0, ys0 = first_minibatch(task, cfg, dtype)
-        _warm_up_runtimes(export=any(m != "bptt" for m in cfg.methods))
+        result.decays = {m: trace_decay(m, task, cfg) for m in cfg.methods
+                         if method_base(m) in ("es_d_rtrl", "hybrid")}
+        result.horizon_decay = horizon_decay(task)
+        _warm_up_runtimes(export=any(is_online(m) for m in cfg.methods))
         log(f"model {factory.spec} ({result.model_class}, {result.n_params} parameters), task "
             f"{task.name} (T={task.seq_len}, {task.n_train} train / {task.n_test} test sequences)")
+        if cfg.stream:
+            from .stream import run_stream
+            result.stream = run_stream(cfg, init, log)
+            result.seconds = time.perf_counter() - start
+            return result
+        xs0, ys0 = first_minibatch(task, cfg, dtype)
         trainers, setup = build_trainers(cfg, init, task, xs0, log)
-        if "hybrid" in trainers:
-            result.notes.append(hybrid_choice(trainers["hybrid"]))
+        for method, trainer in trainers.items():
+            if method_base(method) == "hybrid":
+                result.notes.append(hybrid_choice(trainer))
         result.fidelity = gradient_fidelity(init, trainers, xs0, ys0, task_loss(task), setup)
         for method, trainer in trainers.items():
             result.runs[method] = train_method(trainer, task, cfg, setup[method])
-        if cfg.sweep:
-            log(f"timing one training step at T = {', '.join(map(str, cfg.seq_lens))} ...")
-            result.timing = {m: time_vs_length(t, task, cfg) for m, t in trainers.items()}
+        del trainers
         if cfg.measure_memory:
-            log("measuring peak memory, one fresh process per method ...")
+            log("measuring peak memory" + (f" and time per update at T = "
+                                           f"{', '.join(map(str, cfg.seq_lens))}" if cfg.sweep
+                                           else "") +
+                f", one fresh process per method (budget {cfg.memory_budget:.0f} MiB) ...")
             result.memory = measure_memory_all(cfg, factory)
+            result.timing = {m: p.timing for m, p in result.memory.items() if p.timing}
             result.notes += [f"memory measurement of {m} failed: {p.error}"
                              for m, p in result.memory.items() if p.error]
     result.seconds = time.perf_counter() - start
@@ -96,7 +110,7 @@ def build_trainers(cfg, init, task, xs0, log):
     """One trainer per method, each on its own deep copy of `init`; conversion time per method."""
     trainers, setup = {}, {}
     for method in cfg.methods:
-        if method != "bptt":
+        if is_online(method):
             log(f"converting the model for {method} ...")
         t0 = time.perf_counter()
         trainers[method] = make_trainer(method, copy.deepcopy(init), task, cfg, xs0[0])
@@ -123,8 +137,8 @@ def hybrid_choice(trainer: "OnlineTrainer") -> str:
 
 
 def gradient_fidelity(init, trainers, xs, ys, loss, setup) -> dict[str, GradientReport]:
-    """Online gradients at initialisation vs BPTT on the same minibatch (also warms up the
-    compiled online runs: their time is added to `setup`)."""
+    """Online and truncated-BPTT gradients at initialisation vs BPTT on the same minibatch (also
+    warms up the compiled online runs: their time is added to `setup`)."""
     online = [m for m in trainers if m != "bptt"]
     if not online:
         return {}
@@ -166,30 +180,3 @@ def _epoch_stats(model, task, epoch, objective, seconds, dtype) -> EpochStats:
     train_loss, train_acc = evaluate(model, task.xs_train, task.ys_train, task.kind, dtype)
     test_loss, test_acc = evaluate(model, task.xs_test, task.ys_test, task.kind, dtype)
     return EpochStats(epoch, train_loss, train_acc, test_loss, test_acc, objective, seconds)
-
-
-def time_vs_length(trainer, task: SequenceTask, cfg: CompareConfig) -> list[TimePoint]:
-    """Time a first and a second training step on synthetic sequences of each length T."""
-    dtype, points = torch_dtype(cfg.dtype), []
-    for seq_len in cfg.seq_lens:
-        batch = batch_size_for(task, cfg)
-        xs, ys = synthetic_batch(task, seq_len, batch, dtype, cfg.seed + seq_len)
-        first = _timed(trainer.train_batch, xs, ys)
-        points.append(TimePoint(seq_len, first, _best_time(trainer.train_batch, xs, ys)))
-    return points
-
-
-def _best_time(fn, *args, repeats: int = 3, budget: float = 1.0) -> float:
-    """Fastest of up to `repeats` runs, stopping once `budget` seconds are spent (noise from
-    other processes only ever adds time)."""
-    times, spent = [], 0.0
-    while len(times) < repeats and (not times or spent < budget):
-        times.append(_timed(fn, *args))
-        spent += times[-1]
-    return min(times)
-
-
-def _timed(fn, *args) -> float:
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0

@@ -23,7 +23,7 @@ from etrace_bridge.losses import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX", "SequenceTask", "sequential_digits", "delayed_recall", "spiking_dms",
-    "TASK_NAMES", "get_task", "iterate_minibatches",
+    "cue_delay", "TASK_NAMES", "TASK_SETTINGS", "get_task", "iterate_minibatches",
 ]
 
 
@@ -41,6 +41,7 @@ class SequenceTask:
     n_in: int
     n_out: int
     kind: str
+    horizon: int | None = None   # steps from the earliest input a target needs to that target
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -89,7 +90,7 @@ def sequential_digits(seed: int = 0, test_fraction: float = 0.25, rows: bool = T
         name="digits" if rows else "digits_pixels",
         xs_train=time_major(tr), ys_train=_last_step_labels(labels[tr], shape[0]),
         xs_test=time_major(te), ys_test=_last_step_labels(labels[te], shape[0]),
-        n_in=shape[1], n_out=10, kind="classification_last",
+        n_in=shape[1], n_out=10, kind="classification_last", horizon=shape[0],
     )
 
 
@@ -114,7 +115,8 @@ def delayed_recall(n_train: int = 1024, n_test: int = 256, seq_len: int = 20, n_
     xs_train, ys_train = make(n_train)
     xs_test, ys_test = make(n_test)
     return SequenceTask("recall", xs_train, ys_train, xs_test, ys_test,
-                        n_in=n_symbols, n_out=n_symbols, kind="classification_every_step")
+                        n_in=n_symbols, n_out=n_symbols, kind="classification_every_step",
+                        horizon=delay + 1)
 
 
 DMS_RATE_ON = 0.2
@@ -155,15 +157,56 @@ def spiking_dms(n_train: int = 1024, n_test: int = 256, seq_len: int = 50, n_in:
     xs_train, ys_train = make(n_train)
     xs_test, ys_test = make(n_test)
     return SequenceTask("dms", xs_train, ys_train, xs_test, ys_test,
-                        n_in=n_in, n_out=2, kind="classification_last")
+                        n_in=n_in, n_out=2, kind="classification_last", horizon=seq_len)
 
 
-_TASKS = {"digits": sequential_digits, "recall": delayed_recall, "dms": spiking_dms}
+def cue_delay(n_train: int = 1024, n_test: int = 256, delay: int = 100, n_cues: int = 4,
+              distractors: int = 4, noise: float = 1.0, seed: int = 0) -> SequenceTask:
+    """Cue, delay, go: report the cue shown `delay` + 1 steps before the go signal.
+
+    Step 0 shows one of `n_cues` cues (one-hot on the cue channels); steps 1..delay show
+    Gaussian noise of std `noise` on `distractors` distractor channels (cue and go channels
+    zero); step delay + 1 shows the go channel. The label (the cue) is given at that last step
+    only, so T = delay + 2 and the one dependency spans delay + 1 steps. Cues are balanced in
+    each split; chance is 1 / n_cues. Inputs: n_cues + 1 + distractors channels.
+    """
+    if delay < 1 or n_cues < 2 or distractors < 0 or noise < 0:
+        raise ValueError(f"cue_delay needs delay >= 1, n_cues >= 2, distractors >= 0, noise >= 0;"
+                         f" got delay={delay}, n_cues={n_cues}, distractors={distractors}, "
+                         f"noise={noise}")
+    rng = np.random.default_rng(seed)
+    seq_len, n_in = delay + 2, n_cues + 1 + distractors
+
+    def make(n):
+        cues = rng.permutation(np.arange(n) % n_cues)
+        xs = np.zeros((seq_len, n, n_in), dtype=np.float32)
+        xs[0, np.arange(n), cues] = 1.0
+        xs[1:delay + 1, :, n_cues + 1:] = noise * rng.standard_normal(
+            (delay, n, distractors)).astype(np.float32)
+        xs[-1, :, n_cues] = 1.0
+        return xs, _last_step_labels(cues.astype(np.int64), seq_len)
+
+    xs_train, ys_train = make(n_train)
+    xs_test, ys_test = make(n_test)
+    return SequenceTask("cue_delay", xs_train, ys_train, xs_test, ys_test, n_in=n_in,
+                        n_out=n_cues, kind="classification_last", horizon=delay + 1)
+
+
+_TASKS = {"cue_delay": cue_delay, "digits": sequential_digits, "recall": delayed_recall,
+          "dms": spiking_dms}
 TASK_NAMES = tuple(_TASKS)
+# The command-line settings each task takes (keyword arguments of its function).
+TASK_SETTINGS = {
+    "cue_delay": ("delay", "n_cues", "distractors", "noise", "n_train", "n_test"),
+    "digits": (),
+    "recall": ("delay", "seq_len", "n_symbols", "n_train", "n_test"),
+    "dms": ("seq_len", "n_train", "n_test"),
+}
 
 
 def get_task(name: str, **kwargs) -> SequenceTask:
-    """Build a task by name: 'digits', 'recall' or 'dms'; kwargs go to its function."""
+    """Build a task by name ('cue_delay', 'digits', 'recall', 'dms'); kwargs go to its function
+    (the settings in TASK_SETTINGS[name], and seed)."""
     try:
         fn = _TASKS[name]
     except KeyError:
