@@ -42,15 +42,15 @@ def have_bridge() -> bool:
         return False
 
 
-def torch_model(seed: int = 0):
+def torch_model(seed: int = 0, hidden: int = N_HID):
     import torch
     from torch import nn
 
     class GRUNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.cell = nn.GRUCell(N_IN, N_HID)
-            self.readout = nn.Linear(N_HID, N_OUT)
+            self.cell = nn.GRUCell(N_IN, hidden)
+            self.readout = nn.Linear(hidden, N_OUT)
 
         def forward(self, x, h):
             h = self.cell(x, h)

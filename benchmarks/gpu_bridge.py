@@ -6,39 +6,8 @@ Model: nn.GRUCell(32, H) + nn.Linear(H, 10), batch 32, MSE, T in {100, 1000}. Ru
 """
 from __future__ import annotations
 
-import time
-
-import numpy as np
-
-from .bridge import BATCH, N_IN, N_OUT
-
-
-def _model(hidden: int, device: str):
-    import torch
-    from torch import nn
-
-    class GRUNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cell = nn.GRUCell(N_IN, hidden)
-            self.readout = nn.Linear(hidden, N_OUT)
-
-        def forward(self, x, h):
-            h = self.cell(x, h)
-            return self.readout(h), h
-
-    torch.manual_seed(0)
-    return GRUNet().to(device)
-
-
-def _best(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from .bridge import BATCH, N_IN, N_OUT, torch_model
+from .common import time_interleaved
 
 
 def main() -> int:
@@ -56,7 +25,7 @@ def main() -> int:
           f"{'ES/BPTT':>8} {'D/BPTT':>7} {'BPTT peak MiB':>14}")
     for hidden in (128, 512):
         for T in (100, 1000):
-            model = _model(hidden, dev)
+            model = torch_model(hidden=hidden).to(dev)
             xs = torch.randn(T, BATCH, N_IN, device=dev)
             ys = torch.randn(T, BATCH, N_OUT, device=dev)
 
@@ -70,22 +39,25 @@ def main() -> int:
                 loss.backward()
                 torch.cuda.synchronize()
 
-            torch.cuda.reset_peak_memory_stats()
-            t_bptt = _best(bptt)
-            peak = torch.cuda.max_memory_allocated() / 2 ** 20
-            row = {}
-            for algo in ("es_d_rtrl", "d_rtrl"):
-                learner = OnlineLearner(model, algorithm=algo, loss="mse",
-                                        example_inputs=(xs[0], torch.zeros(BATCH, hidden,
-                                                                           device=dev)))
-
-                def online():
+            def online(learner):
+                def run():
                     model.zero_grad(set_to_none=True)
                     learner.reset_state(BATCH)
                     learner.run(xs, ys)
                     torch.cuda.synchronize()
+                return run
 
-                row[algo] = _best(online)
+            cases = {"bptt": bptt}
+            for algo in ("es_d_rtrl", "d_rtrl"):
+                cases[algo] = online(OnlineLearner(
+                    model, algorithm=algo, loss="mse",
+                    example_inputs=(xs[0], torch.zeros(BATCH, hidden, device=dev))))
+            torch.cuda.reset_peak_memory_stats()
+            bptt()
+            peak = torch.cuda.max_memory_allocated() / 2 ** 20
+            timing = time_interleaved(cases, repeats=5, warmup=1)
+            row = {name: t.median for name, t in timing.items()}
+            t_bptt = row["bptt"]
             print(f"{hidden:>5} {T:>6} {t_bptt:>9.4f} {row['es_d_rtrl']:>12.4f} "
                   f"{row['d_rtrl']:>10.4f} {row['es_d_rtrl'] / t_bptt:>8.2f} "
                   f"{row['d_rtrl'] / t_bptt:>7.2f} {peak:>14.1f}")

@@ -13,7 +13,6 @@ from . import common
 if __name__ == "__main__":
     common.pin_threads()
 
-import time
 from typing import Any, Dict
 
 BATCH, N_IN, N_OUT, T = 16, 32, 10, 20
@@ -50,51 +49,36 @@ def memory_case(method: str, hidden: int) -> Dict[str, Any]:
     return {}
 
 
-def _time_d_rtrl(hidden: int) -> float:
+def _d_rtrl_run(hidden: int):
     import jax
     import jax.numpy as jnp
 
     import etrace_core
-    model = _etrace_model(hidden)
-    algo = etrace_core.D_RTRL(model)
+    algo = etrace_core.D_RTRL(_etrace_model(hidden))
     xs = jax.random.normal(jax.random.PRNGKey(0), (T, BATCH, N_IN))
     ys = jnp.zeros((T, BATCH, N_OUT))
     algo.compile_graph(xs[0])
     algo.init_etrace_state()
-
-    def run():
-        jax.block_until_ready(etrace_core.run_online(
-            algo, lambda o, y: jnp.mean((o - y) ** 2), xs, ys).grads)
-
-    return _best(run)
+    return lambda: etrace_core.run_online(algo, lambda o, y: jnp.mean((o - y) ** 2), xs,
+                                          ys).grads
 
 
-def _time_torch_bptt(hidden: int) -> float:
+def _torch_bptt_run(hidden: int):
     import torch
-    from torch import nn
-    torch.manual_seed(0)
-    cell, readout = nn.GRUCell(N_IN, hidden), nn.Linear(hidden, N_OUT)
+
+    from .bridge import torch_model
+    model = torch_model(hidden=hidden)
     xs, ys = torch.randn(T, BATCH, N_IN), torch.zeros(T, BATCH, N_OUT)
 
     def run():
         h = torch.zeros(BATCH, hidden)
         loss = 0.0
         for t in range(T):
-            h = cell(xs[t], h)
-            loss = loss + torch.mean((readout(h) - ys[t]) ** 2)
+            y, h = model(xs[t], h)
+            loss = loss + torch.mean((y - ys[t]) ** 2)
         loss.backward()
 
-    return _best(run)
-
-
-def _best(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return run
 
 
 def run(quick: bool = False, progress=lambda _: None, log=print) -> Dict[str, Any]:
@@ -112,7 +96,10 @@ def run(quick: bool = False, progress=lambda _: None, log=print) -> Dict[str, An
             f"MiB, one trace copy {one_copy:.0f} MiB -> {copies:.2f} copies")
         goals.append(common.Goal(f"D-RTRL trace memory in trace copies, H={hidden}", copies, 1.5))
         progress(f"memory H={hidden}")
-    ratio = _time_d_rtrl(256) / _time_torch_bptt(256)
+    with common.torch_threads(1):
+        timing = common.time_interleaved({"d_rtrl": _d_rtrl_run(256),
+                                          "bptt": _torch_bptt_run(256)}, repeats=5, warmup=1)
+    ratio = timing["d_rtrl"].median / timing["bptt"].median
     result["time_ratio"][256] = ratio
     log(f"  H=256: D-RTRL time / torch BPTT time = {ratio:.2f}")
     goals.append(common.Goal("D-RTRL time per sequence / torch BPTT, H=256", ratio, 3.0))
