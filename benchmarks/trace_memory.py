@@ -59,8 +59,11 @@ def _d_rtrl_run(hidden: int):
     ys = jnp.zeros((T, BATCH, N_OUT))
     algo.compile_graph(xs[0])
     algo.init_etrace_state()
-    return lambda: etrace_core.run_online(algo, lambda o, y: jnp.mean((o - y) ** 2), xs,
-                                          ys).grads
+
+    def loss(o, y):
+        return jnp.mean((o - y) ** 2)
+
+    return lambda: etrace_core.run_online(algo, loss, xs, ys).grads   # one loss: one compile
 
 
 def _torch_bptt_run(hidden: int):
