@@ -209,5 +209,6 @@ class LIFCustomVjp(_Cell):
         return self.out(s)
 
 
-__all__ = ["I", "H", "O", "LIFCustomVjp", "IndRNN", "LeakyTau", "MinGRU", "RealLRU", "ConvLeaky", "NormLeaky",
+__all__ = ["I", "H", "O", "LIFCustomVjp", "IndRNN", "LeakyTau", "MinGRU", "RealLRU", "ConvLeaky",
+           "NormLeaky",
            "LIFDecay"]
