@@ -88,6 +88,12 @@ def build_tree(checkout: pathlib.Path, tmp: pathlib.Path, selects) -> list:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dst)
         files.append(rel)
+    if any(f.parts[0] == "examples" for f in files):   # example tests run the example scripts
+        for src in (checkout / "examples").rglob("*"):
+            dst = tmp / "tests" / src.relative_to(checkout)
+            if src.is_file() and not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, dst)
     (tmp / "tests" / "conftest.py").write_text(CONFTEST)
     (tmp / "pytest.ini").write_text("[pytest]\npython_files = *_test.py\n"
                                     "filterwarnings = ignore::DeprecationWarning\n")

@@ -28,17 +28,28 @@ class Embedding(brainstate.nn.Module):
                  freeze: bool = False, *, dtype=None, key: Key = None,
                  name: Optional[str] = None):
         super().__init__(name=name)
-        unsupported = [n for n, v in (('padding_idx', padding_idx), ('max_norm', max_norm),
-                                      ('scale_grad_by_freq', scale_grad_by_freq),
-                                      ('freeze', freeze)) if v is not None and v is not False]
-        if unsupported:
-            raise NotImplementedError(f"Embedding: {unsupported} are not supported (the lookup "
-                                      "must stay an exact ETP op)")
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise ValueError(f"padding_idx must lie in [-{num_embeddings}, {num_embeddings}), "
+                             f"got {padding_idx}")
+        self.padding_idx, self.max_norm = padding_idx, max_norm
+        self.scale_grad_by_freq, self.freeze = scale_grad_by_freq, freeze
+        self._refuse_unsupported()
         self.num_embeddings = int(num_embeddings)
         self.embedding_size = feature_size(embedding_size, 'embedding_size')
         self.norm_type = norm_type
         self.weight = make_param(embedding_init, (self.num_embeddings, self.embedding_size),
                                  resolve_dtype(dtype), key, normal(1.0))
+
+    def _refuse_unsupported(self):
+        """The options braintrace refuses too (checked again at every call: they are plain
+        attributes that could be set after construction)."""
+        unsupported = [f"{n}={v}" for n, v in (
+            ('max_norm', self.max_norm), ('freeze', self.freeze),
+            ('scale_grad_by_freq', self.scale_grad_by_freq), ('padding_idx', self.padding_idx))
+            if v is not None and v is not False]
+        if unsupported:
+            raise NotImplementedError(f"Embedding does not support: {', '.join(unsupported)} "
+                                      "(the lookup must stay an exact ETP op)")
 
     @classmethod
     def from_pretrained(cls, embeddings, freeze: bool = True, **kwargs):
@@ -53,6 +64,7 @@ class Embedding(brainstate.nn.Module):
                    dtype=kwargs.pop('dtype', embeddings.dtype), **kwargs)
 
     def update(self, indices):
+        self._refuse_unsupported()
         indices = jnp.asarray(indices)
         if not jnp.issubdtype(indices.dtype, jnp.integer):
             raise TypeError(f"Embedding: indices must be integers, got {indices.dtype}")

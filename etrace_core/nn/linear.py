@@ -22,7 +22,8 @@ class Linear(brainstate.nn.Module):
     Constructor forms of braintrace/brainstate work too: ``Linear(in_size, out_size, w_init,
     b_init, w_mask)`` positionally or by keyword, sizes as ints or tuples (the last entry counts
     the features), ``b_init=None`` for no bias, any ``init(shape)`` initialiser (braintools').
-    ``w_mask`` (broadcastable to the weight) multiplies the weight inside the ETP op
+    ``w_mask`` (broadcastable to the weight, or a callable giving it from the weight's shape)
+    multiplies the weight inside the ETP op
     (``weight_fn``), so masked-out entries get zero gradient and ``weight`` stays the trained
     parameter.
     """
@@ -40,6 +41,8 @@ class Linear(brainstate.nn.Module):
         self.weight = make_param(w_init, (n_in, n_out), dtype, w_key, default)
         has_bias = bias and b_init is not None
         self.bias = make_param(b_init, (n_out,), dtype, b_key, default) if has_bias else None
+        if callable(w_mask):   # brainstate: a mask initialiser, called with the weight's shape
+            w_mask = w_mask((n_in, n_out))
         self.w_mask = None if w_mask is None else jnp.broadcast_to(jnp.asarray(w_mask),
                                                                    (n_in, n_out))
         # one function object per layer: the op's static parameter stays the same across calls

@@ -72,6 +72,8 @@ def _normalise_padding(padding, in_sizes, k_sizes, strides, dilations):
             return _same_pads(in_sizes, k_sizes, strides, dilations)
         raise ValueError(f"conv: padding string must be 'SAME' or 'VALID', got {padding!r}")
     items = (padding,) * n if _is_int(padding) else tuple(padding)
+    if n == 1 and len(items) == 2 and all(_is_int(p) for p in items):
+        items = (items,)   # one spatial dim: (lo, hi) is its pair (brainstate's form)
     pads = []
     for p in items:
         pair = (p, p) if _is_int(p) else tuple(p)

@@ -584,7 +584,7 @@ def test_linear_variants_and_embedding(x64):
     emb = nn.Embedding(6, 3, key=0)
     idx = jnp.array([[0, 5], [2, 2]])
     np.testing.assert_allclose(emb(idx), emb.weight.value[idx])
-    with pytest.raises(NotImplementedError, match="padding_idx"):
+    with pytest.raises(NotImplementedError, match="padding_idx=0"):
         nn.Embedding(6, 3, padding_idx=0)
     conv = nn.Conv3d(2, 3, 3, key=0)
     assert conv(_rand(1, 2, 4, 4, 4)).shape == (1, 3, 4, 4, 4)
