@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from etrace_core.compiler.errors import NotCompiledError
+from etrace_core.compiler.param_relations import DEFAULT_DENSE_TRACE_BUDGET
 from etrace_core.executor import data
 from etrace_core.executor.step import jacobian_step, vjp_step
 from etrace_core.executor.vjp import ETraceVjpGraphExecutor
 
-from . import online
+from . import online, param_traces
 
 
 class _Compiled:
@@ -36,10 +37,15 @@ class ETraceAlgorithm(brainstate.nn.Module):
     """
 
     def __init__(self, model: brainstate.nn.Module, *, vjp_method: str = "single-step",
-                 check_finite: bool = False, auto_reinit: bool = False, name=None):
+                 check_finite: bool = False, auto_reinit: bool = False,
+                 dense_trace_budget: int = DEFAULT_DENSE_TRACE_BUDGET, name=None):
+        """`dense_trace_budget`: the largest dense parameter trace dh/dtheta (elements, batch
+        included) kept for a parameter that reaches hidden states through a position-mixing
+        op; a larger one leaves the parameter its same-step gradient, labelled approximate."""
         super().__init__(name=name)
         self.model = model
-        self.executor = ETraceVjpGraphExecutor(model, vjp_method)
+        self.executor = ETraceVjpGraphExecutor(model, vjp_method,
+                                               dense_trace_budget=dense_trace_budget)
         self.check_finite = check_finite
         self.auto_reinit = auto_reinit
         self.etrace = None
@@ -68,6 +74,8 @@ class ETraceAlgorithm(brainstate.nn.Module):
             lines = [f"Algorithm {type(self).__name__}: trace kind per weight"]
             for k, r in enumerate(self.graph.hidden_param_op_relations):
                 lines.append(f"  {r.weight_path}: {self._plan.kinds[k]}-dim trace")
+            for r in self.executor.param_trace_relations:
+                lines.append(f"  {r.path}: param-dim trace ({r.kind})")
             msg = msg + "\n" + "\n".join(lines)
         if verbose:
             print(msg)
@@ -120,9 +128,16 @@ class ETraceAlgorithm(brainstate.nn.Module):
             if self.graph.hidden_param_op_relations[conn.rel].weight_path == weight_path:
                 key = online.trace_key(conn)
                 out[key] = self.etrace.value["traces"][key]
+        for k, r in enumerate(plan.spec.param_traces):
+            if r.path == weight_path:
+                for g in r.hidden_groups:
+                    key = param_traces.trace_key(k, g.index)
+                    out[key] = self.etrace.value["traces"][key]
         if not out:
             raise KeyError(f"{weight_path} has no eligibility trace; traced weights: "
-                           f"{[r.weight_path for r in self.graph.hidden_param_op_relations]}")
+                           f"{[r.weight_path for r in self.graph.hidden_param_op_relations]}"
+                           + (f", traced parameters: {[r.path for r in plan.spec.param_traces]}"
+                              if plan.spec.param_traces else ""))
         return out
 
     def trace_sizes(self) -> Dict[str, int]:
@@ -250,6 +265,13 @@ def _raise_if_not_finite(plan, traces):
             jnp.logical_not(ok),
             f"non-finite value in the eligibility trace of weight {rels[conn.rel].weight_path} "
             f"(hidden group {conn.group}); lower the learning rate or check the model's inputs")
+    for k, r in enumerate(plan.spec.param_traces):
+        for g in r.hidden_groups:
+            ok = online.all_finite(traces[param_traces.trace_key(k, g.index)])
+            brainstate.transform.jit_error_if(
+                jnp.logical_not(ok),
+                f"non-finite value in the eligibility trace of parameter {r.path} (hidden group "
+                f"{g.index}); lower the learning rate or check the model's inputs")
 
 
 def _direct_and_trace_grads(plan, params, etrace, dparams, dh, Ms):

@@ -29,7 +29,8 @@ class HybridDimVjpAlgorithm(ETraceAlgorithm):
     def trace_kinds(self):
         rels = self.graph.hidden_param_op_relations
         known = {r.weight_path for r in rels}
-        unknown = [k for k in self.mode if k not in known]
+        own = {r.path for r in self.executor.param_trace_relations}   # always param-dim
+        unknown = [k for k in self.mode if k not in known and k not in own]
         if unknown:
             raise ValueError(f"mode names weights that are not online-traced: {unknown}; "
                              f"traced weights are {sorted(known)}")

@@ -10,6 +10,7 @@ import numpy as np
 from etrace_core.executor.step import StepJacobians, StepSpec
 from etrace_core.ops import rule_for
 
+from . import param_traces
 from .traces import TRACE_KINDS, Connection, gather_units
 
 Path = Tuple[str, ...]
@@ -53,6 +54,7 @@ def init_traces(plan: TracePlan) -> Dict[str, Any]:
         y_shape = conn.unit.shape + (groups[conn.group].num_state,)
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
         traces[trace_key(conn)] = kind.init(X_shape, y_shape, rel.y.aval.dtype)
+    traces.update(param_traces.init(plan.spec))
     return traces
 
 
@@ -66,6 +68,8 @@ def update_traces(plan: TracePlan, traces, jac: StepJacobians):
         key = trace_key(conn)
         new[key] = kind.update(traces[key], jac.xs[conn.rel], jac.dfs[conn.rel][conn.slot], D_y,
                                plan.decay)
+    if plan.spec.param_traces:
+        new.update(param_traces.update(plan.spec, traces, jac.Ds, jac.Js))
     return new
 
 
@@ -109,13 +113,16 @@ def trace_grads(plan: TracePlan, params: Dict[Path, Any], traces, count, deltas)
 
 
 def trace_grads_canonical(plan: TracePlan, traces, count, deltas) -> Dict[int, Any]:
-    """{relation index: its trace gradient M in canonical (I[+1], O) space}."""
+    """{relation index: its trace gradient M in canonical (I[+1], O) space}, plus
+    {param_traces.grad_key(k): gradient of parameter trace k, in the parameter's shape}."""
     per_rel: Dict[int, Any] = {}
     for conn in plan.connections:
         delta_y = gather_units(conn, deltas[conn.group])
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
         M = kind.grad(traces[trace_key(conn)], delta_y, count, plan.decay)
         per_rel[conn.rel] = M if conn.rel not in per_rel else per_rel[conn.rel] + M
+    if plan.spec.param_traces:
+        per_rel.update(param_traces.grads(plan.spec, traces, deltas))
     return per_rel
 
 
@@ -127,6 +134,9 @@ def canonical_to_params(plan: TracePlan, params: Dict[Path, Any], per_rel) -> Di
     rels = plan.spec.graph.hidden_param_op_relations
     grads: Dict[Path, Any] = {}
     for k, M in per_rel.items():
+        if k < 0:   # a parameter trace: already in the parameter's shape
+            _accumulate(grads, plan.spec.param_traces[param_traces.trace_of_key(k)].path, M)
+            continue
         rel = rels[k]
         dw, db = rule_for(rel.primitive).io_to_params(rel.params, params[rel.weight_path], M)
         _accumulate(grads, rel.weight_path, dw)

@@ -12,6 +12,7 @@ from .hidden_groups import HiddenGroup
 from .module_info import ModuleInfo, Path
 from .perturbation import production_point
 from .positions import MANY, NONE, propagate, reachable, static_values
+from .recurrence import recurrence_notes
 
 
 class HiddenParamOpRelation(NamedTuple):
@@ -82,6 +83,10 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
                    for g in hid_path_to_group.values()}
     feeds_memory = _groups_feeding_memory(minfo, hid_path_to_group)
     made_at = hidden_out_vars | {production_point(minfo, v, static) for v in hidden_out_vars}
+    groups_all = list({g.index: g for g in hid_path_to_group.values()}.values())
+    made_by_path = {p: production_point(minfo, minfo.state_outvars[p], static)
+                    for p in hid_path_to_group}
+    rec_notes = recurrence_notes(minfo, groups_all, made_by_path, static)
 
     for eqn in jaxpr.eqns:
         if not is_etp_primitive(eqn.primitive):
@@ -103,11 +108,14 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
         before_hidden = propagate(jaxpr, eqn.outvars[0], static, stop=made_at)
         approx = list(problems) + _approximations(jaxpr, before_hidden, hidden_out_vars)
         x = eqn.invars[0] if eqn.primitive.name != "etp_elemwise" else None
-        if x is not None and not isinstance(x, jcore.Literal) and any(
-                x in after_group[g.index] for g in groups):
+        recurrent_input = x is not None and not isinstance(x, jcore.Literal) and any(
+            x in after_group[g.index] for g in groups)
+        if recurrent_input:
             approx.append("its input depends on the previous states of the hidden group it "
                           "drives; that hidden-to-hidden path is not in the trace (diagonal "
                           "approximation)")
+        if not recurrent_input:
+            approx += [rec_notes[g.index] for g in groups if g.index in rec_notes]
         approx += [feeds_memory[g.index] for g in groups if g.index in feeds_memory]
         relations.append(HiddenParamOpRelation(
             weight_path=w_path, bias_path=b_path, primitive=eqn.primitive, eqn=eqn,

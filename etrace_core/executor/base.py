@@ -7,6 +7,8 @@ import brainstate
 
 from etrace_core.compiler.errors import NotCompiledError
 from etrace_core.compiler.graph import ETraceGraph, compile_etrace_graph
+from etrace_core.compiler.param_relations import (DEFAULT_DENSE_TRACE_BUDGET,
+                                                  find_param_trace_relations)
 
 from . import data, show
 
@@ -14,7 +16,8 @@ from . import data, show
 class ETraceGraphExecutor:
     """Base executor: owns the model and its compiled graph; subclasses solve the Jacobians."""
 
-    def __init__(self, model: brainstate.nn.Module):
+    def __init__(self, model: brainstate.nn.Module, *,
+                 dense_trace_budget: int = DEFAULT_DENSE_TRACE_BUDGET):
         if not isinstance(model, brainstate.nn.Module):
             raise TypeError(
                 f"expected a brainstate.nn.Module, got {type(model).__name__}: the compiler reads "
@@ -22,6 +25,8 @@ class ETraceGraphExecutor:
         self.model = model
         self._graph: Optional[ETraceGraph] = None
         self._state_id_to_path: Optional[Dict[int, tuple]] = None
+        self.dense_trace_budget = int(dense_trace_budget)
+        self._param_traces = ((), ())
 
     @property
     def graph(self) -> ETraceGraph:
@@ -53,23 +58,39 @@ class ETraceGraphExecutor:
         """Build the graph from one step's example inputs (MultiStepData: its first step)."""
         self._state_id_to_path = None
         self._graph = compile_etrace_graph(self.model, *data.single_step_example(args))
+        g = self._graph
+        self._param_traces = find_param_trace_relations(
+            g.module_info, g.hid_path_to_group, g.hidden_param_op_relations,
+            self.dense_trace_budget)
         self._on_compiled()
+
+    @property
+    def param_trace_relations(self):
+        """Parameters traced outside ETP ops (element-wise or dense param-dim traces)."""
+        _ = self.graph
+        return self._param_traces[0]
+
+    @property
+    def over_budget_params(self):
+        """Parameters feeding hidden states whose dense trace exceeds the budget."""
+        _ = self.graph
+        return self._param_traces[1]
 
     def _on_compiled(self) -> None:
         """Hook for subclasses to precompute structure once the graph exists."""
 
     def show_graph(self, verbose: bool = True, return_msg: bool = False):
         """Print (and/or return) the hidden groups, traced weights and untraced weights."""
-        msg = show.graph_summary(self.graph)
+        msg = show.graph_summary(self.graph, *self._param_traces)
         if verbose:
             print(msg)
         return msg if return_msg else None
 
     def graph_to_dot(self) -> str:
-        return show.graph_to_dot(self.graph)
+        return show.graph_to_dot(self.graph, *self._param_traces)
 
     def plot_graph(self, filename: str) -> str:
-        return show.plot_graph(self.graph, filename)
+        return show.plot_graph(self.graph, filename, *self._param_traces)
 
     def solve_h2w_h2h_jacobian(self, *args):
         raise NotImplementedError(f"{type(self).__name__} does not implement solve_h2w_h2h_jacobian")

@@ -9,16 +9,28 @@ from etrace_core.compiler.graph import ETraceGraph
 from etrace_core.compiler.relations import analyse_relations
 
 
-def untraced_weights(graph: ETraceGraph) -> List[Tuple[tuple, str]]:
-    """(path, reason) for every parameter that has no online-traced use."""
+def untraced_weights(graph: ETraceGraph, param_traces=(), over_budget=()
+                     ) -> List[Tuple[tuple, str]]:
+    """(path, reason) for every parameter that has no online-traced use; the reason starts with
+    'approximate:' when the parameter feeds hidden states (its same-step gradient then drops
+    the paths through time), and is an exact same-step gradient otherwise (readouts)."""
     minfo = graph.module_info
     traced = {p for r in graph.hidden_param_op_relations for p in (r.weight_path, r.bias_path) if p}
+    traced |= {r.path for r in param_traces}
     _, uses = analyse_relations(minfo, graph.hid_path_to_group)
-    reasons = {}
+    reasons = {u.path: u.reason for u in over_budget}
     for use in uses:
         if use.path not in traced:
-            reasons.setdefault(use.path, use.reason)
+            reasons.setdefault(use.path, _readout_reason(use.reason))
     return sorted(reasons.items())
+
+
+def _readout_reason(reason: str) -> str:
+    if reason.startswith("used through"):   # a plain op: say why that is exact here
+        return reason.replace(": same-step gradient",
+                              "; it reaches no hidden state (a memoryless readout): exact "
+                              "same-step gradient")
+    return reason
 
 
 def dynamic_states(graph: ETraceGraph) -> List[tuple]:
@@ -30,7 +42,7 @@ def dynamic_states(graph: ETraceGraph) -> List[tuple]:
             if p not in hidden and isinstance(states[p], brainstate.ShortTermState)]
 
 
-def graph_summary(graph: ETraceGraph) -> str:
+def graph_summary(graph: ETraceGraph, param_traces=(), over_budget=()) -> str:
     rule = "=" * 100
     lines = [rule, "Hidden groups:"]
     for g in graph.hidden_groups:
@@ -46,19 +58,57 @@ def graph_summary(graph: ETraceGraph) -> str:
         lines += ["", "Online-traced weights (weight -> hidden groups, through the ETP op):"]
         for i, r in enumerate(graph.hidden_param_op_relations):
             groups = [g.index for g in r.hidden_groups]
-            target = f"hidden group {groups[0]}" if len(groups) == 1 else f"hidden groups {groups}"
             bias = f" + bias {r.bias_path}" if r.bias_path else ""
-            lines.append(f"  Weight {i}: {r.weight_path}{bias} via {r.primitive.name} -> {target}")
+            lines.append(f"  Weight {i}: {r.weight_path}{bias} via {r.primitive.name} -> "
+                         f"{_target(groups)}")
             lines += [f"      approximate: {note}" for note in r.approximations]
-    untraced = untraced_weights(graph)
-    if untraced:
+    lines += _param_trace_lines(param_traces)
+    untraced = untraced_weights(graph, param_traces, over_budget)
+    exact = [(p, r) for p, r in untraced if not r.startswith("approximate:")]
+    approx = [(p, r) for p, r in untraced if r.startswith("approximate:")]
+    if approx:
+        lines += ["", "Weights not online-traced, approximate (same-step gradient of a weight "
+                      "that feeds hidden states):"]
+        lines += [f"  {p}: {reason}" for p, reason in approx]
+    if exact:
         lines += ["", "Weights not online-traced (they get their exact same-step gradient):"]
-        lines += [f"  {p}: {reason}" for p, reason in untraced]
+        lines += [f"  {p}: {reason}" for p, reason in exact]
     lines.append(rule)
     return "\n".join(lines)
 
 
-def graph_to_dot(graph: ETraceGraph) -> str:
+def _target(groups) -> str:
+    return f"hidden group {groups[0]}" if len(groups) == 1 else f"hidden groups {groups}"
+
+
+def _param_trace_lines(param_traces) -> List[str]:
+    lines = []
+    elem = [r for r in param_traces if r.kind == "elementwise"]
+    dense = [r for r in param_traces if r.kind == "dense"]
+    if elem:
+        lines += ["", "Online-traced parameters, element-wise relations (one trace element per "
+                      "hidden element):"]
+        for r in elem:
+            lines.append(f"  {r.path} ({r.param_size} elements) -> "
+                         f"{_target([g.index for g in r.hidden_groups])}: element-wise trace, "
+                         f"{r.trace_size} elements ({_mib(r.trace_bytes())})")
+            lines += [f"      approximate: {note}" for note in r.approximations]
+    if dense:
+        lines += ["", "Online-traced parameters, dense traces dh/dtheta (behind a position-mixing "
+                      "op):"]
+        for r in dense:
+            lines.append(f"  {r.path} ({r.param_size} elements) via {r.mixing} -> "
+                         f"{_target([g.index for g in r.hidden_groups])}: dense trace, "
+                         f"{r.trace_size} elements, memory {_mib(r.trace_bytes())}")
+            lines += [f"      approximate: {note}" for note in r.approximations]
+    return lines
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2 ** 20:.3g} MiB"
+
+
+def graph_to_dot(graph: ETraceGraph, param_traces=(), over_budget=()) -> str:
     """The graph in graphviz DOT: weights -> hidden groups, untraced weights dashed."""
     out = ["digraph etrace {", "  rankdir=LR;", "  node [fontname=Helvetica];"]
     for g in graph.hidden_groups:
@@ -70,21 +120,27 @@ def graph_to_dot(graph: ETraceGraph) -> str:
         out.append(f'  "w{i}" [shape=box, label="{w}\\n{r.primitive.name}"];')
         for g in r.hidden_groups:
             out.append(f'  "w{i}" -> "group{g.index}";')
-    for j, (p, reason) in enumerate(untraced_weights(graph)):
+    for j, r in enumerate(param_traces):
+        out.append(f'  "p{j}" [shape=box, label="{".".join(r.path)}\\n{r.kind} trace"];')
+        for g in r.hidden_groups:
+            out.append(f'  "p{j}" -> "group{g.index}";')
+    for j, (p, reason) in enumerate(untraced_weights(graph, param_traces, over_budget)):
         out.append(f'  "u{j}" [shape=box, style=dashed, label="{".".join(p)}\\n(same-step)"];')
     out.append("}")
     return "\n".join(out)
 
 
-def plot_graph(graph: ETraceGraph, filename: str) -> str:
+def plot_graph(graph: ETraceGraph, filename: str, param_traces=(), over_budget=()) -> str:
     """Draw weights (left) and hidden groups (right) with matplotlib; returns the file name."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rels = graph.hidden_param_op_relations
-    untraced = untraced_weights(graph)
-    groups = graph.hidden_groups
+    rels = [(f"{'.'.join(r.weight_path)} ({r.primitive.name})", r.hidden_groups)
+            for r in graph.hidden_param_op_relations]
+    rels += [(f"{'.'.join(r.path)} ({r.kind} trace)", r.hidden_groups) for r in param_traces]
+    untraced = untraced_weights(graph, param_traces, over_budget)
+    groups = list(graph.hidden_groups)
     n_left = len(rels) + len(untraced)
     height = max(n_left, len(groups), 1)
     fig, ax = plt.subplots(figsize=(9, 0.6 * height + 1.5))
@@ -97,11 +153,10 @@ def plot_graph(graph: ETraceGraph, filename: str) -> str:
         ax.text(0.78, y_of(gi, len(groups)), f"group {g.index}\n" +
                 "\n".join(".".join(p) for p in g.hidden_paths), ha="left", va="center",
                 bbox=dict(boxstyle="round", fc="#cde4ff"))
-    for i, r in enumerate(rels):
+    for i, (label, reached) in enumerate(rels):
         y = y_of(i, n_left)
-        ax.text(0.02, y, f"{'.'.join(r.weight_path)} ({r.primitive.name})", ha="left",
-                va="center", bbox=dict(boxstyle="square", fc="white"))
-        for g in r.hidden_groups:
+        ax.text(0.02, y, label, ha="left", va="center", bbox=dict(boxstyle="square", fc="white"))
+        for g in reached:
             ax.annotate("", xy=(0.77, y_of(groups.index(g), len(groups))), xytext=(0.45, y),
                         arrowprops=dict(arrowstyle="->", color="#335"))
     for j, (p, _) in enumerate(untraced):

@@ -18,6 +18,8 @@ from etrace_core.compiler.positions import is_admissible, propagate, reachable, 
 from etrace_core.compiler.relations import etp_operands
 from etrace_core.ops import rule_for
 
+from .param_jacobian import param_jacobians
+
 Path = Tuple[str, ...]
 
 
@@ -31,9 +33,10 @@ class StepSpec(NamedTuple):
     hidden_slot: Dict[Any, Tuple[Tuple[int, int], ...]]  # hidden outvar -> ((group, slot), ...)
     seeds: Tuple[Tuple[Tuple[int, int], ...], ...]      # cotangent seeds: ((group, slot), ...)
     escapes: bool       # outputs read h^{t-1} by a path that does not go through h^t
+    param_traces: tuple = ()   # ParamTraceRelation: parameters traced outside ETP ops
 
 
-def build_spec(graph: ETraceGraph) -> StepSpec:
+def build_spec(graph: ETraceGraph, param_traces=()) -> StepSpec:
     minfo = graph.module_info
     jaxpr = minfo.jaxpr
     static = static_values(minfo.closed_jaxpr)
@@ -56,11 +59,13 @@ def build_spec(graph: ETraceGraph) -> StepSpec:
         for s, (path, v) in enumerate(zip(g.hidden_paths, g.hidden_outvars)):
             hidden_slot.setdefault(made_at.get(path, v), []).append((g.index, s))
     tail = _tail_eqns(jaxpr, graph, static, set(hidden_slot))
+    tail = tail | param_tail_eqns(jaxpr, param_traces, set(hidden_slot))
     hidden_in = [v for g in graph.hidden_groups for v in g.hidden_invars]
     escaped = reachable(jaxpr, hidden_in, stop=set(hidden_slot)) - set(hidden_slot)
     escapes = bool(escaped & set(minfo.output_vars))
     return StepSpec(graph, relation_at, traced, admissible, tail,
-                    {v: tuple(s) for v, s in hidden_slot.items()}, _seeds(graph), escapes)
+                    {v: tuple(s) for v, s in hidden_slot.items()}, _seeds(graph), escapes,
+                    tuple(param_traces))
 
 
 def _tail_eqns(jaxpr, graph, static, hidden_vars) -> frozenset:
@@ -75,6 +80,24 @@ def _tail_eqns(jaxpr, graph, static, hidden_vars) -> frozenset:
                 continue
             carried = [v for v in eqn.invars if not isinstance(v, jcore.Literal) and v in reach]
             if carried and all(v in reach for v in eqn.outvars if not isinstance(v, jcore.DropVar)):
+                tail.add(i)
+                useful.update(carried)
+    return frozenset(tail)
+
+
+def param_tail_eqns(jaxpr, param_traces, made) -> frozenset:
+    """Equations on a path from a traced parameter to where a hidden state is made."""
+    tail = set()
+    for r in param_traces:
+        reach = reachable(jaxpr, [r.var], stop=made)
+        useful = set(made)
+        for i in range(len(jaxpr.eqns) - 1, -1, -1):
+            eqn = jaxpr.eqns[i]
+            if not any(v in useful for v in eqn.outvars if not isinstance(v, jcore.DropVar)):
+                continue
+            carried = [v for v in eqn.invars if not isinstance(v, jcore.Literal) and v in reach
+                       and v not in made]
+            if carried:
                 tail.add(i)
                 useful.update(carried)
     return frozenset(tail)
@@ -119,6 +142,7 @@ class StepJacobians(NamedTuple):
     dfs: List[List[Any]]               # per relation, per reached group: L + (O, S)
     Ds: List[Any]                      # per group: varshape + (S, S), D[..., s, s'] = dh_s/dh_s'
     Ms: List[Any]                      # per group: varshape + (S, S), dW_s/dp_s' (identity if S=1)
+    Js: List[Any] = ()                 # per param trace, per group: (U, S) or (U, S, |theta|)
 
 
 def jacobian_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepJacobians:
@@ -180,7 +204,8 @@ def jacobian_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepJac
                     for s in range(g.num_state)]
             per_group.append(jnp.stack(cols, axis=-1))
         dfs.append(per_group)
-    return StepJacobians(outs, new_values, xs, dfs, Ds, Ms)
+    Js = param_jacobians(spec, args_flat, values) if spec.param_traces else ()
+    return StepJacobians(outs, new_values, xs, dfs, Ds, Ms, Js)
 
 
 def _seed_cotangent(groups, seed, like):
@@ -248,15 +273,18 @@ def vjp_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepVjp:
         invals = step_invals(graph, args, vals)
         live = dict(zip(minfo.jaxpr.constvars, minfo.closed_jaxpr.consts))
         live.update(zip(minfo.jaxpr.invars, invals))
-        twin = {}
+        # parameters with their own traces are cut from their paths to h^t like relation
+        # weights: the trace carries those paths
+        twin = {r.var: lax.stop_gradient(live[r.var]) for r in spec.param_traces}
         for i, eqn in enumerate(minfo.jaxpr.eqns):
             ins = [read_var(live, v) for v in eqn.invars]
             outs = bind_eqn(eqn, ins)
             twins = None
             if i in spec.relation_at:
                 cut = spec.traced_operands[i]
-                twins = bind_eqn(eqn, [lax.stop_gradient(a) if j in cut else a
-                                       for j, a in enumerate(ins)])
+                twins = bind_eqn(eqn, [lax.stop_gradient(a) if j in cut else
+                                       (a if isinstance(v, jcore.Literal) else twin.get(v, a))
+                                       for j, (v, a) in enumerate(zip(eqn.invars, ins))])
             elif i in spec.tail and any(not isinstance(v, jcore.Literal) and v in twin
                                         for v in eqn.invars):
                 twins = bind_eqn(eqn, [twin.get(v, a) if not isinstance(v, jcore.Literal) else a

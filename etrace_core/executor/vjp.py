@@ -41,8 +41,8 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
     steps, the VJP runs through the k steps (exact BPTT inside the window).
     """
 
-    def __init__(self, model, vjp_method: str = "single-step"):
-        super().__init__(model)
+    def __init__(self, model, vjp_method: str = "single-step", **kwargs):
+        super().__init__(model, **kwargs)
         if vjp_method not in VJP_METHODS:
             raise ValueError(f"unknown vjp_method {vjp_method!r}; expected one of {VJP_METHODS}")
         self.vjp_method = vjp_method
@@ -63,7 +63,7 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         return self._spec
 
     def _on_compiled(self) -> None:
-        self._spec = build_spec(self.graph)
+        self._spec = build_spec(self.graph, self.param_trace_relations)
 
     def state_values(self, states=None) -> Dict[tuple, Any]:
         """Current values of the states the step reads, looked up by path in the model now

@@ -140,13 +140,27 @@ def test_weight_tied_model_has_two_relations_of_one_weight():
     assert rels[1].x is not graph.module_info.state_invars[("h1",)]
 
 
-def test_conv_weight_reaching_hidden_through_a_dense_matmul_is_not_traced():
+def test_conv_weight_reaching_hidden_through_a_dense_matmul_gets_a_dense_trace():
+    """The seed tutorial's ConvRNN: the kernel reaches h only through the RNN's input matmul, so
+    it gets a dense trace in the RNN's group; with no budget for it, same-step, approximate."""
     model = M.CASE_BY_NAME["conv_rnn"].make(None)
     ex = ec.ETraceVjpGraphExecutor(model)
     ex.compile_graph(M.CASE_BY_NAME["conv_rnn"].x(None))
+    dense = {r.path: r for r in ex.param_trace_relations}
+    assert set(dense) == {("conv", "weight"), ("conv", "bias")}
+    assert all(r.kind == "dense" and [g.index for g in r.hidden_groups] == [0]
+               for r in dense.values())
     msg = ex.show_graph(verbose=False, return_msg=True)
-    assert "('conv', 'weight'): its output reaches hidden states only through etp_matmul" in msg
-    assert "('conv', 'bias')" in msg
+    assert ("  ('conv', 'weight') (18 elements) via etp_conv then etp_matmul -> hidden group 0: dense trace, "
+            "72 elements, memory") in msg
+
+    ex = ec.ETraceVjpGraphExecutor(model, dense_trace_budget=0)
+    ex.compile_graph(M.CASE_BY_NAME["conv_rnn"].x(None))
+    assert ex.param_trace_relations == ()
+    msg = ex.show_graph(verbose=False, return_msg=True)
+    assert ("('conv', 'weight'): approximate: same-step gradient: its value reaches hidden "
+            "group(s) [0] through etp_conv then etp_matmul, which mixes positions; a dense trace dh/dtheta "
+            "would hold 72 elements") in msg
 
 
 def test_cond_both_branches_analysed():
@@ -207,7 +221,13 @@ def test_approximate_relation_is_noted():
     assert len(rel.approximations) == 1 and "cumsum" in rel.approximations[0]
     msg = ex.show_graph(verbose=False, return_msg=True)
     assert "approximate: part of the output reaches hidden states through cumsum" in msg
-    assert "('B', 'weight'): its output reaches hidden states only through cumsum" in msg
+    # B reaches h only through cumsum: a dense trace (small), or same-step above the budget
+    assert "  ('B', 'weight') (12 elements) via etp_matmul then cumsum -> hidden group 0: dense trace" in msg
+    ex = ec.ETraceVjpGraphExecutor(model, dense_trace_budget=10)
+    ex.compile_graph(jnp.ones(3))
+    msg = ex.show_graph(verbose=False, return_msg=True)
+    assert ("('B', 'weight'): approximate: same-step gradient: its value reaches hidden "
+            "group(s) [0] through etp_matmul then cumsum") in msg
 
 
 def test_broadcast_into_several_units_is_dropped_with_the_reason():
@@ -227,12 +247,17 @@ def test_broadcast_into_several_units_is_dropped_with_the_reason():
 
     model = Broadcast()
     brainstate.nn.init_all_states(model, 2)
-    ex = ec.ETraceVjpGraphExecutor(model)
+    ex = ec.ETraceVjpGraphExecutor(model, dense_trace_budget=0)
     ex.compile_graph(jnp.ones((2, 4)))
     assert ex.graph.hidden_param_op_relations == ()
+    assert ex.graph.hidden_param_op_relations == ()
     msg = ex.show_graph(verbose=False, return_msg=True)
-    assert ("('W', 'weight'): an output element of etp_matmul reaches several units of hidden "
-            "state ('h',) (broadcast or duplication)") in msg
+    assert "('W', 'weight'): approximate: same-step gradient" in msg
+    # within the (default) budget the weight gets a dense trace instead
+    ex = ec.ETraceVjpGraphExecutor(model)
+    ex.compile_graph(jnp.ones((2, 4)))
+    assert {r.path: r.kind for r in ex.param_trace_relations} == {("W", "weight"): "dense",
+                                                                   ("W", "bias"): "elementwise"}
 
 
 def test_hidden_state_moving_between_units_is_refused():

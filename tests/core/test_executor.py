@@ -162,11 +162,14 @@ def run_all_checks(case, batch, sign=1.0):
     np.testing.assert_allclose(dx[0], orc.dL_dx, **TOL)
 
     # direct gradients: untraced parameters get the exact same-step gradient, traced weights 0
+    # (parameters with their own param-dim traces, e.g. the conv kernel before the RNN, too)
     assert set(direct) == set(params)
-    for p in case.untraced:
+    own = {r.path for r in ex.param_trace_relations}
+    for p in set(case.untraced) - own:
         np.testing.assert_allclose(direct[p], exact[p], **TOL, err_msg=f"direct grad {p}")
     if case.name not in M.SKIP_PATH_CASES:
         traced = {p for r in graph.hidden_param_op_relations for p in (r.weight_path, r.bias_path) if p}
+        traced |= own
         for p in traced:
             assert np.abs(np.asarray(direct[p])).max() == 0, f"{p} has a direct gradient"
     return model, x, ex, dfs

@@ -1,0 +1,150 @@
+"""Parameter traces for parameters that reach hidden states without an ETP relation.
+
+A `ParamState` that is not the weight/bias of a traced ETP op but whose value reaches hidden
+states in the step (a per-unit decay, a shared time constant, a bias added after a matmul, a
+norm gain, a conv kernel whose output is mixed by a dense layer) gets a parameter-dimension
+trace of its own, dh^t/dtheta, carried with the group's per-unit Jacobian D:
+
+- *element-wise*: each hidden element depends on at most one element of the parameter (found
+  from origin maps, no annotation needed): one number per hidden element;
+- *dense*: otherwise, the full dh/dtheta (hidden size x |theta|), if that fits the budget
+  `dense_trace_budget` (elements of the trace, batch included); above it the parameter keeps
+  its same-step gradient, labelled approximate with the size that would trace it.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from etrace_core.ops import is_etp_primitive
+
+from .hidden_groups import HiddenGroup
+from .module_info import ModuleInfo, Path
+from .origins import merge_origins, origins
+from .perturbation import production_point
+from .positions import MANY, NONE, propagate, reachable, static_values
+from .recurrence import recurrence_notes
+from .relations import UntracedUse
+
+DEFAULT_DENSE_TRACE_BUDGET = 1 << 22   # elements of one dense trace (32 MiB in float64)
+
+
+class ParamTraceRelation(NamedTuple):
+    """A parameter traced outside ETP ops, and the hidden groups its trace follows.
+
+    `unit_to_param[k]` (element-wise traces) is an int array of `hidden_groups[k].size`
+    entries: the flat parameter element each hidden unit depends on (-1: none). Dense traces
+    hold the full Jacobian (`None` there).
+    """
+    path: Path
+    kind: str                                   # 'elementwise' or 'dense'
+    var: Any                                    # the parameter's input variable in the jaxpr
+    hidden_groups: Tuple[HiddenGroup, ...]
+    unit_to_param: Tuple[Optional[np.ndarray], ...]
+    trace_size: int                             # elements of the trace, batch included
+    approximations: Tuple[str, ...]
+    mixing: str                                 # dense: the op that mixes positions
+
+    @property
+    def param_size(self) -> int:
+        return int(np.prod(self.var.aval.shape, dtype=int))
+
+    def trace_bytes(self) -> int:
+        return self.trace_size * jnp.dtype(self.var.aval.dtype).itemsize
+
+
+def made_at_vars(minfo: ModuleInfo, groups, static) -> Dict[Path, Any]:
+    """{hidden path: the variable where the step produces it} (see perturbation)."""
+    outvars = minfo.state_outvars
+    return {p: production_point(minfo, outvars[p], static)
+            for g in groups for p in g.hidden_paths}
+
+
+def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGroup],
+                               relations, budget: int = DEFAULT_DENSE_TRACE_BUDGET):
+    """(traced: ParamTraceRelation per parameter, skipped: UntracedUse for parameters that feed
+    hidden states but whose dense trace would exceed `budget`)."""
+    groups = sorted({g.index: g for g in hid_path_to_group.values()}.items())
+    groups = [g for _, g in groups]
+    if not groups:
+        return (), ()
+    jaxpr = minfo.jaxpr
+    static = static_values(minfo.closed_jaxpr)
+    made_at = made_at_vars(minfo, groups, static)
+    stop = frozenset(made_at.values())
+    rec_notes = recurrence_notes(minfo, groups, made_at, static)
+    memory_notes = _memory_notes(minfo, groups)
+    in_relation = {p for r in relations for p in (r.weight_path, r.bias_path) if p is not None}
+    traced, skipped = [], []
+    for path, var in minfo.param_invars.items():
+        if path in in_relation or not jnp.issubdtype(var.aval.dtype, jnp.inexact):
+            continue
+        reached = reachable(jaxpr, [var], stop=stop)
+        hit = [g for g in groups if any(made_at[p] in reached for p in g.hidden_paths)]
+        if not hit:
+            continue
+        orig = origins(jaxpr, var, static, stop=stop)
+        units = [_unit_origins(orig.maps, g, made_at) for g in hit]
+        elementwise = all(not np.any(u == MANY) for u in units)
+        notes = [rec_notes[g.index] for g in hit if g.index in rec_notes]
+        notes += [memory_notes[g.index] for g in hit if g.index in memory_notes]
+        size_p = int(np.prod(var.aval.shape, dtype=int))
+        if elementwise:
+            size = sum(g.size * g.num_state for g in hit)
+            traced.append(ParamTraceRelation(path, "elementwise", var, tuple(hit), tuple(units),
+                                             size, tuple(notes), ""))
+            continue
+        mixing = _first_mixer(jaxpr, var, orig.mixers, hit, made_at, stop, static)
+        size = sum(g.size * g.num_state for g in hit) * size_p
+        if size > budget:
+            skipped.append(UntracedUse(path, (
+                f"approximate: same-step gradient: its value reaches hidden group(s) "
+                f"{[g.index for g in hit]} through {mixing}, which mixes positions; a dense "
+                f"trace dh/dtheta would hold {size} elements (dense_trace_budget={budget}; "
+                f"raise it to at least {size} to trace this parameter)")))
+            continue
+        traced.append(ParamTraceRelation(path, "dense", var, tuple(hit), (None,) * len(hit),
+                                         size, tuple(notes), mixing))
+    return tuple(traced), tuple(skipped)
+
+
+def _unit_origins(maps, group, made_at) -> np.ndarray:
+    """Per unit of the group: the parameter element all its states depend on (NONE/MANY)."""
+    unit = np.full(group.size, NONE)
+    for p in group.hidden_paths:
+        m = maps.get(made_at[p])
+        if m is None:
+            continue
+        m = np.asarray(m).reshape(-1)
+        if m.size != group.size:
+            return np.full(group.size, MANY)
+        unit = merge_origins(unit, m)
+    return unit
+
+
+def _first_mixer(jaxpr, var, mixers, groups, made_at, stop, static) -> str:
+    """The op that mixes the parameter's positions on its way to the groups; for the weight of
+    an ETP op, also the op after it that keeps the ETP output from the hidden state."""
+    targets = {made_at[p] for g in groups for p in g.hidden_paths}
+    for eqn in mixers:
+        if not reachable(jaxpr, eqn.outvars, stop=stop) & targets:
+            continue
+        name = eqn.primitive.name
+        if is_etp_primitive(eqn.primitive) and var in eqn.invars:
+            after = [e for e in propagate(jaxpr, eqn.outvars[0], static, stop=stop).blocked
+                     if reachable(jaxpr, e.outvars, stop=stop) & targets]
+            if after:
+                name += f" then {after[0].primitive.name}"
+        return name
+    return mixers[0].primitive.name if mixers else "an op that mixes positions"
+
+
+def _memory_notes(minfo, groups) -> Dict[int, str]:
+    from .relations import _groups_feeding_memory
+    return _groups_feeding_memory(minfo, {p: g for g in groups for p in g.hidden_paths})
+
+
+__all__ = ["ParamTraceRelation", "find_param_trace_relations", "made_at_vars",
+           "DEFAULT_DENSE_TRACE_BUDGET"]
