@@ -7,7 +7,8 @@ builds a `TorchModule` whose states mirror the torch model:
 - every recurrent state tensor is a `brainstate.HiddenState`; `nn.RNN/GRU/LSTM` states of shape
   `(num_layers, B, H)` are split into one state per layer (`('h', 'l0')`, `('c', 'l0')`, ...),
   because the online compiler forms one hidden group per state;
-- every buffer mutated by forward (SNN style) is a `HiddenState` at its dotted buffer name.
+- every buffer mutated by forward (SNN style) is a `HiddenState` at its dotted buffer name;
+- a complex state is two real `HiddenState`s, `path + ('re',)` and `path + ('im',)`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from etrace_bridge.conventions import (CELLS, Path, StateLayout, cell_layout, ex
                                        rnn_layout)
 from etrace_bridge.export import ExportedStep, export_step
 from etrace_bridge.lowering import LoweredStep, lower
+from etrace_bridge.lowering.complex import make_complex
 
 __all__ = ["from_torch", "TorchModule"]
 
@@ -53,6 +55,7 @@ class _Bridge:
     state_init: dict[Path, tuple[torch.Tensor, int | None]]
     batch_size: int | None
     dynamic_batch: bool
+    complex_states: frozenset = frozenset()
 
     def __repr__(self) -> str:
         return (f"<torch {type(self.torch_module).__name__}: {len(self.params)} parameters, "
@@ -76,8 +79,8 @@ class TorchModule(brainstate.nn.Module):
             self._place(path, brainstate.ParamState(import_tensor(_torch_param(bridge, name))),
                         f"parameter `{name}`", taken)
         for path, (value, _) in bridge.state_init.items():
-            self._place(path, brainstate.HiddenState(import_tensor(value, copy=True)),
-                        f"state {path}", taken)
+            for part, v in _state_parts(path, import_tensor(value, copy=True)):
+                self._place(part, brainstate.HiddenState(v), f"state {part}", taken)
 
     def _place(self, path: Path, state, what: str, taken: dict) -> None:
         for k in range(1, len(path) + 1):
@@ -107,20 +110,32 @@ class TorchModule(brainstate.nn.Module):
     def _state(self, path: Path) -> brainstate.State:
         return functools.reduce(getattr, path, self)
 
+    def _read_hidden(self, path: Path):
+        """The value of hidden state `path` (a complex state from its real and imaginary
+        parts)."""
+        if path in self._bridge.complex_states:
+            return make_complex(self._state(path + ("re",)).value,
+                                self._state(path + ("im",)).value)
+        return self._state(path).value
+
+    def _write_hidden(self, path: Path, value) -> None:
+        for part, v in _state_parts(path, value, self._bridge.complex_states):
+            self._state(part).value = v
+
     # -- running
 
     def update(self, *inputs):
         """Run one step on `inputs` (batch first, no time axis); returns the model output."""
         b = self._bridge
         self._check_batch(inputs)
-        states = {p: self._state(p).value for p in b.state_init}
+        states = {p: self._read_hidden(p) for p in b.state_init}
         params = {name: self._state(p).value for p, name in b.params}
         buffers = dict(b.constants)
         buffers.update({name: self._state(p).value for p, name in b.buffer_states})
         outputs, new_buffers = b.lowered(params, buffers, *b.layout.step_inputs(inputs, states))
         y, new_states = b.layout.split_outputs(outputs)
         for p, v in new_states.items():
-            self._state(p).value = v
+            self._write_hidden(p, v)
         paths = dict((name, p) for p, name in b.buffer_states)
         for name, v in new_buffers.items():
             self._state(paths[name]).value = v
@@ -137,7 +152,7 @@ class TorchModule(brainstate.nn.Module):
                 f"could not keep the batch dimension dynamic), but the input has batch size "
                 f"{size}. Convert it again with example inputs of batch size {size}.")
         for path, (_, axis) in b.state_init.items():
-            current = jnp.shape(self._state(path).value)[axis] if axis is not None else size
+            current = jnp.shape(self._read_hidden(path))[axis] if axis is not None else size
             if current != size:
                 raise ValueError(f"the hidden states hold batch size {current} but the input "
                                  f"has batch size {size}; call reset_state({size}) first")
@@ -153,7 +168,8 @@ class TorchModule(brainstate.nn.Module):
                              f"{b.batch_size}; batch size {batch_size} needs a new conversion "
                              f"with example inputs of batch size {batch_size}")
         for path, (value, axis) in b.state_init.items():
-            self._state(path).value = import_tensor(_resize(value, axis, batch_size, path), copy=True)
+            self._write_hidden(path, import_tensor(_resize(value, axis, batch_size, path),
+                                                   copy=True))
 
     def reset_state(self, batch_size: int | None = None, **kwargs) -> None:
         """Same as `init_state`: hidden states back to their example values."""
@@ -200,6 +216,20 @@ class TorchModule(brainstate.nn.Module):
     @property
     def torch_module(self) -> torch.nn.Module:
         return self._bridge.torch_module
+
+
+def _state_parts(path: Path, value, complex_paths=None) -> list:
+    """[(state path, real value)]: a complex state is kept as two real hidden states, its real
+    part at `path + ('re',)` and its imaginary part at `path + ('im',)`.
+
+    The online compiler's traces and per-unit Jacobians are real: a complex unit is a pair of
+    real states coupled element-wise (a 2x2 Jacobian per unit), which is exact whether or not
+    the step is holomorphic in the state (abs, angle, real parts are not).
+    """
+    is_complex = jnp.iscomplexobj(value) if complex_paths is None else path in complex_paths
+    if not is_complex:
+        return [(path, value)]
+    return [(path + ("re",), jnp.real(value)), (path + ("im",), jnp.imag(value))]
 
 
 def _torch_param(bridge: _Bridge, name: str) -> torch.nn.Parameter:
@@ -272,5 +302,6 @@ def from_torch(
         torch_module=module, step=step, lowered=lowered, layout=layout,
         params=[(tuple(n.split(".")), n) for n, _ in module.named_parameters()],
         buffer_states=buffer_states, constants=constants, state_init=state_init,
-        batch_size=batch, dynamic_batch=step.dynamic_batch)
+        batch_size=batch, dynamic_batch=step.dynamic_batch,
+        complex_states=frozenset(p for p, (v, _) in state_init.items() if v.is_complex()))
     return TorchModule(bridge)

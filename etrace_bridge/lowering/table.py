@@ -8,13 +8,13 @@ from __future__ import annotations
 import types
 from typing import Any, Mapping
 
-from . import creation, elementwise, linalg, plumbing, pooling, reductions, shapes
+from . import complex, creation, elementwise, linalg, plumbing, pooling, reductions, shapes
 from .record import OpRecord
 
 FAMILIES = {
     "elementwise": elementwise.OPS, "reductions": reductions.OPS, "shapes": shapes.OPS,
     "creation": creation.OPS, "linalg": linalg.OPS, "pooling": pooling.OPS,
-    "plumbing": plumbing.OPS,
+    "plumbing": plumbing.OPS, "complex": complex.OPS,
 }
 
 
