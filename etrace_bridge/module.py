@@ -20,10 +20,11 @@ import brainstate
 import jax.numpy as jnp
 import torch
 import torch.utils._pytree as pytree
+from jax import lax
 
 from etrace_bridge.arrays import check_float64, import_tensor
-from etrace_bridge.conventions import (CELLS, Path, StateLayout, cell_layout, explicit_layout,
-                                       rnn_layout)
+from etrace_bridge.conventions import (CELLS, Path, StateLayout, cell_layout, default_state,
+                                       explicit_layout, initial_state_param, rnn_layout)
 from etrace_bridge.export import ExportedStep, export_step
 from etrace_bridge.lowering import LoweredStep, lower
 from etrace_bridge.lowering.complex import make_complex
@@ -56,6 +57,7 @@ class _Bridge:
     batch_size: int | None
     dynamic_batch: bool
     complex_states: frozenset = frozenset()
+    state_params: dict = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (f"<torch {type(self.torch_module).__name__}: {len(self.params)} parameters, "
@@ -81,6 +83,11 @@ class TorchModule(brainstate.nn.Module):
         for path, (value, _) in bridge.state_init.items():
             for part, v in _state_parts(path, import_tensor(value, copy=True)):
                 self._place(part, brainstate.HiddenState(v), f"state {part}", taken)
+        if bridge.state_params:
+            dtype = _torch_param(bridge, next(iter(bridge.state_params.values()))).dtype
+            dtype = import_tensor(torch.zeros((), dtype=dtype)).dtype
+            self._place(_FIRST_STEP, brainstate.ShortTermState(jnp.ones((), dtype)),
+                        "the first-step flag of learnable initial states", taken)
 
     def _place(self, path: Path, state, what: str, taken: dict) -> None:
         for k in range(1, len(path) + 1):
@@ -130,6 +137,11 @@ class TorchModule(brainstate.nn.Module):
         self._check_batch(inputs)
         states = {p: self._read_hidden(p) for p in b.state_init}
         params = {name: self._state(p).value for p, name in b.params}
+        if b.state_params:
+            first = self._state(_FIRST_STEP)
+            for p, name in b.state_params.items():
+                states[p] = _from_initial_param(states[p], params[name], first.value)
+            first.value = jnp.zeros_like(first.value)
         buffers = dict(b.constants)
         buffers.update({name: self._state(p).value for p, name in b.buffer_states})
         outputs, new_buffers = b.lowered(params, buffers, *b.layout.step_inputs(inputs, states))
@@ -168,8 +180,13 @@ class TorchModule(brainstate.nn.Module):
                              f"{b.batch_size}; batch size {batch_size} needs a new conversion "
                              f"with example inputs of batch size {batch_size}")
         for path, (value, axis) in b.state_init.items():
+            if path in b.state_params:   # a learnable initial state: its current value
+                value = _torch_param(b, b.state_params[path]).detach().expand(value.shape)
             self._write_hidden(path, import_tensor(_resize(value, axis, batch_size, path),
                                                    copy=True))
+        if b.state_params:
+            first = self._state(_FIRST_STEP)
+            first.value = jnp.ones_like(first.value)
 
     def reset_state(self, batch_size: int | None = None, **kwargs) -> None:
         """Same as `init_state`: hidden states back to their example values."""
@@ -216,6 +233,22 @@ class TorchModule(brainstate.nn.Module):
     @property
     def torch_module(self) -> torch.nn.Module:
         return self._bridge.torch_module
+
+
+_FIRST_STEP = ("etrace_first_step",)
+
+
+def _from_initial_param(h, theta, first):
+    """`h` in value; at the first step after a reset, dh/dtheta = 1 (h is theta broadcast).
+
+    This is how a parameter used as the initial state is trained online: the compiler sees
+    theta reach the hidden state element by element, so its trace (eps^t = D^t eps^{t-1} +
+    dh^t/dtheta, the first term dh^1/dh^0) is the exact dh^t/dh^0 wherever the recurrence
+    is element-wise, and the parameter gets sum_t delta^t eps^t = dL/dh^0, summed over the
+    batch like torch's expand.
+    """
+    theta = jnp.broadcast_to(theta, jnp.shape(h)).astype(jnp.result_type(h))
+    return h + first * (theta - lax.stop_gradient(theta))
 
 
 def _state_parts(path: Path, value, complex_paths=None) -> list:
@@ -281,6 +314,10 @@ def from_torch(
         layout = rnn_layout(module, args)
     else:
         layout = None
+    default = default_state(module, args) if layout is None and state is None else None
+    if default is not None:   # forward(x, h=None): the state the model creates for itself
+        args = args + (default.value,)
+        state = {"inputs": [default.slot], "outputs": [default.output], "names": [default.name]}
     if layout is not None:
         step = export_step(module, layout.export_args, dynamic_batch=dynamic_batch,
                            batch_axes=layout.batch_axes)
@@ -288,9 +325,10 @@ def from_torch(
         step = export_step(module, args, dynamic_batch=dynamic_batch)
         layout = explicit_layout(module, args, step, state)
     batch = layout.batch
+    state_params = _initial_state_params(module, layout, default)
     lowered = lower(step, custom_ops)
     buffer_states = [(tuple(name.split(".")), name) for name in step.mutated_buffers]
-    state_init = dict(layout.init)
+    state_init = {p: (t.detach(), axis) for p, (t, axis) in layout.init.items()}
     for path, name in buffer_states:
         buf = module.get_buffer(name)
         state_init[path] = (buf.detach().clone(),
@@ -303,5 +341,23 @@ def from_torch(
         params=[(tuple(n.split(".")), n) for n, _ in module.named_parameters()],
         buffer_states=buffer_states, constants=constants, state_init=state_init,
         batch_size=batch, dynamic_batch=step.dynamic_batch,
-        complex_states=frozenset(p for p, (v, _) in state_init.items() if v.is_complex()))
+        complex_states=frozenset(p for p, (v, _) in state_init.items() if v.is_complex()),
+        state_params=state_params)
     return TorchModule(bridge)
+
+
+def _initial_state_params(module, layout: StateLayout, default) -> dict[Path, str]:
+    """{state path: parameter name} for states that start from a parameter (learnable h0)."""
+    if default is not None:
+        names = default.leaf_params
+    else:
+        names = [initial_state_param(module, t) for t, _ in layout.init.values()]
+    out = {}
+    for (path, (t, _)), name in zip(layout.init.items(), names):
+        if name is None:
+            continue
+        if t.is_complex() or not t.is_floating_point():
+            raise ValueError(f"state {path} starts from parameter `{name}` but is "
+                             f"{t.dtype}; a learnable initial state must be a real float")
+        out[path] = name
+    return out
