@@ -170,9 +170,6 @@ def cell_layout(module: nn.Module, args: tuple) -> StateLayout:
 def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
     """nn.RNN / GRU / LSTM run with sequence length 1; one hidden state per layer."""
     name = type(module).__name__
-    if getattr(module, "proj_size", 0):
-        raise ValueError(f"{name} with proj_size={module.proj_size} is not supported: its h and "
-                         "c have different sizes. Use proj_size=0 and a Linear readout.")
     if len(args) not in (1, 2):
         raise ValueError(f"{name} example_inputs must be (x,) or (x, state), got {len(args)} items")
     x = args[0]
@@ -188,9 +185,10 @@ def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
     lstm = isinstance(module, nn.LSTM)
     if len(args) == 2:
         state = args[1]
-    else:
-        zero = torch.zeros(layers, batch, hidden, dtype=x.dtype)
-        state = (zero, zero.clone()) if lstm else zero
+    else:   # with proj_size, h is (layers, B, proj_size) and c (layers, B, hidden_size)
+        h_size = getattr(module, "proj_size", 0) or hidden
+        zero = torch.zeros(layers, batch, h_size, dtype=x.dtype)
+        state = (zero, torch.zeros(layers, batch, hidden, dtype=x.dtype)) if lstm else zero
     kinds = ("h", "c") if lstm else ("h",)
     tensors = tuple(state) if lstm else (state,)
     paths = {k: [(k, f"l{i}") for i in range(layers)] for k in kinds}
@@ -489,3 +487,29 @@ def default_state_step(module, x, state):
                             "step= to bptt_gradients")
         return out[0], (out[1],)
     return out, state
+
+
+# ----------------------------------------------------------------------------- stacked layers
+
+
+def cross_layer_notes(module: nn.Module) -> dict[str, str]:
+    """{parameter name: 'approximate: ...'} for the lower layers of `nn.RNN/GRU/LSTM` with
+    num_layers > 1: layer l's new state feeds layers l+1.. in the same step, and those keep
+    memory; a trace of layer l's parameters follows layer l's own recurrence only, so the path
+    through the upper layers' memory is dropped."""
+    notes = {}
+    for owner, sub in module.named_modules():
+        if not isinstance(sub, nn.RNNBase) or sub.num_layers < 2:
+            continue
+        where = f"`{owner}` ({type(sub).__name__})" if owner else type(sub).__name__
+        for name, _ in sub.named_parameters(recurse=False):
+            layer = int(name.rsplit("_l", 1)[1].split("_")[0])
+            if layer < sub.num_layers - 1:
+                top = sub.num_layers - 1
+                upper = f"layer {top}" if layer + 1 == top else f"layers {layer + 1}..{top}"
+                notes[f"{owner}.{name}" if owner else name] = (
+                    f"approximate: cross-layer memory: layer {layer} of {where} feeds {upper}, "
+                    f"which keep memory; its trace follows "
+                    f"layer {layer}'s own recurrence only and drops the path through the upper "
+                    "layers' states over time")
+    return notes

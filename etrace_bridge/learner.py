@@ -126,7 +126,16 @@ class OnlineLearner:
     # -- inspection -----------------------------------------------------------------------------
 
     def show_graph(self, verbose: bool = True, return_msg: bool = False):
-        return self.algorithm.show_graph(verbose=verbose, return_msg=return_msg)
+        """The compiled graph (etrace_core's summary) plus what the bridge knows from the torch
+        model's structure: parameters whose gradient is approximate, with the reason."""
+        msg = self.algorithm.show_graph(verbose=False, return_msg=True)
+        notes = self.model.approximations
+        if notes:
+            msg += "\nFrom the torch model's structure:\n" + "\n".join(
+                f"  {name}: {note}" for name, note in notes.items())
+        if verbose:
+            print(msg)
+        return msg if return_msg else None
 
 
 def _jax_loss(loss, model: TorchModule, example, custom_ops) -> Callable:

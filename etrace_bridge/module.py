@@ -23,8 +23,9 @@ import torch.utils._pytree as pytree
 from jax import lax
 
 from etrace_bridge.arrays import check_float64, import_tensor
-from etrace_bridge.conventions import (CELLS, Path, StateLayout, cell_layout, default_state,
-                                       explicit_layout, initial_state_param, rnn_layout)
+from etrace_bridge.conventions import (CELLS, Path, StateLayout, cell_layout, cross_layer_notes,
+                                       default_state, explicit_layout, initial_state_param,
+                                       rnn_layout)
 from etrace_bridge.export import ExportedStep, export_step
 from etrace_bridge.lowering import LoweredStep, lower
 from etrace_bridge.lowering.complex import make_complex
@@ -58,6 +59,7 @@ class _Bridge:
     dynamic_batch: bool
     complex_states: frozenset = frozenset()
     state_params: dict = dataclasses.field(default_factory=dict)
+    notes: dict = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (f"<torch {type(self.torch_module).__name__}: {len(self.params)} parameters, "
@@ -234,6 +236,12 @@ class TorchModule(brainstate.nn.Module):
     def torch_module(self) -> torch.nn.Module:
         return self._bridge.torch_module
 
+    @property
+    def approximations(self) -> dict[str, str]:
+        """{torch parameter name: 'approximate: reason'} known from the torch model's structure
+        (lower layers of stacked nn.RNN/GRU/LSTM), in addition to the online compiler's notes."""
+        return dict(self._bridge.notes)
+
 
 _FIRST_STEP = ("etrace_first_step",)
 
@@ -342,7 +350,7 @@ def from_torch(
         buffer_states=buffer_states, constants=constants, state_init=state_init,
         batch_size=batch, dynamic_batch=step.dynamic_batch,
         complex_states=frozenset(p for p, (v, _) in state_init.items() if v.is_complex()),
-        state_params=state_params)
+        state_params=state_params, notes=cross_layer_notes(module))
     return TorchModule(bridge)
 
 
