@@ -85,11 +85,10 @@ def find_param_views(nodes, param_names) -> dict[str, ParamView]:
             src = node.args[0]
             if not isinstance(src, torch.fx.Node) or src.name not in views:
                 continue
-            rest = node.args[1:]
-            if any(isinstance(a, torch.fx.Node) for a in torch.fx.node.map_aggregate(
-                    (rest, node.kwargs), lambda a: a)):
-                continue  # a size known only at run time: not a static view
             view = views[src.name]
+            rest = _static_args(node, view)
+            if rest is None:
+                continue  # a size known only at run time: not a static view
             try:
                 index = node.target(torch.from_numpy(view.index), *rest, **node.kwargs)
             except Exception:
@@ -97,6 +96,22 @@ def find_param_views(nodes, param_names) -> dict[str, ParamView]:
             if isinstance(index, torch.Tensor):
                 views[node.name] = view._replace(index=index.numpy().copy())
     return views
+
+
+def _static_args(node, view: ParamView):
+    """The op's arguments after its input, or None if one is known only at run time. An
+    `expand` to a symbolic (batch) size is kept as size 1 where the input has size 1: the
+    elements repeat along that axis, so the index map is the same for any size."""
+    rest = node.args[1:]
+    if node.target is aten.expand.default and node.args[1:2]:
+        sizes = list(node.args[1])
+        lead = len(sizes) - view.index.ndim
+        sizes = [1 if isinstance(s, torch.fx.Node) and (i < lead or view.index.shape[i - lead] == 1)
+                 else s for i, s in enumerate(sizes)]
+        rest = (sizes,) + tuple(node.args[2:])
+    found = []
+    torch.fx.node.map_arg((rest, node.kwargs), found.append)
+    return None if found else rest
 
 
 def matrix_use(view: ParamView, transpose: bool = False) -> Optional[MatrixUse]:
