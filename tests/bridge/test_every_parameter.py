@@ -9,8 +9,6 @@ with element-wise recurrences. Oracle: torch autograd BPTT (`bptt_gradients`) in
 - D-RTRL equals BPTT, <= 1e-10 relative error for every parameter (float64);
 - ES-D-RTRL and hybrid train each model (float32, 50 Adam steps on a teacher's outputs).
 """
-import contextlib
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from etrace_bridge import OnlineLearner, bptt_gradients, compare_gradients, from_torch
+from etrace_bridge.errors import UnsupportedModelError
 
 from ..conftest import x64_enabled
 from .every_parameter_models import N_HID, N_IN, N_OUT, LearnableH0, families
@@ -46,8 +45,7 @@ def _example(model, x0, dtype):
 
 
 def _bptt_state(model, dtype):
-    state = model.state(B, dtype)
-    return state
+    return model.state(B, dtype)
 
 
 def _jx(t):
@@ -62,14 +60,13 @@ def test_converts_traces_every_parameter_and_d_rtrl_is_exact(name):
         xs, ys = _data(dtype)
         ref = bptt_gradients(model, xs, ys, "mse", state=_bptt_state(model, dtype))
 
-        # conversion parity, step by step from the same initial state
-        converted = from_torch(model, _example(model, xs[0], dtype))
-        outs = np.stack([np.asarray(converted.update(_jx(xs[t]))) for t in range(T)])
-        err = np.max(np.abs(outs - ref.outputs.numpy()))
-        assert err <= 1e-12 * max(1.0, float(ref.outputs.abs().max())), err
-
         learner = OnlineLearner(model, algorithm="d_rtrl", loss="mse",
                                 example_inputs=_example(model, xs[0], dtype))
+        # conversion parity, step by step from the same initial state
+        outs = np.stack([np.asarray(learner.model.update(_jx(xs[t]))) for t in range(T)])
+        err = np.max(np.abs(outs - ref.outputs.numpy()))
+        assert err <= 1e-12 * max(1.0, float(ref.outputs.abs().max())), err
+        learner.reset_state(B)
         graph = learner.algorithm.graph
         relations = {".".join(p) for r in graph.hidden_param_op_relations
                      for p in (r.weight_path, r.bias_path) if p}
@@ -149,12 +146,11 @@ def test_every_matmul_form_is_an_etp_op(form):
     torch.manual_seed(0)
     model = _Forms(form)
     x, h = torch.randn(B, N_IN), torch.zeros(B, N_HID)
-    converted = from_torch(model, (x, h))
+    learner = OnlineLearner(model, algorithm="d_rtrl", loss="mse", example_inputs=(x, h))
     with torch.no_grad():
         want = model(x, h)[0].numpy()
-    got = np.asarray(converted.update(_jx(x)))
+    got = np.asarray(learner.model.update(_jx(x)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    learner = OnlineLearner(model, algorithm="d_rtrl", loss="mse", example_inputs=(x, h))
     relations = {r.weight_path: r.primitive.name
                  for r in learner.algorithm.graph.hidden_param_op_relations}
     assert relations.get((WEIGHT.get(form, "W"),)) == "etp_matmul", relations
@@ -281,3 +277,22 @@ def test_lower_layers_of_stacked_torch_rnns_are_labelled_approximate():
     assert set(notes) == {f"{k}_l0" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
     assert all("cross-layer memory" in n for n in notes.values())
     assert "weight_ih_l0: approximate: cross-layer memory" in msg
+
+
+def test_complex_parameters_are_refused_by_name_and_compared_in_full():
+    class ComplexDecay(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lam = nn.Parameter(torch.full((N_HID,), 0.5 + 0.2j))
+            self.inp = nn.Linear(N_IN, N_HID)
+
+        def forward(self, x, h):
+            h = self.lam * h + self.inp(x).to(h.dtype)
+            return h.real, h
+
+    example = (torch.randn(B, N_IN), torch.zeros(B, N_HID, dtype=torch.complex64))
+    with pytest.raises(UnsupportedModelError, match="`lam`.*torch.complex"):
+        OnlineLearner(ComplexDecay(), algorithm="d_rtrl", example_inputs=example)
+    ref = {"lam": torch.tensor([1.0 + 1.0j])}
+    report = compare_gradients({"lam": torch.tensor([1.0 - 1.0j])}, ref)
+    assert report.rows[0].rel_error == pytest.approx(2 ** 0.5)   # the imaginary part counts
