@@ -13,6 +13,7 @@ online compiler then traces the parameter like any `Linear` weight.
 """
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ VIEW_OPS = frozenset({
     aten.narrow.default, aten.unsqueeze.default, aten.squeeze.default, aten.squeeze.dim,
     aten.squeeze.dims, aten.expand.default, aten.clone.default, aten.alias.default,
     aten.detach.default, aten.lift_fresh_copy.default,
+    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
 })
 
 
@@ -74,7 +76,12 @@ class MatrixUse(NamedTuple):
 def find_param_views(nodes, param_names) -> dict[str, ParamView]:
     """{node name: ParamView} for parameter placeholders and the view chains built on them."""
     views: dict[str, ParamView] = {}
+    pieces: dict[str, list] = {}   # split/chunk/unbind results, taken apart by getitem
     for node in nodes:
+        if (node.op == "call_function" and node.target is operator.getitem
+                and isinstance(node.args[0], torch.fx.Node) and node.args[0].name in pieces):
+            views[node.name] = pieces[node.args[0].name][node.args[1]]
+            continue
         if node.op == "placeholder" and node.name in param_names:
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor) and val.ndim >= 1:
@@ -95,6 +102,8 @@ def find_param_views(nodes, param_names) -> dict[str, ParamView]:
                 continue
             if isinstance(index, torch.Tensor):
                 views[node.name] = view._replace(index=index.numpy().copy())
+            elif isinstance(index, (list, tuple)):
+                pieces[node.name] = [view._replace(index=i.numpy().copy()) for i in index]
     return views
 
 

@@ -137,8 +137,9 @@ FORMS = {
     "bmm": lambda s, x: torch.bmm(x.unsqueeze(1), s.U.unsqueeze(0).expand(x.shape[0], -1, -1)
                                   ).squeeze(1),
     "slice of W": lambda s, x: x @ s.Wbig[N_HID:, 1:].T,
+    "chunk of W": lambda s, x: x @ s.Wbig.chunk(2)[0][:, :N_IN].T,
 }
-WEIGHT = {"x @ U": "U", "addmm": "U", "bmm": "U", "slice of W": "Wbig"}
+WEIGHT = {"x @ U": "U", "addmm": "U", "bmm": "U", "slice of W": "Wbig", "chunk of W": "Wbig"}
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -296,3 +297,39 @@ def test_complex_parameters_are_refused_by_name_and_compared_in_full():
     ref = {"lam": torch.tensor([1.0 + 1.0j])}
     report = compare_gradients({"lam": torch.tensor([1.0 - 1.0j])}, ref)
     assert report.rows[0].rel_error == pytest.approx(2 ** 0.5)   # the imaginary part counts
+
+
+# ----------------------------------------------------------------------------- fidelity table
+
+
+def measure(name, algorithm, dtype):
+    """(worst relative error, minimum cosine) of `algorithm` vs BPTT over all parameters."""
+    with x64_enabled() if dtype == torch.float64 else _nothing():
+        model = _model(name, dtype)
+        xs, ys = _data(dtype)
+        ref = bptt_gradients(model, xs, ys, "mse", state=_bptt_state(model, dtype))
+        learner = OnlineLearner(model, algorithm=algorithm, loss="mse",
+                                example_inputs=_example(model, xs[0], dtype))
+        learner.run(xs, ys)
+        report = compare_gradients({n: p.grad for n, p in model.named_parameters()}, ref.grads)
+        return report.worst_rel_error, report.min_cosine
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    algorithms = ("d_rtrl", "es_d_rtrl", "hybrid")
+    print("| model | " + " | ".join(f"{a} f64 rel. error" for a in algorithms) + " | "
+          + " | ".join(f"{a} f32 min cosine" for a in algorithms) + " |")
+    print("|---|" + "---:|" * (2 * len(algorithms)))
+    for family in NAMES:
+        f64 = [measure(family, a, torch.float64)[0] for a in algorithms]
+        f32 = [measure(family, a, torch.float32)[1] for a in algorithms]
+        print(f"| {family} | " + " | ".join(f"{e:.1e}" for e in f64) + " | "
+              + " | ".join(f"{c:.6f}" for c in f32) + " |", flush=True)
