@@ -458,6 +458,16 @@ def _default_value(module, args, out, j, name, slot, shaped) -> DefaultState:
             values.append(torch.zeros_like(leaf))
         params.append(pick)
     value = pytree.tree_unflatten(values, spec)
+    if not _same(module(*args, value), out) and len(leaves) == 1:
+        # a frozen parameter or a buffer is no autograd leaf: try them by value
+        tensors = [(n, p, True) for n, p in module.named_parameters()]
+        tensors += [(n, b, False) for n, b in module.named_buffers()]
+        for n, t, is_param in tensors:
+            if _broadcasts(t, leaves[0]):
+                trial = pytree.tree_unflatten([t.detach().expand(leaves[0].shape).clone()], spec)
+                if _same(module(*args, trial), out):
+                    value, params = trial, [n if is_param else None]
+                    break
     if not _same(module(*args, value), out):
         raise ValueError(
             f"{type(module).__name__}.forward creates its state `{name}` when it is None, but "

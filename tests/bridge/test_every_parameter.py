@@ -299,6 +299,15 @@ def test_complex_parameters_are_refused_by_name_and_compared_in_full():
     assert report.rows[0].rel_error == pytest.approx(2 ** 0.5)   # the imaginary part counts
 
 
+def test_frozen_initial_state_parameter_is_found_by_value():
+    model = LearnableH0()
+    model.h0.requires_grad_(False)
+    converted = from_torch(model, (torch.randn(B, N_IN),))
+    assert converted._bridge.state_params == {("h",): "h0"}
+    np.testing.assert_array_equal(np.asarray(converted.h.value),
+                                  model.h0.detach().expand(B, -1).numpy())
+
+
 # ----------------------------------------------------------------------------- fidelity table
 
 
