@@ -116,7 +116,8 @@ class _Forms(nn.Module):
     def __init__(self, form):
         super().__init__()
         self.form = form
-        self.W, self.U = nn.Parameter(torch.randn(N_HID, N_IN)), nn.Parameter(torch.randn(N_IN, N_HID))
+        self.W = nn.Parameter(torch.randn(N_HID, N_IN))
+        self.U = nn.Parameter(torch.randn(N_IN, N_HID))
         self.b = nn.Parameter(torch.randn(N_HID))
         self.Wbig = nn.Parameter(torch.randn(2 * N_HID, N_IN + 1))
 
