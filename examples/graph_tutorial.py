@@ -8,8 +8,11 @@ compiler reads the model's jaxpr and finds
 * the *relations*: each weight used through an ETP op (``etrace_core.ops.matmul``/``conv``/
   ``element_wise``) whose output lands, element by element, in a hidden group: these weights
   get eligibility traces;
-* every other parameter (readouts, a conv feeding a dense layer, ...), which is learned with
-  its exact same-step gradient instead, and the reason why.
+* the parameters that reach hidden states outside such relations: element-wise ones (per-unit
+  decays, gains, separate biases) get element-wise traces, small ones behind a position-mixing
+  op (a conv kernel feeding a dense layer) dense traces dh/dtheta;
+* every other parameter (readouts), which is learned with its exact same-step gradient, and
+  what is approximate (with the reason).
 
 Run:  python examples/graph_tutorial.py [--plot DIR]
 (with --plot, a picture of each graph is written to DIR; matplotlib needed).
@@ -137,8 +140,9 @@ def conv_rnn(plot_dir=None):
     algo.show_graph()
     # The kernel goes through the etp_conv primitive, but its output reaches h only through
     # the RNN's dense input product, which mixes positions. An element-wise trace cannot
-    # follow that, so the compiler lists the kernel as not online-traced (same-step gradient)
-    # and says why; the RNN's own weights are traced as usual.
+    # follow that, so the kernel (and its bias) get a dense trace dh/dtheta in the RNN's
+    # group (its size and memory are shown; `dense_trace_budget` caps it). The RNN's
+    # recurrent weight makes every trace of the group approximate, and show_graph says so.
     if plot_dir:
         print("picture:", algo.plot_graph(os.path.join(plot_dir, "graph_conv.png")))
 

@@ -62,24 +62,36 @@ def made_at_vars(minfo: ModuleInfo, groups, static) -> Dict[Path, Any]:
             for g in groups for p in g.hidden_paths}
 
 
+class ParamTraces(NamedTuple):
+    """What `find_param_trace_relations` decides for the parameters outside clean relations."""
+    traced: Tuple[ParamTraceRelation, ...]
+    over_budget: Tuple[UntracedUse, ...]   # feed hidden states; dense trace above the budget
+    replaced: frozenset                    # weight paths whose ETP relations the traces replace
+    also_used: Tuple[Tuple[Path, str], ...] = ()   # (weight path, note): relation weights that
+    #                                        also reach hidden states through other, untraced uses
+
+
 def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGroup],
-                               relations, budget: int = DEFAULT_DENSE_TRACE_BUDGET):
-    """(traced: ParamTraceRelation per parameter, skipped: UntracedUse for parameters that feed
-    hidden states but whose dense trace would exceed `budget`)."""
+                               relations, budget: int = DEFAULT_DENSE_TRACE_BUDGET
+                               ) -> ParamTraces:
+    """Trace every float parameter that reaches a hidden state and is not the weight or bias of
+    an exact ETP relation. A relation whose output also reaches the hidden state through a
+    position-mixing op (a norm after the matmul) drops that path; its weight gets a dense trace
+    instead when it fits the budget (the relation is then `replaced`)."""
     groups = sorted({g.index: g for g in hid_path_to_group.values()}.items())
     groups = [g for _, g in groups]
     if not groups:
-        return (), ()
+        return ParamTraces((), (), frozenset())
     jaxpr = minfo.jaxpr
     static = static_values(minfo.closed_jaxpr)
     made_at = made_at_vars(minfo, groups, static)
     stop = frozenset(made_at.values())
     rec_notes = recurrence_notes(minfo, groups, made_at, static)
     memory_notes = _memory_notes(minfo, groups)
-    in_relation = {p for r in relations for p in (r.weight_path, r.bias_path) if p is not None}
-    traced, skipped = [], []
+    mixed = _mixed_relation_weights(jaxpr, relations, static, stop)
+    found, skipped = {}, []
     for path, var in minfo.param_invars.items():
-        if path in in_relation or not jnp.issubdtype(var.aval.dtype, jnp.inexact):
+        if not jnp.issubdtype(var.aval.dtype, jnp.inexact):
             continue
         reached = reachable(jaxpr, [var], stop=stop)
         hit = [g for g in groups if any(made_at[p] in reached for p in g.hidden_paths)]
@@ -87,14 +99,13 @@ def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, 
             continue
         orig = origins(jaxpr, var, static, stop=stop)
         units = [_unit_origins(orig.maps, g, made_at) for g in hit]
-        elementwise = all(not np.any(u == MANY) for u in units)
         notes = [rec_notes[g.index] for g in hit if g.index in rec_notes]
         notes += [memory_notes[g.index] for g in hit if g.index in memory_notes]
         size_p = int(np.prod(var.aval.shape, dtype=int))
-        if elementwise:
+        if all(not np.any(u == MANY) for u in units):
             size = sum(g.size * g.num_state for g in hit)
-            traced.append(ParamTraceRelation(path, "elementwise", var, tuple(hit), tuple(units),
-                                             size, tuple(notes), ""))
+            found[path] = ParamTraceRelation(path, "elementwise", var, tuple(hit), tuple(units),
+                                             size, tuple(notes), "")
             continue
         mixing = _first_mixer(jaxpr, var, orig.mixers, hit, made_at, stop, static)
         size = sum(g.size * g.num_state for g in hit) * size_p
@@ -105,9 +116,49 @@ def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, 
                 f"trace dh/dtheta would hold {size} elements (dense_trace_budget={budget}; "
                 f"raise it to at least {size} to trace this parameter)")))
             continue
-        traced.append(ParamTraceRelation(path, "dense", var, tuple(hit), (None,) * len(hit),
-                                         size, tuple(notes), mixing))
-    return tuple(traced), tuple(skipped)
+        found[path] = ParamTraceRelation(path, "dense", var, tuple(hit), (None,) * len(hit),
+                                         size, tuple(notes), mixing)
+    replaced = frozenset(p for p in mixed if p in found)
+    clean = {p for r in relations if r.weight_path not in replaced
+             for p in (r.weight_path, r.bias_path) if p is not None}
+    traced = tuple(r for p, r in found.items() if p not in clean)
+    over = tuple(u for u in skipped if u.path not in clean)
+    kept = [r for r in relations if r.weight_path not in replaced]
+    return ParamTraces(traced, over, replaced, _other_uses(minfo, kept, stop))
+
+
+def _other_uses(minfo, relations, stop):
+    """Relation weights/biases that also reach a hidden state through an op that is not one of
+    their traced relations: the trace misses that path."""
+    jaxpr = minfo.jaxpr
+    param_of = {v: p for p, v in minfo.param_invars.items()}
+    traced_at = {}
+    for r in relations:
+        for p in (r.weight_path, r.bias_path):
+            if p is not None:
+                traced_at.setdefault(p, set()).add(id(r.eqn))
+    notes = []
+    for path, eqn_ids in traced_at.items():
+        var = minfo.param_invars[path]
+        for eqn in jaxpr.eqns:
+            if id(eqn) in eqn_ids or not any(v is var for v in eqn.invars):
+                continue
+            if reachable(jaxpr, [v for v in eqn.outvars], stop=stop) & stop:
+                notes.append((path, f"{path} is also used through {eqn.primitive.name}, which "
+                                    "reaches hidden states outside its traced relation; that "
+                                    "path is not in the trace"))
+                break
+    return tuple(notes)
+
+
+def _mixed_relation_weights(jaxpr, relations, static, stop) -> set:
+    """Weights of relations whose output also reaches a hidden state through a mixing op."""
+    mixed = set()
+    for r in relations:
+        prop = propagate(jaxpr, r.y, static, stop=stop)
+        if any(reachable(jaxpr, e.outvars, stop=stop) & stop for e in prop.blocked):
+            mixed.add(r.weight_path)
+    return mixed
 
 
 def _unit_origins(maps, group, made_at) -> np.ndarray:
@@ -146,5 +197,5 @@ def _memory_notes(minfo, groups) -> Dict[int, str]:
     return _groups_feeding_memory(minfo, {p: g for g in groups for p in g.hidden_paths})
 
 
-__all__ = ["ParamTraceRelation", "find_param_trace_relations", "made_at_vars",
+__all__ = ["ParamTraceRelation", "ParamTraces", "find_param_trace_relations", "made_at_vars",
            "DEFAULT_DENSE_TRACE_BUDGET"]

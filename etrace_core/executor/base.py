@@ -57,11 +57,22 @@ class ETraceGraphExecutor:
     def compile_graph(self, *args) -> None:
         """Build the graph from one step's example inputs (MultiStepData: its first step)."""
         self._state_id_to_path = None
-        self._graph = compile_etrace_graph(self.model, *data.single_step_example(args))
-        g = self._graph
-        self._param_traces = find_param_trace_relations(
-            g.module_info, g.hid_path_to_group, g.hidden_param_op_relations,
-            self.dense_trace_budget)
+        graph = compile_etrace_graph(self.model, *data.single_step_example(args))
+        found = find_param_trace_relations(graph.module_info, graph.hid_path_to_group,
+                                           graph.hidden_param_op_relations,
+                                           self.dense_trace_budget)
+        if found.replaced:   # relations that drop a mixing path: their dense traces replace them
+            graph = graph._replace(hidden_param_op_relations=tuple(
+                r for r in graph.hidden_param_op_relations if r.weight_path not in found.replaced))
+        if found.also_used:  # a relation weight with another, untraced way into hidden states
+            notes = dict(found.also_used)
+            graph = graph._replace(hidden_param_op_relations=tuple(
+                r._replace(approximations=r.approximations + tuple(
+                    notes[p] for p in (r.weight_path, r.bias_path) if p in notes))
+                if r.weight_path in notes or r.bias_path in notes else r
+                for r in graph.hidden_param_op_relations))
+        self._graph = graph
+        self._param_traces = (found.traced, found.over_budget)
         self._on_compiled()
 
     @property

@@ -11,8 +11,9 @@ Claims tested:
   weights (surrogate gradient), a two-state cell with same-step coupling (c^t feeds h^t), and a
   single leaky rate readout; each via ``run_online`` and via per-step
   ``brainstate.transform.grad``, batched and unbatched.
-- Weights that are not online-traced (readouts, weights used with plain ``jnp`` ops) get their
-  exact same-step gradient in single-step mode, for all three algorithms.
+- Weights that are not online-traced (readouts) get their exact same-step gradient in
+  single-step mode, for all three algorithms; a gain used with plain ``jnp`` ops on the way to
+  a hidden state gets an element-wise trace (more: test_param_traces.py).
 - ``vjp_method='multi-step'`` with one window over the whole sequence is BPTT for every
   algorithm, also for GRU and LSTM; for element-wise models any window split is exact.
 - ES-D-RTRL: chunking a sequence into MultiStepData of any sizes gives the same gradient as
@@ -393,15 +394,16 @@ def same_step_grads(step, params, h0, xs, ys, loss=mse):
 
 
 def test_untraced_weights_get_exact_same_step_gradient(x64):
+    """Readouts (plain jnp or ETP) get their exact same-step gradient (= BPTT's); the gain `g`,
+    used with plain jnp ops on the way to a hidden state, gets an element-wise trace and BPTT's
+    gradient (its same-step gradient would not be: the check is not vacuous)."""
     model = build(PlainWeights, 3)
     randomize_hidden(model, 1)
     xs, ys = sequence(3, 5, seed=11)
     params, h0 = param_values(model), state_values(model)
     _, bptt = hand_bptt(plain_step, params, h0, xs, ys)
     same = same_step_grads(plain_step, params, h0, xs, ys)
-    untraced = [("g",), ("R",), ("c",), ("out", "weight"), ("out", "bias")]
-    readouts = [("R",), ("c",), ("out", "weight"), ("out", "bias")]
-    # g acts through time, so its same-step gradient is not BPTT's (the check is not vacuous)
+    untraced = [("R",), ("c",), ("out", "weight"), ("out", "bias")]
     assert rel_err(same[("g",)], bptt[("g",)]) > 1e-3
     for name in ALGOS:
         for p, st in model.states(brainstate.HiddenState).items():
@@ -409,11 +411,13 @@ def test_untraced_weights_get_exact_same_step_gradient(x64):
         algo = make_algo(name, model, xs[0])
         traced = {r.weight_path for r in algo.graph.hidden_param_op_relations}
         assert traced == {("cell", "W_in", "weight")}, name
+        assert {r.path: r.kind for r in algo.executor.param_trace_relations} == {
+            ("g",): "elementwise"}
         got = etrace_core.run_online(algo, mse, xs, ys).grads
         for p in untraced:
             assert float(jnp.max(jnp.abs(got[p]))) > 0, f"{name}: {p} got a zero gradient"
         assert_grads_close(got, same, paths=untraced)
-        assert_grads_close(got, bptt, paths=readouts)   # for readouts same-step = BPTT
+        assert_grads_close(got, bptt, paths=untraced + [("g",)])   # readouts: same-step = BPTT
 
 
 # ---------------------------------------------------------------- multi-step windows

@@ -214,20 +214,26 @@ def test_approximate_relation_is_noted():
 
     model = Mixed()
     brainstate.nn.init_all_states(model)
-    ex = ec.ETraceVjpGraphExecutor(model)
+    # no budget for dense traces: A keeps its relation (with the note), B its same-step gradient
+    ex = ec.ETraceVjpGraphExecutor(model, dense_trace_budget=0)
     ex.compile_graph(jnp.ones(3))
     (rel,) = ex.graph.hidden_param_op_relations
     assert rel.weight_path == ("A", "weight")
     assert len(rel.approximations) == 1 and "cumsum" in rel.approximations[0]
     msg = ex.show_graph(verbose=False, return_msg=True)
     assert "approximate: part of the output reaches hidden states through cumsum" in msg
-    # B reaches h only through cumsum: a dense trace (small), or same-step above the budget
-    assert "  ('B', 'weight') (12 elements) via etp_matmul then cumsum -> hidden group 0: dense trace" in msg
-    ex = ec.ETraceVjpGraphExecutor(model, dense_trace_budget=10)
-    ex.compile_graph(jnp.ones(3))
-    msg = ex.show_graph(verbose=False, return_msg=True)
     assert ("('B', 'weight'): approximate: same-step gradient: its value reaches hidden "
             "group(s) [0] through etp_matmul then cumsum") in msg
+    # within the budget both get dense traces, which follow the cumsum paths (A's relation,
+    # which drops them, is replaced)
+    ex = ec.ETraceVjpGraphExecutor(model)
+    ex.compile_graph(jnp.ones(3))
+    assert ex.graph.hidden_param_op_relations == ()
+    assert {r.path: r.kind for r in ex.param_trace_relations} == {
+        (n, k): "dense" for n in "AB" for k in ("weight", "bias")}
+    msg = ex.show_graph(verbose=False, return_msg=True)
+    assert "  ('B', 'weight') (12 elements) via etp_matmul then cumsum -> hidden group 0: dense trace" in msg
+    assert "approximate" not in msg
 
 
 def test_broadcast_into_several_units_is_dropped_with_the_reason():
@@ -503,8 +509,12 @@ def test_graph_tutorial_example_runs(tmp_path):
     import subprocess
     import sys
     script = pathlib.Path(__file__).resolve().parents[2] / "examples" / "graph_tutorial.py"
+    import os
+    root = str(script.parents[1])   # this checkout's packages, not an installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     proc = subprocess.run([sys.executable, str(script), "--plot", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for line in [
@@ -518,8 +528,8 @@ def test_graph_tutorial_example_runs(tmp_path):
         "number of relations: 4",
         "  weight 3: ('rnn2', 'W_hh', 'weight') -> groups [1]",
         "  Group 0: [('rnn', 'h')]  (num_state=1, varshape=(64,))",
-        "  ('conv', 'weight'): its output reaches hidden states only through etp_matmul, which "
-        "mixes positions: same-step gradient",
+        "  ('conv', 'weight') (72 elements) via etp_conv then etp_matmul -> hidden group 0: "
+        "dense trace, 4608 elements, memory 0.0176 MiB",
         "graph fields: module_info, hidden_groups, hid_path_to_group, hidden_param_op_relations, "
         "hidden_perturb",
     ]:
