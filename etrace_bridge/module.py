@@ -250,10 +250,11 @@ def _from_initial_param(h, theta, first):
     """`h` in value; at the first step after a reset, dh/dtheta = 1 (h is theta broadcast).
 
     This is how a parameter used as the initial state is trained online: the compiler sees
-    theta reach the hidden state element by element, so its trace (eps^t = D^t eps^{t-1} +
-    dh^t/dtheta, the first term dh^1/dh^0) is the exact dh^t/dh^0 wherever the recurrence
-    is element-wise, and the parameter gets sum_t delta^t eps^t = dL/dh^0, summed over the
-    batch like torch's expand.
+    theta reach the hidden state element by element and gives it an element-wise trace,
+    eps^t = D^t eps^{t-1} + dh^t/dtheta|_{h^{t-1}}; the last term is dh^1/dh^0 at the first
+    step and zero after, so eps^t = dh^t/dh^0 exactly wherever the recurrence is element-wise,
+    and the parameter gets sum_t delta^t eps^t = dL/dh^0, summed over the batch like torch's
+    expand.
     """
     theta = jnp.broadcast_to(theta, jnp.shape(h)).astype(jnp.result_type(h))
     return h + first * (theta - lax.stop_gradient(theta))
