@@ -290,9 +290,16 @@ class GradientReport:
 
 
 def _as_numpy(value) -> np.ndarray:
+    """float64 values; a complex gradient as its (real, imaginary) pairs, so both count."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().double().numpy()
-    return np.asarray(value, dtype=np.float64)
+        value = value.detach().cpu().resolve_conj()
+        if value.is_complex():
+            value = torch.view_as_real(value)
+        return value.double().numpy()
+    value = np.asarray(value)
+    if np.iscomplexobj(value):
+        value = np.stack([value.real, value.imag], axis=-1)
+    return value.astype(np.float64)
 
 
 def _key(name) -> str:

@@ -23,7 +23,8 @@ from torch import nn
 from etrace_bridge.export import ExportedStep
 
 __all__ = ["CELLS", "Path", "StateLayout", "cell_layout", "rnn_layout", "explicit_layout",
-           "torch_step", "required_positional", "param_like"]
+           "torch_step", "required_positional", "param_like", "DefaultState", "default_state",
+           "initial_state_param", "default_state_step"]
 
 Path = tuple[str, ...]
 CELLS = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
@@ -104,6 +105,8 @@ def torch_step(module, state, batch, dtype, device):
         elif module.bidirectional:
             raise ValueError("a bidirectional RNN has no step-by-step (causal) form")
         return _rnn_step, tuple(state) if isinstance(state, list) else state
+    if state is None and required_positional(module) == 1 and _none_default_slot(module, 1):
+        return default_state_step, (None,)
     if state is None or (isinstance(state, (tuple, list)) and len(state) == 0):
         if required_positional(module) > 1:
             raise TypeError(
@@ -167,9 +170,6 @@ def cell_layout(module: nn.Module, args: tuple) -> StateLayout:
 def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
     """nn.RNN / GRU / LSTM run with sequence length 1; one hidden state per layer."""
     name = type(module).__name__
-    if getattr(module, "proj_size", 0):
-        raise ValueError(f"{name} with proj_size={module.proj_size} is not supported: its h and "
-                         "c have different sizes. Use proj_size=0 and a Linear readout.")
     if len(args) not in (1, 2):
         raise ValueError(f"{name} example_inputs must be (x,) or (x, state), got {len(args)} items")
     x = args[0]
@@ -185,9 +185,10 @@ def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
     lstm = isinstance(module, nn.LSTM)
     if len(args) == 2:
         state = args[1]
-    else:
-        zero = torch.zeros(layers, batch, hidden, dtype=x.dtype)
-        state = (zero, zero.clone()) if lstm else zero
+    else:   # with proj_size, h is (layers, B, proj_size) and c (layers, B, hidden_size)
+        h_size = getattr(module, "proj_size", 0) or hidden
+        zero = torch.zeros(layers, batch, h_size, dtype=x.dtype)
+        state = (zero, torch.zeros(layers, batch, hidden, dtype=x.dtype)) if lstm else zero
     kinds = ("h", "c") if lstm else ("h",)
     tensors = tuple(state) if lstm else (state,)
     paths = {k: [(k, f"l{i}") for i in range(layers)] for k in kinds}
@@ -326,3 +327,199 @@ def _input_names(module, indices) -> list[str]:
         else:
             names.append(f"state{i}")
     return names
+
+
+# ----------------------------------------------------------------------------- initial states
+#
+# Two idioms give a model a state it creates itself:
+# - `forward(x, h=None)`: when `h` is None the model makes the initial state (zeros, or a
+#   learnable `nn.Parameter` expanded to the batch) and returns the new state;
+# - an example state built from a parameter, `example_inputs=(x, model.h0.expand(B, H))`.
+# Both are found here, so a conversion never runs them as a stateless model, and a parameter
+# used as the initial state is known by name (its current value starts every sequence).
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultState:
+    """`forward(*args, <name>=None)` creates its state: the slot, its initial value (what the
+    model uses when the argument is None), which output returns the new state, and the
+    parameter each state leaf starts from (None: a constant such as zeros)."""
+
+    name: str
+    slot: int
+    output: int
+    value: Any
+    leaf_params: tuple
+
+
+def _autograd_params(module: nn.Module, tensors) -> set[str]:
+    """Names of the module's parameters the autograd graph of `tensors` reaches."""
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    seen, found = set(), set()
+    stack = [t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) in by_id:
+            found.add(by_id[id(var)])
+        stack.extend(fn for fn, _ in getattr(node, "next_functions", ()))
+    return found
+
+
+def initial_state_param(module: nn.Module, leaf: torch.Tensor, allowed=None) -> str | None:
+    """The parameter `leaf` is (a broadcast of), e.g. `model.h0.expand(B, H)`; None if none."""
+    if not isinstance(leaf, torch.Tensor):
+        return None
+    names = _autograd_params(module, [leaf]) if leaf.grad_fn is not None else set()
+    names |= {n for n, p in module.named_parameters() if p is leaf}
+    if allowed is not None:
+        names &= set(allowed)
+    for name in sorted(names):
+        p = module.get_parameter(name)
+        try:
+            if torch.equal(p.detach().expand(leaf.shape), leaf.detach()):
+                return name
+        except RuntimeError:
+            continue
+    return None
+
+
+def _none_default_slot(module: nn.Module, n_args: int) -> tuple[int, str] | None:
+    """The first positional parameter of forward after the given ones, if it defaults to None."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [p for p in params if p.kind in kinds]
+    if len(params) <= n_args or params[n_args].default is not None:
+        return None
+    return n_args, params[n_args].name
+
+
+def _same(a, b) -> bool:
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+        and torch.equal(x.detach(), y.detach()) for x, y in zip(la, lb))
+
+
+def default_state(module: nn.Module, args: tuple) -> DefaultState | None:
+    """Recognise `forward(x, h=None) -> (y, new_h)` called without its state.
+
+    Returns None when forward has no such argument or returns no new state for it. Raises a
+    `ValueError` naming the fix when the state it creates cannot be reproduced (then the
+    conversion would otherwise silently drop the memory).
+    """
+    if isinstance(module, (nn.RNNBase, *CELLS)):
+        return None
+    found = _none_default_slot(module, len(args))
+    if found is None:
+        return None
+    slot, name = found
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        out = module(*args)
+        if not isinstance(out, (tuple, list)) or len(out) < 2:
+            return None
+        for j in range(1, len(out)):
+            candidate = pytree.tree_map(
+                lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, out[j])
+            if not all(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(candidate)):
+                continue
+            try:
+                again = module(*args, candidate)
+            except Exception:
+                continue
+            if not (isinstance(again, (tuple, list)) and len(again) == len(out)
+                    and _matches(candidate, again[j])):
+                continue
+            return _default_value(module, args, out, j, name, slot, candidate)
+    return None
+
+
+def _default_value(module, args, out, j, name, slot, shaped) -> DefaultState:
+    """The initial state the model makes for argument `name`: a parameter broadcast to each
+    state leaf (the parameters the None path uses and the explicit path does not) or zeros,
+    checked by running forward with it."""
+    used_default = _autograd_params(module, pytree.tree_leaves(out))
+    used_given = _autograd_params(module, pytree.tree_leaves(module(*args, shaped)))
+    spare = sorted(used_default - used_given)
+    leaves, spec = pytree.tree_flatten(shaped)
+    values, params = [], []
+    for leaf in leaves:
+        pick = next((n for n in spare if _broadcasts(module.get_parameter(n), leaf)), None)
+        if pick is not None:
+            spare.remove(pick)
+            values.append(module.get_parameter(pick).detach().expand(leaf.shape).clone())
+        else:
+            values.append(torch.zeros_like(leaf))
+        params.append(pick)
+    value = pytree.tree_unflatten(values, spec)
+    if not _same(module(*args, value), out) and len(leaves) == 1:
+        # a frozen parameter or a buffer is no autograd leaf: try them by value
+        tensors = [(n, p, True) for n, p in module.named_parameters()]
+        tensors += [(n, b, False) for n, b in module.named_buffers()]
+        for n, t, is_param in tensors:
+            if _broadcasts(t, leaves[0]):
+                trial = pytree.tree_unflatten([t.detach().expand(leaves[0].shape).clone()], spec)
+                if _same(module(*args, trial), out):
+                    value, params = trial, [n if is_param else None]
+                    break
+    if not _same(module(*args, value), out):
+        raise ValueError(
+            f"{type(module).__name__}.forward creates its state `{name}` when it is None, but "
+            "the bridge cannot tell its initial value (it is neither zeros nor a parameter "
+            f"broadcast to the batch). Pass it explicitly: example_inputs=(..., {name}0), "
+            f"or state={{'inputs': [{slot}], 'outputs': [{j}]}} with that example state.")
+    return DefaultState(name, slot, j, value, tuple(params))
+
+
+def _broadcasts(p: torch.Tensor, leaf: torch.Tensor) -> bool:
+    try:
+        torch.broadcast_shapes(p.shape, leaf.shape)
+    except RuntimeError:
+        return False
+    return torch.broadcast_shapes(p.shape, leaf.shape) == leaf.shape
+
+
+def default_state_step(module, x, state):
+    """BPTT step for `forward(x, h=None)`: the first call passes None, as the user's code does;
+    a forward that returns no `(y, new_state)` pair keeps running with None (the argument was
+    not a state)."""
+    out = module(x, *state)
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise TypeError(f"{type(module).__name__}.forward(x, state=None) must return "
+                            f"(y, new_state), got a tuple of {len(out)}; pass state= and a "
+                            "step= to bptt_gradients")
+        return out[0], (out[1],)
+    return out, state
+
+
+# ----------------------------------------------------------------------------- stacked layers
+
+
+def cross_layer_notes(module: nn.Module) -> dict[str, str]:
+    """{parameter name: 'approximate: ...'} for the lower layers of `nn.RNN/GRU/LSTM` with
+    num_layers > 1: layer l's new state feeds layers l+1.. in the same step, and those keep
+    memory; a trace of layer l's parameters follows layer l's own recurrence only, so the path
+    through the upper layers' memory is dropped."""
+    notes = {}
+    for owner, sub in module.named_modules():
+        if not isinstance(sub, nn.RNNBase) or sub.num_layers < 2:
+            continue
+        where = f"`{owner}` ({type(sub).__name__})" if owner else type(sub).__name__
+        for name, _ in sub.named_parameters(recurse=False):
+            layer = int(name.rsplit("_l", 1)[1].split("_")[0])
+            if layer < sub.num_layers - 1:
+                top = sub.num_layers - 1
+                upper = f"layer {top}" if layer + 1 == top else f"layers {layer + 1}..{top}"
+                notes[f"{owner}.{name}" if owner else name] = (
+                    f"approximate: cross-layer memory: layer {layer} of {where} feeds {upper}, "
+                    f"which keep memory; its trace follows "
+                    f"layer {layer}'s own recurrence only and drops the path through the upper "
+                    "layers' states over time")
+    return notes

@@ -13,6 +13,7 @@ import etrace_core
 
 from .algorithms import make_algorithm
 from .arrays import import_tensor, to_jax, to_torch
+from .errors import UnsupportedModelError
 from .losses import resolve_loss
 from .module import TorchModule, from_torch
 
@@ -30,6 +31,7 @@ class OnlineLearner:
                  loss: Any = "mse", example_inputs: Any, custom_ops=None, state=None,
                  dynamic_batch: bool = True, **algorithm_options):
         self.torch_module = module
+        _refuse_complex_parameters(module)
         self.model: TorchModule = from_torch(module, example_inputs, state=state,
                                              dynamic_batch=dynamic_batch, custom_ops=custom_ops)
         self.algorithm_name = algorithm
@@ -126,7 +128,26 @@ class OnlineLearner:
     # -- inspection -----------------------------------------------------------------------------
 
     def show_graph(self, verbose: bool = True, return_msg: bool = False):
-        return self.algorithm.show_graph(verbose=verbose, return_msg=return_msg)
+        """The compiled graph (etrace_core's summary) plus what the bridge knows from the torch
+        model's structure: parameters whose gradient is approximate, with the reason."""
+        msg = self.algorithm.show_graph(verbose=False, return_msg=True)
+        notes = self.model.approximations
+        if notes:
+            msg += "\nFrom the torch model's structure:\n" + "\n".join(
+                f"  {name}: {note}" for name, note in notes.items())
+        if verbose:
+            print(msg)
+        return msg if return_msg else None
+
+
+def _refuse_complex_parameters(module: torch.nn.Module) -> None:
+    names = [n for n, p in module.named_parameters() if p.is_complex()]
+    if names:
+        raise UnsupportedModelError(
+            f"complex parameter(s) {', '.join(f'`{n}`' for n in names)}: online gradients are "
+            "computed for real parameters only (a complex one would get a wrong imaginary "
+            "part). Keep its real and imaginary parts as two real nn.Parameters and build it in "
+            "forward with torch.complex(re, im); complex states and ops are supported.")
 
 
 def _jax_loss(loss, model: TorchModule, example, custom_ops) -> Callable:

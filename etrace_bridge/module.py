@@ -7,7 +7,8 @@ builds a `TorchModule` whose states mirror the torch model:
 - every recurrent state tensor is a `brainstate.HiddenState`; `nn.RNN/GRU/LSTM` states of shape
   `(num_layers, B, H)` are split into one state per layer (`('h', 'l0')`, `('c', 'l0')`, ...),
   because the online compiler forms one hidden group per state;
-- every buffer mutated by forward (SNN style) is a `HiddenState` at its dotted buffer name.
+- every buffer mutated by forward (SNN style) is a `HiddenState` at its dotted buffer name;
+- a complex state is two real `HiddenState`s, `path + ('re',)` and `path + ('im',)`.
 """
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ import brainstate
 import jax.numpy as jnp
 import torch
 import torch.utils._pytree as pytree
+from jax import lax
 
 from etrace_bridge.arrays import check_float64, import_tensor
-from etrace_bridge.conventions import (CELLS, Path, StateLayout, cell_layout, explicit_layout,
+from etrace_bridge.conventions import (CELLS, Path, StateLayout, cell_layout, cross_layer_notes,
+                                       default_state, explicit_layout, initial_state_param,
                                        rnn_layout)
 from etrace_bridge.export import ExportedStep, export_step
 from etrace_bridge.lowering import LoweredStep, lower
+from etrace_bridge.lowering.complex import make_complex
 
 __all__ = ["from_torch", "TorchModule"]
 
@@ -53,6 +57,9 @@ class _Bridge:
     state_init: dict[Path, tuple[torch.Tensor, int | None]]
     batch_size: int | None
     dynamic_batch: bool
+    complex_states: frozenset = frozenset()
+    state_params: dict = dataclasses.field(default_factory=dict)
+    notes: dict = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (f"<torch {type(self.torch_module).__name__}: {len(self.params)} parameters, "
@@ -76,8 +83,13 @@ class TorchModule(brainstate.nn.Module):
             self._place(path, brainstate.ParamState(import_tensor(_torch_param(bridge, name))),
                         f"parameter `{name}`", taken)
         for path, (value, _) in bridge.state_init.items():
-            self._place(path, brainstate.HiddenState(import_tensor(value, copy=True)),
-                        f"state {path}", taken)
+            for part, v in _state_parts(path, import_tensor(value, copy=True)):
+                self._place(part, brainstate.HiddenState(v), f"state {part}", taken)
+        if bridge.state_params:
+            dtype = _torch_param(bridge, next(iter(bridge.state_params.values()))).dtype
+            dtype = import_tensor(torch.zeros((), dtype=dtype)).dtype
+            self._place(_FIRST_STEP, brainstate.ShortTermState(jnp.ones((), dtype)),
+                        "the first-step flag of learnable initial states", taken)
 
     def _place(self, path: Path, state, what: str, taken: dict) -> None:
         for k in range(1, len(path) + 1):
@@ -107,20 +119,37 @@ class TorchModule(brainstate.nn.Module):
     def _state(self, path: Path) -> brainstate.State:
         return functools.reduce(getattr, path, self)
 
+    def _read_hidden(self, path: Path):
+        """The value of hidden state `path` (a complex state from its real and imaginary
+        parts)."""
+        if path in self._bridge.complex_states:
+            return make_complex(self._state(path + ("re",)).value,
+                                self._state(path + ("im",)).value)
+        return self._state(path).value
+
+    def _write_hidden(self, path: Path, value) -> None:
+        for part, v in _state_parts(path, value, self._bridge.complex_states):
+            self._state(part).value = v
+
     # -- running
 
     def update(self, *inputs):
         """Run one step on `inputs` (batch first, no time axis); returns the model output."""
         b = self._bridge
         self._check_batch(inputs)
-        states = {p: self._state(p).value for p in b.state_init}
+        states = {p: self._read_hidden(p) for p in b.state_init}
         params = {name: self._state(p).value for p, name in b.params}
+        if b.state_params:
+            first = self._state(_FIRST_STEP)
+            for p, name in b.state_params.items():
+                states[p] = _from_initial_param(states[p], params[name], first.value)
+            first.value = jnp.zeros_like(first.value)
         buffers = dict(b.constants)
         buffers.update({name: self._state(p).value for p, name in b.buffer_states})
         outputs, new_buffers = b.lowered(params, buffers, *b.layout.step_inputs(inputs, states))
         y, new_states = b.layout.split_outputs(outputs)
         for p, v in new_states.items():
-            self._state(p).value = v
+            self._write_hidden(p, v)
         paths = dict((name, p) for p, name in b.buffer_states)
         for name, v in new_buffers.items():
             self._state(paths[name]).value = v
@@ -137,7 +166,7 @@ class TorchModule(brainstate.nn.Module):
                 f"could not keep the batch dimension dynamic), but the input has batch size "
                 f"{size}. Convert it again with example inputs of batch size {size}.")
         for path, (_, axis) in b.state_init.items():
-            current = jnp.shape(self._state(path).value)[axis] if axis is not None else size
+            current = jnp.shape(self._read_hidden(path))[axis] if axis is not None else size
             if current != size:
                 raise ValueError(f"the hidden states hold batch size {current} but the input "
                                  f"has batch size {size}; call reset_state({size}) first")
@@ -153,7 +182,13 @@ class TorchModule(brainstate.nn.Module):
                              f"{b.batch_size}; batch size {batch_size} needs a new conversion "
                              f"with example inputs of batch size {batch_size}")
         for path, (value, axis) in b.state_init.items():
-            self._state(path).value = import_tensor(_resize(value, axis, batch_size, path), copy=True)
+            if path in b.state_params:   # a learnable initial state: its current value
+                value = _torch_param(b, b.state_params[path]).detach().expand(value.shape)
+            self._write_hidden(path, import_tensor(_resize(value, axis, batch_size, path),
+                                                   copy=True))
+        if b.state_params:
+            first = self._state(_FIRST_STEP)
+            first.value = jnp.ones_like(first.value)
 
     def reset_state(self, batch_size: int | None = None, **kwargs) -> None:
         """Same as `init_state`: hidden states back to their example values."""
@@ -200,6 +235,43 @@ class TorchModule(brainstate.nn.Module):
     @property
     def torch_module(self) -> torch.nn.Module:
         return self._bridge.torch_module
+
+    @property
+    def approximations(self) -> dict[str, str]:
+        """{torch parameter name: 'approximate: reason'} known from the torch model's structure
+        (lower layers of stacked nn.RNN/GRU/LSTM), in addition to the online compiler's notes."""
+        return dict(self._bridge.notes)
+
+
+_FIRST_STEP = ("etrace_first_step",)
+
+
+def _from_initial_param(h, theta, first):
+    """`h` in value; at the first step after a reset, dh/dtheta = 1 (h is theta broadcast).
+
+    This is how a parameter used as the initial state is trained online: the compiler sees
+    theta reach the hidden state element by element and gives it an element-wise trace,
+    eps^t = D^t eps^{t-1} + dh^t/dtheta|_{h^{t-1}}; the last term is dh^1/dh^0 at the first
+    step and zero after, so eps^t = dh^t/dh^0 exactly wherever the recurrence is element-wise,
+    and the parameter gets sum_t delta^t eps^t = dL/dh^0, summed over the batch like torch's
+    expand.
+    """
+    theta = jnp.broadcast_to(theta, jnp.shape(h)).astype(jnp.result_type(h))
+    return h + first * (theta - lax.stop_gradient(theta))
+
+
+def _state_parts(path: Path, value, complex_paths=None) -> list:
+    """[(state path, real value)]: a complex state is kept as two real hidden states, its real
+    part at `path + ('re',)` and its imaginary part at `path + ('im',)`.
+
+    The online compiler's traces and per-unit Jacobians are real: a complex unit is a pair of
+    real states coupled element-wise (a 2x2 Jacobian per unit), which is exact whether or not
+    the step is holomorphic in the state (abs, angle, real parts are not).
+    """
+    is_complex = jnp.iscomplexobj(value) if complex_paths is None else path in complex_paths
+    if not is_complex:
+        return [(path, value)]
+    return [(path + ("re",), jnp.real(value)), (path + ("im",), jnp.imag(value))]
 
 
 def _torch_param(bridge: _Bridge, name: str) -> torch.nn.Parameter:
@@ -251,6 +323,10 @@ def from_torch(
         layout = rnn_layout(module, args)
     else:
         layout = None
+    default = default_state(module, args) if layout is None and state is None else None
+    if default is not None:   # forward(x, h=None): the state the model creates for itself
+        args = args + (default.value,)
+        state = {"inputs": [default.slot], "outputs": [default.output], "names": [default.name]}
     if layout is not None:
         step = export_step(module, layout.export_args, dynamic_batch=dynamic_batch,
                            batch_axes=layout.batch_axes)
@@ -258,9 +334,10 @@ def from_torch(
         step = export_step(module, args, dynamic_batch=dynamic_batch)
         layout = explicit_layout(module, args, step, state)
     batch = layout.batch
+    state_params = _initial_state_params(module, layout, default)
     lowered = lower(step, custom_ops)
     buffer_states = [(tuple(name.split(".")), name) for name in step.mutated_buffers]
-    state_init = dict(layout.init)
+    state_init = {p: (t.detach(), axis) for p, (t, axis) in layout.init.items()}
     for path, name in buffer_states:
         buf = module.get_buffer(name)
         state_init[path] = (buf.detach().clone(),
@@ -272,5 +349,24 @@ def from_torch(
         torch_module=module, step=step, lowered=lowered, layout=layout,
         params=[(tuple(n.split(".")), n) for n, _ in module.named_parameters()],
         buffer_states=buffer_states, constants=constants, state_init=state_init,
-        batch_size=batch, dynamic_batch=step.dynamic_batch)
+        batch_size=batch, dynamic_batch=step.dynamic_batch,
+        complex_states=frozenset(p for p, (v, _) in state_init.items() if v.is_complex()),
+        state_params=state_params, notes=cross_layer_notes(module))
     return TorchModule(bridge)
+
+
+def _initial_state_params(module, layout: StateLayout, default) -> dict[Path, str]:
+    """{state path: parameter name} for states that start from a parameter (learnable h0)."""
+    if default is not None:
+        names = default.leaf_params
+    else:
+        names = [initial_state_param(module, t) for t, _ in layout.init.values()]
+    out = {}
+    for (path, (t, _)), name in zip(layout.init.items(), names):
+        if name is None:
+            continue
+        if t.is_complex() or not t.is_floating_point():
+            raise ValueError(f"state {path} starts from parameter `{name}` but is "
+                             f"{t.dtype}; a learnable initial state must be a real float")
+        out[path] = name
+    return out

@@ -17,6 +17,8 @@ from etrace_bridge.arrays import X64_HINT, import_tensor, is_float64, jax_dtype,
 from etrace_bridge.errors import UnsupportedOpError
 from etrace_bridge.export import ExportedStep, user_frame
 
+from .param_views import find_param_views
+from .record import weight_positions
 from .table import OP_TABLE
 
 __all__ = ["lower", "LoweredStep"]
@@ -60,15 +62,16 @@ def _where(node) -> str:
     return f" (from {where})" if where else ""
 
 
-def _resolve(node, custom: Mapping[str, Callable], param_nodes) -> Callable:
-    """The JAX function for one graph node: a user lowering, else the op table's record."""
+def _resolve(node, custom: Mapping[str, Callable], views) -> tuple[Callable, tuple]:
+    """The JAX function for one graph node -- a user lowering, else the op table's record --
+    and `(position, parameter placeholder)` when it takes a parameter itself at `position`."""
     for key in _op_key(node.target):
         if key in custom:
-            return custom[key]
+            return custom[key], ()
     record = OP_TABLE.get(node.target)
     if record is None:
         if getattr(node.target, "__module__", None) == "_operator":
-            return node.target
+            return node.target, ()
         name = _op_key(node.target)[0] if _op_key(node.target) else str(node.target)
         raise UnsupportedOpError(f"`{node.target}`{_where(node)}: no JAX lowering (pass "
                                  f"custom_ops={{'{name}': jax_fn}} or rewrite that line)")
@@ -76,11 +79,13 @@ def _resolve(node, custom: Mapping[str, Callable], param_nodes) -> Callable:
         reason = record.check(node)
         if reason is not None:
             raise UnsupportedOpError(f"`{node.target}`{_where(node)}: {reason}")
-    if record.weight is not None and record.param_fn is not None:
-        w = node.args[record.weight] if len(node.args) > record.weight else None
-        if isinstance(w, torch.fx.Node) and w.op == "placeholder" and w.name in param_nodes:
-            return record.param_fn
-    return record.fn
+    for position in weight_positions(record):
+        w = node.args[position] if len(node.args) > position else None
+        view = views.get(w.name) if isinstance(w, torch.fx.Node) else None
+        fn = record.param_fn(view, position) if view is not None else None
+        if fn is not None:
+            return fn, (position, view.param)
+    return record.fn, ()
 
 
 def _unsupported_error(problems: list[str]) -> UnsupportedOpError:
@@ -106,7 +111,7 @@ class LoweredStep:
         nodes = list(step.graph.nodes)
         self._placeholders = [n for n in nodes if n.op == "placeholder"]
         self._output = next(n for n in nodes if n.op == "output")
-        param_nodes = set(step.parameters)
+        views = find_param_views(nodes, set(step.parameters))
         self._plan, problems = [], []
         for node in nodes:
             if node.op != "call_function":
@@ -114,7 +119,7 @@ class LoweredStep:
                     problems.append(f"graph node kind `{node.op}` ({node.target})")
                 continue
             try:
-                self._plan.append((node, _resolve(node, custom, param_nodes)))
+                self._plan.append((node, *_resolve(node, custom, views)))
             except UnsupportedOpError as err:
                 problems.append(str(err))
         if problems:
@@ -126,8 +131,11 @@ class LoweredStep:
             raise TypeError("this torch model computes in float64 but JAX 64-bit mode is off, "
                             f"so JAX would silently compute in float32. {X64_HINT}")
         env = self._bind(params, buffers, inputs)
-        for node, fn in self._plan:
+        for node, fn, param in self._plan:
             args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])
+            if param:   # the parameter itself, not the view of it the graph passes
+                position, name = param
+                args = args[:position] + (env[name],) + args[position + 1:]
             kwargs = {k: v for k, v in node.kwargs.items() if k not in _IGNORED_KWARGS}
             kwargs = torch.fx.node.map_arg(kwargs, lambda n: env[n.name])
             try:

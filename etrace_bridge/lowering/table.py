@@ -8,13 +8,13 @@ from __future__ import annotations
 import types
 from typing import Any, Mapping
 
-from . import creation, elementwise, linalg, plumbing, pooling, reductions, rnn, shapes
+from . import complex, creation, elementwise, linalg, plumbing, pooling, reductions, rnn, shapes
 from .record import OpRecord
 
 FAMILIES = {
     "elementwise": elementwise.OPS, "reductions": reductions.OPS, "shapes": shapes.OPS,
     "creation": creation.OPS, "linalg": linalg.OPS, "pooling": pooling.OPS,
-    "rnn": rnn.OPS, "plumbing": plumbing.OPS,
+    "rnn": rnn.OPS, "plumbing": plumbing.OPS, "complex": complex.OPS,
 }
 
 

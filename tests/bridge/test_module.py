@@ -231,9 +231,12 @@ def test_rnn_relu_nonlinearity():
             torch.float32, F32_TOL)
 
 
-def test_lstm_proj_size_refused():
-    with pytest.raises(ValueError, match="proj_size"):
-        from_torch(nn.LSTM(I, H, proj_size=2), (torch.randn(B, I),))
+def test_lstm_proj_size_converts():
+    lstm = nn.LSTM(I, H, num_layers=2, proj_size=2)
+    tm = from_torch(lstm, (torch.randn(B, I),))
+    assert hidden(tm)[("h", "l0")].shape == (B, 2) and hidden(tm)[("c", "l0")].shape == (B, H)
+    state = (torch.zeros(2, B, 2), torch.zeros(2, B, H))
+    check_steps(tm, rnn_reference(lstm, state), inputs(), F32_TOL)
 
 
 # ----------------------------------------------------------------------------- (c) explicit state

@@ -57,6 +57,7 @@ def _samples(dt):
     ix = torch.randint(-5, 6, (3, 4), generator=g)
     iy = torch.randint(1, 6, (3, 4), generator=g)
     idx = torch.tensor([2, 0])
+    z = torch.complex(x, y)
     s = {}
     domain = {aten.log.default: pos, aten.log1p.default: pos, aten.log2.default: pos,
               aten.log10.default: pos, aten.sqrt.default: pos, aten.rsqrt.default: pos,
@@ -167,6 +168,14 @@ def _samples(dt):
         aten.dot.default: ((rn(4), rn(4)), {}),
         aten.addmm.default: ((rn(5), x, rn(4, 5)), {"beta": 0.5, "alpha": 2.0}),
         aten.baddbmm.default: ((rn(2, 3, 5), rn(2, 3, 4), rn(2, 4, 5)), {}),
+        # complex numbers
+        aten.complex.default: ((x, y), {}), aten.view_as_real.default: ((z,), {}),
+        aten.view_as_complex.default: ((torch.stack([x, y], -1),), {}),
+        aten.real.default: ((z,), {}), aten.imag.default: ((z,), {}),
+        aten.conj.default: ((z,), {}), aten._conj.default: ((z,), {}),
+        aten.conj_physical.default: ((z,), {}), aten._conj_physical.default: ((z,), {}),
+        aten.resolve_conj.default: ((z,), {}), aten.resolve_neg.default: ((z,), {}),
+        aten.angle.default: ((z,), {}), aten.polar.default: ((pos, x), {}),
         # pooling
         aten.avg_pool1d.default: ((rn(2, 3, 8), [2], [2]), {}),
         aten.avg_pool2d.default: ((rn(2, 3, 6, 6), [3, 3], [2, 2], [1, 1]), {}),
@@ -206,7 +215,7 @@ def _compare(op, out, ref, tol):
         assert out == pytest.approx(ref, rel=tol, abs=tol), op
         return
     out = np.asarray(out)
-    want = ref.detach().numpy()
+    want = ref.detach().resolve_conj().resolve_neg().numpy()
     assert out.shape == want.shape, f"{op}: shape {out.shape}, torch {want.shape}"
     if op in SHAPE_ONLY:
         return
@@ -239,3 +248,33 @@ def test_every_entry_matches_torch(dtype, tol):
                 failures.append(f"{op}: {type(err).__name__}: {err}")
     assert failures == []
 
+
+
+def _complex_samples(dt):
+    """Complex inputs to ops whose lowering is shared with real tensors."""
+    g = _g(1)
+    z, w = (torch.complex(torch.randn(3, 4, generator=g, dtype=dt),
+                          torch.randn(3, 4, generator=g, dtype=dt)) for _ in range(2))
+    return [
+        (aten.abs.default, (z,)), (aten.exp.default, (z,)), (aten.sgn.default, (z,)),
+        (aten.mul.Tensor, (z, w)), (aten.add.Tensor, (z, w)), (aten.sub.Tensor, (z, w)),
+        (aten.div.Tensor, (z, w)), (aten.neg.default, (z,)), (aten.mm.default, (z, w.T)),
+        (aten.tanh.default, (z,)), (aten.angle.default, (z,)),
+        (aten._to_copy.default, (z.real,)),
+    ]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+def test_complex_arithmetic_matches_torch(dtype, tol):
+    failures = []
+    with x64_enabled() if dtype == torch.float64 else contextlib.nullcontext():
+        for op, args in _complex_samples(dtype):
+            kwargs = ({"dtype": torch.complex128 if dtype == torch.float64 else torch.complex64}
+                      if op is aten._to_copy.default else {})
+            ref = op(*args, **kwargs)
+            try:
+                _compare(op, jax.device_get(OP_TABLE[op].fn(*_to_jax(args), **kwargs)), ref, tol)
+            except Exception as err:
+                failures.append(f"{op}: {type(err).__name__}: {err}")
+    assert failures == []
