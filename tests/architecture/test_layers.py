@@ -32,8 +32,8 @@ def _files(package: str, exclude: str | None = None):
 
 
 def _offenders(files, forbidden) -> list[str]:
-    return [f"{p.relative_to(ROOT)} imports {name}" for p in files for name in _imports(p)
-            if any(name == f or name.startswith(f + ".") for f in forbidden)]
+    return sorted(f"{p.relative_to(ROOT)} imports {name}" for p in files for name in _imports(p)
+                  if any(name == f or name.startswith(f + ".") for f in forbidden))
 
 
 def test_core_never_imports_torch_or_the_bridge():
