@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 
 from etrace_bridge.arrays import check_float64, import_tensor
 from etrace_bridge.conventions import (CELLS, Path, StateLayout, cell_layout, explicit_layout,
-                                       rnn_layout)
+                                       rnn_layout, size_example_states)
 from etrace_bridge.export import ExportedStep, export_step
 from etrace_bridge.lowering import LoweredStep, lower
 
@@ -251,6 +251,7 @@ def from_torch(
         layout = rnn_layout(module, args)
     else:
         layout = None
+        args = args if state is not None else size_example_states(module, args)
     if layout is not None:
         step = export_step(module, layout.export_args, dynamic_batch=dynamic_batch,
                            batch_axes=layout.batch_axes)
@@ -262,7 +263,8 @@ def from_torch(
     buffer_states = [(tuple(name.split(".")), name) for name in step.mutated_buffers]
     state_init = dict(layout.init)
     for path, name in buffer_states:
-        buf = module.get_buffer(name)
+        buf = step.state_values.get(name)
+        buf = module.get_buffer(name) if buf is None else buf
         state_init[path] = (buf.detach().clone(),
                             0 if batch is not None and buf.ndim >= 1 and buf.shape[0] == batch
                             else None)

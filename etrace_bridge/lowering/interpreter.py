@@ -17,6 +17,7 @@ from etrace_bridge.arrays import import_tensor, is_float64, jax_dtype, x64_enabl
 from etrace_bridge.errors import UnsupportedOpError
 from etrace_bridge.export import ExportedStep, user_frame
 
+from .functions import function_vjp
 from .table import OP_TABLE
 
 __all__ = ["lower", "LoweredStep"]
@@ -102,7 +103,9 @@ class LoweredStep:
 
     def __init__(self, step: ExportedStep, custom_ops: Mapping | None = None):
         self.step = step
-        custom = _custom_table(custom_ops)
+        custom = {name: function_vjp(captured, LoweredStep)
+                  for name, captured in step.functions.items()}
+        custom.update(_custom_table(custom_ops))
         nodes = list(step.graph.nodes)
         self._placeholders = [n for n in nodes if n.op == "placeholder"]
         self._output = next(n for n in nodes if n.op == "output")
