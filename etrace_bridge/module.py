@@ -21,6 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from etrace_bridge.arrays import check_float64, import_tensor
+from etrace_bridge.check import check_conversion
 from etrace_bridge.conventions import (CELLS, Path, StateLayout, cell_layout, explicit_layout,
                                        rnn_layout, size_example_states)
 from etrace_bridge.export import ExportedStep, export_step
@@ -234,6 +235,7 @@ def from_torch(
     state: Mapping | None = None,
     dynamic_batch: bool = True,
     custom_ops: Mapping | None = None,
+    check: bool = True,
 ) -> TorchModule:
     """Convert a torch model to a `TorchModule` running one step in JAX.
 
@@ -241,7 +243,9 @@ def from_torch(
     'names': [..]}`): `nn.RNNCell/GRUCell/LSTMCell` called as `cell(x, h)` / `cell(x, (h, c))`;
     `nn.RNN/GRU/LSTM` one step at a time with per-layer states; `forward(x, *state) ->
     (y, *new_state)`; and buffers mutated in forward. `custom_ops` maps 'namespace::name' of a
-    `torch.library.custom_op` to its JAX implementation.
+    `torch.library.custom_op` to its JAX implementation. With `check` (default) the converted
+    step is run against the torch module for a few steps (`etrace_bridge.check`); a divergence
+    is a `ConversionCheckError`.
     """
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_float64(module, args)
@@ -275,4 +279,7 @@ def from_torch(
         params=[(tuple(n.split(".")), n) for n, _ in module.named_parameters()],
         buffer_states=buffer_states, constants=constants, state_init=state_init,
         batch_size=batch, dynamic_batch=step.dynamic_batch)
-    return TorchModule(bridge)
+    converted = TorchModule(bridge)
+    if check:
+        check_conversion(converted)
+    return converted

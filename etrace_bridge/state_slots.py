@@ -98,27 +98,28 @@ def swapped_slots(root: torch.nn.Module, values: dict[Slot, Any] | None = None) 
         list[Slot]]:
     """Run with private copies in every slot (or `values`), then put the user's objects back.
 
-    Attributes that appear during the block are removed again.
+    Every attribute, buffer and memory entry of every submodule is restored to the object it
+    was (attributes the block created are removed), so the user's module is as it was.
     """
     slots = all_slots(root)
-    originals = {s: s.get(root) for s in slots}
-    attrs_before = {(owner, a) for owner, sub in root.named_modules() for a in vars(sub)}
+    saved = [(sub, dict(sub.__dict__), dict(sub._buffers),
+              dict(sub.__dict__["_memories"]) if isinstance(sub.__dict__.get("_memories"), dict)
+              else None) for sub in root.modules()]
     try:
         for s in slots:
-            s.set(root, _copy(originals[s]))
+            s.set(root, _copy(s.get(root)))
         for s, v in (values or {}).items():
             s.set(root, v)
         yield slots
     finally:
-        for owner, sub in root.named_modules():
-            for a in [a for a, v in vars(sub).items() if (owner, a) not in attrs_before
-                      and isinstance(v, torch.Tensor)]:
-                del sub.__dict__[a]
-        for s in (values or {}):
-            if s not in originals:
-                s.set(root, ABSENT)
-        for s, v in originals.items():
-            s.set(root, v)
+        for sub, attrs, buffers, memories in saved:
+            if memories is not None:
+                attrs["_memories"].clear()
+                attrs["_memories"].update(memories)
+            sub._buffers.clear()
+            sub._buffers.update(buffers)
+            sub.__dict__.clear()
+            sub.__dict__.update(attrs)
 
 
 def _snapshot(root, slots) -> dict:
