@@ -227,7 +227,7 @@ def routed_call(target) -> FunctionCall | None:
 # ----------------------------------------------------------------------------- capture
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class CapturedFunction:
     """A Function's forward and backward as exported steps, and how to join them.
 
@@ -314,25 +314,28 @@ def capture_functions(program: torch.export.ExportedProgram,
     """Capture forward and backward of every routed Function node of `program`.
 
     `export_fn(module, args)` exports a small module as an `ExportedStep` (the bridge's
-    `export_step`). Returns `{'etrace_fn::op_name': CapturedFunction}`.
+    `export_step`). Returns `{graph node name: CapturedFunction}` (one capture per shape).
     """
     captured: dict[str, CapturedFunction] = {}
+    by_signature: dict[tuple, CapturedFunction] = {}
     for node in program.graph.nodes:
         call = routed_call(node.target) if node.op == "call_function" else None
-        if call is None or call.qualified in captured:
+        if call is None:
             continue
         vals = [a.meta.get("val") for a in node.args]
-        examples = tuple(_example(v) for v in vals)
-        try:
-            captured[call.qualified] = _capture(call, examples, node, export_fn)
-        except UnsupportedModelError:
-            raise
-        except _Refusal as err:
-            raise _function_error(call, str(err)) from None
-        except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise _function_error(
-                call, f"torch.export cannot trace it ({type(err).__name__}: {first})") from err
+        signature = (call.qualified,) + tuple((str(tuple(v.shape)), v.dtype) for v in vals)
+        if signature not in by_signature:
+            examples = tuple(_example(v) for v in vals)
+            try:
+                by_signature[signature] = _capture(call, examples, node, export_fn)
+            except UnsupportedModelError:
+                raise
+            except _Refusal as err:
+                raise _function_error(call, str(err)) from None
+            except Exception as err:
+                raise _function_error(
+                    call, f"torch.export cannot trace it ({_first_line(err)})") from err
+        captured[node.name] = by_signature[signature]
     return captured
 
 

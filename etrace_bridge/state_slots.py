@@ -133,7 +133,7 @@ def discover_slots(root: torch.nn.Module, run: Callable[[], Any]) -> list[SlotSt
     """
     with torch.random.fork_rng(devices=[]), swapped_slots(root) as slots:
         before = _snapshot(root, slots)
-        originals = {s: v for s, (v, _) in before.items()}
+        originals = {s: _copy(v) for s, (v, _) in before.items()}  # steps may write in place
         run()
         after_slots = all_slots(root)
         written = []

@@ -103,9 +103,12 @@ class LoweredStep:
 
     def __init__(self, step: ExportedStep, custom_ops: Mapping | None = None):
         self.step = step
-        custom = {name: function_vjp(captured, LoweredStep)
-                  for name, captured in step.functions.items()}
-        custom.update(_custom_table(custom_ops))
+        custom = _custom_table(custom_ops)
+        functions = {}  # one jax.custom_vjp per captured torch.autograd.Function (and shape)
+        for captured in step.functions.values():
+            if captured not in functions:
+                functions[captured] = function_vjp(captured, LoweredStep)
+        by_node = {n: functions[c] for n, c in step.functions.items()}
         nodes = list(step.graph.nodes)
         self._placeholders = [n for n in nodes if n.op == "placeholder"]
         self._output = next(n for n in nodes if n.op == "output")
@@ -115,6 +118,9 @@ class LoweredStep:
             if node.op != "call_function":
                 if node.op not in ("placeholder", "output"):
                     problems.append(f"graph node kind `{node.op}` ({node.target})")
+                continue
+            if node.name in by_node:
+                self._plan.append((node, by_node[node.name]))
                 continue
             try:
                 self._plan.append((node, _resolve(node, custom, param_nodes)))
