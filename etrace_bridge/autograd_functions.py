@@ -231,9 +231,9 @@ def routed_call(target) -> FunctionCall | None:
 class CapturedFunction:
     """A Function's forward and backward as exported steps, and how to join them.
 
-    forward step: `(*tensor args) -> (outputs, saved tensors, tensor ctx attributes)`;
-    backward step: `(saved, tensor attributes, grad outputs) -> grads` for `grad_pos` (indices
-    into the tensor arguments; the others get no gradient).
+    forward step: `(tensor args,) -> (outputs, saved tensors, tensor ctx attributes)`;
+    backward step: `((*saved, *tensor attributes, *grad outputs),) -> grads` for `grad_pos`
+    (indices into the tensor arguments; the others get no gradient).
     """
 
     call: FunctionCall
@@ -250,7 +250,7 @@ class _ForwardGraph(torch.nn.Module):
         self.call, self.needs = call, needs
         self.record: dict = {}
 
-    def forward(self, *tensors):
+    def forward(self, tensors):
         call = self.call
         ctx = _ForwardCtx(self.needs)
         args = call.full_args(tensors)
@@ -281,7 +281,7 @@ class _BackwardGraph(torch.nn.Module):
         self.call, self.record, self.n_saved, self.n_attrs = call, record, n_saved, n_attrs
         self.grad_pos: tuple[int, ...] = ()
 
-    def forward(self, *flat):
+    def forward(self, flat):
         saved_iter = iter(flat[:self.n_saved])
         attrs_t = flat[self.n_saved:self.n_saved + self.n_attrs]
         grads_out = flat[self.n_saved + self.n_attrs:]
@@ -344,10 +344,10 @@ def _capture(call: FunctionCall, examples: tuple, node, export_fn) -> CapturedFu
                   for a in call.full_args(examples))
     fwd_module = _ForwardGraph(call, needs)
     with torch.no_grad():
-        outs, saved, tattrs = fwd_module(*examples)
+        outs, saved, tattrs = fwd_module(examples)
     record = fwd_module.record
     try:
-        forward = export_fn(fwd_module, examples)
+        forward = export_fn(fwd_module, (examples,))
     except Exception as err:
         raise _Refusal(f"its forward cannot be traced by torch.export ({_first_line(err)})")
     bwd_module = _BackwardGraph(call, record, len(saved), len(tattrs))
@@ -355,9 +355,9 @@ def _capture(call: FunctionCall, examples: tuple, node, export_fn) -> CapturedFu
                       for o in outs)
     bwd_args = tuple(saved) + tuple(tattrs) + grads_out
     with torch.no_grad():
-        bwd_module(*(t.clone() for t in bwd_args))
+        bwd_module(tuple(t.clone() for t in bwd_args))
     try:
-        backward = export_fn(bwd_module, tuple(t.clone() for t in bwd_args))
+        backward = export_fn(bwd_module, (tuple(t.clone() for t in bwd_args),))
     except Exception as err:
         raise _Refusal(f"its backward cannot be traced by torch.export ({_first_line(err)})")
     return CapturedFunction(call, forward, backward, len(saved), len(tattrs),

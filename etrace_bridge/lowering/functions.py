@@ -22,7 +22,7 @@ def function_vjp(captured, lower_fn: Callable) -> Callable:
     call = captured.call
 
     def run_forward(xs):
-        (outs, saved, attrs), _ = forward({}, {}, *xs)
+        (outs, saved, attrs), _ = forward({}, {}, tuple(xs))
         return tuple(outs), tuple(saved), tuple(attrs)
 
     def pack(outs):
@@ -40,7 +40,7 @@ def function_vjp(captured, lower_fn: Callable) -> Callable:
         saved, attrs, xs = res
         cts = tuple(cts) if call.tuple_out else (cts,)
         cts = tuple(jnp.zeros(jnp.shape(c), jnp.float32) if _is_float0(c) else c for c in cts)
-        grads, _ = backward({}, {}, *saved, *attrs, *cts)
+        grads, _ = backward({}, {}, (*saved, *attrs, *cts))
         grads = tuple(grads) if isinstance(grads, (tuple, list)) else (grads,)
         by_pos = dict(zip(captured.grad_pos, grads))
         result = []
