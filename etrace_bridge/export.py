@@ -19,7 +19,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
-from etrace_bridge.autograd_functions import capture_functions, routed_functions
+from etrace_bridge.autograd_functions import (NAMESPACE, capture_functions, routed_call,
+                                              routed_functions)
 from etrace_bridge.errors import ExportError, UnsupportedModelError
 from etrace_bridge.state_slots import ABSENT, Slot, discover_slots
 
@@ -65,9 +66,11 @@ class ExportedStep:
 
 
 def decomposition_table() -> dict:
-    """Default core-ATen decompositions, keeping `aten.linear` and `aten.convolution` whole."""
+    """Default core-ATen decompositions, keeping `aten.linear`, `aten.convolution` whole, and
+    `aten.detach` (decomposed it becomes `aten.alias`, and the gradient stop is lost)."""
     table = torch.export.default_decompositions()
-    for op in (torch.ops.aten.linear.default, torch.ops.aten.convolution.default):
+    for op in (torch.ops.aten.linear.default, torch.ops.aten.convolution.default,
+               torch.ops.aten.detach.default):
         table.pop(op, None)
     return table
 
@@ -129,8 +132,11 @@ def export_step(
             raise
         except Exception as err:
             raise _export_error(module, err) from err
+    with_autograd = _custom_ops_with_autograd(program)
     try:
-        with warnings.catch_warnings():
+        # Functions inside decompositions (a custom op's reference implementation) are routed
+        # too, so they keep their backward.
+        with warnings.catch_warnings(), routed_functions():
             warnings.simplefilter("ignore")
             program = program.run_decompositions(decomposition_table())
     except Exception as err:
@@ -139,12 +145,47 @@ def export_step(
             f"failed: {err}. Simplify the offending operation or open an issue with this message."
         ) from err
     _refuse_graph(program, module)
+    _refuse_lost_backward(with_autograd, program, module)
     _refuse_new_state(program, args, lifted, module)
     functions = capture_functions(program, export_step)
     step = _split_signature(program, args, lifted)
     return dataclasses.replace(
         step, dynamic_batch=is_dynamic and _has_symbolic_shape(program), batch_size=batch,
         functions=functions)
+
+
+def _custom_ops_with_autograd(program) -> dict:
+    """Custom (non-ATen) op nodes with their own autograd formula: {op name: node}."""
+    found = {}
+    for node in program.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target.namespace in ("aten", "prims", NAMESPACE):
+            continue
+        name = target.name()
+        if any(torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+               for key in ("Autograd", "AutogradCPU")):
+            found[f"{target.namespace}::{target._schema.name.split('::')[-1]}"] = node
+    return found
+
+
+def _refuse_lost_backward(with_autograd: dict, program, module) -> None:
+    """A custom op with its own backward that torch decomposed: its backward is gone, unless the
+    decomposition (its reference implementation) computes through routed Functions."""
+    remaining = {f"{n.target.namespace}::{n.target._schema.name.split('::')[-1]}"
+                 for n in program.graph.nodes if n.op == "call_function"
+                 and isinstance(n.target, torch._ops.OpOverload)}
+    lost = [name for name in with_autograd if name not in remaining]
+    routed = any(routed_call(n.target) is not None for n in program.graph.nodes
+                 if n.op == "call_function")
+    if lost and not routed:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: the custom op(s) {', '.join(sorted(lost))} define their "
+            "own backward, but torch.export decomposed them into plain ATen ops, which would "
+            "give the converted step their forward with an autodiff gradient instead of that "
+            "backward. Pass a JAX implementation with custom_ops={'namespace::name': jax_fn} "
+            "(a jax.custom_vjp), or open an issue naming the op.")
 
 
 def _refuse_new_state(program, args, lifted, module) -> None:

@@ -134,14 +134,18 @@ class OnlineLearner:
 
 
 def _output_shapes(model: TorchModule, example) -> Any:
-    """Shapes of the model's output (one eager step; hidden states put back)."""
+    """The output's shape, or a list of shapes for a tuple output (one eager step; hidden states
+    put back)."""
     hidden = model.states(brainstate.HiddenState)
     saved = {k: st.value for k, st in hidden.items()}
     try:
-        return jax.tree.map(jnp.shape, model.update(*example))
+        out = model.update(*example)
     finally:
         for k, st in hidden.items():
             st.value = saved[k]
+    if isinstance(out, (tuple, list)):
+        return [jax.tree.map(jnp.shape, o) for o in out]
+    return jax.tree.map(jnp.shape, out)
 
 
 def select_output(loss_fn: Callable, loss: Any, output: Optional[int], shapes) -> Callable:
@@ -149,11 +153,11 @@ def select_output(loss_fn: Callable, loss: Any, output: Optional[int], shapes) -
 
     A multi-output model with a named loss and no `output=` is ambiguous: a clear error.
     """
-    is_tuple = isinstance(shapes, (tuple, list))
+    is_tuple = isinstance(shapes, list)
     if output is None:
         if is_tuple and isinstance(loss, str):
             raise ValueError(
-                f"the model returns {len(shapes)} outputs (shapes {list(shapes)}), so the "
+                f"the model returns {len(shapes)} outputs (shapes {shapes}), so the "
                 f"loss {loss!r} does not know which one it applies to. Pass output=i "
                 "(e.g. output=0 for the spikes of snntorch's (spk, mem)), or a loss callable "
                 "that takes the whole tuple: loss(outputs, target).")
@@ -165,7 +169,7 @@ def select_output(loss_fn: Callable, loss: Any, output: Optional[int], shapes) -
         return loss_fn
     if not -len(shapes) <= output < len(shapes):
         raise ValueError(f"output={output} is out of range: the model returns {len(shapes)} "
-                         f"outputs (shapes {list(shapes)})")
+                         f"outputs (shapes {shapes})")
     return lambda out, target: loss_fn(out[output], target)
 
 
