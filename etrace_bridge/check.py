@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ def check_conversion(tm, steps: int = 3, seed: int = 0) -> None:
         return  # the converted step refuses to run at all; its first call says why
     inputs = _random_inputs(b.layout.update_args, steps, seed)
     reference = _torch_run(b, inputs)
-    converted = _jax_run(tm, inputs)
+    with jax.ensure_compile_time_eval():  # eager also when converted inside a trace (a loss)
+        converted = _jax_run(tm, inputs)
     for k, (ref, got) in enumerate(zip(reference, converted)):
         for what in ref:
             bad = _compare(k, what, ref[what], got.get(what))
