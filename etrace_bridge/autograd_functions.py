@@ -193,8 +193,15 @@ _ROUTING = threading.local()
 def _routed_apply(cls, *args, **kwargs):
     if kwargs or not is_user_function(cls) or not getattr(_ROUTING, "active", False):
         return _ORIGINAL_APPLY.__func__(cls, *args, **kwargs)
-    with disable_proxy_modes_tracing():
-        shapes = _call_outputs(cls, list(args))
+    try:
+        with disable_proxy_modes_tracing():
+            shapes = _call_outputs(cls, list(args))
+    except Exception as err:
+        raise UnsupportedModelError(
+            f"the torch.autograd.Function `{function_name(cls)}` cannot be converted with its "
+            f"backward: its forward cannot be traced ({_first_line(err)}). Write it with "
+            "tensor operations only (no .item()/float() of tensors, no Python branches on "
+            "tensor values).") from None
     call = _register(cls, args, shapes)
     op = getattr(getattr(torch.ops, NAMESPACE), call.op_name).default
     out = op(*[args[i] for i in call.tensor_pos])
@@ -302,10 +309,10 @@ class _Refusal(Exception):
     """Why a Function cannot be captured (becomes an UnsupportedModelError naming it)."""
 
 
-def _example(val) -> torch.Tensor:
+def _example(val, gen: torch.Generator) -> torch.Tensor:
     shape = [d.node.hint if isinstance(d, torch.SymInt) else int(d) for d in val.shape]
     if val.dtype.is_floating_point:
-        return torch.randn(shape, dtype=val.dtype)
+        return torch.randn(shape, dtype=val.dtype, generator=gen)
     return torch.zeros(shape, dtype=val.dtype)
 
 
@@ -318,6 +325,7 @@ def capture_functions(program: torch.export.ExportedProgram,
     """
     captured: dict[str, CapturedFunction] = {}
     by_signature: dict[tuple, CapturedFunction] = {}
+    gen = torch.Generator().manual_seed(0)  # example values; the global RNG is not touched
     for node in program.graph.nodes:
         call = routed_call(node.target) if node.op == "call_function" else None
         if call is None:
@@ -325,9 +333,9 @@ def capture_functions(program: torch.export.ExportedProgram,
         vals = [a.meta.get("val") for a in node.args]
         signature = (call.qualified,) + tuple((str(tuple(v.shape)), v.dtype) for v in vals)
         if signature not in by_signature:
-            examples = tuple(_example(v) for v in vals)
+            examples = tuple(_example(v, gen) for v in vals)
             try:
-                by_signature[signature] = _capture(call, examples, node, export_fn)
+                by_signature[signature] = _capture(call, examples, gen, export_fn)
             except UnsupportedModelError:
                 raise
             except _Refusal as err:
@@ -339,7 +347,7 @@ def capture_functions(program: torch.export.ExportedProgram,
     return captured
 
 
-def _capture(call: FunctionCall, examples: tuple, node, export_fn) -> CapturedFunction:
+def _capture(call: FunctionCall, examples: tuple, gen, export_fn) -> CapturedFunction:
     needs = tuple(isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex())
                   for a in call.full_args(examples))
     fwd_module = _ForwardGraph(call, needs)
@@ -351,8 +359,8 @@ def _capture(call: FunctionCall, examples: tuple, node, export_fn) -> CapturedFu
     except Exception as err:
         raise _Refusal(f"its forward cannot be traced by torch.export ({_first_line(err)})")
     bwd_module = _BackwardGraph(call, record, len(saved), len(tattrs))
-    grads_out = tuple(torch.randn_like(o) if o.is_floating_point() else torch.zeros_like(o)
-                      for o in outs)
+    grads_out = tuple(torch.randn(o.shape, dtype=o.dtype, generator=gen)
+                      if o.is_floating_point() else torch.zeros_like(o) for o in outs)
     bwd_args = tuple(saved) + tuple(tattrs) + grads_out
     with torch.no_grad():
         bwd_module(tuple(t.clone() for t in bwd_args))

@@ -82,8 +82,7 @@ def _torch_run(b, inputs: list[tuple]) -> list[dict]:
     with torch.no_grad(), torch.random.fork_rng(devices=[]), \
             swapped_slots(b.torch_module):
         for xs in inputs:
-            step_in = b.layout.step_inputs(tuple(import_tensor(x, copy=True) for x in xs),
-                                           states)
+            step_in = b.layout.step_inputs(_import(xs), states)
             out = b.torch_module(*pytree.tree_map(_to_torch, step_in))
             y, states = b.layout.split_outputs(pytree.tree_map(
                 lambda t: import_tensor(t, copy=True) if isinstance(t, torch.Tensor) else t, out))
@@ -94,6 +93,12 @@ def _torch_run(b, inputs: list[tuple]) -> list[dict]:
                                                         copy=True)
             records.append(record)
     return records
+
+
+def _import(xs: tuple) -> tuple:
+    return tuple(pytree.tree_map(
+        lambda t: import_tensor(t, copy=True) if isinstance(t, torch.Tensor) else t, x)
+        for x in xs)
 
 
 def _to_torch(x):
@@ -113,8 +118,7 @@ def _jax_run(tm, inputs: list[tuple]) -> list[dict]:
     records = []
     try:
         for xs in inputs:
-            y = tm.update(*(import_tensor(x, copy=True) if isinstance(x, torch.Tensor) else x
-                            for x in xs))
+            y = tm.update(*_import(xs))
             record = _flatten("output", y)
             record.update({f"state {'.'.join(p)}": tm._state(p).value for p in b.layout.init})
             record.update({f"state {name}": tm._state(p).value for p, name in b.buffer_states})

@@ -16,6 +16,7 @@ import functools
 from typing import Any, Mapping
 
 import brainstate
+import jax
 import jax.numpy as jnp
 import torch
 import torch.utils._pytree as pytree
@@ -129,9 +130,10 @@ class TorchModule(brainstate.nn.Module):
 
     def _check_batch(self, inputs) -> None:
         b = self._bridge
-        if b.batch_size is None or not inputs or jnp.ndim(inputs[0]) < 2:
+        first = jax.tree.leaves(inputs)[:1]  # an input may be a tuple (a loss's outputs)
+        if b.batch_size is None or not first or jnp.ndim(first[0]) < 2:
             return
-        size = jnp.shape(inputs[0])[0]
+        size = jnp.shape(first[0])[0]
         if not b.dynamic_batch and size != b.batch_size:
             raise ValueError(
                 f"this model was exported with a static batch size of {b.batch_size} (torch "

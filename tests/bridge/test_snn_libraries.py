@@ -348,3 +348,201 @@ def test_es_d_rtrl_training_lowers_the_loss(name):
         opt.step()
     assert all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < np.mean(losses[:3]), losses
+
+
+# ----------------------------------------------------------------------------- Functions, checks
+
+
+class _Scaled(torch.autograd.Function):
+    """Three tensor inputs (one without gradient), two outputs, a non-tensor and a tensor ctx
+    attribute, a None in save_for_backward, needs_input_grad."""
+
+    @staticmethod
+    def forward(ctx, x, w, offset, slope):
+        ctx.save_for_backward(x, None)
+        ctx.slope = slope
+        ctx.w = w
+        return (x > offset).to(x.dtype) * w, x * w
+
+    @staticmethod
+    def backward(ctx, g_spike, g_lin):
+        x, _ = ctx.saved_tensors
+        sg = ctx.slope / (1 + (ctx.slope * x) ** 2)
+        gx = g_spike * sg * ctx.w + g_lin * ctx.w if ctx.needs_input_grad[0] else None
+        gw = (g_spike * (x > 0).to(x.dtype) + g_lin * x).sum(0)
+        return gx, gw, None, None
+
+
+class _NewStyle(torch.autograd.Function):
+    """forward without ctx + setup_context (spikingjelly's style)."""
+
+    @staticmethod
+    def forward(x, alpha):
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.alpha = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * ctx.alpha * torch.sigmoid(ctx.alpha * x) * torch.sigmoid(-ctx.alpha * x), None
+
+
+class _FunctionNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(I, H)
+        self.gain = nn.Parameter(torch.rand(H) + 0.5)
+        self.register_buffer("v", torch.zeros(B, H))
+
+    def forward(self, x):
+        v = 0.8 * self.v + self.fc(x)
+        spk, lin = _Scaled.apply(v - 0.5, self.gain, torch.zeros(()), 4.0)
+        spk2 = _NewStyle.apply(lin - 1.0, 3.0)
+        self.v = v - spk
+        return spk + 0.5 * spk2 + 0.1 * lin
+
+
+def test_function_with_its_backward_matches_torch_autograd(x64):
+    import jax
+    import jax.numpy as jnp
+
+    torch.manual_seed(0)
+    net = _FunctionNet().double()
+    x = 2 * torch.randn(B, I, dtype=torch.float64)
+    assert len(from_torch(net, (x,)).exported.functions) == 2
+    tm = from_torch(net, (x,))
+    lowered = tm._bridge.lowered
+    params = {n: import_tensor(p) for n, p in net.named_parameters()}
+    v0 = torch.randn(B, H, dtype=torch.float64)
+
+    def loss(p):
+        out, new = lowered(p, {"v": import_tensor(v0)}, import_tensor(x))
+        return jnp.sum(out * jnp.arange(H)) + jnp.sum(new["v"] ** 2)
+
+    grads = jax.grad(loss)(params)
+    net.v = v0.clone()
+    out = net(x)
+    ((out * torch.arange(H)).sum() + (net.v ** 2).sum()).backward()
+    for n, p in net.named_parameters():
+        assert float(p.grad.abs().max()) > 0
+        np.testing.assert_allclose(np.asarray(grads[n]), p.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_detach_stops_the_gradient(x64):
+    import jax
+    import jax.numpy as jnp
+
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(I, H)
+
+        def forward(self, x):
+            y = torch.sigmoid(self.fc(x))
+            return y.detach() * y
+
+    net = Detached().double()
+    x = torch.randn(B, I, dtype=torch.float64)
+    tm = from_torch(net, (x,))
+    params = {n: import_tensor(p) for n, p in net.named_parameters()}
+    g = jax.grad(lambda p: jnp.sum(tm._bridge.lowered(p, {}, import_tensor(x))[0]))(params)
+    net(x).sum().backward()
+    np.testing.assert_allclose(np.asarray(g["fc.weight"]), net.fc.weight.grad.numpy(),
+                               rtol=1e-12)
+
+
+class _ItemFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * float(x.abs().max())  # a value taken out of the graph: cannot be captured
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_function_that_cannot_be_captured_is_refused_by_name():
+    from etrace_bridge.errors import BridgeError
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(I, H)
+
+        def forward(self, x):
+            return _ItemFunction.apply(self.fc(x))
+
+    with pytest.raises(BridgeError) as info:
+        from_torch(Net(), (torch.randn(B, I),))
+    assert "_ItemFunction" in str(info.value)
+
+
+def test_state_the_bridge_cannot_see_fails_the_self_check():
+    from etrace_bridge.errors import ConversionCheckError
+
+    class Hidden(nn.Module):
+        """State in a Python list: torch.export bakes it in as a constant."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(I, H)
+            self.store = [torch.zeros(B, H)]
+
+        def forward(self, x):
+            v = 0.9 * self.store[0] + self.fc(x)
+            self.store[0] = v.detach()
+            return v
+
+    with pytest.raises(ConversionCheckError) as info:
+        from_torch(Hidden(), (torch.randn(B, I),))
+    msg = str(info.value)
+    assert "step 1" in msg and "output" in msg and "check=False" in msg
+    from_torch(Hidden(), (torch.randn(B, I),), check=False)  # the switch-off
+
+
+def test_wrong_lowering_fails_the_self_check():
+    from etrace_bridge.errors import ConversionCheckError
+
+    net = nn.Sequential(nn.Linear(I, H), nn.Tanh())
+    with pytest.raises(ConversionCheckError, match="step 0"):
+        from_torch(net, (torch.randn(B, I),), custom_ops={"aten::tanh": lambda x: x})
+
+
+def test_check_leaves_the_torch_module_and_rng_alone():
+    pytest.importorskip("snntorch")
+    net, args = _build("snntorch-Sequential")
+    before = {k: (v, v.shape) for k, v in net.named_buffers()}
+    attrs = {n: set(vars(m)) for n, m in net.named_modules()}
+    state = torch.random.get_rng_state()
+    from_torch(net, args)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert {k: (v, v.shape) for k, v in net.named_buffers()} == before
+    assert {n: set(vars(m)) for n, m in net.named_modules()} == attrs
+
+
+@_needs("snntorch")
+def test_tuple_output_needs_output_index():
+    net, args = _build("snntorch-Sequential")
+    with pytest.raises(ValueError, match="output=i"):
+        OnlineLearner(net, algorithm="es_d_rtrl", loss="mse", example_inputs=args)
+    with pytest.raises(ValueError, match="out of range"):
+        OnlineLearner(net, algorithm="es_d_rtrl", loss="mse", example_inputs=args, output=2)
+
+
+@_needs("snntorch")
+def test_torch_loss_may_take_the_tuple():
+    net, args = _build("snntorch-Sequential")
+
+    def spike_loss(outputs, target):
+        spk, mem = outputs
+        return ((spk - target) ** 2).mean() + 0.01 * (mem ** 2).mean()
+
+    learner = OnlineLearner(net, algorithm="es_d_rtrl", loss=spike_loss, example_inputs=args)
+    xs = _sequence(args, 4)
+    loss = learner.run(xs, torch.zeros(4, B, O))
+    assert np.isfinite(float(loss))
+    assert net[0].weight.grad is not None and torch.isfinite(net[0].weight.grad).all()
