@@ -23,6 +23,7 @@ from torch import nn
 
 from .conventions import param_like, torch_step
 from .losses import IGNORE_INDEX, resolve_loss
+from .state_slots import swapped_slots
 
 __all__ = ["BPTTResult", "TBPTTWindow", "GradientRow", "GradientReport", "bptt_gradients",
            "tbptt_windows", "tbptt_gradients", "compare_gradients"]
@@ -36,24 +37,6 @@ class BPTTResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- BPTT
-
-def _swap_in_buffer_copies(module):
-    """Replace every buffer by a clone; return what `_put_back` needs to undo it."""
-    originals, clones = [], {}
-    for name, buf in list(module.named_buffers(remove_duplicate=False)):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        originals.append((owner, leaf, buf))
-        if id(buf) not in clones:
-            clones[id(buf)] = buf.detach().clone()
-        owner._buffers[leaf] = clones[id(buf)]
-    return originals
-
-
-def _put_back(originals):
-    for owner, leaf, buf in originals:
-        owner._buffers[leaf] = buf
-
 
 def bptt_gradients(
     module: nn.Module,
@@ -74,8 +57,8 @@ def bptt_gradients(
     it receives `state` exactly as given.
 
     No side effects: `p.grad` is never touched (the gradients come from
-    `torch.autograd.grad`) and the module runs on clones of its buffers, so the
-    buffer tensors (identity and values) are as before. Parameters the loss does
+    `torch.autograd.grad`) and the module runs on clones of its buffers, tensor attributes
+    and spikingjelly memories (`etrace_bridge.state_slots`), which are put back after. Parameters the loss does
     not reach get zero gradients.
     """
     xs = torch.as_tensor(xs)
@@ -90,10 +73,9 @@ def bptt_gradients(
         step, state = torch_step(module, state, xs.shape[1], dtype, device)
 
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    originals = _swap_in_buffer_copies(module)
     outputs = []
     total = None
-    try:
+    with swapped_slots(module):
         with torch.enable_grad():
             for t in range(xs.shape[0]):
                 y, state = step(module, xs[t], state)
@@ -106,8 +88,6 @@ def bptt_gradients(
                 grads = [None] * len(named)
             else:
                 grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
-    finally:
-        _put_back(originals)
     grads = {n: (g.detach() if g is not None else torch.zeros_like(p))
              for (n, p), g in zip(named, grads)}
     value = 0.0 if total is None else float(total.detach())

@@ -21,10 +21,11 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from etrace_bridge.export import ExportedStep
+from etrace_bridge.state_slots import swapped_slots
 
 __all__ = ["CELLS", "Path", "StateLayout", "cell_layout", "rnn_layout", "explicit_layout",
            "torch_step", "required_positional", "param_like", "DefaultState", "default_state",
-           "initial_state_param", "default_state_step"]
+           "initial_state_param", "default_state_step", "size_example_states"]
 
 Path = tuple[str, ...]
 CELLS = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
@@ -213,6 +214,52 @@ def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
         export_args=(x.unsqueeze(time_axis), tensors if lstm else tensors[0]), update_args=(x,),
         batch_axes=(x_axis, (1, 1) if lstm else 1), batch=batch, init=init,
         step_inputs=step_inputs, split_outputs=split_outputs)
+
+
+def size_example_states(module: nn.Module, args: tuple) -> tuple:
+    """Example state inputs the library sizes lazily, given the size one step gives them.
+
+    `forward(x, *state) -> (y, *new_state)` modules of SNN libraries take start states that are
+    empty (snntorch `init_leaky()` is `zeros(0)`) or broadcast (norse `v = v_leak`, a scalar)
+    and let the first step size them. One eager warm-up step on copies (the module's slots and
+    RNG untouched) gives each state's size: an empty start value becomes zeros of that size, a
+    broadcastable one is broadcast. Other inputs are returned as they are.
+    """
+    if len(args) < 2:
+        return args
+    states = [pytree.tree_leaves(a) for a in args[1:]]
+    if not any(isinstance(t, torch.Tensor) and t.numel() <= 1 for leaves in states
+               for t in leaves):
+        return args
+    copies = pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,
+                             args)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), swapped_slots(module):
+        try:
+            out = module(*copies)
+        except Exception:
+            return args
+    if not isinstance(out, (tuple, list)) or len(out) != len(args):
+        return args
+    sized = [args[0]]
+    for arg, new in zip(args[1:], out[1:]):
+        if pytree.tree_structure(arg) != pytree.tree_structure(new):
+            sized.append(arg)
+            continue
+        leaves = [_sized(a, n) for a, n in zip(pytree.tree_leaves(arg), pytree.tree_leaves(new))]
+        sized.append(pytree.tree_unflatten(leaves, pytree.tree_structure(arg)))
+    return tuple(sized)
+
+
+def _sized(start, new):
+    if not (isinstance(start, torch.Tensor) and isinstance(new, torch.Tensor)) \
+            or start.shape == new.shape:
+        return start
+    if start.numel() == 0:
+        return torch.zeros_like(new)
+    try:
+        return torch.broadcast_to(start.detach(), new.shape).to(new.dtype).clone()
+    except RuntimeError:
+        return start
 
 
 def explicit_layout(module, args, step: ExportedStep, spec: Mapping | None) -> StateLayout:

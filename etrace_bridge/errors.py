@@ -19,3 +19,7 @@ class UnsupportedModelError(ExportError):
 
 class UnsupportedOpError(BridgeError, NotImplementedError):
     """An ATen op in the exported graph has no JAX lowering."""
+
+
+class ConversionCheckError(BridgeError):
+    """The converted step does not reproduce the torch model when both are run step by step."""

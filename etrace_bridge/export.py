@@ -19,7 +19,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
+from etrace_bridge.autograd_functions import (NAMESPACE, capture_functions, routed_call,
+                                              routed_functions)
 from etrace_bridge.errors import ExportError, UnsupportedModelError
+from etrace_bridge.state_slots import ABSENT, Slot, discover_slots
 
 __all__ = ["ExportedStep", "export_step", "decomposition_table", "user_frame"]
 
@@ -50,6 +53,8 @@ class ExportedStep:
     dynamic_batch: bool
     batch_size: int | None
     mutated_buffers: tuple[str, ...]
+    functions: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    state_values: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -61,9 +66,11 @@ class ExportedStep:
 
 
 def decomposition_table() -> dict:
-    """Default core-ATen decompositions, keeping `aten.linear` and `aten.convolution` whole."""
+    """Default core-ATen decompositions, keeping `aten.linear`, `aten.convolution` whole, and
+    `aten.detach` (decomposed it becomes `aten.alias`, and the gradient stop is lost)."""
     table = torch.export.default_decompositions()
-    for op in (torch.ops.aten.linear.default, torch.ops.aten.convolution.default):
+    for op in (torch.ops.aten.linear.default, torch.ops.aten.convolution.default,
+               torch.ops.aten.detach.default):
         table.pop(op, None)
     return table
 
@@ -103,11 +110,11 @@ def export_step(
         raise TypeError(f"export_step needs a torch.nn.Module, got {type(module).__name__}")
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _refuse_module_structure(module)
-    mutated = _trial_run(module, args)
+    slot_states = discover_slots(module, lambda: _eager_call(module, args))
     axes = _batch_axes(args, batch_axes)
     batch = _batch_size(args, axes)
-    lifted = tuple(mutated)
-    lift_axes = tuple(_state_axis(module.get_buffer(name), batch) for name in lifted)
+    lifted = tuple(slot_states)
+    lift_axes = tuple(_state_axis(s.init, batch) for s in lifted)
 
     program, is_dynamic = None, False
     if dynamic_batch and batch is not None:
@@ -125,8 +132,11 @@ def export_step(
             raise
         except Exception as err:
             raise _export_error(module, err) from err
+    with_autograd = _custom_ops_with_autograd(program)
     try:
-        with warnings.catch_warnings():
+        # Functions inside decompositions (a custom op's reference implementation) are routed
+        # too, so they keep their backward.
+        with warnings.catch_warnings(), routed_functions():
             warnings.simplefilter("ignore")
             program = program.run_decompositions(decomposition_table())
     except Exception as err:
@@ -135,9 +145,69 @@ def export_step(
             f"failed: {err}. Simplify the offending operation or open an issue with this message."
         ) from err
     _refuse_graph(program, module)
+    _refuse_lost_backward(with_autograd, program, module)
+    _refuse_new_state(program, args, lifted, module)
+    functions = capture_functions(program, export_step)
     step = _split_signature(program, args, lifted)
     return dataclasses.replace(
-        step, dynamic_batch=is_dynamic and _has_symbolic_shape(program), batch_size=batch)
+        step, dynamic_batch=is_dynamic and _has_symbolic_shape(program), batch_size=batch,
+        functions=functions)
+
+
+def _custom_ops_with_autograd(program) -> dict:
+    """Custom (non-ATen) op nodes with their own autograd formula: {op name: node}."""
+    found = {}
+    for node in program.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target.namespace in ("aten", "prims", NAMESPACE):
+            continue
+        name = target.name()
+        if any(torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+               for key in ("Autograd", "AutogradCPU")):
+            found[f"{target.namespace}::{target._schema.name.split('::')[-1]}"] = node
+    return found
+
+
+def _refuse_lost_backward(with_autograd: dict, program, module) -> None:
+    """A custom op with its own backward that torch decomposed: its backward is gone, unless the
+    decomposition (its reference implementation) computes through routed Functions."""
+    remaining = {f"{n.target.namespace}::{n.target._schema.name.split('::')[-1]}"
+                 for n in program.graph.nodes if n.op == "call_function"
+                 and isinstance(n.target, torch._ops.OpOverload)}
+    lost = [name for name in with_autograd if name not in remaining]
+    routed = any(routed_call(n.target) is not None for n in program.graph.nodes
+                 if n.op == "call_function")
+    if lost and not routed:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: the custom op(s) {', '.join(sorted(lost))} define their "
+            "own backward, but torch.export decomposed them into plain ATen ops, which would "
+            "give the converted step their forward with an autodiff gradient instead of that "
+            "backward. Pass a JAX implementation with custom_ops={'namespace::name': jax_fn} "
+            "(a jax.custom_vjp), or open an issue naming the op.")
+
+
+def _refuse_new_state(program, args, lifted, module) -> None:
+    """A slot the step reads but that did not exist before it: its start value is unknown."""
+    unread = _unread_slots(program, args, lifted)
+    bad = [s.slot for s in lifted if s.new and s.slot.name not in unread]
+    if bad:
+        listing = ", ".join(slot.describe() for slot in bad)
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: the step reads {listing} before writing it, but the "
+            "attribute does not exist until the first step runs, so its start value is "
+            "unknown. Create it in __init__ (e.g. self.register_buffer(name, torch.zeros(0)) "
+            "or an initial tensor), or pass it as a forward argument.")
+
+
+def _unread_slots(program, args, lifted) -> set[str]:
+    """Lifted slots whose incoming value the step never reads: not state (see state_slots)."""
+    users = [spec.arg.name for spec in program.graph_signature.input_specs
+             if spec.kind == InputKind.USER_INPUT]
+    n_model = len(pytree.tree_leaves(args))
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    return {s.slot.name for s, ph in zip(lifted, users[n_model:]) if not nodes[ph].users}
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -162,91 +232,11 @@ def _refuse_module_structure(module: torch.nn.Module) -> None:
                 f"{where} with p={sub.p} is in train mode: a random mask cannot be reproduced by "
                 "the JAX step. Call .eval() on the model (or the dropout module) before "
                 "converting, or set p=0.")
-        _refuse_autograd_function_names(sub, where)
 
-
-def _refuse_autograd_function_names(sub: torch.nn.Module, where: str) -> None:
-    """Find `SomeFunction.apply` used directly in a forward (also catches no-grad paths)."""
-    forward = getattr(type(sub), "forward", None)
-    code = getattr(forward, "__code__", None)
-    if code is None or "apply" not in code.co_names:
-        return
-    scope = getattr(forward, "__globals__", {})
-    for name in code.co_names:
-        obj = scope.get(name)
-        if _is_user_autograd_function(obj):
-            raise _autograd_function_error(obj, where)
-
-
-def _is_user_autograd_function(obj: Any) -> bool:
-    return (isinstance(obj, type) and issubclass(obj, torch.autograd.Function)
-            and not obj.__module__.startswith("torch"))
-
-
-def _autograd_function_error(cls: type, where: str) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"{where} calls the torch.autograd.Function `{cls.__module__}.{cls.__qualname__}`. "
-        "torch.export keeps its forward and drops its backward, so the JAX step would get the "
-        "wrong gradient (for a surrogate spike: zero). Rewrite it with "
-        "`@torch.library.custom_op` plus `register_fake` and `register_autograd`, and pass its "
-        "JAX twin (a jax.custom_vjp function) as `custom_ops={'namespace::name': jax_fn}`.")
-
-
-def _plain_attribute_error(owner: str, cls: str, attr: str) -> UnsupportedModelError:
-    dotted = f"{owner}.{attr}" if owner else attr
-    return UnsupportedModelError(
-        f"`{dotted}` ({cls}) is a plain tensor attribute assigned or modified in forward. "
-        "torch.export turns it into a constant, so its update would be silently lost. Register "
-        f"it with `self.register_buffer('{attr}', tensor)` in __init__ so it becomes state.")
-
-
-def _trial_run(module: torch.nn.Module, args: tuple) -> list[str]:
-    """Run forward once eagerly on private copies of the buffers; return the mutated buffers.
-
-    The same run refuses plain tensor attributes that forward assigns and user
-    `torch.autograd.Function`s found in the autograd graph. The user's tensors and RNG are
-    untouched.
-    """
-    swapped_buffers, swapped_attrs = [], []
-    for owner, sub in module.named_modules():
-        for attr, buf in list(sub._buffers.items()):
-            if buf is not None:
-                copy = buf.detach().clone()
-                swapped_buffers.append((owner, sub, attr, buf, copy, copy._version))
-                sub._buffers[attr] = copy
-        for attr, val in list(vars(sub).items()):
-            if isinstance(val, torch.Tensor):
-                copy = val.detach().clone()
-                swapped_attrs.append((owner, sub, attr, val, copy, copy._version))
-                sub.__dict__[attr] = copy
-    before_attrs = {(id(sub), a) for _, sub, a, *_ in swapped_attrs}
-    try:
-        outputs = _eager_call(module, args)
-        for owner, sub, attr, _, copy, version in swapped_attrs:
-            now = sub.__dict__.get(attr)
-            if now is not copy or copy._version != version:
-                raise _plain_attribute_error(owner, type(sub).__name__, attr)
-        for owner, sub in module.named_modules():
-            for attr, val in vars(sub).items():
-                if isinstance(val, torch.Tensor) and (id(sub), attr) not in before_attrs:
-                    raise _plain_attribute_error(owner, type(sub).__name__, attr)
-        mutated, roots = [], list(pytree.tree_leaves(outputs))
-        for owner, sub, attr, _, copy, version in swapped_buffers:
-            now = sub._buffers.get(attr)
-            if now is not copy or copy._version != version:
-                mutated.append(f"{owner}.{attr}" if owner else attr)
-                roots.append(now)
-        _refuse_autograd_functions(roots, module)
-        return mutated
-    finally:
-        for _, sub, attr, original, *_ in swapped_buffers:
-            sub._buffers[attr] = original
-        for _, sub, attr, original, *_ in swapped_attrs:
-            sub.__dict__[attr] = original
 
 
 def _eager_call(module: torch.nn.Module, args: tuple) -> Any:
-    """forward on the example inputs with grad enabled (to see autograd Functions)."""
+    """forward on the example inputs (with grad, as the model will be trained)."""
     def grad_arg(x):
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             return x.detach().clone().requires_grad_(True).clone()
@@ -269,22 +259,6 @@ def _eager_call(module: torch.nn.Module, args: tuple) -> Any:
                 f"{type(module).__name__} failed when run eagerly on the example inputs: "
                 f"{type(err).__name__}: {err}. Check the example inputs' shapes and dtypes "
                 "(one time step, batch first) before converting.") from err
-
-
-def _refuse_autograd_functions(roots: Sequence[Any], module: torch.nn.Module) -> None:
-    """Walk the autograd graph of the trial outputs for user `torch.autograd.Function` nodes."""
-    seen, stack = set(), [t.grad_fn for t in roots
-                          if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
-            cls = getattr(node, "_forward_cls", None)
-            if _is_user_autograd_function(cls):
-                raise _autograd_function_error(cls, type(module).__name__)
-        stack.extend(fn for fn, _ in getattr(node, "next_functions", ()))
 
 
 def _refuse_graph(program: torch.export.ExportedProgram, module: torch.nn.Module) -> None:
@@ -331,28 +305,29 @@ def _export_error(module: torch.nn.Module, err: Exception) -> ExportError:
 # ----------------------------------------------------------------------------- export
 
 
-class _LiftedBuffers(torch.nn.Module):
-    """Wraps a module so the listed buffers are explicit inputs and their new values outputs."""
+class _LiftedSlots(torch.nn.Module):
+    """Wraps a module so the listed state slots are explicit inputs and their new values outputs.
 
-    def __init__(self, inner: torch.nn.Module, names: Sequence[str]):
+    The module's own objects are put back after the call (attributes it created are removed).
+    """
+
+    def __init__(self, inner: torch.nn.Module, slots: Sequence[Slot]):
         super().__init__()
         self.inner = inner
-        self.names = tuple(names)
+        self.slots = tuple(slots)
 
     def forward(self, inputs, states):
-        slots = []
-        for name, value in zip(self.names, states):
-            owner, _, attr = name.rpartition(".")
-            sub = self.inner.get_submodule(owner)
-            slots.append((sub, attr, sub._buffers[attr]))
-            sub._buffers[attr] = value
+        originals = [slot.get(self.inner, None) for slot in self.slots]
+        present = [slot.get(self.inner, ABSENT) is not ABSENT for slot in self.slots]
         try:
+            for slot, value in zip(self.slots, states):
+                slot.set(self.inner, value)
             out = self.inner(*inputs)
-            new = [sub._buffers[attr] for sub, attr, _ in slots]
+            new = [slot.get(self.inner) for slot in self.slots]
             new = [n.clone() if n is v else n for n, v in zip(new, states)]
         finally:
-            for sub, attr, original in slots:
-                sub._buffers[attr] = original
+            for slot, original, was in zip(self.slots, originals, present):
+                slot.set(self.inner, original if was else ABSENT)
         return out, new
 
 
@@ -382,10 +357,10 @@ def _state_axis(buf: torch.Tensor, batch: int | None) -> int | None:
 
 def _export(module, args, lifted, axes, lift_axes, batch) -> torch.export.ExportedProgram:
     """One torch.export call; dynamic on the batch axes when `axes` is given."""
-    target = _LiftedBuffers(module, lifted) if lifted else module
+    target = _LiftedSlots(module, [s.slot for s in lifted]) if lifted else module
     # Fresh tensors: export merges inputs that alias each other (LSTM (h, h) would read h twice).
     args = pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, args)
-    states = [module.get_buffer(n).detach().clone() for n in lifted]
+    states = [s.init.detach().clone() for s in lifted]
     call_args = (args, states) if lifted else args
     dynamic = None
     if axes is not None:
@@ -398,7 +373,8 @@ def _export(module, args, lifted, axes, lift_axes, batch) -> torch.export.Export
         in_dyn = pytree.tree_map(shape, axes, is_leaf=lambda v: v is None)
         dynamic = (in_dyn, [shape(a) for a in lift_axes]) if lifted else in_dyn
     # torch prints the partial graph of a failed export to stderr; the error we raise carries it.
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+            routed_functions():
         warnings.simplefilter("ignore")
         return torch.export.export(target, tuple(call_args), dynamic_shapes=dynamic)
 
@@ -429,9 +405,13 @@ def _split_signature(program, args, lifted) -> ExportedStep:
             raise ExportError(f"unsupported graph input kind {spec.kind} for `{spec.target}`; "
                               "open an issue with this model")
     n_model = len(pytree.tree_leaves(args))
+    unread = _unread_slots(program, args, lifted)
     if lifted:
-        for placeholder, buffer_name in zip(users[n_model:], lifted):
-            buffers[placeholder] = buffer_name
+        for placeholder, slot in zip(users[n_model:], lifted):
+            if slot.slot.name in unread:
+                constants[placeholder] = slot.init
+            else:
+                buffers[placeholder] = slot.slot.name
         users = users[:n_model]
 
     outputs, mutations = [], {}
@@ -446,15 +426,17 @@ def _split_signature(program, args, lifted) -> ExportedStep:
     in_spec = pytree.tree_structure(args)
     if lifted:
         n_state = len(lifted)
-        for pos, name in zip(outputs[len(outputs) - n_state:], lifted):
-            mutations[pos] = name
+        for pos, slot in zip(outputs[len(outputs) - n_state:], lifted):
+            if slot.slot.name not in unread:
+                mutations[pos] = slot.slot.name
         outputs = outputs[:len(outputs) - n_state]
         out_spec = out_spec.child(0)
     return ExportedStep(
         program=program, user_inputs=tuple(users), parameters=params, buffers=buffers,
         constants=constants, buffers_to_mutate=mutations, user_outputs=tuple(outputs),
         in_spec=in_spec, out_spec=out_spec, dynamic_batch=False, batch_size=None,
-        mutated_buffers=tuple(dict.fromkeys(list(lifted) + list(mutations.values()))))
+        mutated_buffers=tuple(dict.fromkeys(mutations.values())),
+        state_values={s.slot.name: s.init for s in lifted if s.slot.name not in unread})
 
 
 def _has_symbolic_shape(program) -> bool:

@@ -24,12 +24,15 @@ class OnlineLearner:
     the online gradient to each torch parameter's `.grad` (as `loss.backward()` would), so any
     `torch.optim` optimizer can take the step. `run(xs, targets)` does a whole time-major
     sequence in one compiled call. Parameters are re-read from torch at every call, so in-place
-    optimizer updates are always seen.
+    optimizer updates are always seen. A model returning several outputs (snntorch
+    `output=True`: `(spk, mem)`) needs `output=i`, the output the loss applies to, unless
+    `loss` is a torch callable that takes the whole tuple.
     """
 
     def __init__(self, module: torch.nn.Module, *, algorithm: str = "es_d_rtrl",
                  loss: Any = "mse", example_inputs: Any, custom_ops=None, state=None,
-                 dynamic_batch: bool = True, **algorithm_options):
+                 dynamic_batch: bool = True, output: Optional[int] = None,
+                 **algorithm_options):
         self.torch_module = module
         _refuse_complex_parameters(module)
         self.model: TorchModule = from_torch(module, example_inputs, state=state,
@@ -39,7 +42,8 @@ class OnlineLearner:
         self._example = self.model.example_step_inputs()
         self.algorithm.compile_graph(*self._example)
         self.algorithm.init_etrace_state()
-        self.loss_fn = _jax_loss(loss, self.model, self._example, custom_ops)
+        self.loss_fn = select_output(_jax_loss(loss, self.model, self._example, custom_ops),
+                                     loss, output, _output_shapes(self.model, self._example))
         self._params = self.model.torch_parameters()
 
     # -- training -------------------------------------------------------------------------------
@@ -150,6 +154,46 @@ def _refuse_complex_parameters(module: torch.nn.Module) -> None:
             "forward with torch.complex(re, im); complex states and ops are supported.")
 
 
+def _output_shapes(model: TorchModule, example) -> Any:
+    """The output's shape, or a list of shapes for a tuple output (one eager step; hidden states
+    put back)."""
+    hidden = model.states(brainstate.HiddenState)
+    saved = {k: st.value for k, st in hidden.items()}
+    try:
+        out = model.update(*example)
+    finally:
+        for k, st in hidden.items():
+            st.value = saved[k]
+    if isinstance(out, (tuple, list)):
+        return [jax.tree.map(jnp.shape, o) for o in out]
+    return jax.tree.map(jnp.shape, out)
+
+
+def select_output(loss_fn: Callable, loss: Any, output: Optional[int], shapes) -> Callable:
+    """The loss on output `output` of a multi-output model; the whole output otherwise.
+
+    A multi-output model with a named loss and no `output=` is ambiguous: a clear error.
+    """
+    is_tuple = isinstance(shapes, list)
+    if output is None:
+        if is_tuple and isinstance(loss, str):
+            raise ValueError(
+                f"the model returns {len(shapes)} outputs (shapes {shapes}), so the "
+                f"loss {loss!r} does not know which one it applies to. Pass output=i "
+                "(e.g. output=0 for the spikes of snntorch's (spk, mem)), or a loss callable "
+                "that takes the whole tuple: loss(outputs, target).")
+        return loss_fn
+    if not is_tuple:
+        if output != 0:
+            raise ValueError(f"output={output}: the model returns a single output; use "
+                             "output=0 or leave it out")
+        return loss_fn
+    if not -len(shapes) <= output < len(shapes):
+        raise ValueError(f"output={output} is out of range: the model returns {len(shapes)} "
+                         f"outputs (shapes {shapes})")
+    return lambda out, target: loss_fn(out[output], target)
+
+
 def _jax_loss(loss, model: TorchModule, example, custom_ops) -> Callable:
     """A JAX loss(output, target) from a name, or from a torch loss exported by the bridge."""
     if isinstance(loss, str):
@@ -168,11 +212,21 @@ class _TorchLoss:
         self._lowered = {}
 
     def __call__(self, output, target):
-        key = (jnp.shape(output), jnp.result_type(output), jnp.shape(target), jnp.result_type(target))
+        key = (str(jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), output)),
+               jnp.shape(target), jnp.result_type(target))
         if key not in self._lowered:
-            example = (_example_tensor(output), _example_tensor(target))
-            self._lowered[key] = from_torch(self.loss, example, state={"inputs": [], "outputs": []},
-                                            dynamic_batch=False, custom_ops=self.custom_ops)
+            example = (jax.tree.map(_example_tensor, output), _example_tensor(target))
+            try:
+                self._lowered[key] = from_torch(
+                    self.loss, example, state={"inputs": [], "outputs": []},
+                    dynamic_batch=False, custom_ops=self.custom_ops)
+            except Exception as err:
+                if not isinstance(output, (tuple, list)):
+                    raise
+                raise ValueError(
+                    f"the loss cannot take the model's {len(output)} outputs as a tuple "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                    "Pass output=i to apply it to one output.") from err
         return jnp.sum(self._lowered[key].update(output, target))
 
 

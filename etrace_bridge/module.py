@@ -17,15 +17,17 @@ import functools
 from typing import Any, Mapping
 
 import brainstate
+import jax
 import jax.numpy as jnp
 import torch
 import torch.utils._pytree as pytree
 from jax import lax
 
 from etrace_bridge.arrays import check_float64, import_tensor
+from etrace_bridge.check import check_conversion
 from etrace_bridge.conventions import (CELLS, Path, StateLayout, cell_layout, cross_layer_notes,
                                        default_state, explicit_layout, initial_state_param,
-                                       rnn_layout)
+                                       rnn_layout, size_example_states)
 from etrace_bridge.export import ExportedStep, export_step
 from etrace_bridge.lowering import LoweredStep, lower
 from etrace_bridge.lowering.complex import make_complex
@@ -157,9 +159,10 @@ class TorchModule(brainstate.nn.Module):
 
     def _check_batch(self, inputs) -> None:
         b = self._bridge
-        if b.batch_size is None or not inputs or jnp.ndim(inputs[0]) < 2:
+        first = jax.tree.leaves(inputs)[:1]  # an input may be a tuple (a loss's outputs)
+        if b.batch_size is None or not first or jnp.ndim(first[0]) < 2:
             return
-        size = jnp.shape(inputs[0])[0]
+        size = jnp.shape(first[0])[0]
         if not b.dynamic_batch and size != b.batch_size:
             raise ValueError(
                 f"this model was exported with a static batch size of {b.batch_size} (torch "
@@ -306,6 +309,7 @@ def from_torch(
     state: Mapping | None = None,
     dynamic_batch: bool = True,
     custom_ops: Mapping | None = None,
+    check: bool = True,
 ) -> TorchModule:
     """Convert a torch model to a `TorchModule` running one step in JAX.
 
@@ -313,7 +317,9 @@ def from_torch(
     'names': [..]}`): `nn.RNNCell/GRUCell/LSTMCell` called as `cell(x, h)` / `cell(x, (h, c))`;
     `nn.RNN/GRU/LSTM` one step at a time with per-layer states; `forward(x, *state) ->
     (y, *new_state)`; and buffers mutated in forward. `custom_ops` maps 'namespace::name' of a
-    `torch.library.custom_op` to its JAX implementation.
+    `torch.library.custom_op` to its JAX implementation. With `check` (default) the converted
+    step is run against the torch module for a few steps (`etrace_bridge.check`); a divergence
+    is a `ConversionCheckError`.
     """
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_float64(module, args)
@@ -323,6 +329,7 @@ def from_torch(
         layout = rnn_layout(module, args)
     else:
         layout = None
+        args = args if state is not None else size_example_states(module, args)
     default = default_state(module, args) if layout is None and state is None else None
     if default is not None:   # forward(x, h=None): the state the model creates for itself
         args = args + (default.value,)
@@ -339,7 +346,8 @@ def from_torch(
     buffer_states = [(tuple(name.split(".")), name) for name in step.mutated_buffers]
     state_init = {p: (t.detach(), axis) for p, (t, axis) in layout.init.items()}
     for path, name in buffer_states:
-        buf = module.get_buffer(name)
+        buf = step.state_values.get(name)
+        buf = module.get_buffer(name) if buf is None else buf
         state_init[path] = (buf.detach().clone(),
                             0 if batch is not None and buf.ndim >= 1 and buf.shape[0] == batch
                             else None)
@@ -352,7 +360,10 @@ def from_torch(
         batch_size=batch, dynamic_batch=step.dynamic_batch,
         complex_states=frozenset(p for p, (v, _) in state_init.items() if v.is_complex()),
         state_params=state_params, notes=cross_layer_notes(module))
-    return TorchModule(bridge)
+    converted = TorchModule(bridge)
+    if check:
+        check_conversion(converted)
+    return converted
 
 
 def _initial_state_params(module, layout: StateLayout, default) -> dict[Path, str]:

@@ -57,3 +57,13 @@ def test_examples_have_main_and_quick_flag(name):
     source = (EXAMPLES / f"{name}.py").read_text()
     assert "def main(argv=None)" in source and "--quick" in source
     assert 'if __name__ == "__main__":' in source
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("snntorch", "spikingjelly")),
+                    reason="snntorch/spikingjelly not installed (the `snn` extra, --no-deps)")
+def test_snn_libraries_learn(capsys):
+    result, _ = run_quick("snn_libraries", capsys)
+    for name in ("snntorch", "spikingjelly"):
+        r = result[name]
+        assert r["last_loss"] < r["first_loss"], r["history"]
+        assert r["final_test_accuracy"] > 0.7, r["history"]   # chance 0.5

@@ -19,6 +19,7 @@ from etrace_bridge.export import ExportedStep, user_frame
 
 from .param_views import find_param_views
 from .record import weight_positions
+from .functions import function_vjp
 from .table import OP_TABLE
 
 __all__ = ["lower", "LoweredStep"]
@@ -108,6 +109,11 @@ class LoweredStep:
     def __init__(self, step: ExportedStep, custom_ops: Mapping | None = None):
         self.step = step
         custom = _custom_table(custom_ops)
+        functions = {}  # one jax.custom_vjp per captured torch.autograd.Function (and shape)
+        for captured in step.functions.values():
+            if captured not in functions:
+                functions[captured] = function_vjp(captured, LoweredStep)
+        by_node = {n: functions[c] for n, c in step.functions.items()}
         nodes = list(step.graph.nodes)
         self._placeholders = [n for n in nodes if n.op == "placeholder"]
         self._output = next(n for n in nodes if n.op == "output")
@@ -117,6 +123,9 @@ class LoweredStep:
             if node.op != "call_function":
                 if node.op not in ("placeholder", "output"):
                     problems.append(f"graph node kind `{node.op}` ({node.target})")
+                continue
+            if node.name in by_node:
+                self._plan.append((node, by_node[node.name]))
                 continue
             try:
                 self._plan.append((node, *_resolve(node, custom, views)))

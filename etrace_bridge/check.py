@@ -1,0 +1,163 @@
+"""The conversion checks itself: torch eagerly and the converted JAX step, side by side.
+
+`check_conversion(tm)` runs the torch module eagerly for a few steps from a copy of the state
+the converted module starts from, and the converted step in JAX, on the same random inputs.
+The first output or state that differs beyond the dtype's tolerance (relative 1e-4 in float32,
+1e-10 in float64) is a `ConversionCheckError` naming the step, the output or state, and the
+size of the difference. The torch module's buffers, attributes, memories and the global RNGs
+are left as they were; the JAX module's hidden states are put back.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+from etrace_bridge.arrays import import_tensor, x64_enabled
+from etrace_bridge.errors import ConversionCheckError
+from etrace_bridge.state_slots import all_slots, swapped_slots
+
+__all__ = ["check_conversion", "Mismatch", "TOLERANCE"]
+
+TOLERANCE = {np.dtype("float32"): 1e-4, np.dtype("float64"): 1e-10,
+             np.dtype("float16"): 1e-2}
+
+
+class Mismatch(NamedTuple):
+    step: int
+    what: str
+    max_abs: float
+    max_rel: float
+    tol: float
+
+
+def check_conversion(tm, steps: int = 3, seed: int = 0) -> None:
+    """Raise `ConversionCheckError` when `tm` does not reproduce its torch module (see above)."""
+    b = tm._bridge
+    if b.lowered._uses_f64 and not x64_enabled():
+        return  # the converted step refuses to run at all; its first call says why
+    inputs = _random_inputs(b.layout.update_args, steps, seed)
+    reference = _torch_run(b, inputs)
+    with jax.ensure_compile_time_eval():  # eager also when converted inside a trace (a loss)
+        converted = _jax_run(tm, inputs)
+    for k, (ref, got) in enumerate(zip(reference, converted)):
+        for what in ref:
+            bad = _compare(k, what, ref[what], got.get(what))
+            if bad is not None:
+                raise _error(tm, bad, steps)
+
+
+def _random_inputs(examples: tuple, steps: int, seed: int) -> list[tuple]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            scale = max(1.0, float(x.detach().abs().max())) if x.numel() else 1.0
+            noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+            return (2 * scale * noise).to(x.dtype)
+        return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+    return [tuple(pytree.tree_map(draw, x) for x in examples) for _ in range(steps)]
+
+
+def _flatten(prefix: str, tree) -> dict[str, Any]:
+    leaves = pytree.tree_leaves(tree)
+    if len(leaves) == 1 and not isinstance(tree, (tuple, list, dict)):
+        return {prefix: leaves[0]}
+    return {f"{prefix}[{i}]": leaf for i, leaf in enumerate(leaves)}
+
+
+def _torch_run(b, inputs: list[tuple]) -> list[dict]:
+    """Eager torch steps from copies of the module's own state (its buffers, attributes and
+    memories as the user left them, so lazily sized states are sized by the library itself) and
+    of the example state inputs; everything is put back after."""
+    by_name = {s.name: s for s in all_slots(b.torch_module)}
+    slot_paths = {p: name for p, name in b.buffer_states}
+    states = {p: import_tensor(v, copy=True) for p, (v, _) in b.layout.init.items()}
+    records = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), \
+            swapped_slots(b.torch_module):
+        for xs in inputs:
+            step_in = b.layout.step_inputs(_import(xs), states)
+            out = b.torch_module(*pytree.tree_map(_to_torch, step_in))
+            y, states = b.layout.split_outputs(pytree.tree_map(
+                lambda t: import_tensor(t, copy=True) if isinstance(t, torch.Tensor) else t, out))
+            record = _flatten("output", y)
+            record.update({f"state {'.'.join(p)}": v for p, v in states.items()})
+            for p, name in slot_paths.items():
+                record[f"state {name}"] = import_tensor(by_name[name].get(b.torch_module),
+                                                        copy=True)
+            records.append(record)
+    return records
+
+
+def _import(xs: tuple) -> tuple:
+    return tuple(pytree.tree_map(
+        lambda t: import_tensor(t, copy=True) if isinstance(t, torch.Tensor) else t, x)
+        for x in xs)
+
+
+def _to_torch(x):
+    if isinstance(x, (jnp.ndarray, np.ndarray)):
+        return torch.from_numpy(np.array(x))
+    return x
+
+
+def _jax_run(tm, inputs: list[tuple]) -> list[dict]:
+    """The converted steps from the module's start state; hidden states put back after."""
+    import brainstate
+
+    b = tm._bridge
+    hidden = tm.states(brainstate.HiddenState)
+    saved = {k: s.value for k, s in hidden.items()}
+    tm.init_state()
+    records = []
+    try:
+        for xs in inputs:
+            y = tm.update(*_import(xs))
+            record = _flatten("output", y)
+            record.update({f"state {'.'.join(p)}": tm._state(p).value for p in b.layout.init})
+            record.update({f"state {name}": tm._state(p).value for p, name in b.buffer_states})
+            records.append(record)
+    finally:
+        for k, s in hidden.items():
+            s.value = saved[k]
+    return records
+
+
+def _compare(step: int, what: str, ref, got) -> Mismatch | None:
+    ref = np.asarray(ref)
+    if got is None:
+        return Mismatch(step, what + " (missing in the converted step)", float("inf"),
+                        float("inf"), 0.0)
+    got = np.asarray(got)
+    tol = TOLERANCE.get(ref.dtype, 1e-4) if ref.dtype.kind == "f" else 0.0
+    if ref.shape != got.shape:
+        return Mismatch(step, f"{what} (shape {got.shape}, torch {ref.shape})", float("inf"),
+                        float("inf"), tol)
+    if ref.size == 0:
+        return None
+    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    max_abs = float(np.max(diff))
+    if not np.all(np.isfinite(diff)) and not np.array_equal(np.isnan(ref), np.isnan(got)):
+        return Mismatch(step, what, float("nan"), float("nan"), tol)
+    if max_abs > tol * scale:
+        return Mismatch(step, what, max_abs, max_abs / scale, tol)
+    return None
+
+
+def _error(tm, bad: Mismatch, steps: int) -> ConversionCheckError:
+    name = type(tm.torch_module).__name__
+    return ConversionCheckError(
+        f"the converted {name} does not reproduce the torch model: at step {bad.step} (of "
+        f"{steps}, from the same start state and random inputs) {bad.what} differs by "
+        f"{bad.max_abs:.3g} (relative {bad.max_rel:.3g}, tolerance {bad.tol:g}). The model "
+        "probably keeps state or computes in a way the bridge does not see (state outside "
+        "buffers, attributes and forward arguments; randomness; Python-side branching on "
+        "values). Declare the state with state=, register it as a buffer, or open an issue with "
+        "this model; from_torch(..., check=False) skips this check.")
