@@ -123,15 +123,13 @@ def _detach(state):
     return state
 
 
-def _detach_buffers(module) -> None:
-    """Cut the autograd history of state kept in buffers (values unchanged)."""
-    done = {}
-    for name, buf in list(module.named_buffers(remove_duplicate=False)):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        if id(buf) not in done:
-            done[id(buf)] = buf.detach()
-        owner._buffers[leaf] = done[id(buf)]
+def _detach_slots(module, slots) -> None:
+    """Cut the autograd history of state kept in the module (buffers, tensor attributes,
+    library memories); values unchanged."""
+    for slot in slots:
+        value = slot.get(module, None)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            slot.set(module, value.detach())
 
 
 def tbptt_windows(
@@ -168,13 +166,12 @@ def tbptt_windows(
     loss_fn = resolve_loss(loss)
     if step is None:
         step, state = torch_step(module, state, xs.shape[1], dtype, device)
-    originals = _swap_in_buffer_copies(module)
-    try:
+    with swapped_slots(module) as slots:
         for start in range(0, xs.shape[0], window):
             stop = min(start + window, xs.shape[0])
             named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
             state = _detach(state)
-            _detach_buffers(module)
+            _detach_slots(module, slots)
             outputs, total, labelled = [], None, False
             with torch.enable_grad():
                 for t in range(start, stop):
@@ -195,8 +192,6 @@ def tbptt_windows(
             value = 0.0 if total is None else float(total.detach())
             state = _detach(state)
             yield TBPTTWindow(start, stop, value, grads, labelled, torch.stack(outputs))
-    finally:
-        _put_back(originals)
 
 
 def tbptt_gradients(
