@@ -21,6 +21,7 @@ from torch import nn
 
 from .conventions import param_like, torch_step
 from .losses import resolve_loss
+from .targets import check_targets
 
 __all__ = ["BPTTResult", "GradientRow", "GradientReport", "bptt_gradients", "compare_gradients"]
 
@@ -97,7 +98,9 @@ def bptt_gradients(
                 outputs.append(y.detach())
                 if targets[t] is None:
                     continue
-                term = loss_fn(y, torch.as_tensor(targets[t], device=device))
+                target = torch.as_tensor(targets[t], device=device)
+                check_targets(loss, tuple(y.shape), target)
+                term = loss_fn(y, target)
                 total = term if total is None else total + term
             if total is None or not total.requires_grad:
                 grads = [None] * len(named)

@@ -42,7 +42,7 @@ def measure_memory(cfg: CompareConfig, factory: ModelFactory, method: str,
     job = dict(config={**dataclasses.asdict(cfg), "model": factory.source}, method=method)
     code = "from etrace_bridge.compare.measure import memory_child; memory_child()"
     try:
-        proc = subprocess.run([sys.executable, "-P", "-c", code], input=json.dumps(job), text=True,
+        proc = subprocess.run(child_command(code), input=json.dumps(job), text=True,
                               capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return MemoryProfile(method, error=f"timed out after {timeout:.0f} s")
@@ -54,6 +54,12 @@ def measure_memory(cfg: CompareConfig, factory: ModelFactory, method: str,
     tail = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no output"]
     cause = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else tail[0].strip()
     return MemoryProfile(method, error=f"child exited with status {proc.returncode}: {cause}")
+
+
+def child_command(code: str) -> list[str]:
+    """The command line of a measuring child: `-P` keeps the working directory (and a script's
+    folder) off `sys.path`, so a file there named like a module (`numpy.py`) is never run."""
+    return [sys.executable, "-P", "-c", code]
 
 
 def memory_child() -> None:
