@@ -61,14 +61,14 @@ class OnlineLearner:
 
     def step(self, x_t, target_t) -> torch.Tensor:
         """One online step; returns the loss and accumulates gradients into `p.grad`."""
-        return self._run(_inputs_to_jax(x_t, step=True), _targets_to_jax(target_t, step=True),
-                         sequence=False)
+        return self._run(x_t, _inputs_to_jax(x_t, step=True),
+                         _targets_to_jax(target_t, step=True), sequence=False)
 
     def run(self, xs, targets) -> torch.Tensor:
         """A whole time-major sequence (T, B, ...) in one compiled call; returns the summed loss."""
-        return self._run(_inputs_to_jax(xs), _targets_to_jax(targets), sequence=True)
+        return self._run(xs, _inputs_to_jax(xs), _targets_to_jax(targets), sequence=True)
 
-    def _run(self, xs, ys, sequence: bool) -> torch.Tensor:
+    def _run(self, given, xs, ys, sequence: bool) -> torch.Tensor:
         with self._lock:
             params = self._prepare()
             args = xs if isinstance(xs, tuple) else (xs,)
@@ -76,14 +76,16 @@ class OnlineLearner:
             check_targets(self._loss_name, self._output_shape(), ys, leading=1)
             undo = self._undo_point() if self._finite.strict else None
             result = etrace_core.run_online(self.algorithm, self.loss_fn, args, ys)
-            problem = self._finite.check(args, result.loss, result.grads,
+            loss = torch.from_numpy(np.array(result.loss))
+            grads = _torch_grads(result.grads, params)
+            problem = self._finite.check(_torch_leaves(given), loss, grads,
                                          self.algorithm.etrace.value)
             if problem is not None:
                 if undo is not None:
                     undo()
                 self._finite.report(problem)
-            self._accumulate(result.grads, params)
-            return torch.from_numpy(np.array(result.loss))
+            _accumulate(grads, params)
+            return loss
 
     def _prepare(self) -> dict:
         """The live-model contract: refuse a stale conversion, re-read parameters and buffers."""
@@ -109,17 +111,6 @@ class OnlineLearner:
                 st.value = v
             self.algorithm.etrace.value = etrace
         return undo
-
-    def _accumulate(self, grads, params) -> None:
-        for path, param in params.items():
-            g = grads.get(path)
-            if g is None or not param.requires_grad:
-                continue  # frozen parameters get no .grad, as with loss.backward()
-            g = to_torch(g).to(device=param.device, dtype=param.dtype).reshape(param.shape)
-            if param.grad is None:
-                param.grad = g.clone()
-            else:
-                param.grad.add_(g)
 
     def _output_shape(self):
         outs = self.algorithm.graph.module_info.output_vars
@@ -206,6 +197,32 @@ def _example_tensor(a) -> torch.Tensor:
              np.dtype("int32"): torch.int64, np.dtype("int64"): torch.int64}.get(
         np.dtype(jnp.result_type(a)), torch.float32)
     return torch.zeros(tuple(jnp.shape(a)), dtype=dtype)
+
+
+def _torch_grads(grads, params) -> dict:
+    """The online gradients of the parameters that take one, as torch tensors (shared memory)."""
+    out = {}
+    for path, param in params.items():
+        g = grads.get(path)
+        if g is None or not param.requires_grad:
+            continue  # frozen parameters get no .grad, as with loss.backward()
+        out[path] = to_torch(g).to(device=param.device, dtype=param.dtype).reshape(param.shape)
+    return out
+
+
+def _accumulate(grads, params) -> None:
+    """Add to `.grad` as `loss.backward()` would (a clone: JAX owns the gradient's memory)."""
+    for path, g in grads.items():
+        param = params[path]
+        if param.grad is None:
+            param.grad = g.clone()
+        else:
+            param.grad.add_(g)
+
+
+def _torch_leaves(x) -> list:
+    leaves = x if isinstance(x, (tuple, list)) else [x]
+    return [t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t)) for t in leaves]
 
 
 def _inputs_to_jax(x, step: bool = False):

@@ -11,6 +11,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import torch
 
 __all__ = ["input_shape_error", "FiniteGuard"]
 
@@ -47,8 +48,12 @@ def _finite(tree):
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def _named(tree_by_name: dict) -> list[str]:
-    return [name for name, v in tree_by_name.items() if not bool(_finite(v))]
+def _floats(tensors) -> list[torch.Tensor]:
+    return [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
 
 
 class FiniteGuard:
@@ -58,22 +63,32 @@ class FiniteGuard:
         self.strict = strict
         self.warned = False
 
-    def check(self, inputs, loss, grads: dict, traces) -> str | None:
-        """A message naming the non-finite parts, or None. Traces only checked when strict."""
-        parts = (inputs, loss, grads, traces) if self.strict else (inputs, loss, grads)
-        if self.warned and not self.strict or bool(_finite(parts)):
+    def check(self, inputs, loss: torch.Tensor, grads: dict, etrace) -> str | None:
+        """A message naming the non-finite parts, or None. `inputs`: torch tensors; `grads`:
+        `{path: torch gradient}`; `etrace` (JAX traces) is only checked when strict."""
+        if self.warned and not self.strict:
+            return None
+        inputs = _floats(inputs)
+        tensors = [loss, *inputs, *grads.values()]
+        # fast path: one sum per tensor (inf/nan propagate; a finite overflow only costs the
+        # exact check below)
+        total = torch.stack([t.sum().to(torch.float64) for t in _floats(tensors)]).sum()
+        traces_ok = not self.strict or bool(_finite(etrace))
+        if bool(torch.isfinite(total)) and traces_ok:
             return None
         found = []
-        if not bool(_finite(inputs)):
+        if not all(_all_finite(t) for t in inputs):
             found.append("the step's inputs")
-        if not bool(_finite(loss)):
+        if not _all_finite(loss):
             found.append("the loss")
-        bad = _named({".".join(p): g for p, g in grads.items()})
+        bad = [".".join(p) for p, g in grads.items() if not _all_finite(g)]
         if bad:
             found.append("the gradients of " + ", ".join(f"`{n}`" for n in bad))
-        if self.strict and not bool(_finite(traces)):
+        if not traces_ok:
             found.append("the eligibility traces")
-        return ("non-finite values (inf or nan) in " + "; ".join(found or ["the step"])
+        if not found:
+            return None
+        return ("non-finite values (inf or nan) in " + "; ".join(found)
                 + ". Check the inputs for inf/nan, lower the learning rate, or clip gradients")
 
     def report(self, message: str) -> None:
