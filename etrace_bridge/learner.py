@@ -56,6 +56,7 @@ class OnlineLearner:
         self._live = LiveModel(module, [(p, ".".join(p)) for p in paths], constants)
         self._param_states = dict(self.model.states(brainstate.ParamState).items())
         self._finite = FiniteGuard(strict=check_finite)
+        self._compiled_shapes = (None, [])   # (module_info, its step input shapes)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -118,7 +119,10 @@ class OnlineLearner:
 
     def _ensure_batch(self, args, sequence: bool) -> None:
         """Each step's inputs must have the shapes the graph was compiled for."""
-        compiled = [tuple(v.aval.shape) for v in self.algorithm.graph.module_info.arg_invars]
+        info = self.algorithm.graph.module_info
+        if self._compiled_shapes[0] is not info:
+            self._compiled_shapes = (info, [tuple(v.aval.shape) for v in info.arg_invars])
+        compiled = self._compiled_shapes[1]
         given = [tuple(jnp.shape(a)) for a in jax.tree.leaves(args)]
         problem = input_shape_error(compiled, given, sequence=sequence)
         if problem is not None:
@@ -200,22 +204,30 @@ def _example_tensor(a) -> torch.Tensor:
 
 
 def _torch_grads(grads, params) -> dict:
-    """The online gradients of the parameters that take one, as torch tensors (shared memory)."""
+    """The online gradients of the parameters that take one, as torch tensors of their own."""
     out = {}
     for path, param in params.items():
         g = grads.get(path)
         if g is None or not param.requires_grad:
             continue  # frozen parameters get no .grad, as with loss.backward()
-        out[path] = to_torch(g).to(device=param.device, dtype=param.dtype).reshape(param.shape)
+        if param.device.type == "cpu" and param.dtype in _HOST_COPY:
+            # one host copy straight into a new tensor: cheaper than DLPack + clone
+            t = torch.from_numpy(np.array(g, dtype=_HOST_COPY[param.dtype]))
+        else:
+            t = to_torch(g).to(device=param.device, dtype=param.dtype).clone()
+        out[path] = t if t.shape == param.shape else t.reshape(param.shape)
     return out
 
 
+_HOST_COPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _accumulate(grads, params) -> None:
-    """Add to `.grad` as `loss.backward()` would (a clone: JAX owns the gradient's memory)."""
+    """Add to `.grad` as `loss.backward()` would."""
     for path, g in grads.items():
         param = params[path]
         if param.grad is None:
-            param.grad = g.clone()
+            param.grad = g
         else:
             param.grad.add_(g)
 
@@ -233,11 +245,29 @@ def _inputs_to_jax(x, step: bool = False):
 
 def _to_jax_input(t, step: bool):
     if isinstance(t, torch.Tensor):
-        return to_jax(t.detach().unsqueeze(0) if step else t.detach())
+        t = t.detach().unsqueeze(0) if step else t.detach()
+        return _small_copy(t) if _copy_is_cheaper(t) else to_jax(t)
     return jnp.asarray(t)[None] if step else jnp.asarray(t)
 
 
 def _targets_to_jax(t, step: bool = False):
     if isinstance(t, torch.Tensor):
-        return import_tensor(t.unsqueeze(0) if step else t)
+        t = t.detach().unsqueeze(0) if step else t.detach()
+        return _small_copy(t) if _copy_is_cheaper(t) else import_tensor(t)
     return jax.tree.map(lambda a: jnp.asarray(a)[None] if step else jnp.asarray(a), t)
+
+
+# Small CPU inputs (one step) are copied into JAX-owned memory: a JAX computation takes its own
+# buffers faster than DLPack-imported ones (measured: ~0.15 ms per step for GRUCell(32, 128),
+# batch 32), and the copy of a few KiB costs less. Same dtypes as `to_jax` (no downcast).
+_SMALL_INPUT = 1 << 16
+_COPYABLE = (torch.float32, torch.int32, torch.bool)
+
+
+def _copy_is_cheaper(t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu" and t.numel() <= _SMALL_INPUT and t.dtype in _COPYABLE
+            and not t.is_conj() and not t.is_neg())
+
+
+def _small_copy(t: torch.Tensor):
+    return jnp.asarray(t.numpy())

@@ -56,6 +56,20 @@ def _dotted(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
+class _Param(NamedTuple):
+    path: tuple
+    name: str
+    owner: torch.nn.Module    # the submodule holding it, and its attribute name there
+    attr: str
+    shape: tuple
+    dtype: torch.dtype
+
+
+def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    owner, _, attr = name.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), attr
+
+
 class _Imported(NamedTuple):
     """What a parameter looked like when it was last imported (see `needs_import`)."""
     tensor: torch.Tensor
@@ -75,8 +89,9 @@ class LiveModel:
         self._attrs = snapshot_attributes(module)
         self._children = tuple((where, sub, tuple(sub._modules.items()))
                                for where, sub in module.named_modules())
-        self._params = [(path, name, tuple(module.get_parameter(name).shape),
-                         module.get_parameter(name).dtype) for path, name in params]
+        self._params = [_Param(path, name, *_owner(module, name),
+                               tuple(module.get_parameter(name).shape),
+                               module.get_parameter(name).dtype) for path, name in params]
         self._buffers = {name: module.get_buffer(name).detach().clone() for name in constants}
         self._imported: dict[str, _Imported] = {}
 
@@ -117,14 +132,14 @@ class LiveModel:
     def parameters(self) -> dict[tuple, torch.nn.Parameter]:
         """`{path: parameter}` as the model holds them now (resolved by name)."""
         out, problems = {}, []
-        for path, name, shape, dtype in self._params:
-            try:
-                p = self.module.get_parameter(name)
-            except AttributeError:
+        for path, name, owner, attr, shape, dtype in self._params:
+            # `check()` ran first: the owner is still the submodule at that name
+            p = owner._parameters.get(attr)
+            if p is None:
                 problems.append(f"parameter `{name}` is gone (removed, or replaced by something "
                                 "that is not an nn.Parameter)")
                 continue
-            if tuple(p.shape) != shape or p.dtype != dtype:
+            if p.shape != shape or p.dtype != dtype:
                 problems.append(f"parameter `{name}` is now {p.dtype} of shape "
                                 f"{tuple(p.shape)}; it was converted as {dtype} of shape {shape}")
             out[path] = p

@@ -35,12 +35,11 @@ def check_targets(loss, output_shape, target, *, leading: int = 0) -> None:
     `output_shape` is one step's output shape; `target` may carry `leading` extra axes in front
     (the time axis of a sequence). Callables (user losses) are not checked here.
     """
-    if not isinstance(loss, str) or target is None:
+    if not isinstance(loss, str) or target is None or output_shape is None:
         return
-    target = np.asarray(target)
-    shape, out = tuple(target.shape[leading:]), tuple(output_shape)
+    shape, out = tuple(np.shape(target)[leading:]), tuple(output_shape)
     if loss == "cross_entropy":
-        _check_classes(out, target, shape)
+        _check_classes(out, np.asarray(target), shape)
     elif loss == "mse":
         _check_mse(out, shape)
 
