@@ -541,6 +541,7 @@ def test_parameters_are_never_stale(mutate):
     xs, ys = _data()
     learner.step(xs[0], ys[0])
     learner.reset_state()
+    assert learner._live.imports(learner._live.parameters()) == {}   # the skip is in effect
     mutate(model)
     model.zero_grad()
     loss = float(learner.step(xs[0], ys[0]))
