@@ -271,7 +271,8 @@ def run(*, quick: bool = False, progress=None, log=print) -> Dict[str, Any]:
         "dlpack/bridged_step": common.ratio(dl, med["bridged_step"]),
         "bridged_run/torch_bptt": common.ratio(med["bridged_run"], med["torch_bptt"]),
     }
-    for k in ("bridged_step", "torch_eager_step", "native_step", "dlpack_to_jax", "dlpack_to_torch", "sync_from_torch"):
+    for k in ("bridged_step", "torch_eager_step", "native_step", "dlpack_to_jax",
+              "dlpack_to_torch", "sync_from_torch"):
         log(f"  {k:16s} {common.fmt_ms(med[k])} / step")
     for k in ("bridged_run", "native_run", "torch_bptt"):
         log(f"  {k:16s} {common.fmt_ms(med[k])} / sequence (T={T})")

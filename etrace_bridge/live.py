@@ -93,7 +93,7 @@ class LiveModel:
                                tuple(module.get_parameter(name).shape),
                                module.get_parameter(name).dtype) for path, name in params]
         self._buffers = {name: module.get_buffer(name).detach().clone() for name in constants}
-        self._imported: dict[str, _Imported] = {}
+        self._imported: dict[tuple, _Imported] = {}
 
     # -- fixed at conversion
 
@@ -154,22 +154,17 @@ class LiveModel:
         """JAX arrays for the parameters whose memory JAX does not already see."""
         out = {}
         for path, p in params.items():
-            name = path
-            seen = self._imported.get(name)
+            seen = self._imported.get(path)
             t = p.detach()
             if (seen is not None and seen.shared and seen.tensor is p
                     and seen.data_ptr == t.data_ptr() and seen.shape == tuple(t.shape)
                     and seen.stride == t.stride() and seen.dtype == t.dtype):
                 continue
             out[path] = import_tensor(p)
-            shared = needs_copy(t) is None and not (t.dtype == torch.int64)
-            self._imported[name] = _Imported(p, t.data_ptr(), tuple(t.shape), t.stride(),
+            shared = needs_copy(t) is None and t.dtype != torch.int64   # int64: int32 copy
+            self._imported[path] = _Imported(p, t.data_ptr(), tuple(t.shape), t.stride(),
                                              t.dtype, shared)
         return out
-
-    def forget_imports(self) -> None:
-        """Re-import every parameter at the next step (after the model states were re-made)."""
-        self._imported.clear()
 
     def changed_buffers(self) -> list[str]:
         """Constant buffers whose value changed since the step was compiled."""
