@@ -3,7 +3,9 @@
 Model: ``nn.GRUCell(32, 128)`` + ``nn.Linear(128, 10)``, ``forward(x, h) -> (y, h)``, batch 32,
 MSE loss, ES-D-RTRL (decay 0.9) unless said otherwise. Measured:
 
-1. one online step, ``OnlineLearner.step(x_t, y_t)``, against the same network written with
+1. one online step, ``OnlineLearner.step(x_t, y_t)``, against torch eager doing that step's
+   forward and backward (goal <= 1.5x; ``python -m benchmarks.bridge --step-only`` measures just
+   this ratio) and against the same network written with
    ``etrace_core.nn`` (``GRUCell`` + ``Linear``) stepped with ``etrace_core.run_online`` on one time
    step (the path ``step`` takes inside); and a whole sequence, ``OnlineLearner.run`` against
    ``run_online`` on the native model (T = 100);
@@ -124,6 +126,14 @@ def time_steps(*, T: int = 100, repeats: int = 7, warmup: int = 2, progress=None
         model.zero_grad(set_to_none=True)
         return learner.step(xs[0], ys[0])
 
+    h0 = torch.zeros(BATCH, N_HID)
+
+    def torch_eager_step():
+        """The same step in torch: forward from a state, MSE, backward (grads in p.grad)."""
+        model.zero_grad(set_to_none=True)
+        y, _ = model(xs[0], h0)
+        torch.nn.functional.mse_loss(y, ys[0]).backward()
+
     def native_step():
         r = etrace_core.run_online(algo, loss_fn, x1, y1)
         return r.loss, r.grads
@@ -149,7 +159,8 @@ def time_steps(*, T: int = 100, repeats: int = 7, warmup: int = 2, progress=None
     def sync_params():
         learner.model.sync_from_torch()
 
-    step_cases = {"bridged_step": bridged_step, "native_step": native_step,
+    step_cases = {"bridged_step": bridged_step, "torch_eager_step": torch_eager_step,
+                  "native_step": native_step,
                   "dlpack_to_jax": dlpack_in, "dlpack_to_torch": dlpack_out,
                   "sync_from_torch": sync_params}
     seq_cases = {"bridged_run": bridged_run, "native_run": native_run, "torch_bptt": bptt}
@@ -254,11 +265,14 @@ def run(*, quick: bool = False, progress=None, log=print) -> Dict[str, Any]:
     dl = med["dlpack_to_jax"] + med["dlpack_to_torch"]
     result["ratios"] = {
         "bridged_step/native_step": common.ratio(med["bridged_step"], med["native_step"]),
+        "bridged_step/torch_eager_step": common.ratio(med["bridged_step"],
+                                                      med["torch_eager_step"]),
         "bridged_run/native_run": common.ratio(med["bridged_run"], med["native_run"]),
         "dlpack/bridged_step": common.ratio(dl, med["bridged_step"]),
         "bridged_run/torch_bptt": common.ratio(med["bridged_run"], med["torch_bptt"]),
     }
-    for k in ("bridged_step", "native_step", "dlpack_to_jax", "dlpack_to_torch", "sync_from_torch"):
+    for k in ("bridged_step", "torch_eager_step", "native_step", "dlpack_to_jax",
+              "dlpack_to_torch", "sync_from_torch"):
         log(f"  {k:16s} {common.fmt_ms(med[k])} / step")
     for k in ("bridged_run", "native_run", "torch_bptt"):
         log(f"  {k:16s} {common.fmt_ms(med[k])} / sequence (T={T})")
@@ -307,12 +321,16 @@ def goals(result):
     if "skipped" in result:
         why = result["skipped"]
         return [G("bridge: bridged step / native etrace_core step", None, 1.1, detail=why),
+                G("bridge: OnlineLearner.step / torch eager forward+backward of the step", None,
+                  1.5, detail=why),
                 G("bridge: export + lowering + first compile, cold (s)", None, 2.0, detail=why),
                 G("bridge: OnlineLearner.run / torch BPTT (T=100)", None, 1.0, detail=why),
                 G("bridge: online peak-RSS growth / BPTT growth (T=10 -> 1000)", None, 0.25,
                   detail=why)]
     r = result["ratios"]
     out = [G("bridge: bridged step / native etrace_core step", r["bridged_step/native_step"], 1.1),
+           G("bridge: OnlineLearner.step / torch eager forward+backward of the step",
+             r.get("bridged_step/torch_eager_step"), 1.5),
            G("bridge: bridged run / native run_online (T=100)", r["bridged_run/native_run"], 1.1)]
     c = result.get("compile", {})
     cold = c.get("cold", {}).get("total_s")
@@ -338,7 +356,48 @@ def goals(result):
     return out
 
 
+def step_speed(*, rounds: int = 100, calls: int = 10, log=print) -> Dict[str, float]:
+    """`OnlineLearner.step` against torch eager forward+backward of the same step, interleaved in
+    one process; best of `rounds` rounds of `calls` calls each (robust on a busy machine)."""
+    import torch
+    import torch.nn.functional as F
+
+    xs, ys = torch_data(2)
+    model = torch_model()
+    learner = make_learner(model, xs)
+    h0 = torch.zeros(BATCH, N_HID)
+
+    def eager():
+        model.zero_grad(set_to_none=True)
+        F.mse_loss(model(xs[0], h0)[0], ys[0]).backward()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        learner.step(xs[0], ys[0])
+
+    cases = {"torch_eager_step": eager, "bridged_step": step}
+    best = {k: float("inf") for k in cases}
+    for _ in range(2 * calls):
+        eager(), step()
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / calls)
+    best["ratio"] = best["bridged_step"] / best["torch_eager_step"]
+    log(f"torch GRUCell({N_IN},{N_HID}) + Linear, batch {BATCH}: OnlineLearner.step "
+        f"{best['bridged_step'] * 1e3:.3f} ms, torch eager forward+backward "
+        f"{best['torch_eager_step'] * 1e3:.3f} ms, ratio {best['ratio']:.2f} (goal <= 1.5)")
+    return best
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--step-only" in argv:
+        with common.torch_threads(1):
+            step_speed()
+        return 0
     return common.script_main(run, __doc__.splitlines()[0], argv)
 
 

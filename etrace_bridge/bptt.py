@@ -24,6 +24,7 @@ from torch import nn
 from .conventions import param_like, torch_step
 from .losses import IGNORE_INDEX, resolve_loss
 from .state_slots import swapped_slots
+from .targets import check_targets
 
 __all__ = ["BPTTResult", "TBPTTWindow", "GradientRow", "GradientReport", "bptt_gradients",
            "tbptt_windows", "tbptt_gradients", "compare_gradients"]
@@ -82,7 +83,9 @@ def bptt_gradients(
                 outputs.append(y.detach())
                 if targets[t] is None:
                     continue
-                term = loss_fn(y, torch.as_tensor(targets[t], device=device))
+                target = torch.as_tensor(targets[t], device=device)
+                check_targets(loss, tuple(y.shape), target)
+                term = loss_fn(y, target)
                 total = term if total is None else total + term
             if total is None or not total.requires_grad:
                 grads = [None] * len(named)

@@ -12,6 +12,7 @@ import dataclasses
 import io
 import os
 import re
+import threading
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +30,8 @@ __all__ = ["ExportedStep", "export_step", "decomposition_table", "user_frame"]
 _LIFT_PREFIX = "inner."
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _BRIDGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# torch.export is not thread-safe (its tracing state is global): conversions run one at a time
+_EXPORT_LOCK = threading.RLock()
 _FRAME_RE = re.compile(r'File "([^"]+)", line (\d+), in ([^\n]+)\n([^\n]*)')
 
 
@@ -105,7 +108,13 @@ def export_step(
     default axis 0 of every tensor whose first dimension equals the first input's. With
     `dynamic_batch`, that axis is a shared `torch.export.Dim`; if torch cannot keep it dynamic
     the step is exported with static shapes and `dynamic_batch=False` is recorded.
+    Conversions from several threads run one at a time.
     """
+    with _EXPORT_LOCK:
+        return _export_step(module, example_inputs, dynamic_batch, batch_axes)
+
+
+def _export_step(module, example_inputs, dynamic_batch, batch_axes) -> ExportedStep:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"export_step needs a torch.nn.Module, got {type(module).__name__}")
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -227,11 +236,21 @@ def _refuse_module_structure(module: torch.nn.Module) -> None:
                     f"{where} has dropout={sub.dropout} between layers in train mode, which "
                     "torch's exported RNN decomposition silently ignores. Set dropout=0, or call .eval() "
                     "before converting.")
+        if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm) and sub.training:
+            raise _batch_norm_error(where)
         if isinstance(sub, torch.nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
             raise UnsupportedModelError(
                 f"{where} with p={sub.p} is in train mode: a random mask cannot be reproduced by "
                 "the JAX step. Call .eval() on the model (or the dropout module) before "
                 "converting, or set p=0.")
+
+
+def _batch_norm_error(where: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{where} is batch normalisation in train mode: it normalises each step with the "
+        "statistics of the current batch and updates its running statistics, which a one-step "
+        "online graph cannot reproduce. Call .eval() on the model (or the BatchNorm module) "
+        "before converting, so it uses its running statistics.")
 
 
 
@@ -261,9 +280,17 @@ def _eager_call(module: torch.nn.Module, args: tuple) -> Any:
                 "(one time step, batch first) before converting.") from err
 
 
+_TRAIN_BATCH_NORM = (torch.ops.aten._native_batch_norm_legit_functional.default,
+                     torch.ops.aten._native_batch_norm_legit.default,
+                     torch.ops.aten._native_batch_norm_legit.no_stats)
+
+
 def _refuse_graph(program: torch.export.ExportedProgram, module: torch.nn.Module) -> None:
     """Refuse graph-level problems that module inspection cannot see (functional dropout)."""
     for node in program.graph.nodes:
+        if node.op == "call_function" and node.target in _TRAIN_BATCH_NORM:
+            where = user_frame(node.meta.get("stack_trace")) or type(module).__name__
+            raise _batch_norm_error(f"`{where}`")
         if node.op == "call_function" and node.target is torch.ops.aten.native_dropout.default:
             train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
             if train is None or train:

@@ -21,6 +21,8 @@ def _torch_mse(output, target):
 
 def _torch_cross_entropy(output, target):
     logits = output.reshape(-1, output.shape[-1])
+    if target.is_floating_point():  # class probabilities shaped like the output
+        return F.cross_entropy(logits, target.reshape(logits.shape).to(logits.dtype))
     labels = target.reshape(-1).long()
     valid = labels != IGNORE_INDEX
     per_item = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
@@ -36,6 +38,9 @@ def _jax_cross_entropy(output, target):
     import jax
     import jax.numpy as jnp
     logits = output.reshape(-1, output.shape[-1])
+    if jnp.issubdtype(target.dtype, jnp.floating):  # class probabilities shaped like the output
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.sum(target.reshape(logits.shape).astype(logp.dtype) * logp, -1))
     labels = target.reshape(-1).astype(jnp.int32)
     valid = labels != IGNORE_INDEX
     safe = jnp.where(valid, labels, 0)
@@ -57,7 +62,9 @@ def resolve_loss(loss: str | Callable, *, backend: str = "torch") -> Callable:
     'mse': mean squared error over all elements. 'cross_entropy': `output` logits
     `(B, C)` (or `(B, ..., C)`), integer targets `(B,)` (or `(B, ...)`); the mean over
     entries whose target is not IGNORE_INDEX (-100), and 0 when a step has none, so
-    per-step losses on targets padded with -100 need no special casing.
+    per-step losses on targets padded with -100 need no special casing; or float class
+    probabilities shaped like the output (the mean over entries, as torch). Targets are
+    validated by `etrace_bridge.targets.check_targets`.
     backend='jax' returns the JAX implementation with the same semantics.
     """
     if backend not in _LOSSES:

@@ -65,6 +65,13 @@ def test_bridge_smoke():
     assert math.isfinite(bridge.memory_case(method="bptt", T=3)["loss"])
 
 
+@pytest.mark.skipif(not bridge.have_bridge(), reason="etrace_bridge learner not importable")
+def test_bridge_step_speed_smoke():
+    with common.torch_threads(1):
+        r = bridge.step_speed(rounds=1, calls=1, log=lambda *a: None)
+    assert r["ratio"] > 0 and r["bridged_step"] > 0 and r["torch_eager_step"] > 0
+
+
 def test_main_writes_json(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "pin_threads", lambda: True)
     fake = {"goals": [common.Goal("g", 1.0, 2.0).as_dict()]}

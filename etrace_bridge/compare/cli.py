@@ -178,6 +178,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     cfg = config_from_args(args)
     import time
+    if args.out:
+        check_out_dir(args.out)   # before training: a report that cannot be written is lost
     start = time.perf_counter()
     log = lambda msg: print(f"[{PROG}] {msg} ({time.perf_counter() - start:.0f} s)",
                             file=sys.stderr, flush=True)
@@ -187,6 +189,21 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         path = write_report(result, args.out, argv)
         print(f"report written to {path}")
     return 0
+
+
+def check_out_dir(out: str) -> None:
+    """Create `out` if needed and check that files can be written there (UsageError if not)."""
+    import os
+    import tempfile
+
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UsageError(f"--out {out}: cannot write there ({reason}); choose a writable "
+                         "directory") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

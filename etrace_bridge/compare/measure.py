@@ -59,7 +59,7 @@ def measure_memory(cfg: CompareConfig, factory: ModelFactory, method: str,
     job = dict(config={**dataclasses.asdict(cfg), "model": factory.source}, method=method)
     code = "from etrace_bridge.compare.measure import memory_child; memory_child()"
     try:
-        proc = subprocess.run([sys.executable, "-P", "-c", code], input=json.dumps(job), text=True,
+        proc = subprocess.run(child_command(code), input=json.dumps(job), text=True,
                               capture_output=True, timeout=timeout, env=_child_env())
     except subprocess.TimeoutExpired as err:
         profile = parse_child_output(method, err.stdout or "")
@@ -100,6 +100,12 @@ def parse_child_output(method: str, stdout: str | bytes) -> MemoryProfile:
 
 def _emit(kind: str, **record) -> None:
     print(_MARK + json.dumps({"kind": kind, **record}), flush=True)
+
+
+def child_command(code: str) -> list[str]:
+    """The command line of a measuring child: `-P` keeps the working directory (and a script's
+    folder) off `sys.path`, so a file there named like a module (`numpy.py`) is never run."""
+    return [sys.executable, "-P", "-c", code]
 
 
 def memory_child() -> None:
