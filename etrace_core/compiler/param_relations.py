@@ -26,7 +26,7 @@ from .origins import merge_origins, origins
 from .perturbation import production_point
 from .positions import MANY, NONE, propagate, reachable, static_values
 from .recurrence import recurrence_notes
-from .relations import UntracedUse
+from .relations import UntracedUse, _groups_feeding_memory
 
 DEFAULT_DENSE_TRACE_BUDGET = 1 << 22   # elements of one dense trace (32 MiB in float64)
 
@@ -193,7 +193,6 @@ def _first_mixer(jaxpr, var, mixers, groups, made_at, stop, static) -> str:
 
 
 def _memory_notes(minfo, groups) -> Dict[int, str]:
-    from .relations import _groups_feeding_memory
     return _groups_feeding_memory(minfo, {p: g for g in groups for p in g.hidden_paths})
 
 

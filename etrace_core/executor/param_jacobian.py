@@ -14,9 +14,11 @@ from typing import Any, Dict, List
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.extend import core as jcore
 
-from etrace_core.compiler.jaxpr_tools import bind_eqn, read_var
+from etrace_core.compiler.jaxpr_tools import (CUSTOM_CALLS, _bind_raw, _positionwise_call,
+                                              read_var)
 
 Path = tuple
 
@@ -47,7 +49,7 @@ def param_jacobians(spec, args_flat, values: Dict[Path, Any]) -> List[List[Any]]
             env.update(zip(minfo.jaxpr.invars,
                            list(args_flat) + [vals[p] for p in minfo.state_paths]))
             for eqn in minfo.jaxpr.eqns:
-                outs = bind_eqn(eqn, [read_var(env, v) for v in eqn.invars])
+                outs = _forward_bind(eqn, [read_var(env, v) for v in eqn.invars])
                 for v, o in zip(eqn.outvars, outs):
                     if not isinstance(v, jcore.DropVar):
                         env[v] = lax.stop_gradient(o) if v in others else o
@@ -73,6 +75,52 @@ def param_jacobians(spec, args_flat, values: Dict[Path, Any]) -> List[List[Any]]
             slot = [g.index for g in r.hidden_groups].index(group.index)
             out[k][slot] = block[0] if r.kind == "elementwise" else jnp.moveaxis(block, 0, -1)
     return out
+
+
+def _forward_bind(eqn, invals) -> list:
+    """Evaluate one equation so that forward mode goes through it: loops as JAX's own (their
+    JVP exists), custom-VJP calls (surrogate spikes) through their reverse rule."""
+    if eqn.primitive.name in CUSTOM_CALLS and eqn.primitive.name != "custom_jvp_call":
+        return _custom_vjp_as_jvp(eqn, invals)
+    return _bind_raw(eqn, invals)
+
+
+def _custom_vjp_as_jvp(eqn, invals) -> list:
+    """A custom-VJP call (no forward mode in JAX) with a JVP built from its VJP. For a
+    position-wise call (a surrogate spike) the Jacobian of each output w.r.t. each same-shaped
+    operand is diagonal: one VJP with a ones cotangent per output gives it."""
+    positionwise = _positionwise_call(eqn)
+
+    @jax.custom_jvp
+    def call(*args):
+        return tuple(_bind_raw(eqn, args))
+
+    def call_jvp(primals, tangents):
+        outs, vjp = jax.vjp(call_raw, *primals)
+        tan_out = []
+        for k, o in enumerate(outs):
+            cts = tuple(jnp.ones_like(x) if i == k else jnp.zeros_like(x)
+                        for i, x in enumerate(outs))
+            grads = vjp(cts)
+            t = jnp.zeros_like(o)
+            for p, g, dt in zip(primals, grads, tangents):
+                if isinstance(dt, SymbolicZero) or g is None or not jnp.issubdtype(
+                        jnp.result_type(p), jnp.inexact):
+                    continue
+                if not positionwise or jnp.shape(p) != jnp.shape(o):
+                    name = eqn.params.get("name", eqn.primitive.name)
+                    raise NotImplementedError(
+                        f"a parameter trace needs the forward derivative of {name}, a custom-VJP "
+                        "function that is not position-wise; give it a custom_jvp rule")
+                t = t + (g * dt).astype(o.dtype)
+            tan_out.append(t)
+        return tuple(outs), tuple(tan_out)
+
+    def call_raw(*args):
+        return tuple(_bind_raw(eqn, args))
+
+    call.defjvp(call_jvp, symbolic_zeros=True)
+    return list(call(*invals))
 
 
 __all__ = ["param_jacobians"]

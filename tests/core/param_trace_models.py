@@ -174,5 +174,41 @@ class LIFDecay(_Cell):
         return self.out(spike_fn(V - 0.5 - 0.4 * a))
 
 
-__all__ = ["I", "H", "O", "IndRNN", "LeakyTau", "MinGRU", "RealLRU", "ConvLeaky", "NormLeaky",
+@jax.custom_vjp
+def heaviside_vjp(x):
+    """A spike with its surrogate as a custom VJP (what a torch.autograd.Function lowers to)."""
+    return (x > 0).astype(x.dtype)
+
+
+heaviside_vjp.defvjp(lambda x: (heaviside_vjp(x), x),
+                     lambda x, g: (g / (10 * jnp.abs(x) + 1) ** 2,))
+
+
+class LIFCustomVjp(_Cell):
+    """LIF whose adaptation reads the new spike (a custom-VJP surrogate) in the same step, with
+    a learnable per-unit decay and a learnable shared adaptation decay ``rho``::
+
+        V = alpha V + 5 (1 - alpha) x W - 0.3 a;  s = spike(V - 0.5);  a = rho a + s
+    """
+    state_names = ("V", "a")
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.W = nn.Linear(I, H, bias=False, key=seed)
+        self.alpha_logit = _param(seed + 1, (H,), 0.5, 2.5)
+        self.rho = _param(seed + 2, (), 0.5, 0.9)
+        self.out = nn.Linear(H, O, key=seed + 3)
+
+    def update(self, x):
+        V, a = self.V.value, self.a.value
+        alpha = jax.nn.sigmoid(self.alpha_logit.value)
+        V = alpha * V + 5.0 * (1 - alpha) * self.W(x) - 0.3 * a
+        s = heaviside_vjp(V - 0.5)
+        a = self.rho.value * a + s
+        self.V.value, self.a.value = V, a
+        return self.out(s)
+
+
+__all__ = ["I", "H", "O", "LIFCustomVjp", "IndRNN", "LeakyTau", "MinGRU", "RealLRU", "ConvLeaky",
+           "NormLeaky",
            "LIFDecay"]

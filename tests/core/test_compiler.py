@@ -232,7 +232,8 @@ def test_approximate_relation_is_noted():
     assert {r.path: r.kind for r in ex.param_trace_relations} == {
         (n, k): "dense" for n in "AB" for k in ("weight", "bias")}
     msg = ex.show_graph(verbose=False, return_msg=True)
-    assert "  ('B', 'weight') (12 elements) via etp_matmul then cumsum -> hidden group 0: dense trace" in msg
+    assert ("  ('B', 'weight') (12 elements) via etp_matmul then cumsum -> hidden group 0: "
+            "dense trace") in msg
     assert "approximate" not in msg
 
 

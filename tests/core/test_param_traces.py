@@ -9,7 +9,8 @@ from random non-zero hidden states. Claims:
   constant, minGRU, the real-valued LRU (two states per unit; nu, theta, gamma learnable), a
   conv kernel behind a dense layer (dense trace), a weight behind an RMS norm (dense trace)
   with a gain and bias after it, and an adaptive LIF with a learnable decay (two coupled
-  states). Checked via run_online; via per-step brainstate grad and multi-step windows for some.
+  states), also with a custom-VJP surrogate spike read in the same step (forward mode through
+  its reverse rule). Checked via run_online; via per-step grad and multi-step windows for some.
 - ES-D-RTRL and hybrid use the same param-dim traces for these parameters: exact for them.
 - Above `dense_trace_budget` a parameter keeps its exact same-step gradient, labelled
   approximate with the size that would trace it.
@@ -63,6 +64,9 @@ MODELS = {
                                            ("out", "bias"): READOUT}),
     "lif_decay": (PM.LIFDecay, (PM.I,), {("W", "weight"): ETP, ("alpha_logit",): ELEM,
                                          ("out", "weight"): READOUT, ("out", "bias"): READOUT}),
+    "lif_custom_vjp": (PM.LIFCustomVjp, (PM.I,), {("W", "weight"): ETP, ("alpha_logit",): ELEM,
+                                                  ("rho",): ELEM, ("out", "weight"): READOUT,
+                                                  ("out", "bias"): READOUT}),
     # the seed tutorial's ConvRNN: its recurrent weight makes the RNN's traces approximate
     "seed_conv_rnn": (M.ConvRNN, (1, 5, 5), {("conv", "weight"): DENSE, ("conv", "bias"): DENSE,
                                              ("rnn", "W_ih", "weight"): ETP,
@@ -272,7 +276,15 @@ class Adam:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_online_training_lowers_the_loss(name, algo_name):
     """Targets from a teacher of the same family (other parameters): 50 Adam steps on
-    sequences of 12 steps; the loss of the last 5 steps is well below the first."""
+    sequences of 12 steps; the mean loss of the last 5 steps is below 0.3 x the first (observed
+    0.01-0.16 in float32)."""
+    losses = train(name, algo_name)
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.3 * losses[0], losses[::10]
+
+
+def train(name, algo_name, steps=50):
+    """The loss of each of `steps` Adam steps of online training (see the test above)."""
     teacher, xs, _ = build(name, seed=1)
     init_t = state_values(teacher)
     step = pure_model_step(teacher)
@@ -298,7 +310,7 @@ def test_online_training_lowers_the_loss(name, algo_name):
     params = student.states(brainstate.ParamState)
     opt = Adam(lr=0.03)
     losses = []
-    for _ in range(50):
+    for _ in range(steps):
         for p, st in student.states(brainstate.HiddenState).items():
             st.value = init[p]
         algo.reset_state()
@@ -307,8 +319,7 @@ def test_online_training_lowers_the_loss(name, algo_name):
         values = {p: st.value for p, st in params.items()}
         for p, v in opt.step(values, res.grads).items():
             params[p].value = v
-    assert np.all(np.isfinite(losses))
-    assert np.mean(losses[-5:]) < 0.7 * losses[0], losses[::10]
+    return losses
 
 
 def test_relation_weight_with_another_untraced_use_is_noted():
