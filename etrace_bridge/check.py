@@ -24,7 +24,8 @@ from etrace_bridge.state_slots import all_slots, swapped_slots
 __all__ = ["check_conversion", "Mismatch", "TOLERANCE"]
 
 TOLERANCE = {np.dtype("float32"): 1e-4, np.dtype("float64"): 1e-10,
-             np.dtype("float16"): 1e-2}
+             np.dtype("float16"): 1e-2, np.dtype("complex64"): 1e-4,
+             np.dtype("complex128"): 1e-10}
 
 
 class Mismatch(NamedTuple):
@@ -120,7 +121,7 @@ def _jax_run(tm, inputs: list[tuple]) -> list[dict]:
         for xs in inputs:
             y = tm.update(*_import(xs))
             record = _flatten("output", y)
-            record.update({f"state {'.'.join(p)}": tm._state(p).value for p in b.layout.init})
+            record.update({f"state {'.'.join(p)}": tm._read_hidden(p) for p in b.layout.init})
             record.update({f"state {name}": tm._state(p).value for p, name in b.buffer_states})
             records.append(record)
     finally:
@@ -135,7 +136,7 @@ def _compare(step: int, what: str, ref, got) -> Mismatch | None:
         return Mismatch(step, what + " (missing in the converted step)", float("inf"),
                         float("inf"), 0.0)
     got = np.asarray(got)
-    tol = TOLERANCE.get(ref.dtype, 1e-4) if ref.dtype.kind == "f" else 0.0
+    tol = TOLERANCE.get(ref.dtype, 1e-4) if ref.dtype.kind in "fc" else 0.0
     if ref.shape != got.shape:
         return Mismatch(step, f"{what} (shape {got.shape}, torch {ref.shape})", float("inf"),
                         float("inf"), tol)
