@@ -103,9 +103,15 @@ def _emit(kind: str, **record) -> None:
 
 
 def child_command(code: str) -> list[str]:
-    """The command line of a measuring child: `-P` keeps the working directory (and a script's
-    folder) off `sys.path`, so a file there named like a module (`numpy.py`) is never run."""
-    return [sys.executable, "-P", "-c", code]
+    """The command line of a measuring child, isolated from its working directory.
+
+    `-I` keeps the working directory, PYTHONPATH and the user site off `sys.path`, so a file
+    there named like a module (`numpy.py`, `etrace_bridge.py`) is never run; the child then
+    gets this process's own absolute `sys.path` (minus the relative '' entry that means "the
+    working directory"), so it imports the same packages as its parent.
+    """
+    paths = [os.path.abspath(p) for p in sys.path if p]
+    return [sys.executable, "-I", "-c", f"import sys; sys.path[:] = {paths!r}; {code}"]
 
 
 def memory_child() -> None:

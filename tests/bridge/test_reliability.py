@@ -429,11 +429,14 @@ def test_measuring_child_ignores_the_working_directory(tmp_path, monkeypatch):
     code = ("import numpy, torch, etrace_bridge.compare.measure as m; "
             "print(numpy.__file__, m.__file__)")
     monkeypatch.chdir(tmp_path)
-    proc = subprocess.run(child_command(code), capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    # also with the working directory on PYTHONPATH (a relative entry, as people set it)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([".", os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(child_command(code), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
     assert str(tmp_path) not in proc.stdout
+    import etrace_bridge.compare.measure as parent   # the child runs the parent's code
+    assert proc.stdout.split()[1] == parent.__file__
 
 
 def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch, capsys):
