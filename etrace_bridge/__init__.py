@@ -10,7 +10,9 @@ with keep_x64():   # importing brainstate resets jax_enable_x64: keep the user's
     from .arrays import to_jax, to_torch
     from .bptt import (BPTTResult, GradientReport, TBPTTWindow, bptt_gradients,
                        compare_gradients, tbptt_gradients, tbptt_windows)
-    from .errors import BridgeError, ExportError, UnsupportedModelError, UnsupportedOpError
+    from .errors import (BridgeError, CheckpointError, ConversionCheckError, ExportError,
+                         StaleConversionError, TargetError, UnsupportedModelError,
+                         UnsupportedOpError)
     from .learner import OnlineLearner
     from .module import TorchModule, from_torch
 
@@ -19,4 +21,5 @@ __all__ = [
     "bptt_gradients", "tbptt_gradients", "tbptt_windows", "compare_gradients", "BPTTResult",
     "TBPTTWindow", "GradientReport",
     "BridgeError", "ExportError", "UnsupportedModelError", "UnsupportedOpError",
+    "ConversionCheckError", "StaleConversionError", "CheckpointError", "TargetError",
 ]

@@ -19,16 +19,13 @@ import numpy as np
 import torch
 
 from etrace_bridge.algorithms import canonical_name
-from etrace_bridge.errors import BridgeError
+from etrace_bridge.errors import CheckpointError
 
 __all__ = ["CheckpointError", "FORMAT", "make_state_dict", "load_state_dict"]
 
 FORMAT = 2
 _KEYS = ("format", "algorithm", "options", "signature", "batch_size", "model_states", "etrace")
 
-
-class CheckpointError(BridgeError, ValueError):
-    """A checkpoint that does not fit this learner (nothing was changed)."""
 
 
 def _dtype_name(dtype) -> str:

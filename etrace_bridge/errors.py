@@ -23,3 +23,15 @@ class UnsupportedOpError(BridgeError, NotImplementedError):
 
 class ConversionCheckError(BridgeError):
     """The converted step does not reproduce the torch model when both are run step by step."""
+
+
+class StaleConversionError(BridgeError):
+    """The torch model changed in a way the converted step cannot follow: re-convert it."""
+
+
+class CheckpointError(BridgeError, ValueError):
+    """A checkpoint that does not fit this learner (nothing was changed)."""
+
+
+class TargetError(BridgeError, ValueError):
+    """A target the named loss cannot use (wrong shape, dtype or class)."""

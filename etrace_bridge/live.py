@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from etrace_bridge.arrays import import_tensor, needs_copy
-from etrace_bridge.errors import BridgeError
+from etrace_bridge.errors import StaleConversionError
 
 __all__ = ["StaleConversionError", "LiveModel", "snapshot_attributes"]
 
@@ -30,9 +30,6 @@ _SCALARS = (bool, int, float, complex, str, type(None))
 # torch.nn.Module's own bookkeeping (hook dicts, flags): not model configuration
 _TORCH_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
 
-
-class StaleConversionError(BridgeError):
-    """The torch model changed in a way the converted step cannot follow: re-convert it."""
 
 
 class _Attr(NamedTuple):

@@ -16,13 +16,11 @@ import warnings
 
 import numpy as np
 
+from etrace_bridge.errors import TargetError
 from etrace_bridge.losses import IGNORE_INDEX
 
 __all__ = ["check_targets", "TargetError"]
 
-
-class TargetError(ValueError):
-    """A target the named loss cannot use (wrong shape, dtype or class)."""
 
 
 def _size(shape) -> str:

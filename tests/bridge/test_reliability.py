@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from etrace_bridge import OnlineLearner, bptt_gradients
-from etrace_bridge.checkpoint import CheckpointError
+from etrace_bridge.errors import CheckpointError
 from etrace_bridge.compare.models import (GRUClassifier, LeakyRNN, LSTMClassifier,
                                           initial_state)
 from etrace_bridge.errors import UnsupportedModelError
-from etrace_bridge.live import StaleConversionError
-from etrace_bridge.targets import TargetError
+from etrace_bridge.errors import StaleConversionError
+from etrace_bridge.errors import TargetError
 
 T, B, I, H, O = 6, 3, 4, 8, 5
 
