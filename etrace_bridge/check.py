@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from etrace_bridge.arrays import import_tensor, x64_enabled
+from etrace_bridge.arrays import import_tensor, to_torch, x64_enabled
 from etrace_bridge.errors import ConversionCheckError
 from etrace_bridge.state_slots import all_slots, swapped_slots
 
@@ -59,7 +59,7 @@ def _random_inputs(examples: tuple, steps: int, seed: int) -> list[tuple]:
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             scale = max(1.0, float(x.detach().abs().max())) if x.numel() else 1.0
             noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-            return (2 * scale * noise).to(x.dtype)
+            return (2 * scale * noise).to(dtype=x.dtype, device=x.device)
         return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
     return [tuple(pytree.tree_map(draw, x) for x in examples) for _ in range(steps)]
@@ -80,11 +80,13 @@ def _torch_run(b, inputs: list[tuple]) -> list[dict]:
     slot_paths = {p: name for p, name in b.buffer_states}
     states = {p: import_tensor(v, copy=True) for p, (v, _) in b.layout.init.items()}
     records = []
+    param = next(b.torch_module.parameters(), None)
+    device = None if param is None else param.device
     with torch.no_grad(), torch.random.fork_rng(devices=[]), \
             swapped_slots(b.torch_module):
         for xs in inputs:
             step_in = b.layout.step_inputs(_import(xs), states)
-            out = b.torch_module(*pytree.tree_map(_to_torch, step_in))
+            out = b.torch_module(*pytree.tree_map(lambda x: _to_torch(x, device), step_in))
             y, states = b.layout.split_outputs(pytree.tree_map(
                 lambda t: import_tensor(t, copy=True) if isinstance(t, torch.Tensor) else t, out))
             record = _flatten("output", y)
@@ -102,10 +104,16 @@ def _import(xs: tuple) -> tuple:
         for x in xs)
 
 
-def _to_torch(x):
-    if isinstance(x, (jnp.ndarray, np.ndarray)):
-        return torch.from_numpy(np.array(x))
-    return x
+def _to_torch(x, device=None):
+    """A JAX/numpy step input as a torch tensor on the module's device (DLPack keeps a GPU
+    array on the GPU)."""
+    if isinstance(x, jax.Array):
+        x = to_torch(x, copy=True)
+    elif isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.array(x))
+    else:
+        return x
+    return x if device is None else x.to(device)
 
 
 def _jax_run(tm, inputs: list[tuple]) -> list[dict]:

@@ -144,7 +144,7 @@ def cell_layout(module: nn.Module, args: tuple) -> StateLayout:
     lstm = isinstance(module, nn.LSTMCell)
     if len(args) == 1:
         shape = (x.shape[0], module.hidden_size) if x.ndim == 2 else (module.hidden_size,)
-        zero = torch.zeros(shape, dtype=module.weight_ih.dtype)
+        zero = torch.zeros(shape, dtype=module.weight_ih.dtype, device=module.weight_ih.device)
         state = (zero, zero.clone()) if lstm else zero
     elif len(args) == 2:
         state = args[1]
@@ -188,8 +188,9 @@ def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
         state = args[1]
     else:   # with proj_size, h is (layers, B, proj_size) and c (layers, B, hidden_size)
         h_size = getattr(module, "proj_size", 0) or hidden
-        zero = torch.zeros(layers, batch, h_size, dtype=x.dtype)
-        state = (zero, torch.zeros(layers, batch, hidden, dtype=x.dtype)) if lstm else zero
+        zero = torch.zeros(layers, batch, h_size, dtype=x.dtype, device=x.device)
+        state = (zero, torch.zeros(layers, batch, hidden, dtype=x.dtype, device=x.device)) \
+            if lstm else zero
     kinds = ("h", "c") if lstm else ("h",)
     tensors = tuple(state) if lstm else (state,)
     paths = {k: [(k, f"l{i}") for i in range(layers)] for k in kinds}
@@ -207,6 +208,8 @@ def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
         out, hn = o
         news = {}
         for k, t in zip(kinds, tuple(hn) if lstm else (hn,)):
+            # torch 2.11's LSTM decomposition returns (layers, 1, B, H): keep (layers, B, H)
+            t = jnp.reshape(t, (layers,) + jnp.shape(t)[-2:])
             news.update({p: t[i] for i, p in enumerate(paths[k])})
         return jnp.squeeze(out, time_axis), news
 
