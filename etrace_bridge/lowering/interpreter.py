@@ -125,7 +125,7 @@ class LoweredStep:
                     problems.append(f"graph node kind `{node.op}` ({node.target})")
                 continue
             if node.name in by_node:
-                self._plan.append((node, by_node[node.name]))
+                self._plan.append((node, by_node[node.name], ()))
                 continue
             try:
                 self._plan.append((node, *_resolve(node, custom, views)))
