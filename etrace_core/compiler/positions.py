@@ -188,7 +188,7 @@ def _frozen(value):
     """A hashable stand-in for equation parameters (tagged tuples for dicts, lists, arrays)."""
     if isinstance(value, dict):
         return ("dict", tuple((k, _frozen(v)) for k, v in sorted(value.items())))
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):   # not NamedTuples (GatherDimensionNumbers): kept whole
         return ("seq", tuple(_frozen(v) for v in value))
     if isinstance(value, np.ndarray):
         return ("array", value.shape, value.dtype.str, value.tobytes())
