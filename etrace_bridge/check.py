@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
@@ -118,23 +117,16 @@ def _to_torch(x, device=None):
 
 def _jax_run(tm, inputs: list[tuple]) -> list[dict]:
     """The converted steps from the module's start state; hidden states put back after."""
-    import brainstate
-
     b = tm._bridge
-    hidden = tm.states(brainstate.HiddenState)
-    saved = {k: s.value for k, s in hidden.items()}
-    tm.init_state()
     records = []
-    try:
+    with tm.states_kept():
+        tm.init_state()
         for xs in inputs:
             y = tm.update(*_import(xs))
             record = _flatten("output", y)
             record.update({f"state {'.'.join(p)}": tm._read_hidden(p) for p in b.layout.init})
             record.update({f"state {name}": tm._state(p).value for p, name in b.buffer_states})
             records.append(record)
-    finally:
-        for k, s in hidden.items():
-            s.value = saved[k]
     return records
 
 

@@ -187,15 +187,10 @@ def _refuse_complex_parameters(module: torch.nn.Module) -> None:
 
 
 def _output_shapes(model: TorchModule, example) -> Any:
-    """The output's shape, or a list of shapes for a tuple output (one eager step; hidden states
-    put back)."""
-    hidden = model.states(brainstate.HiddenState)
-    saved = {k: st.value for k, st in hidden.items()}
-    try:
+    """The output's shape, or a list of shapes for a tuple output (one eager step; states put
+    back)."""
+    with model.states_kept():
         out = model.update(*example)
-    finally:
-        for k, st in hidden.items():
-            st.value = saved[k]
     if isinstance(out, (tuple, list)):
         return [jax.tree.map(jnp.shape, o) for o in out]
     return jax.tree.map(jnp.shape, out)

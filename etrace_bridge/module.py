@@ -12,6 +12,7 @@ builds a `TorchModule` whose states mirror the torch model:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Mapping
@@ -156,6 +157,19 @@ class TorchModule(brainstate.nn.Module):
         for name, v in new_buffers.items():
             self._state(paths[name]).value = v
         return y
+
+    @contextlib.contextmanager
+    def states_kept(self):
+        """Run a block of trial steps, then put every non-parameter state back (hidden states
+        and step flags), so probing the module leaves it as it was."""
+        kept = {k: st for k, st in self.states().items()
+                if not isinstance(st, brainstate.ParamState)}
+        saved = {k: st.value for k, st in kept.items()}
+        try:
+            yield
+        finally:
+            for k, st in kept.items():
+                st.value = saved[k]
 
     def _check_batch(self, inputs) -> None:
         b = self._bridge
