@@ -111,7 +111,8 @@ class OnlineLearner:
         states = self.model.states().filter(
             lambda path, st: not isinstance(st, brainstate.ParamState))
         saved = {st: st.value for st in states.values()}
-        etrace = self.algorithm.etrace.value
+        # a copy: the sequence program donates (consumes) the traces it is given
+        etrace = jax.tree.map(jnp.copy, self.algorithm.etrace.value)
 
         def undo():
             for st, v in saved.items():
