@@ -546,3 +546,25 @@ def test_torch_loss_may_take_the_tuple():
     loss = learner.run(xs, torch.zeros(4, B, O))
     assert np.isfinite(float(loss))
     assert net[0].weight.grad is not None and torch.isfinite(net[0].weight.grad).all()
+
+
+@_needs("snntorch")
+def test_snntorch_after_a_users_warm_up_has_finite_exact_gradients():
+    """issue 9's NaN report: after an eager warm-up (state sized, `reset` attribute present),
+    snntorch's online gradients are finite and the traced weights equal BPTT."""
+    net, args = _build("snntorch-Leaky")
+    with torch.no_grad():
+        net(*args)
+    assert hasattr(net.lif1, "reset") and net.lif1.mem.numel() > 0
+    case = CASES["snntorch-Leaky"]
+    learner = OnlineLearner(net, algorithm="d_rtrl", loss="mse", example_inputs=args)
+    xs = _sequence(args, 8)
+    targets = torch.rand((8, B, O), generator=torch.Generator().manual_seed(5))
+    start = _sized_state(learner.model, args)
+    ref = bptt_gradients(net, xs, targets, "mse", state=start, step=_bptt_step(case))
+    learner.run(xs, targets)
+    for n, p in net.named_parameters():
+        assert torch.isfinite(p.grad).all(), n
+    report = compare_gradients({n: net.get_parameter(n).grad for n in case.exact},
+                               {n: ref.grads[n] for n in case.exact})
+    assert report.worst_rel_error <= TOL[torch.float32], report.table()
