@@ -170,7 +170,8 @@ CASES = {
                        ("1.spike_threshold",), f32_spikes=True),
     "sinabs-LIF-train_alphas": Case("sinabs", lambda: sinabs_layer("syn"),
                                     ("0.weight", "0.bias"),
-                                    ("1.alpha_mem", "1.alpha_syn", "1.spike_threshold"), f32_spikes=True),
+                                    ("1.alpha_mem", "1.alpha_syn", "1.spike_threshold"),
+                                    f32_spikes=True),
 }
 
 
@@ -244,7 +245,7 @@ def _sized_state(tm, args):
     layout = tm._bridge.layout
     sized = []
     for i, a in enumerate(args[1:]):
-        leaves = [torch.from_numpy(np.array(layout.init[p][0])) for p in layout.init
+        leaves = [layout.init[p][0].detach().clone() for p in layout.init
                   if p[0] == _state_name(tm, i + 1)]
         sized.append(type(a)(*leaves) if hasattr(a, "_fields") else leaves[0])
     return tuple(sized)
