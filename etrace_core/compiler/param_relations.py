@@ -18,9 +18,12 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import jax.numpy as jnp
 import numpy as np
 
+from jax.extend import core as jcore
+
 from etrace_core.ops import is_etp_primitive
 
 from .hidden_groups import HiddenGroup
+from .jaxpr_tools import CUSTOM_CALLS, _positionwise_call
 from .module_info import ModuleInfo, Path
 from .origins import merge_origins, origins
 from .perturbation import production_point
@@ -97,6 +100,14 @@ def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, 
         hit = [g for g in groups if any(made_at[p] in reached for p in g.hidden_paths)]
         if not hit:
             continue
+        blocker = _forward_blocker(jaxpr, reached)
+        if blocker is not None:
+            skipped.append(UntracedUse(path, (
+                f"approximate: same-step gradient: its value reaches hidden group(s) "
+                f"{[g.index for g in hit]} through the custom-VJP function {blocker}, whose "
+                "forward derivative is not known for it (not position-wise, or the parameter "
+                "enters broadcast); a custom_jvp rule would let it be traced")))
+            continue
         orig = origins(jaxpr, var, static, stop=stop)
         units = [_unit_origins(orig.maps, g, made_at) for g in hit]
         notes = [rec_notes[g.index] for g in hit if g.index in rec_notes]
@@ -125,6 +136,22 @@ def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, 
     over = tuple(u for u in skipped if u.path not in clean)
     kept = [r for r in relations if r.weight_path not in replaced]
     return ParamTraces(traced, over, replaced, _other_uses(minfo, kept, stop))
+
+
+def _forward_blocker(jaxpr, reached) -> Optional[str]:
+    """The name of a custom-VJP call that forward mode cannot cross for a value in `reached`
+    (see executor.param_jacobian: position-wise calls with same-shaped operands only)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name not in CUSTOM_CALLS or eqn.primitive.name == "custom_jvp_call":
+            continue
+        shapes = {tuple(v.aval.shape) for v in eqn.outvars}
+        for v in eqn.invars:
+            if isinstance(v, jcore.Literal) or v not in reached \
+                    or not jnp.issubdtype(v.aval.dtype, jnp.inexact):
+                continue
+            if not _positionwise_call(eqn) or {tuple(v.aval.shape)} != shapes:
+                return str(eqn.params.get("name", eqn.primitive.name))
+    return None
 
 
 def _other_uses(minfo, relations, stop):
