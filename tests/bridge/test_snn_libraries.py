@@ -24,15 +24,11 @@ from etrace_bridge.arrays import import_tensor
 B, I, H, O = 3, 5, 6, 4
 T_PARITY, T_GRAD = 20, 12
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-F32_SPIKES = 1e-7
+F32_SPIKES = 3e-7   # a few float32 roundings at the spikes, accumulated over T_GRAD steps
 # sinabs' SingleSpike returns `.float()` spikes also in a float64 network, and its reset
 # subtracts them from v_mem: the gradient is rounded to float32 at the spikes, in torch itself.
 # BPTT rounds the sum (this step's loss + later steps via the reset) there, D-RTRL only this
 # step's part (the rest travels in the float64 trace), so they agree to float32 rounding there.
-CORE8 = ("learnable decays/thresholds are element-wise parameters: their exact traces need the "
-         "element-wise parameter relations of etrace_core (branch core8, not merged here); "
-         "today they get the same-step gradient")
-
 
 def _needs(module: str):
     return pytest.mark.skipif(importlib.util.find_spec(module) is None,
@@ -321,7 +317,6 @@ def test_d_rtrl_equals_bptt_float64(name, x64):
 
 
 @pytest.mark.parametrize("name", ELEMENTWISE)
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=CORE8)
 def test_d_rtrl_learnable_decays_equal_bptt_float64(name, x64):
     online, ref, tol = _online_vs_bptt(name)
     names = CASES[name].elementwise
