@@ -136,6 +136,8 @@ def run(*, repeats: int = 3, cache_dir: str = "", quick: bool = False, progress=
                 raise RuntimeError(f"{name}: {res['error']}")
             runs[name].append(res)
         progress(f"round {r + 1}/{repeats}")
+        log(f"  round {r + 1}: " + ", ".join(f"{n} {runs[n][-1]['cold_s']:.2f} s"
+                                            for n, _, _ in cases))
     med = {n: statistics.median(x["cold_s"] for x in rs) for n, rs in runs.items()}
     imp = {n: statistics.median(x["import_s"] for x in rs) for n, rs in runs.items()}
     out: dict[str, Any] = {"median_s": med, "import_s": imp, "runs": dict(runs)}
