@@ -13,8 +13,14 @@ import pytest
 import etrace_core
 from etrace_core.algorithms.sequence import CHUNK_MAX, chunk_length
 
-from .test_algorithms_exact import (assert_grads_close, hand_reference, make_algo, mse,
-                                    per_step_grads, state_values)
+from .test_algorithms_exact import (
+    assert_grads_close,
+    hand_reference,
+    make_algo,
+    mse,
+    per_step_grads,
+    state_values,
+)
 
 
 @pytest.mark.parametrize("T", [40, 37, 12])     # chunks of 20 (x2), of 1 (prime), one of 12
