@@ -1,4 +1,5 @@
-"""The sequence driver: T online steps in one jitted lax.scan, gradients summed over time."""
+"""The sequence driver: T online steps in one jitted scan (over chunks of steps), gradients
+summed over time."""
 from __future__ import annotations
 
 from functools import partial
