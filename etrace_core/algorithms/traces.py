@@ -95,8 +95,7 @@ class IODimTrace:
 
     @staticmethod
     def grad(trace, delta_y, count, decay):
-        correction = 1.0 - decay ** count
-        scale = jnp.where(count > 0, 1.0 / jnp.where(correction == 0, 1.0, correction), 0.0)
+        scale = _debias(count, decay)
         f = trace["f"]
         w = sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))     # L + (O,)
         g = jnp.einsum("...i,...o->io", trace["x"], w)
@@ -106,8 +105,7 @@ class IODimTrace:
     def grad_factors(trace, delta_y, count, decay):
         """(A, B) with grad = A^T B: A the input trace (N, I), B the scaled output side (N, O).
         The sequence driver stacks them over a chunk of steps and contracts them in one GEMM."""
-        correction = 1.0 - decay ** count
-        scale = jnp.where(count > 0, 1.0 / jnp.where(correction == 0, 1.0, correction), 0.0)
+        scale = _debias(count, decay)
         f = trace["f"]
         w = sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))     # L + (O,)
         x = trace["x"]
@@ -116,6 +114,12 @@ class IODimTrace:
     @staticmethod
     def size(trace) -> int:
         return int(trace["x"].size + trace["f"].size)
+
+
+def _debias(count, decay):
+    """1 / (1 - a^t) after t > 0 time steps (0 before any)."""
+    correction = 1.0 - decay ** count
+    return jnp.where(count > 0, 1.0 / jnp.where(correction == 0, 1.0, correction), 0.0)
 
 
 TRACE_KINDS = {"param": ParamDimTrace, "io": IODimTrace}
