@@ -24,13 +24,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="fewer repeats, fewer models and T <= 1,000 (a couple of minutes)")
     p.add_argument("--out", default="benchmark-results.json", help="JSON output file")
-    p.add_argument("--only", choices=("algorithms", "bridge", "compile"), default=None,
+    p.add_argument("--only", choices=("algorithms", "bridge", "compile", "trace_memory",
+                                      "cold_start"), default=None,
                    help="run one of the sets")
     args = p.parse_args(argv)
 
     from tqdm import tqdm
 
-    from . import algorithms, bridge, compile_depth
+    from . import algorithms, bridge, cold_start, compile_depth, trace_memory
 
     started = time.perf_counter()
     result = {"date": common.now(), "command": " ".join(["python -m benchmarks"] + sys.argv[1:]),
@@ -59,9 +60,14 @@ def main(argv=None) -> int:
         result["bridge"] = bridge.run(quick=args.quick, progress=progress, log=log)
     if args.only in (None, "compile"):
         result["compile"] = compile_depth.run(quick=args.quick, progress=progress, log=log)
+    if args.only in (None, "trace_memory"):
+        result["trace_memory"] = trace_memory.run(quick=args.quick, progress=progress, log=log)
+    if args.only in (None, "cold_start"):
+        result["cold_start"] = cold_start.run(quick=args.quick, progress=progress, log=log)
     bar.close()
     result["wall_s"] = time.perf_counter() - started
-    result["goals"] = [g for part in ("algorithms", "bridge", "compile") if part in result
+    result["goals"] = [g for part in ("algorithms", "bridge", "compile", "trace_memory",
+                                      "cold_start") if part in result
                        for g in result[part]["goals"]]
     print("\n== all goals ==")
     for g in result["goals"]:

@@ -8,6 +8,7 @@ from etrace_core.x64 import keep_x64  # noqa: E402
 with keep_x64():   # importing brainstate resets jax_enable_x64: keep the user's setting
     from .algorithms import make_algorithm
     from .arrays import to_jax, to_torch
+    from .cache import enable_compilation_cache
     from .bptt import (BPTTResult, GradientReport, TBPTTWindow, bptt_gradients,
                        compare_gradients, tbptt_gradients, tbptt_windows)
     from .errors import (BridgeError, CheckpointError, ConversionCheckError, ExportError,
@@ -19,7 +20,7 @@ with keep_x64():   # importing brainstate resets jax_enable_x64: keep the user's
 __all__ = [
     "from_torch", "TorchModule", "OnlineLearner", "make_algorithm", "to_jax", "to_torch",
     "bptt_gradients", "tbptt_gradients", "tbptt_windows", "compare_gradients", "BPTTResult",
-    "TBPTTWindow", "GradientReport",
+    "TBPTTWindow", "GradientReport", "enable_compilation_cache",
     "BridgeError", "ExportError", "UnsupportedModelError", "UnsupportedOpError",
     "ConversionCheckError", "StaleConversionError", "CheckpointError", "TargetError",
 ]

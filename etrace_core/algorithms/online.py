@@ -126,6 +126,25 @@ def trace_grads_canonical(plan: TracePlan, traces, count, deltas) -> Dict[int, A
     return per_rel
 
 
+def trace_grad_parts(plan: TracePlan, traces, count, deltas):
+    """The trace gradient in two parts: ({connection index: (A, B)} for io-dim connections,
+    whose gradient is A^T B, left uncontracted so a driver can contract many steps at once;
+    {relation: M} for the rest, as ``trace_grads_canonical``)."""
+    factors: Dict[int, Any] = {}
+    per_rel: Dict[int, Any] = {}
+    for c, conn in enumerate(plan.connections):
+        delta_y = gather_units(conn, deltas[conn.group])
+        kind = TRACE_KINDS[plan.kinds[conn.rel]]
+        if hasattr(kind, "grad_factors"):
+            factors[c] = kind.grad_factors(traces[trace_key(conn)], delta_y, count, plan.decay)
+            continue
+        M = kind.grad(traces[trace_key(conn)], delta_y, count, plan.decay)
+        per_rel[conn.rel] = M if conn.rel not in per_rel else per_rel[conn.rel] + M
+    if plan.spec.param_traces:
+        per_rel.update(param_traces.grads(plan.spec, traces, deltas))
+    return factors, per_rel
+
+
 def canonical_to_params(plan: TracePlan, params: Dict[Path, Any], per_rel) -> Dict[Path, Any]:
     """Map canonical gradients {relation: M} to {parameter path: gradient} (``io_to_params``).
 

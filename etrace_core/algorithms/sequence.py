@@ -1,4 +1,5 @@
-"""The sequence driver: T online steps in one jitted lax.scan, gradients summed over time."""
+"""The sequence driver: T online steps in one jitted scan (over chunks of steps), gradients
+summed over time."""
 from __future__ import annotations
 
 from functools import partial
@@ -51,7 +52,7 @@ def _drive(plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, 
            targets):
     spec = plan.spec
 
-    def body(carry, inp):
+    def step(carry, inp):
         rest, etrace, gsum, msum, lsum = carry
         args_t, y_t = inp
         flat = jax.tree.leaves(args_t)
@@ -64,26 +65,69 @@ def _drive(plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, 
         dparams, dh, _ = vjp.vjp_fn(jax.tree.leaves(g_out))
         # trace gradients stay in canonical (I[+1], O) space inside the scan and are mapped to
         # the weights' layouts once at the end (io_to_params is linear): no per-step transposed
-        # or sliced accumulation into the weights
+        # or sliced accumulation into the weights. io-dim gradients (outer products A^T B) are
+        # not even contracted here: their factors are stacked over a chunk of steps and
+        # contracted in one GEMM per chunk (see `chunk`), instead of a small GEMM plus an
+        # (I, O) accumulation every step.
         deltas = online.partial_hidden_grads(plan, dh, jac.Ms)
-        ms = online.trace_grads_canonical(plan, etrace["traces"], etrace["count"], deltas)
+        factors, ms = online.trace_grad_parts(plan, etrace["traces"], etrace["count"], deltas)
         if vjp.escape_fn is not None:
             esc = online.partial_hidden_grads(plan, vjp.escape_fn(jax.tree.leaves(g_out)), None)
             ms = _add_canonical(ms, online.trace_grads_canonical(plan, old["traces"],
                                                                  old["count"], esc))
         gsum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), gsum, dparams)
-        msum = {k: msum[k] + m.astype(msum[k].dtype) for k, m in ms.items()}
+        msum = dict(msum)
+        msum.update({k: msum[k] + m.astype(msum[k].dtype) for k, m in ms.items()})
+        carry = (rest_after(rest, jac), etrace, gsum, msum, lsum + loss)
+        return carry, (factors, out if return_outputs else None)
+
+    def rest_after(rest, jac):
         rest = dict(rest)
         rest.update({p: v for p, v in jac.new_values.items() if p in rest})
-        return (rest, etrace, gsum, msum, lsum + loss), (out if return_outputs else None)
+        return rest
+
+    def chunk(carry, inp):
+        carry, (factors, outs) = jax.lax.scan(step, carry, inp)
+        rest, etrace, gsum, msum, lsum = carry
+        msum = dict(msum)
+        for c, (A, B) in factors.items():
+            k = plan.connections[c].rel
+            M = jnp.einsum("kni,kno->io", A, B)
+            msum[k] = msum[k] + M.astype(msum[k].dtype)
+        return (rest, etrace, gsum, msum, lsum), outs
 
     zero = jax.tree.map(jnp.zeros_like, params)
     msum0 = _canonical_zeros(plan, etrace)
     lsum0 = jnp.zeros((), jnp.result_type(float))
-    (rest, etrace, gsum, msum, loss), outs = jax.lax.scan(
-        body, (rest, etrace, zero, msum0, lsum0), (args, targets))
+    T = jax.tree.leaves((args, targets))[0].shape[0]
+    K = chunk_length(T, plan, etrace)
+    carry = (rest, etrace, zero, msum0, lsum0)
+    if K == T:     # one chunk: no outer loop (a smaller program to compile)
+        (rest, etrace, gsum, msum, loss), outs = chunk(carry, (args, targets))
+    else:
+        chunked = jax.tree.map(lambda a: a.reshape((T // K, K) + a.shape[1:]), (args, targets))
+        (rest, etrace, gsum, msum, loss), outs = jax.lax.scan(chunk, carry, chunked)
+        outs = jax.tree.map(lambda a: a.reshape((T,) + a.shape[2:]), outs)
     grads = add_grads(gsum, online.canonical_to_params(plan, params, msum))
     return loss, grads, outs, rest, etrace
+
+
+CHUNK_MAX = 32                 # steps whose io-dim gradient factors are contracted together
+CHUNK_BYTES = 16 * 2 ** 20     # at most this much memory for the stacked factors
+
+
+def chunk_length(T: int, plan, etrace) -> int:
+    """The largest divisor of T that is <= CHUNK_MAX and keeps a chunk's stacked io-dim factors
+    (N x (I + O) per connection and step) under CHUNK_BYTES: memory stays constant in T, and
+    one scan body is compiled (no remainder chunk). A prime T gets chunks of one step."""
+    per_step = 0
+    for conn in plan.connections:
+        if plan.kinds[conn.rel] != "io":
+            continue
+        tr = etrace["traces"][online.trace_key(conn)]
+        per_step += (tr["x"].size + tr["f"].size // tr["f"].shape[-1]) * tr["x"].dtype.itemsize
+    cap = CHUNK_MAX if per_step == 0 else max(1, min(CHUNK_MAX, CHUNK_BYTES // per_step))
+    return max(k for k in range(1, cap + 1) if T % k == 0) if T > 0 else 1
 
 
 def _add_canonical(a, b):

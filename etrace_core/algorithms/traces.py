@@ -54,16 +54,22 @@ class ParamDimTrace:
 
     @staticmethod
     def grad(trace, delta_y, count, decay):
-        # sum_s eps * delta (element-wise, fused with the update), then the sum over the leading
-        # axes L as a vector-matrix product with ones. As an einsum this is a dot batched over o
-        # after a transposed copy of the whole trace; as a reduction over L, XLA:CPU reads the
-        # trace with a stride. Both cost several times the GEMV.
+        # sum over the leading axes L of sum_s eps * delta, one leading index at a time: each
+        # iteration reads one contiguous (I, O, S) slab of the trace and adds into an (I, O)
+        # accumulator that XLA updates in place, so no trace-sized temporary exists (the
+        # product eps * delta over all of L followed by a sum would be a whole extra copy of
+        # the trace; an einsum, a transposed copy; a reduction over L, a strided read).
         eps = trace["eps"]
-        w = sum(eps[..., s] * delta_y[..., None, :, s] for s in range(eps.shape[-1]))  # L+(I,O)
-        I, O = w.shape[-2:]
-        w = w.reshape((-1, I * O))
-        ones = jnp.ones((w.shape[0],), w.dtype)
-        return jnp.dot(ones, w, precision=lax.Precision.HIGHEST).reshape(I, O)
+        I, O, S = eps.shape[-3:]
+        e = eps.reshape((-1, I, O, S))
+        d = delta_y.reshape((-1, O, S)).astype(eps.dtype)
+
+        def add_one(n, acc):
+            en = lax.dynamic_index_in_dim(e, n, keepdims=False)
+            dn = lax.dynamic_index_in_dim(d, n, keepdims=False)
+            return acc + sum(en[..., s] * dn[None, :, s] for s in range(S))
+
+        return lax.fori_loop(0, e.shape[0], add_one, jnp.zeros((I, O), eps.dtype))
 
     @staticmethod
     def size(trace) -> int:
@@ -89,16 +95,31 @@ class IODimTrace:
 
     @staticmethod
     def grad(trace, delta_y, count, decay):
-        correction = 1.0 - decay ** count
-        scale = jnp.where(count > 0, 1.0 / jnp.where(correction == 0, 1.0, correction), 0.0)
+        scale = _debias(count, decay)
         f = trace["f"]
         w = sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))     # L + (O,)
         g = jnp.einsum("...i,...o->io", trace["x"], w)
         return g * scale.astype(g.dtype)
 
     @staticmethod
+    def grad_factors(trace, delta_y, count, decay):
+        """(A, B) with grad = A^T B: A the input trace (N, I), B the scaled output side (N, O).
+        The sequence driver stacks them over a chunk of steps and contracts them in one GEMM."""
+        scale = _debias(count, decay)
+        f = trace["f"]
+        w = sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))     # L + (O,)
+        x = trace["x"]
+        return x.reshape((-1, x.shape[-1])), (w * scale.astype(w.dtype)).reshape((-1, w.shape[-1]))
+
+    @staticmethod
     def size(trace) -> int:
         return int(trace["x"].size + trace["f"].size)
+
+
+def _debias(count, decay):
+    """1 / (1 - a^t) after t > 0 time steps (0 before any)."""
+    correction = 1.0 - decay ** count
+    return jnp.where(count > 0, 1.0 / jnp.where(correction == 0, 1.0, correction), 0.0)
 
 
 TRACE_KINDS = {"param": ParamDimTrace, "io": IODimTrace}
