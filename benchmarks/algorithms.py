@@ -27,6 +27,7 @@ Memory: peak RSS of a fresh process per (model, method, T) that builds the model
 training sequence of T steps; inputs and targets are drawn inside the scan from a per-step PRNG
 key (the same for every method), so no O(T) input storage counts.
 """
+
 from __future__ import annotations
 
 from . import common
@@ -36,8 +37,9 @@ if __name__ == "__main__":
 
 import math
 import sys
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, Dict, List
+from typing import Any
 
 import brainstate
 import jax
@@ -50,7 +52,7 @@ from etrace_core.nn.base import RecurrentModule
 
 BATCH, N_IN, N_HID, N_OUT = 32, 32, 128, 10
 MODELS = ("gru", "gru_bt", "gru_bt_frozen", "lif")
-SLOW = ("d_rtrl", "bt_d_rtrl")   # timed in their own interleaved group
+SLOW = ("d_rtrl", "bt_d_rtrl")  # timed in their own interleaved group
 ETRACE_METHODS = ("es_d_rtrl", "d_rtrl", "hybrid")
 BT_METHODS = ("bt_pp_prop", "bt_d_rtrl")
 DECAY = 0.9
@@ -118,16 +120,25 @@ class LIFNet(brainstate.nn.Module):
 
     def __init__(self, n_in=N_IN, n_hid=N_HID, n_out=N_OUT, seed=0):
         super().__init__()
-        self.lif = enn.LIF(n_in, n_hid, recurrent=True, key=seed,
-                           w_rec_init=enn.init.normal(0.5 / math.sqrt(n_hid)))
+        self.lif = enn.LIF(
+            n_in,
+            n_hid,
+            recurrent=True,
+            key=seed,
+            w_rec_init=enn.init.normal(0.5 / math.sqrt(n_hid)),
+        )
         self.out = enn.LeakyRateReadout(n_hid, n_out, key=seed + 1)
 
     def update(self, x):
         return self.out(self.lif(x))
 
 
-ETRACE_MODELS = {"gru": GRUNet, "gru_bt": GRUBTNet, "gru_bt_frozen": partial(GRUBTNet, frozen=True),
-                 "lif": LIFNet}
+ETRACE_MODELS = {
+    "gru": GRUNet,
+    "gru_bt": GRUBTNet,
+    "gru_bt_frozen": partial(GRUBTNet, frozen=True),
+    "lif": LIFNet,
+}
 INPUT_SCALE = {"gru": 1.0, "gru_bt": 1.0, "gru_bt_frozen": 1.0, "lif": 3.0}
 BT_TWIN = {"gru_bt": "gru_bt", "gru_bt_frozen": "gru_bt", "lif": "lif"}  # braintrace twin
 
@@ -160,6 +171,7 @@ def key_mse(out, key):
 def have_braintrace() -> bool:
     try:
         import braintrace  # noqa: F401
+
         return True
     except Exception:
         return False
@@ -178,9 +190,9 @@ def _braintrace_models():
             return self.out(self.rnn(x))
 
     class BTLIF(brainstate.nn.Module):
-        """etrace_core.nn.LIF's equations (defaults: beta=0, no detach) over braintrace.nn.Linear."""
+        """etrace_core.nn.LIF's equations (beta=0, no detach) over braintrace.nn.Linear."""
 
-        def __init__(self, n_in, n_hid, tau_mem=20., tau_adapt=100., threshold=1.0, beta=0.0):
+        def __init__(self, n_in, n_hid, tau_mem=20.0, tau_adapt=100.0, threshold=1.0, beta=0.0):
             super().__init__()
             self.n_hid, self.beta = n_hid, beta
             self.alpha, self.rho = math.exp(-1 / tau_mem), math.exp(-1 / tau_adapt)
@@ -200,7 +212,7 @@ def _braintrace_models():
             V, a = self.V.value, self.a.value
             s = self.spike(V, a)
             current = self.W_in(x) + self.W_rec(s)
-            V = self.alpha * V + (1. - self.alpha) * current - self.threshold * s
+            V = self.alpha * V + (1.0 - self.alpha) * current - self.threshold * s
             a = self.rho * a + s
             self.V.value = V
             self.a.value = a
@@ -217,7 +229,7 @@ def _braintrace_models():
             self.r = brainstate.HiddenState(jnp.zeros(shape))
 
         def update(self, x):
-            r = self.decay * self.r.value + (1. - self.decay) * self.W(x)
+            r = self.decay * self.r.value + (1.0 - self.decay) * self.W(x)
             self.r.value = r
             return r
 
@@ -235,6 +247,7 @@ def _braintrace_models():
 
 def copy_params_to_braintrace(model_name: str, et_model, bt_model) -> None:
     """Give the braintrace twin the etrace model's weights (to check both compute the same)."""
+
     def lin(src, dst, bias=True):
         v = {"weight": src.weight.value}
         if bias:
@@ -251,7 +264,7 @@ def copy_params_to_braintrace(model_name: str, et_model, bt_model) -> None:
         lin(et_model.out.W, bt_model.out.W, bias=False)
 
 
-def braintrace_grads_by_etrace_path(model_name: str, grads) -> Dict[tuple, Any]:
+def braintrace_grads_by_etrace_path(model_name: str, grads) -> dict[tuple, Any]:
     """braintrace's {('rnn','Wz','weight'): {'weight','bias'}} as etrace paths."""
     out = {}
     for path, g in grads.items():
@@ -287,16 +300,19 @@ def make_algorithm(method: str, model, model_name: str, prefix: tuple = ()):
         # D-RTRL (param-dim) for the input weight, ES-D-RTRL (io-dim) for the recurrent ones.
         # (With the default size threshold the hybrid picks io-dim for every weight of these
         # models and is then identical to ES-D-RTRL.)
-        param = {"gru": [("rnn", "W_ih", "weight")], "gru_bt": [],
-                 "lif": [("lif", "W_in", "weight")]}[model_name]
-        return etrace_core.HybridDimVjpAlgorithm(model, decay_or_rank=DECAY,
-                                                 mode={prefix + p: "param" for p in param})
+        param = {
+            "gru": [("rnn", "W_ih", "weight")],
+            "gru_bt": [],
+            "lif": [("lif", "W_in", "weight")],
+        }[model_name]
+        return etrace_core.HybridDimVjpAlgorithm(
+            model, decay_or_rank=DECAY, mode={prefix + p: "param" for p in param}
+        )
     raise ValueError(method)
 
 
 def etrace_runner(model_name: str, method: str, xs, ys, *, key_driven=False, loss_fn=mse):
-    model, _ = make_etrace_model(model_name, xs.shape[1] if not key_driven else BATCH,
-                                 key_driven)
+    model, _ = make_etrace_model(model_name, xs.shape[1] if not key_driven else BATCH, key_driven)
     algo = make_algorithm(method, model, model_name, ("net",) if key_driven else ())
     algo.compile_graph(xs[0])
     algo.init_etrace_state()
@@ -320,10 +336,11 @@ def pure_step(model, example_x):
 
     def step(params, rest, x):
         vals = {**rest, **params}
-        outs = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *jax.tree.leaves(x),
-                                   *[vals[p] for p in minfo.state_paths])
-        out = jax.tree.unflatten(minfo.out_tree, outs[:minfo.num_outputs])
-        new = dict(zip(minfo.written_paths, outs[minfo.num_outputs:]))
+        outs = jax.core.eval_jaxpr(
+            closed.jaxpr, closed.consts, *jax.tree.leaves(x), *[vals[p] for p in minfo.state_paths]
+        )
+        out = jax.tree.unflatten(minfo.out_tree, outs[: minfo.num_outputs])
+        new = dict(zip(minfo.written_paths, outs[minfo.num_outputs :]))
         rest = {p: new.get(p, v) for p, v in rest.items()}
         return out, rest
 
@@ -331,8 +348,7 @@ def pure_step(model, example_x):
 
 
 def bptt_runner(model_name: str, xs, ys, *, key_driven=False, loss_fn=mse):
-    model, _ = make_etrace_model(model_name, xs.shape[1] if not key_driven else BATCH,
-                                 key_driven)
+    model, _ = make_etrace_model(model_name, xs.shape[1] if not key_driven else BATCH, key_driven)
     step, params, rest = pure_step(model, xs[0])
 
     def total_loss(params, rest, xs, ys):
@@ -353,36 +369,41 @@ def bptt_runner(model_name: str, xs, ys, *, key_driven=False, loss_fn=mse):
     return run
 
 
-def braintrace_runner(model_name: str, method: str, xs, ys, *, key_driven=False,
-                      copy_from=None):
+def braintrace_runner(model_name: str, method: str, xs, ys, *, key_driven=False, copy_from=None):
     """braintrace's learner on the braintrace.nn twin of the model, driven by its own
     ``etrace_grad`` over the sequence inside one ``brainstate.transform.jit``."""
     import braintrace
+
     bt_net = _braintrace_models()[BT_TWIN[model_name]]()
     if copy_from is not None:
         copy_params_to_braintrace(BT_TWIN[model_name], copy_from, bt_net)
     batch = BATCH if key_driven else xs.shape[1]
     scale = INPUT_SCALE[model_name]
     example = jnp.zeros((batch, N_IN)) if key_driven else xs[0]
-    algo, opts = {"bt_pp_prop": ("pp_prop", {"decay_or_rank": DECAY}),
-                  "bt_d_rtrl": ("d_rtrl", {})}[method]
+    algo, opts = {"bt_pp_prop": ("pp_prop", {"decay_or_rank": DECAY}), "bt_d_rtrl": ("d_rtrl", {})}[
+        method
+    ]
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         learner = braintrace.compile(bt_net, algo, example, batch_size=batch, **opts)
 
     if key_driven:
+
         def step_loss(key, _):
             out = learner(scale * jax.random.normal(key, (batch, N_IN)))
             return key_mse(out, key)
     else:
+
         def step_loss(x, y):
             return mse(learner(x), y)
 
     @brainstate.transform.jit
     def run_seq(xs, ys):
-        grads, loss = learner.etrace_grad(xs, ys, step_fn=step_loss, reduction="sum",
-                                          loss_output="scalar", return_value=True)
+        grads, loss = learner.etrace_grad(
+            xs, ys, step_fn=step_loss, reduction="sum", loss_output="scalar", return_value=True
+        )
         return loss, grads
 
     def run():
@@ -408,8 +429,16 @@ def _rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def time_model(model_name: str, *, T: int = 100, repeats: int = 7, warmup: int = 2,
-               methods=None, with_braintrace: bool = True, progress=None) -> Dict[str, Any]:
+def time_model(
+    model_name: str,
+    *,
+    T: int = 100,
+    repeats: int = 7,
+    warmup: int = 2,
+    methods=None,
+    with_braintrace: bool = True,
+    progress=None,
+) -> dict[str, Any]:
     """Interleaved timings of every method on one model: per-call times, medians, minima, the
     first call's time (trace + compile + run) and the etrace methods' trace sizes."""
     methods = list(methods or (ETRACE_METHODS + ("bptt",) + BT_METHODS))
@@ -417,17 +446,18 @@ def time_model(model_name: str, *, T: int = 100, repeats: int = 7, warmup: int =
     if not bt:
         methods = [m for m in methods if m not in BT_METHODS]
     xs, ys = sequence_data(T, scale=INPUT_SCALE[model_name])
-    runners: Dict[str, Callable] = {}
-    compile_s: Dict[str, float] = {}
+    runners: dict[str, Callable] = {}
+    compile_s: dict[str, float] = {}
     for m in methods:
         if m in ETRACE_METHODS:
             runners[m] = etrace_runner(model_name, m, xs, ys)
         elif m == "bptt":
             runners[m] = bptt_runner(model_name, xs, ys)
-        else:   # the braintrace twin gets the etrace model's weights
+        else:  # the braintrace twin gets the etrace model's weights
             src = runners.get("es_d_rtrl") or runners.get("d_rtrl")
-            runners[m] = braintrace_runner(model_name, m, xs, ys,
-                                           copy_from=None if src is None else src.model)
+            runners[m] = braintrace_runner(
+                model_name, m, xs, ys, copy_from=None if src is None else src.model
+            )
         compile_s[m] = common.time_once(runners[m])  # first call: trace + compile + run
     # the fast methods and the slow (param-dim) ones in separate interleaved groups, so that each
     # ratio compares calls of similar length taken under the same load
@@ -435,19 +465,26 @@ def time_model(model_name: str, *, T: int = 100, repeats: int = 7, warmup: int =
     for group in ([m for m in methods if m not in SLOW], [m for m in methods if m in SLOW]):
         if group:
             reps = repeats if group[0] in SLOW else 2 * repeats
-            timings.update(common.time_interleaved({m: runners[m] for m in group}, repeats=reps,
-                                                   warmup=warmup, progress=progress))
-    out = {"T": T, "batch": xs.shape[1], "first_call_s": compile_s,
-           "times": {m: t.as_dict() for m, t in timings.items()},
-           "median_s": {m: t.median for m, t in timings.items()},
-           "min_s": {m: t.best for m, t in timings.items()}}
+            timings.update(
+                common.time_interleaved(
+                    {m: runners[m] for m in group}, repeats=reps, warmup=warmup, progress=progress
+                )
+            )
+    out = {
+        "T": T,
+        "batch": xs.shape[1],
+        "first_call_s": compile_s,
+        "times": {m: t.as_dict() for m, t in timings.items()},
+        "median_s": {m: t.median for m, t in timings.items()},
+        "min_s": {m: t.best for m, t in timings.items()},
+    }
     for m in methods:
         if m in ETRACE_METHODS:
             out.setdefault("trace_sizes", {})[m] = runners[m].algo.trace_sizes()
     return out
 
 
-def agreement_checks(model_name: str, T: int = 20) -> Dict[str, Any]:
+def agreement_checks(model_name: str, T: int = 20) -> dict[str, Any]:
     """The timed runs compute what they claim, on a short sequence (T=20: spiking networks in
     float32 drift apart over long ones): D-RTRL's and ES-D-RTRL's gradients against braintrace's
     on the same weights, and every method's summed loss against BPTT's."""
@@ -472,8 +509,8 @@ def agreement_checks(model_name: str, T: int = 20) -> Dict[str, Any]:
             g_bt = braintrace_grads_by_etrace_path(model_name, res[btm][1])
             zero = [p for p in g_bt if not np.any(np.asarray(g_bt[p]))]
             checks[f"grad_rel_diff_{et}_vs_{btm}"] = {
-                "/".join(p): _rel_err(g_et[p], g_bt[p]) for p in g_et if p in g_bt
-                and p not in zero}
+                "/".join(p): _rel_err(g_et[p], g_bt[p]) for p in g_et if p in g_bt and p not in zero
+            }
             checks[f"braintrace_zero_grads_{btm}"] = sorted("/".join(p) for p in zero)
     return checks
 
@@ -482,7 +519,7 @@ def agreement_checks(model_name: str, T: int = 20) -> Dict[str, Any]:
 # memory (run in a fresh subprocess through benchmarks.memory)
 
 
-def memory_case(model: str, method: str, T: int) -> Dict[str, Any]:
+def memory_case(model: str, method: str, T: int) -> dict[str, Any]:
     """Build `model`, train one sequence of `T` key-driven steps with `method`, block."""
     keys = jax.random.split(jax.random.PRNGKey(0), T)
     if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
@@ -497,16 +534,18 @@ def memory_case(model: str, method: str, T: int) -> Dict[str, Any]:
     return {"loss": float(loss)}
 
 
-def measure_memory(models, methods, Ts, *, progress=None) -> Dict[str, Any]:
+def measure_memory(models, methods, Ts, *, progress=None) -> dict[str, Any]:
     from .memory import peak_rss
-    out: Dict[str, Any] = {}
+
+    out: dict[str, Any] = {}
     for model in models:
         for method in methods:
             if method in BT_METHODS and (not have_braintrace() or model not in BT_TWIN):
                 continue
             for T in Ts:
-                r = peak_rss("benchmarks.algorithms:memory_case",
-                             {"model": model, "method": method, "T": T})
+                r = peak_rss(
+                    "benchmarks.algorithms:memory_case", {"model": model, "method": method, "T": T}
+                )
                 out.setdefault(model, {}).setdefault(method, {})[str(T)] = r
                 if progress:
                     progress(f"{model}/{method}/T={T}")
@@ -525,31 +564,53 @@ def methods_for(model: str, quick: bool = False):
     return ETRACE_METHODS + ("bptt",) + BT_METHODS
 
 
-def run(*, quick: bool = False, progress=None, log=print) -> Dict[str, Any]:
+def run(*, quick: bool = False, progress=None, log=print) -> dict[str, Any]:
     cfg = dict(T=100, repeats=5 if quick else 11, warmup=1 if quick else 2)
     models = ("gru_bt", "gru_bt_frozen", "lif") if quick else MODELS
     mem_models = ("gru",) if quick else ("gru", "gru_bt", "lif")
     mem_Ts = (100, 1000) if quick else (100, 1000, 10000)
     bt = have_braintrace()
-    result: Dict[str, Any] = {"config": {**cfg, "models": list(models), "batch": BATCH,
-                                         "n_in": N_IN, "n_hid": N_HID, "n_out": N_OUT,
-                                         "decay": DECAY, "memory_T": list(mem_Ts),
-                                         "memory_models": list(mem_models),
-                                         "braintrace": bt},
-                              "timing": {}, "memory": {}, "ratios": {}, "goals": []}
+    result: dict[str, Any] = {
+        "config": {
+            **cfg,
+            "models": list(models),
+            "batch": BATCH,
+            "n_in": N_IN,
+            "n_hid": N_HID,
+            "n_out": N_OUT,
+            "decay": DECAY,
+            "memory_T": list(mem_Ts),
+            "memory_models": list(mem_models),
+            "braintrace": bt,
+        },
+        "timing": {},
+        "memory": {},
+        "ratios": {},
+        "goals": [],
+    }
     if not bt:
         log("braintrace is not importable here: its columns and goals are skipped")
     for model in models:
         methods = methods_for(model, quick)
-        log(f"\n== timing: {model} (T={cfg['T']}, batch {BATCH}; median [min] of "
-            f"{2 * cfg['repeats']} calls, {cfg['repeats']} for D-RTRL) ==")
-        r = time_model(model, methods=methods, progress=progress, T=cfg["T"],
-                       repeats=cfg["repeats"], warmup=cfg["warmup"])
+        log(
+            f"\n== timing: {model} (T={cfg['T']}, batch {BATCH}; median [min] of "
+            f"{2 * cfg['repeats']} calls, {cfg['repeats']} for D-RTRL) =="
+        )
+        r = time_model(
+            model,
+            methods=methods,
+            progress=progress,
+            T=cfg["T"],
+            repeats=cfg["repeats"],
+            warmup=cfg["warmup"],
+        )
         result["timing"][model] = r
         med = r["median_s"]
         for m, t in med.items():
-            log(f"  {m:12s} {common.fmt_ms(t)} [{common.fmt_ms(r['min_s'][m]).strip()}] / sequence"
-                f"   (first call {r['first_call_s'][m]:.2f} s)")
+            log(
+                f"  {m:12s} {common.fmt_ms(t)} [{common.fmt_ms(r['min_s'][m]).strip()}] / sequence"
+                f"   (first call {r['first_call_s'][m]:.2f} s)"
+            )
         ratios = {}
         for m in ETRACE_METHODS:
             if m in med:
@@ -566,19 +627,27 @@ def run(*, quick: bool = False, progress=None, log=print) -> Dict[str, Any]:
                 log(f"  check {k}: {_short(v)}")
 
     mem_methods = ("es_d_rtrl", "bptt") if quick else ETRACE_METHODS + ("bptt",) + BT_METHODS
-    log(f"\n== peak RSS (VmHWM), fresh process per (model, method, T); T = {list(mem_Ts)}; "
-        "inputs drawn inside the scan ==")
+    log(
+        f"\n== peak RSS (VmHWM), fresh process per (model, method, T); T = {list(mem_Ts)}; "
+        "inputs drawn inside the scan =="
+    )
     mem = measure_memory(mem_models, mem_methods, mem_Ts, progress=progress)
     result["memory"] = mem
     for model, per in mem.items():
         for method, byT in per.items():
             vals = [byT[str(T)].get("peak_rss_mib") for T in mem_Ts]
             errs = [byT[str(T)].get("error") for T in mem_Ts if "error" in byT[str(T)]]
-            growth = (f"  ({100 * (vals[-1] - vals[0]) / vals[0]:+.1f}%)"
-                      if None not in (vals[0], vals[-1]) else "")
-            log(f"  {model:6s} {method:12s} " + "  ".join(
-                f"T={T}: {common.fmt_mib(v)}" for T, v in zip(mem_Ts, vals)) + growth
-                + (f"  ERROR {errs[0]}" if errs else ""))
+            growth = (
+                f"  ({100 * (vals[-1] - vals[0]) / vals[0]:+.1f}%)"
+                if None not in (vals[0], vals[-1])
+                else ""
+            )
+            log(
+                f"  {model:6s} {method:12s} "
+                + "  ".join(f"T={T}: {common.fmt_mib(v)}" for T, v in zip(mem_Ts, vals))
+                + growth
+                + (f"  ERROR {errs[0]}" if errs else "")
+            )
     result["goals"] = [g.as_dict() for g in goals(result)]
     log("\n== goals ==")
     for g in goals(result):
@@ -603,33 +672,53 @@ def _mem_growth(mem, model, method, T0, T1):
     return a, b, (b - a) / a
 
 
-def goals(result) -> List[common.Goal]:
+def goals(result) -> list[common.Goal]:
     out = []
     for model in ("gru_bt", "lif", "gru_bt_frozen"):
         if model == "gru_bt_frozen" and model not in result["ratios"]:
             continue
         r = result["ratios"].get(model, {})
-        out.append(common.Goal(f"{model}: ES-D-RTRL time / braintrace pp_prop",
-                               r.get("es_d_rtrl/bt_pp_prop"), 0.8,
-                               detail="" if "es_d_rtrl/bt_pp_prop" in r else "braintrace not installed"))
+        out.append(
+            common.Goal(
+                f"{model}: ES-D-RTRL time / braintrace pp_prop",
+                r.get("es_d_rtrl/bt_pp_prop"),
+                0.8,
+                detail="" if "es_d_rtrl/bt_pp_prop" in r else "braintrace not installed",
+            )
+        )
         if model != "gru_bt_frozen":
-            out.append(common.Goal(f"{model}: D-RTRL time / braintrace D_RTRL",
-                                   r.get("d_rtrl/bt_d_rtrl"), 0.5,
-                                   detail="" if "d_rtrl/bt_d_rtrl" in r else "braintrace not installed"))
+            out.append(
+                common.Goal(
+                    f"{model}: D-RTRL time / braintrace D_RTRL",
+                    r.get("d_rtrl/bt_d_rtrl"),
+                    0.5,
+                    detail="" if "d_rtrl/bt_d_rtrl" in r else "braintrace not installed",
+                )
+            )
     for model in result["ratios"]:
         r = result["ratios"][model]
         if "es_d_rtrl/bptt" in r:
-            out.append(common.Goal(f"{model}: ES-D-RTRL time / JAX BPTT (T=100)",
-                                   r["es_d_rtrl/bptt"], 1.0))
+            out.append(
+                common.Goal(f"{model}: ES-D-RTRL time / JAX BPTT (T=100)", r["es_d_rtrl/bptt"], 1.0)
+            )
     mem = result["memory"]
     Ts = result["config"]["memory_T"]
     for model in mem:
         a, b, growth = _mem_growth(mem, model, "es_d_rtrl", Ts[0], Ts[-1])
         _, _, bptt_growth = _mem_growth(mem, model, "bptt", Ts[0], Ts[-1])
-        detail = (f"{a:.0f} -> {b:.0f} MiB; BPTT grows {100 * bptt_growth:+.0f}%"
-                  if growth is not None and bptt_growth is not None else "")
-        out.append(common.Goal(f"{model}: ES-D-RTRL peak RSS growth T={Ts[0]} -> {Ts[-1]}",
-                               None if growth is None else abs(growth), 0.05, detail=detail))
+        detail = (
+            f"{a:.0f} -> {b:.0f} MiB; BPTT grows {100 * bptt_growth:+.0f}%"
+            if growth is not None and bptt_growth is not None
+            else ""
+        )
+        out.append(
+            common.Goal(
+                f"{model}: ES-D-RTRL peak RSS growth T={Ts[0]} -> {Ts[-1]}",
+                None if growth is None else abs(growth),
+                0.05,
+                detail=detail,
+            )
+        )
     return out
 
 

@@ -11,6 +11,7 @@ persistent compilation cache in DIR (``etrace_bridge.enable_compilation_cache``;
 process that fills it, then processes that read it). Goal: learner / export <= 2.0.
 Run: ``python -m benchmarks.cold_start [--repeats N] [--cache DIR]``.
 """
+
 from __future__ import annotations
 
 from . import common
@@ -34,6 +35,7 @@ def export_case() -> dict[str, Any]:
     import torch
 
     from .bridge import BATCH, N_HID, torch_data, torch_model
+
     common_torch_threads()
     t1 = time.perf_counter()
     model = torch_model(seed=1)
@@ -46,6 +48,7 @@ def export_case() -> dict[str, Any]:
 
 def common_torch_threads():
     import torch
+
     torch.set_num_threads(1)
 
 
@@ -68,17 +71,22 @@ class _Stages:
             finally:
                 stages.depth -= 1
                 stages.total[label] += time.perf_counter() - t0
+
         setattr(owner, name, timed)
 
     def listen(self):
         import jax.monitoring
-        names = {"/jax/core/compile/jaxpr_trace_duration": "jax: tracing to jaxpr",
-                 "/jax/core/compile/jaxpr_to_mlir_module_duration": "jax: jaxpr -> MLIR",
-                 "/jax/core/compile/backend_compile_duration": "jax: XLA compile"}
+
+        names = {
+            "/jax/core/compile/jaxpr_trace_duration": "jax: tracing to jaxpr",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration": "jax: jaxpr -> MLIR",
+            "/jax/core/compile/backend_compile_duration": "jax: XLA compile",
+        }
 
         def on(event, duration, **_):
             if event in names:
                 self.total[names[event]] += duration
+
         jax.monitoring.register_event_duration_secs_listener(on)
 
 
@@ -94,6 +102,7 @@ def learner_case(cache_dir: str = "") -> dict[str, Any]:
     import etrace_core.algorithms.base as base
 
     from .bridge import make_learner, torch_data, torch_model
+
     common_torch_threads()
     t1 = time.perf_counter()
     if cache_dir:
@@ -114,44 +123,64 @@ def learner_case(cache_dir: str = "") -> dict[str, Any]:
     t3 = time.perf_counter()
     learner.run(xs, ys)
     t4 = time.perf_counter()
-    return {"import_s": t1 - t0, "construct_s": t3 - t2, "first_run_s": t4 - t3,
-            "cold_s": t4 - t2, "stages": dict(st.total)}
+    return {
+        "import_s": t1 - t0,
+        "construct_s": t3 - t2,
+        "first_run_s": t4 - t3,
+        "cold_s": t4 - t2,
+        "stages": dict(st.total),
+    }
 
 
-def run(*, repeats: int = 3, cache_dir: str = "", quick: bool = False, progress=lambda _: None,
-        log=print) -> dict[str, Any]:
+def run(
+    *,
+    repeats: int = 3,
+    cache_dir: str = "",
+    quick: bool = False,
+    progress=lambda _: None,
+    log=print,
+) -> dict[str, Any]:
     from .memory import peak_rss
+
     repeats = 2 if quick else repeats
-    cases = [("export", "benchmarks.cold_start:export_case", {}),
-             ("learner", "benchmarks.cold_start:learner_case", {})]
+    cases = [
+        ("export", "benchmarks.cold_start:export_case", {}),
+        ("learner", "benchmarks.cold_start:learner_case", {}),
+    ]
     if cache_dir:
         peak_rss("benchmarks.cold_start:learner_case", {"cache_dir": cache_dir})  # fills it
-        cases.append(("learner_cached", "benchmarks.cold_start:learner_case",
-                      {"cache_dir": cache_dir}))
+        cases.append(
+            ("learner_cached", "benchmarks.cold_start:learner_case", {"cache_dir": cache_dir})
+        )
     runs = defaultdict(list)
-    for r in range(repeats):       # interleaved: every case once per round
+    for r in range(repeats):  # interleaved: every case once per round
         for name, target, kw in cases:
             res = peak_rss(target, kw)
             if "error" in res:
                 raise RuntimeError(f"{name}: {res['error']}")
             runs[name].append(res)
         progress(f"round {r + 1}/{repeats}")
-        log(f"  round {r + 1}: " + ", ".join(f"{n} {runs[n][-1]['cold_s']:.2f} s"
-                                            for n, _, _ in cases))
+        log(
+            f"  round {r + 1}: "
+            + ", ".join(f"{n} {runs[n][-1]['cold_s']:.2f} s" for n, _, _ in cases)
+        )
     med = {n: statistics.median(x["cold_s"] for x in rs) for n, rs in runs.items()}
     imp = {n: statistics.median(x["import_s"] for x in rs) for n, rs in runs.items()}
     out: dict[str, Any] = {"median_s": med, "import_s": imp, "runs": dict(runs)}
     log(f"== cold start, fresh processes, median of {repeats} (imports excluded) ==")
-    log(f"  torch.export.export (bare)      {med['export']:.2f} s   "
-        f"(imports {imp['export']:.2f} s)")
+    log(
+        f"  torch.export.export (bare)      {med['export']:.2f} s   (imports {imp['export']:.2f} s)"
+    )
     goals = []
     for name in [n for n, _, _ in cases if n != "export"]:
         rs = runs[name]
         ratio = med[name] / med["export"]
         out[f"ratio_{name}"] = ratio
-        log(f"  {name:31s} {med[name]:.2f} s   (imports {imp[name]:.2f} s; construct "
+        log(
+            f"  {name:31s} {med[name]:.2f} s   (imports {imp[name]:.2f} s; construct "
             f"{statistics.median(x['construct_s'] for x in rs):.2f} s, first run "
-            f"{statistics.median(x['first_run_s'] for x in rs):.2f} s)  ratio {ratio:.2f}")
+            f"{statistics.median(x['first_run_s'] for x in rs):.2f} s)  ratio {ratio:.2f}"
+        )
         keys = sorted({k for x in rs for k in x["stages"]})
         for k in keys:
             log(f"      {k:34s} {statistics.median(x['stages'].get(k, 0.0) for x in rs):.3f} s")

@@ -3,6 +3,7 @@
 Nothing here imports jax or torch at module level, so ``pin_threads`` can run before either is
 loaded (XLA reads its thread flags once, when the backend starts).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,13 +14,14 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Optional
 
 XLA_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
 
 
-def pinned_env(env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def pinned_env(env: Optional[dict[str, str]] = None) -> dict[str, str]:
     """A copy of `env` (default: os.environ) with XLA and BLAS pinned to one thread."""
     env = dict(os.environ if env is None else env)
     flags = env.get("XLA_FLAGS", "")
@@ -40,12 +42,15 @@ def pin_threads() -> bool:
     if "jax" in sys.modules:
         try:
             import jax
+
             started = bool(jax._src.xla_bridge._backends)  # noqa: SLF001
         except Exception:
             started = True
         if started:
-            print("benchmarks: jax backend already started; XLA thread flags not applied",
-                  file=sys.stderr)
+            print(
+                "benchmarks: jax backend already started; XLA thread flags not applied",
+                file=sys.stderr,
+            )
             return False
     return True
 
@@ -54,6 +59,7 @@ def pin_threads() -> bool:
 def torch_threads(n: int = 1):
     """Run the block with torch intra-op threads set to `n`, restoring the old value after."""
     import torch
+
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -70,6 +76,7 @@ def block(value):
     """Wait for every JAX array in `value` (torch results are already synchronous on CPU)."""
     try:
         import jax
+
         return jax.block_until_ready(value)
     except Exception:
         return value
@@ -78,7 +85,7 @@ def block(value):
 @dataclass
 class Timing:
     name: str
-    times: List[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -88,13 +95,22 @@ class Timing:
     def best(self) -> float:
         return min(self.times)
 
-    def as_dict(self) -> Dict[str, Any]:
-        return {"median_s": self.median, "min_s": self.best, "repeats": len(self.times),
-                "times_s": self.times}
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "median_s": self.median,
+            "min_s": self.best,
+            "repeats": len(self.times),
+            "times_s": self.times,
+        }
 
 
-def time_interleaved(cases: Dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 2,
-                     progress: Optional[Callable[[str], None]] = None) -> Dict[str, Timing]:
+def time_interleaved(
+    cases: dict[str, Callable[[], Any]],
+    *,
+    repeats: int = 7,
+    warmup: int = 2,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict[str, Timing]:
     """Time every callable `repeats` times, interleaved round by round (the order rotates each
     round), after `warmup` untimed calls each. Each call's result is blocked on, so the time
     covers the whole computation. Returns {name: Timing}."""
@@ -129,25 +145,38 @@ def time_once(fn: Callable[[], Any]) -> float:
 @dataclass
 class Goal:
     name: str
-    value: Optional[float]        # the measured quantity (a ratio, seconds, fraction)
+    value: Optional[float]  # the measured quantity (a ratio, seconds, fraction)
     threshold: float
-    comparison: str = "<="        # value <comparison> threshold passes
+    comparison: str = "<="  # value <comparison> threshold passes
     detail: str = ""
 
     @property
     def status(self) -> str:
         if self.value is None:
             return "SKIP"
-        ok = self.value <= self.threshold if self.comparison == "<=" else self.value >= self.threshold
+        ok = (
+            self.value <= self.threshold
+            if self.comparison == "<="
+            else self.value >= self.threshold
+        )
         return "PASS" if ok else "FAIL"
 
     def line(self) -> str:
         v = "n/a" if self.value is None else f"{self.value:.3f}"
-        return f"[{self.status}] {self.name}: {v} (goal {self.comparison} {self.threshold:g}){' - ' + self.detail if self.detail else ''}"
+        detail = f" - {self.detail}" if self.detail else ""
+        return (
+            f"[{self.status}] {self.name}: {v} (goal {self.comparison} {self.threshold:g}){detail}"
+        )
 
-    def as_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "value": self.value, "threshold": self.threshold,
-                "comparison": self.comparison, "status": self.status, "detail": self.detail}
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "threshold": self.threshold,
+            "comparison": self.comparison,
+            "status": self.status,
+            "detail": self.detail,
+        }
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -160,7 +189,7 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 # machine and versions
 
 
-def machine_info() -> Dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -183,13 +212,19 @@ def machine_info() -> Dict[str, Any]:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib,
-            "platform": platform.platform(), "load_avg_at_start": load}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "platform": platform.platform(),
+        "load_avg_at_start": load,
+    }
 
 
 def _version(name: str) -> Optional[str]:
     try:
         from importlib import metadata
+
         return metadata.version(name)
     except Exception:
         try:
@@ -198,11 +233,17 @@ def _version(name: str) -> Optional[str]:
             return None
 
 
-def versions() -> Dict[str, Optional[str]]:
-    return {"python": platform.python_version(), "jax": _version("jax"),
-            "jaxlib": _version("jaxlib"), "torch": _version("torch"),
-            "brainstate": _version("brainstate"), "numpy": _version("numpy"),
-            "etrace": _version("etrace"), "braintrace": _version("braintrace")}
+def versions() -> dict[str, Optional[str]]:
+    return {
+        "python": platform.python_version(),
+        "jax": _version("jax"),
+        "jaxlib": _version("jaxlib"),
+        "torch": _version("torch"),
+        "brainstate": _version("brainstate"),
+        "numpy": _version("numpy"),
+        "etrace": _version("etrace"),
+        "braintrace": _version("braintrace"),
+    }
 
 
 def now() -> str:
@@ -221,6 +262,7 @@ def script_main(run, description: str, argv=None) -> int:
     """The command line of one benchmark module: `--quick`, and `--out` to write the JSON."""
     import argparse
     import json
+
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="write the results as JSON here")

@@ -6,6 +6,7 @@ slices and concatenations: position propagation must not replay them per state. 
 log-log slope of compile time from L = 4 to 16 at most 1.3 (linear work, plus noise).
 Run: ``python -m benchmarks.compile_depth``.
 """
+
 from __future__ import annotations
 
 from . import common
@@ -15,7 +16,7 @@ if __name__ == "__main__":
 
 import math
 import time
-from typing import Any, Dict
+from typing import Any
 
 DEPTHS = (1, 4, 16)
 
@@ -24,6 +25,7 @@ def _bridge_gru(layers: int):
     import torch
 
     from etrace_bridge import from_torch
+
     torch.manual_seed(0)
     module = from_torch(torch.nn.GRU(8, 16, num_layers=layers), (torch.zeros(4, 8),))
     return module, module.example_step_inputs()
@@ -33,6 +35,7 @@ def compile_seconds(layers: int) -> float:
     """Seconds of `compile_graph` (D-RTRL) for an nn.GRU of `layers` layers, caches cleared."""
     import etrace_core
     from etrace_core.compiler.positions import _relabel_targets
+
     module, example = _bridge_gru(layers)
     _relabel_targets.cache_clear()
     algo = etrace_core.D_RTRL(module)
@@ -41,8 +44,8 @@ def compile_seconds(layers: int) -> float:
     return time.perf_counter() - start
 
 
-def run(quick: bool = False, progress=lambda _: None, log=print) -> Dict[str, Any]:
-    result: Dict[str, Any] = {"compile_s": {}}
+def run(quick: bool = False, progress=lambda _: None, log=print) -> dict[str, Any]:
+    result: dict[str, Any] = {"compile_s": {}}
     for layers in DEPTHS:
         seconds = min(compile_seconds(layers) for _ in range(1 if quick else 2))
         result["compile_s"][layers] = seconds
@@ -51,8 +54,14 @@ def run(quick: bool = False, progress=lambda _: None, log=print) -> Dict[str, An
     t4, t16 = result["compile_s"][4], result["compile_s"][16]
     slope = math.log(t16 / t4) / math.log(16 / 4)
     result["slope_4_16"] = slope
-    result["goals"] = [common.Goal("compile_graph log-log slope in depth, nn.GRU L=4->16", slope,
-                                   1.3, detail=f"{t4:.2f} s -> {t16:.2f} s").as_dict()]
+    result["goals"] = [
+        common.Goal(
+            "compile_graph log-log slope in depth, nn.GRU L=4->16",
+            slope,
+            1.3,
+            detail=f"{t4:.2f} s -> {t16:.2f} s",
+        ).as_dict()
+    ]
     log("  " + common.Goal("slope", slope, 1.3).line())
     return result
 

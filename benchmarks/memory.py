@@ -10,6 +10,7 @@ copy before ``execve``, so it is kept only as ``ru_maxrss_mib``), ``import_rss_m
 and whatever dict the function returned. Every case gets its own process, so no allocator cache
 or compiled executable of another case counts.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from .common import pinned_env
 from .rss import peak_rss_mb, ru_maxrss_mb
@@ -26,23 +27,30 @@ MARKER = "@@BENCH_RESULT@@"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def peak_rss(target: str, kwargs: Optional[Dict[str, Any]] = None, *,
-             python: Optional[str] = None, timeout: float = 900.0) -> Dict[str, Any]:
+def peak_rss(
+    target: str,
+    kwargs: Optional[dict[str, Any]] = None,
+    *,
+    python: Optional[str] = None,
+    timeout: float = 900.0,
+) -> dict[str, Any]:
     """Run `target` ("module:function") with `kwargs` in a fresh subprocess and return its
     result dict (``peak_rss_mib``, ``import_rss_mib``, ``wall_s`` and the function's own keys).
     On failure the dict has ``error`` and no ``peak_rss_mib``."""
     cmd = [python or sys.executable, "-m", "benchmarks.memory", target, json.dumps(kwargs or {})]
     env = pinned_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in
-                                        env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=str(REPO_ROOT))
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO_ROOT)
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(MARKER):
-            return json.loads(line[len(MARKER):])
+            return json.loads(line[len(MARKER) :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
     return {"error": f"exit code {proc.returncode}: " + " | ".join(tail)}
 
@@ -61,13 +69,18 @@ def _child(target: str, kwargs_json: str) -> None:
     hwm, maxrss = peak_rss_mb(), ru_maxrss_mb()
     # VmHWM is this process's own high-water mark. ru_maxrss also keeps, across execve, the RSS
     # the forked child had before it (a copy of the parent's), so it is only a fallback.
-    result = {"peak_rss_mib": hwm, "ru_maxrss_mib": maxrss,
-              "import_rss_mib": import_rss, "wall_s": wall}
+    result = {
+        "peak_rss_mib": hwm,
+        "ru_maxrss_mib": maxrss,
+        "import_rss_mib": import_rss,
+        "wall_s": wall,
+    }
     result.update(extra)
     print(MARKER + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
     from .common import pin_threads
+
     pin_threads()
     _child(sys.argv[1], sys.argv[2])

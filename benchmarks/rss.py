@@ -1,5 +1,6 @@
 """Resident-memory readings of this process (stdlib only): the one harness the benchmarks and
 `etrace-compare` share. Peak = the kernel's high-water mark (VmHWM), resettable on Linux."""
+
 from __future__ import annotations
 
 import sys
@@ -21,8 +22,9 @@ def _proc_status_mb(key: str) -> float | None:
 def ru_maxrss_mb() -> float:
     """getrusage's peak RSS in MiB (on Linux it also counts the forked parent copy before exec)."""
     import resource
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024.0
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
 def rss_mb() -> float:

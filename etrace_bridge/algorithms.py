@@ -3,6 +3,7 @@
 Names map to `etrace_core` classes by attribute name, so this module imports nothing heavy
 (the command line reads it for `--help`). Aliases name the same algorithm and are labelled so.
 """
+
 from __future__ import annotations
 
 import importlib

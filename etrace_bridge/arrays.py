@@ -23,32 +23,52 @@ starving torch. Importing `etrace_bridge` sets XLA_PYTHON_CLIENT_PREALLOCATE=fal
 (unless the variable is already set); it only takes effect if no JAX computation
 has touched the GPU before the import.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-__all__ = ["to_jax", "to_torch", "needs_copy", "CPU_ALIGNMENT", "jax_dtype", "import_tensor",
-           "is_float64", "check_float64", "x64_enabled"]
+__all__ = [
+    "to_jax",
+    "to_torch",
+    "needs_copy",
+    "CPU_ALIGNMENT",
+    "jax_dtype",
+    "import_tensor",
+    "is_float64",
+    "check_float64",
+    "x64_enabled",
+]
 
 CPU_ALIGNMENT = 64
 _WIDE_DTYPES = (torch.float64, torch.int64, torch.uint64, torch.complex128)
 _FLOAT64 = (torch.float64, torch.complex128)
 
 _DTYPES = {
-    torch.float16: np.float16, torch.bfloat16: jnp.bfloat16, torch.float32: np.float32,
-    torch.float64: np.float64, torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32,
-    torch.int64: np.int64, torch.uint8: np.uint8, torch.bool: np.bool_,
-    torch.complex64: np.complex64, torch.complex128: np.complex128,
+    torch.float16: np.float16,
+    torch.bfloat16: jnp.bfloat16,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.int8: np.int8,
+    torch.int16: np.int16,
+    torch.int32: np.int32,
+    torch.int64: np.int64,
+    torch.uint8: np.uint8,
+    torch.bool: np.bool_,
+    torch.complex64: np.complex64,
+    torch.complex128: np.complex128,
 }
 
-X64_HINT = ("Enable it with jax.config.update('jax_enable_x64', True) (after importing brainstate, "
-            "whose import switches it off; importing etrace keeps it), or use a float32 model and "
-            "inputs (model.float()).")
+X64_HINT = (
+    "Enable it with jax.config.update('jax_enable_x64', True) (after importing brainstate, "
+    "whose import switches it off; importing etrace keeps it), or use a float32 model and "
+    "inputs (model.float())."
+)
 
 
 def x64_enabled() -> bool:
@@ -78,8 +98,10 @@ def check_float64(tensors: Iterable[tuple[str, str, torch.Tensor]]) -> None:
         return
     for kind, name, t in tensors:
         if t.dtype in _FLOAT64:
-            raise TypeError(f"{kind} `{name}` is {t.dtype} but JAX 64-bit mode is off, so JAX "
-                            f"would silently compute in float32. {X64_HINT}")
+            raise TypeError(
+                f"{kind} `{name}` is {t.dtype} but JAX 64-bit mode is off, so JAX "
+                f"would silently compute in float32. {X64_HINT}"
+            )
 
 
 def import_tensor(t: torch.Tensor, *, copy: bool = False) -> jax.Array:
@@ -111,9 +133,15 @@ def needs_copy(tensor: torch.Tensor) -> str | None:
     if tensor.is_conj() or tensor.is_neg():
         return "it has torch's lazy conjugate/negative bit set"
     if not _is_permuted_compact(tensor.shape, tensor.stride()):
-        return f"its strides {tuple(tensor.stride())} are not a dense layout for shape {tuple(tensor.shape)}"
-    if (tensor.device.type == "cpu" and tensor.numel() > 0
-            and tensor.data_ptr() % CPU_ALIGNMENT != 0):
+        return (
+            f"its strides {tuple(tensor.stride())} are not a dense layout for shape "
+            f"{tuple(tensor.shape)}"
+        )
+    if (
+        tensor.device.type == "cpu"
+        and tensor.numel() > 0
+        and tensor.data_ptr() % CPU_ALIGNMENT != 0
+    ):
         return f"its data pointer is not {CPU_ALIGNMENT}-byte aligned (offset view)"
     return None
 
@@ -133,8 +161,10 @@ def to_jax(tensor: torch.Tensor, *, copy: bool | None = None) -> jax.Array:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"to_jax expects a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype in _WIDE_DTYPES and not x64_enabled():
-        raise TypeError(f"{tensor.dtype} tensor while JAX 64-bit mode is off: JAX would silently "
-                        f"downcast it to 32 bits. {X64_HINT}")
+        raise TypeError(
+            f"{tensor.dtype} tensor while JAX 64-bit mode is off: JAX would silently "
+            f"downcast it to 32 bits. {X64_HINT}"
+        )
     tensor = tensor.detach()
     reason = needs_copy(tensor)
     if reason is not None and copy is False:

@@ -13,6 +13,7 @@ outputs, `ctx.needs_input_grad`, `None` gradients, non-tensor arguments (constan
 Refused, by name: Functions returning non-tensors, marking inputs dirty (in place), or whose
 forward/backward torch.export cannot trace.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,15 +22,22 @@ import itertools
 import re
 import threading
 import weakref
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from etrace_bridge.errors import UnsupportedModelError
 
-__all__ = ["FunctionCall", "CapturedFunction", "routed_functions", "capture_functions",
-           "is_user_function", "NAMESPACE"]
+__all__ = [
+    "FunctionCall",
+    "CapturedFunction",
+    "routed_functions",
+    "capture_functions",
+    "is_user_function",
+    "NAMESPACE",
+]
 
 NAMESPACE = "etrace_fn"
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
@@ -37,14 +45,17 @@ _COUNTER = itertools.count()
 _LOCK = threading.Lock()
 # One op per (Function class, constant arguments, tensor positions, outputs): keyed by the class
 # object itself (weakly), so a class that is garbage collected drops its entries.
-_OPS_BY_CLASS: "weakref.WeakKeyDictionary[type, dict]" = weakref.WeakKeyDictionary()
-_CALLS_BY_NAME: "weakref.WeakValueDictionary[str, FunctionCall]" = weakref.WeakValueDictionary()
+_OPS_BY_CLASS: weakref.WeakKeyDictionary[type, dict] = weakref.WeakKeyDictionary()
+_CALLS_BY_NAME: weakref.WeakValueDictionary[str, FunctionCall] = weakref.WeakValueDictionary()
 
 
 def is_user_function(obj: Any) -> bool:
     """A `torch.autograd.Function` subclass defined outside torch."""
-    return (isinstance(obj, type) and issubclass(obj, torch.autograd.Function)
-            and not obj.__module__.startswith("torch"))
+    return (
+        isinstance(obj, type)
+        and issubclass(obj, torch.autograd.Function)
+        and not obj.__module__.startswith("torch")
+    )
 
 
 def function_name(cls: type) -> str:
@@ -83,7 +94,8 @@ class FunctionCall:
 def _new_style(cls: type) -> bool:
     base = torch.autograd.function._SingleLevelFunction.setup_context
     return getattr(cls.setup_context, "__func__", cls.setup_context) is not getattr(
-        base, "__func__", base)
+        base, "__func__", base
+    )
 
 
 class _ForwardCtx:
@@ -135,7 +147,7 @@ def _call_outputs(cls: type, args: list):
     return out
 
 
-def _as_op_output(out, call: "FunctionCall"):
+def _as_op_output(out, call: FunctionCall):
     outs = tuple(out) if call.tuple_out else (out,)
     outs = tuple(o.clone() for o in outs)  # a custom op may not return its inputs
     return outs if call.tuple_out else outs[0]
@@ -151,7 +163,8 @@ def _register(cls: type, args: tuple, outputs) -> FunctionCall:
         raise UnsupportedModelError(
             f"the torch.autograd.Function `{function_name(cls)}` returns non-tensor values "
             f"({', '.join(bad)}); the bridge converts Functions whose outputs are tensors. "
-            "Return tensors only (keep other values on ctx).")
+            "Return tensors only (keep other values on ctx)."
+        )
     key = (tensor_pos, _constant_key(constants), tuple_out, len(outs))
     with _LOCK:
         table = _OPS_BY_CLASS.setdefault(cls, {})
@@ -201,7 +214,8 @@ def _routed_apply(cls, *args, **kwargs):
             f"the torch.autograd.Function `{function_name(cls)}` cannot be converted with its "
             f"backward: its forward cannot be traced ({_first_line(err)}). Write it with "
             "tensor operations only (no .item()/float() of tensors, no Python branches on "
-            "tensor values).") from None
+            "tensor values)."
+        ) from None
     call = _register(cls, args, shapes)
     op = getattr(getattr(torch.ops, NAMESPACE), call.op_name).default
     out = op(*[args[i] for i in call.tensor_pos])
@@ -273,13 +287,18 @@ class _ForwardGraph(torch.nn.Module):
         saved_slots = [isinstance(s, torch.Tensor) for s in saved]
         attrs = {k: v for k, v in vars(ctx).items() if not k.startswith("_")}
         tensor_attrs = {k: v for k, v in attrs.items() if isinstance(v, torch.Tensor)}
-        self.record = dict(saved_slots=saved_slots, tensor_attrs=list(tensor_attrs),
-                           attrs={k: v for k, v in attrs.items() if k not in tensor_attrs})
+        self.record = dict(
+            saved_slots=saved_slots,
+            tensor_attrs=list(tensor_attrs),
+            attrs={k: v for k, v in attrs.items() if k not in tensor_attrs},
+        )
         # fresh tensors: an output that is also an input would be merged away by export
         fresh = lambda t: t.clone() if any(t is a for a in tensors) else t
-        return (tuple(fresh(o) for o in outs),
-                tuple(fresh(s) for s in saved if isinstance(s, torch.Tensor)),
-                tuple(fresh(v) for v in tensor_attrs.values()))
+        return (
+            tuple(fresh(o) for o in outs),
+            tuple(fresh(s) for s in saved if isinstance(s, torch.Tensor)),
+            tuple(fresh(v) for v in tensor_attrs.values()),
+        )
 
 
 class _BackwardGraph(torch.nn.Module):
@@ -289,9 +308,9 @@ class _BackwardGraph(torch.nn.Module):
         self.grad_pos: tuple[int, ...] = ()
 
     def forward(self, flat):
-        saved_iter = iter(flat[:self.n_saved])
-        attrs_t = flat[self.n_saved:self.n_saved + self.n_attrs]
-        grads_out = flat[self.n_saved + self.n_attrs:]
+        saved_iter = iter(flat[: self.n_saved])
+        attrs_t = flat[self.n_saved : self.n_saved + self.n_attrs]
+        grads_out = flat[self.n_saved + self.n_attrs :]
         saved = tuple(next(saved_iter) if is_t else None for is_t in self.record["saved_slots"])
         attrs = dict(self.record["attrs"])
         attrs.update(zip(self.record["tensor_attrs"], attrs_t))
@@ -316,8 +335,9 @@ def _example(val, gen: torch.Generator) -> torch.Tensor:
     return torch.zeros(shape, dtype=val.dtype)
 
 
-def capture_functions(program: torch.export.ExportedProgram,
-                      export_fn: Callable) -> dict[str, CapturedFunction]:
+def capture_functions(
+    program: torch.export.ExportedProgram, export_fn: Callable
+) -> dict[str, CapturedFunction]:
     """Capture forward and backward of every routed Function node of `program`.
 
     `export_fn(module, args)` exports a small module as an `ExportedStep` (the bridge's
@@ -342,14 +362,17 @@ def capture_functions(program: torch.export.ExportedProgram,
                 raise _function_error(call, str(err)) from None
             except Exception as err:
                 raise _function_error(
-                    call, f"torch.export cannot trace it ({_first_line(err)})") from err
+                    call, f"torch.export cannot trace it ({_first_line(err)})"
+                ) from err
         captured[node.name] = by_signature[signature]
     return captured
 
 
 def _capture(call: FunctionCall, examples: tuple, gen, export_fn) -> CapturedFunction:
-    needs = tuple(isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex())
-                  for a in call.full_args(examples))
+    needs = tuple(
+        isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex())
+        for a in call.full_args(examples)
+    )
     fwd_module = _ForwardGraph(call, needs)
     with torch.no_grad():
         outs, saved, tattrs = fwd_module(examples)
@@ -359,8 +382,12 @@ def _capture(call: FunctionCall, examples: tuple, gen, export_fn) -> CapturedFun
     except Exception as err:
         raise _Refusal(f"its forward cannot be traced by torch.export ({_first_line(err)})")
     bwd_module = _BackwardGraph(call, record, len(saved), len(tattrs))
-    grads_out = tuple(torch.randn(o.shape, dtype=o.dtype, generator=gen)
-                      if o.is_floating_point() else torch.zeros_like(o) for o in outs)
+    grads_out = tuple(
+        torch.randn(o.shape, dtype=o.dtype, generator=gen)
+        if o.is_floating_point()
+        else torch.zeros_like(o)
+        for o in outs
+    )
     bwd_args = tuple(saved) + tuple(tattrs) + grads_out
     with torch.no_grad():
         bwd_module(tuple(t.clone() for t in bwd_args))
@@ -368,8 +395,7 @@ def _capture(call: FunctionCall, examples: tuple, gen, export_fn) -> CapturedFun
         backward = export_fn(bwd_module, (tuple(t.clone() for t in bwd_args),))
     except Exception as err:
         raise _Refusal(f"its backward cannot be traced by torch.export ({_first_line(err)})")
-    return CapturedFunction(call, forward, backward, len(saved), len(tattrs),
-                            bwd_module.grad_pos)
+    return CapturedFunction(call, forward, backward, len(saved), len(tattrs), bwd_module.grad_pos)
 
 
 def _first_line(err: Exception) -> str:
@@ -383,4 +409,5 @@ def _function_error(call: FunctionCall, reason: str) -> UnsupportedModelError:
         f"{reason}. Write its forward and backward with tensor operations only (no .item(), "
         "no Python branches on tensor values, no in-place changes of its inputs), or rewrite "
         "it as a `torch.library.custom_op` and pass its JAX twin with "
-        f"`custom_ops={{'namespace::name': jax_fn}}`.")
+        f"`custom_ops={{'namespace::name': jax_fn}}`."
+    )

@@ -12,10 +12,12 @@ State conventions: see `etrace_bridge.conventions`. Prefer reassigning a state b
 (`self.h = h_new`): an in-place `self.h.copy_(h_new)` breaks backpropagation if an op of an
 earlier step saved `self.h` itself.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,18 +28,28 @@ from .losses import IGNORE_INDEX, resolve_loss
 from .state_slots import swapped_slots
 from .targets import check_targets
 
-__all__ = ["BPTTResult", "TBPTTWindow", "GradientRow", "GradientReport", "bptt_gradients",
-           "tbptt_windows", "tbptt_gradients", "compare_gradients"]
+__all__ = [
+    "BPTTResult",
+    "TBPTTWindow",
+    "GradientRow",
+    "GradientReport",
+    "bptt_gradients",
+    "tbptt_windows",
+    "tbptt_gradients",
+    "compare_gradients",
+]
 
 
 class BPTTResult(NamedTuple):
     """Summed loss, gradients keyed by torch parameter name, stacked (T, B, ...) outputs."""
+
     loss: float
     grads: dict[str, torch.Tensor]
     outputs: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- BPTT
+
 
 def bptt_gradients(
     module: nn.Module,
@@ -59,8 +71,8 @@ def bptt_gradients(
 
     No side effects: `p.grad` is never touched (the gradients come from
     `torch.autograd.grad`) and the module runs on clones of its buffers, tensor attributes
-    and spikingjelly memories (`etrace_bridge.state_slots`), which are put back after. Parameters the loss does
-    not reach get zero gradients.
+    and spikingjelly memories (`etrace_bridge.state_slots`), which are put back after.
+    Parameters the loss does not reach get zero gradients.
     """
     xs = torch.as_tensor(xs)
     dtype, device = param_like(module, xs)
@@ -91,18 +103,21 @@ def bptt_gradients(
                 grads = [None] * len(named)
             else:
                 grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
-    grads = {n: (g.detach() if g is not None else torch.zeros_like(p))
-             for (n, p), g in zip(named, grads)}
+    grads = {
+        n: (g.detach() if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)
+    }
     value = 0.0 if total is None else float(total.detach())
     return BPTTResult(value, grads, torch.stack(outputs))
 
 
 # ----------------------------------------------------------------------------- truncated BPTT
 
+
 class TBPTTWindow(NamedTuple):
     """One truncated-BPTT window: steps [start, stop), its summed loss, its gradients (keyed by
     torch parameter name), whether any step of it carried a loss (a target that is not None and
     not all IGNORE_INDEX), and its (T_w, B, ...) outputs."""
+
     start: int
     stop: int
     loss: float
@@ -190,8 +205,10 @@ def tbptt_windows(
                     grads = [None] * len(named)
                 else:
                     grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
-            grads = {n: (g.detach() if g is not None else torch.zeros_like(p))
-                     for (n, p), g in zip(named, grads)}
+            grads = {
+                n: (g.detach() if g is not None else torch.zeros_like(p))
+                for (n, p), g in zip(named, grads)
+            }
             value = 0.0 if total is None else float(total.detach())
             state = _detach(state)
             yield TBPTTWindow(start, stop, value, grads, labelled, torch.stack(outputs))
@@ -215,12 +232,14 @@ def tbptt_gradients(
     for win in tbptt_windows(module, xs, targets, loss, window=window, state=state, step=step):
         loss_total += win.loss
         outputs.append(win.outputs)
-        grads = dict(win.grads) if grads is None else {n: g + win.grads[n]
-                                                       for n, g in grads.items()}
+        grads = (
+            dict(win.grads) if grads is None else {n: g + win.grads[n] for n, g in grads.items()}
+        )
     return BPTTResult(loss_total, grads or {}, torch.cat(outputs))
 
 
 # ----------------------------------------------------------------------------- comparison
+
 
 class GradientRow(NamedTuple):
     name: str
@@ -232,6 +251,7 @@ class GradientRow(NamedTuple):
 @dataclass
 class GradientReport:
     """Per-parameter agreement of an online gradient with the BPTT reference."""
+
     rows: list[GradientRow] = field(default_factory=list)
 
     @property
@@ -244,8 +264,15 @@ class GradientReport:
 
     def _cells(self):
         header = ("parameter", "shape", "rel. error", "cosine")
-        body = [(r.name, "x".join(map(str, r.shape)) or "scalar", f"{r.rel_error:.3e}", f"{r.cosine:.6f}")
-                for r in self.rows]
+        body = [
+            (
+                r.name,
+                "x".join(map(str, r.shape)) or "scalar",
+                f"{r.rel_error:.3e}",
+                f"{r.cosine:.6f}",
+            )
+            for r in self.rows
+        ]
         return header, body
 
     def table(self) -> str:
@@ -253,7 +280,8 @@ class GradientReport:
         header, body = self._cells()
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
         fmt = lambda row: "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        )
         return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])
 
     def to_markdown(self) -> str:
@@ -295,7 +323,9 @@ def compare_gradients(online: dict, reference: dict[str, torch.Tensor]) -> Gradi
     missing = [k for k in reference if k not in online]
     extra = [k for k in online if k not in reference]
     if missing or extra:
-        raise ValueError(f"gradient keys differ: missing from online {missing}, not in reference {extra}")
+        raise ValueError(
+            f"gradient keys differ: missing from online {missing}, not in reference {extra}"
+        )
     tiny = np.finfo(np.float64).tiny
     rows = []
     for name, ref in reference.items():

@@ -4,6 +4,7 @@ Two learners of the same model structure, shapes and algorithm compile the same 
 with the cache on, a later process reads them from disk instead of compiling them again (the
 cold start's largest single cost). Off by default: it writes to a directory the user chooses.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,9 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 
 
-def enable_compilation_cache(directory: str | os.PathLike, *, min_compile_time_s: float = 0.0
-                             ) -> str:
+def enable_compilation_cache(
+    directory: str | os.PathLike, *, min_compile_time_s: float = 0.0
+) -> str:
     """Turn on JAX's persistent compilation cache in `directory` (created if missing) for this
     process, caching every program that took at least `min_compile_time_s` to compile (JAX's
     own default, 1 s, would skip the bridge's programs). Works also after programs were

@@ -7,6 +7,7 @@ The first output or state that differs beyond the dtype's tolerance (relative 1e
 size of the difference. The torch module's buffers, attributes, memories and the global RNGs
 are left as they were; the JAX module's hidden states are put back.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -22,9 +23,13 @@ from etrace_bridge.state_slots import all_slots, swapped_slots
 
 __all__ = ["check_conversion", "Mismatch", "TOLERANCE"]
 
-TOLERANCE = {np.dtype("float32"): 1e-4, np.dtype("float64"): 1e-10,
-             np.dtype("float16"): 1e-2, np.dtype("complex64"): 1e-4,
-             np.dtype("complex128"): 1e-10}
+TOLERANCE = {
+    np.dtype("float32"): 1e-4,
+    np.dtype("float64"): 1e-10,
+    np.dtype("float16"): 1e-2,
+    np.dtype("complex64"): 1e-4,
+    np.dtype("complex128"): 1e-10,
+}
 
 
 class Mismatch(NamedTuple):
@@ -81,26 +86,32 @@ def _torch_run(b, inputs: list[tuple]) -> list[dict]:
     records = []
     param = next(b.torch_module.parameters(), None)
     device = None if param is None else param.device
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), \
-            swapped_slots(b.torch_module):
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), swapped_slots(b.torch_module):
         for xs in inputs:
             step_in = b.layout.step_inputs(_import(xs), states)
             out = b.torch_module(*pytree.tree_map(lambda x: _to_torch(x, device), step_in))
-            y, states = b.layout.split_outputs(pytree.tree_map(
-                lambda t: import_tensor(t, copy=True) if isinstance(t, torch.Tensor) else t, out))
+            y, states = b.layout.split_outputs(
+                pytree.tree_map(
+                    lambda t: import_tensor(t, copy=True) if isinstance(t, torch.Tensor) else t, out
+                )
+            )
             record = _flatten("output", y)
             record.update({f"state {'.'.join(p)}": v for p, v in states.items()})
             for p, name in slot_paths.items():
-                record[f"state {name}"] = import_tensor(by_name[name].get(b.torch_module),
-                                                        copy=True)
+                record[f"state {name}"] = import_tensor(
+                    by_name[name].get(b.torch_module), copy=True
+                )
             records.append(record)
     return records
 
 
 def _import(xs: tuple) -> tuple:
-    return tuple(pytree.tree_map(
-        lambda t: import_tensor(t, copy=True) if isinstance(t, torch.Tensor) else t, x)
-        for x in xs)
+    return tuple(
+        pytree.tree_map(
+            lambda t: import_tensor(t, copy=True) if isinstance(t, torch.Tensor) else t, x
+        )
+        for x in xs
+    )
 
 
 def _to_torch(x, device=None):
@@ -133,13 +144,15 @@ def _jax_run(tm, inputs: list[tuple]) -> list[dict]:
 def _compare(step: int, what: str, ref, got) -> Mismatch | None:
     ref = np.asarray(ref)
     if got is None:
-        return Mismatch(step, what + " (missing in the converted step)", float("inf"),
-                        float("inf"), 0.0)
+        return Mismatch(
+            step, what + " (missing in the converted step)", float("inf"), float("inf"), 0.0
+        )
     got = np.asarray(got)
     tol = TOLERANCE.get(ref.dtype, 1e-4) if ref.dtype.kind in "fc" else 0.0
     if ref.shape != got.shape:
-        return Mismatch(step, f"{what} (shape {got.shape}, torch {ref.shape})", float("inf"),
-                        float("inf"), tol)
+        return Mismatch(
+            step, f"{what} (shape {got.shape}, torch {ref.shape})", float("inf"), float("inf"), tol
+        )
     if ref.size == 0:
         return None
     diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
@@ -161,4 +174,5 @@ def _error(tm, bad: Mismatch, steps: int) -> ConversionCheckError:
         "probably keeps state or computes in a way the bridge does not see (state outside "
         "buffers, attributes and forward arguments; randomness; Python-side branching on "
         "values). Declare the state with state=, register it as a buffer, or open an issue with "
-        "this model; from_torch(..., check=False) skips this check.")
+        "this model; from_torch(..., check=False) skips this check."
+    )

@@ -8,6 +8,7 @@ every problem in one `CheckpointError`; a checkpoint made at another batch size 
 learner for that size, and is rolled back if it still does not fit (all-or-nothing).
 Plain containers, strings, numbers and tensors only, so `torch.load(weights_only=True)` reads it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,7 +28,6 @@ FORMAT = 2
 _KEYS = ("format", "algorithm", "options", "signature", "batch_size", "model_states", "etrace")
 
 
-
 def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -40,16 +40,21 @@ def _options(learner) -> dict:
 
 
 def _signature(learner) -> dict:
-    params = {name: (tuple(p.shape), _dtype_name(p.dtype))
-              for name, p in learner.torch_module.named_parameters()}
-    states = {name: (tuple(np.shape(v)), _dtype_name(jnp.result_type(v)))
-              for name, v in _state_values(learner).items()}
+    params = {
+        name: (tuple(p.shape), _dtype_name(p.dtype))
+        for name, p in learner.torch_module.named_parameters()
+    }
+    states = {
+        name: (tuple(np.shape(v)), _dtype_name(jnp.result_type(v)))
+        for name, v in _state_values(learner).items()
+    }
     return {"parameters": params, "states": states}
 
 
 def _model_states(learner) -> dict:
     states = learner.model.states().filter(
-        lambda path, st: not isinstance(st, brainstate.ParamState))
+        lambda path, st: not isinstance(st, brainstate.ParamState)
+    )
     return {".".join(p): st for p, st in states.items()}
 
 
@@ -93,12 +98,15 @@ def _dtype(v):
 def _static_problems(learner, state) -> list[str]:
     """Everything that does not depend on the batch size."""
     if not isinstance(state, dict):
-        return [f"a checkpoint is a dict made by OnlineLearner.state_dict(), got "
-                f"{type(state).__name__}"]
+        return [
+            f"a checkpoint is a dict made by OnlineLearner.state_dict(), got {type(state).__name__}"
+        ]
     missing = [k for k in _KEYS if k not in state]
     if missing:
-        return [f"the checkpoint lacks {missing} (it was not made by this version's "
-                "OnlineLearner.state_dict())"]
+        return [
+            f"the checkpoint lacks {missing} (it was not made by this version's "
+            "OnlineLearner.state_dict())"
+        ]
     problems = []
     try:
         saved_algo = canonical_name(str(state["algorithm"]))
@@ -106,15 +114,16 @@ def _static_problems(learner, state) -> list[str]:
         saved_algo = str(state["algorithm"])
     mine = canonical_name(learner.algorithm_name)
     if saved_algo != mine:
-        problems.append(f"it was saved by a {state['algorithm']!r} learner; this one runs "
-                        f"{learner.algorithm_name!r}")
+        problems.append(
+            f"it was saved by a {state['algorithm']!r} learner; this one runs "
+            f"{learner.algorithm_name!r}"
+        )
     saved_opts, my_opts = state["options"], _options(learner)
     for key, mine_v in my_opts.items():
         if saved_opts.get(key) != mine_v:
             problems.append(f"its {key} is {saved_opts.get(key)!r}; this learner's is {mine_v!r}")
     sig_saved, sig_mine = state["signature"], _signature(learner)
-    problems += _compare_named("parameter", sig_saved.get("parameters", {}),
-                               sig_mine["parameters"])
+    problems += _compare_named("parameter", sig_saved.get("parameters", {}), sig_mine["parameters"])
     names_saved, names_mine = set(state["model_states"]), set(sig_mine["states"])
     for name in sorted(names_mine - names_saved):
         problems.append(f"it holds no value for the model state `{name}`")
@@ -132,8 +141,9 @@ def _compare_named(kind, saved: dict, mine: dict) -> list[str]:
     for name in sorted(set(saved) & set(mine)):
         (s_shape, s_dtype), (m_shape, m_dtype) = saved[name], mine[name]
         if tuple(s_shape) != tuple(m_shape):
-            problems.append(f"its {kind} `{name}` has shape {tuple(s_shape)}; this model's has "
-                            f"{tuple(m_shape)}")
+            problems.append(
+                f"its {kind} `{name}` has shape {tuple(s_shape)}; this model's has {tuple(m_shape)}"
+            )
         if s_dtype != m_dtype:
             problems.append(f"its {kind} `{name}` is {s_dtype}; this model's is {m_dtype}")
     return problems
@@ -141,26 +151,33 @@ def _compare_named(kind, saved: dict, mine: dict) -> list[str]:
 
 def _shape_problems(learner, state) -> list[str]:
     """States and traces against the learner as built now (same batch size)."""
-    saved_states = {n: (tuple(t.shape), _dtype_name(_dtype(t)))
-                    for n, t in state["model_states"].items()}
+    saved_states = {
+        n: (tuple(t.shape), _dtype_name(_dtype(t))) for n, t in state["model_states"].items()
+    }
     mine = _signature(learner)["states"]
     problems = _compare_named("state", saved_states, mine)
     s_tree, s_leaves = _leaf_info(state["etrace"])
     m_tree, m_leaves = _leaf_info(learner.algorithm.etrace.value)
     if s_tree != m_tree:
-        problems.append("its eligibility traces are laid out for another model or algorithm "
-                        f"({s_tree.num_leaves} arrays; this learner has {m_tree.num_leaves})")
+        problems.append(
+            "its eligibility traces are laid out for another model or algorithm "
+            f"({s_tree.num_leaves} arrays; this learner has {m_tree.num_leaves})"
+        )
     else:
         bad = [(s, m) for s, m in zip(s_leaves, m_leaves) if s != m]
         if bad:
-            problems.append(f"{len(bad)} of its eligibility traces differ in shape or dtype "
-                            f"from this learner's (first: {bad[0][0]} vs {bad[0][1]})")
+            problems.append(
+                f"{len(bad)} of its eligibility traces differ in shape or dtype "
+                f"from this learner's (first: {bad[0][0]} vs {bad[0][1]})"
+            )
     return problems
 
 
 def _raise(problems: list[str]) -> None:
-    raise CheckpointError("this checkpoint does not fit the learner (nothing was loaded):\n"
-                          + "\n".join(f"  - {p}" for p in problems))
+    raise CheckpointError(
+        "this checkpoint does not fit the learner (nothing was loaded):\n"
+        + "\n".join(f"  - {p}" for p in problems)
+    )
 
 
 def load_state_dict(learner, state: dict) -> None:

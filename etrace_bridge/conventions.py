@@ -9,11 +9,13 @@
 The torch side (`torch_step`: run one step eagerly, for BPTT) and the JAX side (`StateLayout`:
 how `update`'s inputs and the hidden states map onto the exported step) are both here.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import torch
@@ -23,15 +25,29 @@ from torch import nn
 from etrace_bridge.export import ExportedStep
 from etrace_bridge.state_slots import swapped_slots
 
-__all__ = ["CELLS", "Path", "StateLayout", "cell_layout", "rnn_layout", "explicit_layout",
-           "torch_step", "required_positional", "param_like", "DefaultState", "default_state",
-           "initial_state_param", "default_state_step", "size_example_states"]
+__all__ = [
+    "CELLS",
+    "Path",
+    "StateLayout",
+    "cell_layout",
+    "rnn_layout",
+    "explicit_layout",
+    "torch_step",
+    "required_positional",
+    "param_like",
+    "DefaultState",
+    "default_state",
+    "initial_state_param",
+    "default_state_step",
+    "size_example_states",
+]
 
 Path = tuple[str, ...]
 CELLS = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
 
 
 # ----------------------------------------------------------------------------- torch side
+
 
 def param_like(module: nn.Module, xs: torch.Tensor):
     p = next(module.parameters(), None)
@@ -63,7 +79,9 @@ def _rnn_zero_state(module, batch, dtype, device):
     h_size = getattr(module, "proj_size", 0) or module.hidden_size
     h = torch.zeros(module.num_layers, batch, h_size, dtype=dtype, device=device)
     if isinstance(module, nn.LSTM):
-        return h, torch.zeros(module.num_layers, batch, module.hidden_size, dtype=dtype, device=device)
+        return h, torch.zeros(
+            module.num_layers, batch, module.hidden_size, dtype=dtype, device=device
+        )
     return h
 
 
@@ -72,7 +90,8 @@ def _forward_step(module, x, state):
     if not isinstance(out, (tuple, list)) or len(out) != len(state) + 1:
         raise TypeError(
             f"{type(module).__name__}.forward(x, *state) must return (y, *new_state) with "
-            f"{len(state)} state tensors, got {type(out).__name__}")
+            f"{len(state)} state tensors, got {type(out).__name__}"
+        )
     return out[0], tuple(out[1:])
 
 
@@ -81,7 +100,8 @@ def _buffer_step(module, x, state):
     if isinstance(y, (tuple, list)):
         raise TypeError(
             f"{type(module).__name__} returned a tuple: for forward(x, *state) -> (y, *new_state) "
-            "modules pass the initial state as state=")
+            "modules pass the initial state as state="
+        )
     return y, state
 
 
@@ -112,7 +132,8 @@ def torch_step(module, state, batch, dtype, device):
         if required_positional(module) > 1:
             raise TypeError(
                 f"{type(module).__name__}.forward takes state arguments: pass the initial state "
-                "as state= (forward(x, *state) -> (y, *new_state) convention)")
+                "as state= (forward(x, *state) -> (y, *new_state) convention)"
+            )
         return _buffer_step, ()
     return _forward_step, tuple(state) if isinstance(state, (tuple, list)) else (state,)
 
@@ -149,23 +170,33 @@ def cell_layout(module: nn.Module, args: tuple) -> StateLayout:
     elif len(args) == 2:
         state = args[1]
     else:
-        raise ValueError(f"{type(module).__name__} example_inputs must be (x,) or (x, state), "
-                         f"got {len(args)} items")
+        raise ValueError(
+            f"{type(module).__name__} example_inputs must be (x,) or (x, state), "
+            f"got {len(args)} items"
+        )
     axis = 0 if x.ndim == 2 else None
     batch = x.shape[0] if axis == 0 else None
     if lstm:
         h, c = state
         init = {("h",): (h, axis), ("c",): (c, axis)}
         return StateLayout(
-            export_args=(x, (h, c)), update_args=(x,), batch_axes=(axis, (axis, axis)),
-            batch=batch, init=init,
+            export_args=(x, (h, c)),
+            update_args=(x,),
+            batch_axes=(axis, (axis, axis)),
+            batch=batch,
+            init=init,
             step_inputs=lambda a, s: (a[0], (s[("h",)], s[("c",)])),
-            split_outputs=lambda o: (o[0], {("h",): o[0], ("c",): o[1]}))
+            split_outputs=lambda o: (o[0], {("h",): o[0], ("c",): o[1]}),
+        )
     return StateLayout(
-        export_args=(x, state), update_args=(x,), batch_axes=(axis, axis), batch=batch,
+        export_args=(x, state),
+        update_args=(x,),
+        batch_axes=(axis, axis),
+        batch=batch,
         init={("h",): (state, axis)},
         step_inputs=lambda a, s: (a[0], s[("h",)]),
-        split_outputs=lambda o: (o, {("h",): o}))
+        split_outputs=lambda o: (o, {("h",): o}),
+    )
 
 
 def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
@@ -177,8 +208,10 @@ def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
     time_axis = 1 if module.batch_first else 0
     if x.ndim == 3:
         if x.shape[time_axis] != 1:
-            raise ValueError(f"{name} converts one time step: give x as (batch, input) or with a "
-                             f"time dimension of size 1, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} converts one time step: give x as (batch, input) or with a "
+                f"time dimension of size 1, got shape {tuple(x.shape)}"
+            )
         x = x.squeeze(time_axis)
     if x.ndim != 2:
         raise ValueError(f"{name} example x must be (batch, input_size), got {tuple(x.shape)}")
@@ -186,11 +219,14 @@ def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
     lstm = isinstance(module, nn.LSTM)
     if len(args) == 2:
         state = args[1]
-    else:   # with proj_size, h is (layers, B, proj_size) and c (layers, B, hidden_size)
+    else:  # with proj_size, h is (layers, B, proj_size) and c (layers, B, hidden_size)
         h_size = getattr(module, "proj_size", 0) or hidden
         zero = torch.zeros(layers, batch, h_size, dtype=x.dtype, device=x.device)
-        state = (zero, torch.zeros(layers, batch, hidden, dtype=x.dtype, device=x.device)) \
-            if lstm else zero
+        state = (
+            (zero, torch.zeros(layers, batch, hidden, dtype=x.dtype, device=x.device))
+            if lstm
+            else zero
+        )
     kinds = ("h", "c") if lstm else ("h",)
     tensors = tuple(state) if lstm else (state,)
     paths = {k: [(k, f"l{i}") for i in range(layers)] for k in kinds}
@@ -214,9 +250,14 @@ def rnn_layout(module: nn.RNNBase, args: tuple) -> StateLayout:
         return jnp.squeeze(out, time_axis), news
 
     return StateLayout(
-        export_args=(x.unsqueeze(time_axis), tensors if lstm else tensors[0]), update_args=(x,),
-        batch_axes=(x_axis, (1, 1) if lstm else 1), batch=batch, init=init,
-        step_inputs=step_inputs, split_outputs=split_outputs)
+        export_args=(x.unsqueeze(time_axis), tensors if lstm else tensors[0]),
+        update_args=(x,),
+        batch_axes=(x_axis, (1, 1) if lstm else 1),
+        batch=batch,
+        init=init,
+        step_inputs=step_inputs,
+        split_outputs=split_outputs,
+    )
 
 
 def size_example_states(module: nn.Module, args: tuple) -> tuple:
@@ -231,11 +272,11 @@ def size_example_states(module: nn.Module, args: tuple) -> tuple:
     if len(args) < 2:
         return args
     states = [pytree.tree_leaves(a) for a in args[1:]]
-    if not any(isinstance(t, torch.Tensor) and t.numel() <= 1 for leaves in states
-               for t in leaves):
+    if not any(isinstance(t, torch.Tensor) and t.numel() <= 1 for leaves in states for t in leaves):
         return args
-    copies = pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,
-                             args)
+    copies = pytree.tree_map(
+        lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, args
+    )
     with torch.no_grad(), torch.random.fork_rng(devices=[]), swapped_slots(module):
         try:
             out = module(*copies)
@@ -254,8 +295,10 @@ def size_example_states(module: nn.Module, args: tuple) -> tuple:
 
 
 def _sized(start, new):
-    if not (isinstance(start, torch.Tensor) and isinstance(new, torch.Tensor)) \
-            or start.shape == new.shape:
+    if (
+        not (isinstance(start, torch.Tensor) and isinstance(new, torch.Tensor))
+        or start.shape == new.shape
+    ):
         return start
     if start.numel() == 0:
         return torch.zeros_like(new)
@@ -282,22 +325,29 @@ def explicit_layout(module, args, step: ExportedStep, spec: Mapping | None) -> S
         state_out = list(spec.get("outputs", ()))
         names = spec.get("names")
     if len(state_in) != len(state_out):
-        raise ValueError(f"state= pairs inputs {state_in} with outputs {state_out}: they must "
-                         "have the same length")
+        raise ValueError(
+            f"state= pairs inputs {state_in} with outputs {state_out}: they must "
+            "have the same length"
+        )
     tuple_out = isinstance(outputs_meta, (tuple, list))
     out_items = list(outputs_meta) if tuple_out else [outputs_meta]
     for i, j in zip(state_in, state_out):
         if not 0 <= i < len(args) or not 0 <= j < len(out_items):
-            raise ValueError(f"state= index out of range: input {i} of {len(args)}, output {j} "
-                             f"of {len(out_items)}")
+            raise ValueError(
+                f"state= index out of range: input {i} of {len(args)}, output {j} "
+                f"of {len(out_items)}"
+            )
         if pytree.tree_structure(args[i]) != pytree.tree_structure(out_items[j]):
             raise ValueError(f"state input {i} and output {j} have different structures")
     names = list(names) if names is not None else _input_names(module, state_in)
     init, leaf_paths = {}, {}
     for i, name in zip(state_in, names):
         leaves, _ = pytree.tree_flatten(args[i])
-        paths = [(name,)] if len(leaves) == 1 and isinstance(args[i], torch.Tensor) else \
-            [(name, str(k)) for k in range(len(leaves))]
+        paths = (
+            [(name,)]
+            if len(leaves) == 1 and isinstance(args[i], torch.Tensor)
+            else [(name, str(k)) for k in range(len(leaves))]
+        )
         leaf_paths[i] = paths
         for p, t in zip(paths, leaves):
             init[p] = (t, 0 if t.ndim >= 1 and t.shape[0] == step.batch_size else None)
@@ -325,9 +375,15 @@ def explicit_layout(module, args, step: ExportedStep, spec: Mapping | None) -> S
         y = [items[j] for j in (out_rest or state_out)]
         return (y[0] if len(y) == 1 else tuple(y)), news
 
-    return StateLayout(export_args=args, update_args=tuple(args[i] for i in arg_slots),
-                   batch_axes=None, batch=step.batch_size, init=init,
-                   step_inputs=step_inputs, split_outputs=split_outputs)
+    return StateLayout(
+        export_args=args,
+        update_args=tuple(args[i] for i in arg_slots),
+        batch_axes=None,
+        batch=step.batch_size,
+        init=init,
+        step_inputs=step_inputs,
+        split_outputs=split_outputs,
+    )
 
 
 def _output_meta(step: ExportedStep):
@@ -341,8 +397,10 @@ def _same_shape(a, b) -> bool:
         return False
     if a.ndim != b.ndim:
         return False
-    return all(isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt) or x == y
-               for x, y in zip(a.shape, b.shape))
+    return all(
+        isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt) or x == y
+        for x, y in zip(a.shape, b.shape)
+    )
 
 
 def _matches(arg, out) -> bool:
@@ -356,7 +414,8 @@ def _auto_pairing(args, outputs_meta) -> tuple[list[int], list[int]]:
         return [], []
     if isinstance(outputs_meta, (tuple, list)):
         if len(outputs_meta) == len(args) and all(
-                _matches(args[k], outputs_meta[k]) for k in range(1, len(args))):
+            _matches(args[k], outputs_meta[k]) for k in range(1, len(args))
+        ):
             return list(range(1, len(args))), list(range(1, len(args)))
         return [], []
     if len(args) == 2 and _matches(args[1], outputs_meta):
@@ -371,8 +430,10 @@ def _input_names(module, indices) -> list[str]:
         params = []
     names = []
     for i in indices:
-        if i < len(params) and params[i].kind in (params[i].POSITIONAL_ONLY,
-                                                  params[i].POSITIONAL_OR_KEYWORD):
+        if i < len(params) and params[i].kind in (
+            params[i].POSITIONAL_ONLY,
+            params[i].POSITIONAL_OR_KEYWORD,
+        ):
             names.append(params[i].name)
         else:
             names.append(f"state{i}")
@@ -453,8 +514,12 @@ def _none_default_slot(module: nn.Module, n_args: int) -> tuple[int, str] | None
 def _same(a, b) -> bool:
     la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
     return len(la) == len(lb) and all(
-        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
-        and torch.equal(x.detach(), y.detach()) for x, y in zip(la, lb))
+        isinstance(x, torch.Tensor)
+        and isinstance(y, torch.Tensor)
+        and x.shape == y.shape
+        and torch.equal(x.detach(), y.detach())
+        for x, y in zip(la, lb)
+    )
 
 
 def default_state(module: nn.Module, args: tuple) -> DefaultState | None:
@@ -476,15 +541,19 @@ def default_state(module: nn.Module, args: tuple) -> DefaultState | None:
             return None
         for j in range(1, len(out)):
             candidate = pytree.tree_map(
-                lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, out[j])
+                lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, out[j]
+            )
             if not all(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(candidate)):
                 continue
             try:
                 again = module(*args, candidate)
             except Exception:
                 continue
-            if not (isinstance(again, (tuple, list)) and len(again) == len(out)
-                    and _matches(candidate, again[j])):
+            if not (
+                isinstance(again, (tuple, list))
+                and len(again) == len(out)
+                and _matches(candidate, again[j])
+            ):
                 continue
             return _default_value(module, args, out, j, name, slot, candidate)
     return None
@@ -523,7 +592,8 @@ def _default_value(module, args, out, j, name, slot, shaped) -> DefaultState:
             f"{type(module).__name__}.forward creates its state `{name}` when it is None, but "
             "the bridge cannot tell its initial value (it is neither zeros nor a parameter "
             f"broadcast to the batch). Pass it explicitly: example_inputs=(..., {name}0), "
-            f"or state={{'inputs': [{slot}], 'outputs': [{j}]}} with that example state.")
+            f"or state={{'inputs': [{slot}], 'outputs': [{j}]}} with that example state."
+        )
     return DefaultState(name, slot, j, value, tuple(params))
 
 
@@ -542,9 +612,11 @@ def default_state_step(module, x, state):
     out = module(x, *state)
     if isinstance(out, (tuple, list)):
         if len(out) != 2:
-            raise TypeError(f"{type(module).__name__}.forward(x, state=None) must return "
-                            f"(y, new_state), got a tuple of {len(out)}; pass state= and a "
-                            "step= to bptt_gradients")
+            raise TypeError(
+                f"{type(module).__name__}.forward(x, state=None) must return "
+                f"(y, new_state), got a tuple of {len(out)}; pass state= and a "
+                "step= to bptt_gradients"
+            )
         return out[0], (out[1],)
     return out, state
 
@@ -571,5 +643,6 @@ def cross_layer_notes(module: nn.Module) -> dict[str, str]:
                     f"approximate: cross-layer memory: layer {layer} of {where} feeds {upper}, "
                     f"which keep memory; its trace follows "
                     f"layer {layer}'s own recurrence only and drops the path through the upper "
-                    "layers' states over time")
+                    "layers' states over time"
+                )
     return notes

@@ -5,6 +5,7 @@ parameter reaches the graph as a direct argument of those two ops (the lowering 
 ETP ops). Buffers the step mutates (SNN-style state) are lifted to explicit graph inputs/outputs so
 their batch dimension can be dynamic like the other states.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,14 +15,19 @@ import os
 import re
 import threading
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
-from etrace_bridge.autograd_functions import (NAMESPACE, capture_functions, routed_call,
-                                              routed_functions)
+from etrace_bridge.autograd_functions import (
+    NAMESPACE,
+    capture_functions,
+    routed_call,
+    routed_functions,
+)
 from etrace_bridge.errors import ExportError, UnsupportedModelError
 from etrace_bridge.state_slots import ABSENT, Slot, discover_slots
 
@@ -72,8 +78,11 @@ def decomposition_table() -> dict:
     """Default core-ATen decompositions, keeping `aten.linear`, `aten.convolution` whole, and
     `aten.detach` (decomposed it becomes `aten.alias`, and the gradient stop is lost)."""
     table = torch.export.default_decompositions()
-    for op in (torch.ops.aten.linear.default, torch.ops.aten.convolution.default,
-               torch.ops.aten.detach.default):
+    for op in (
+        torch.ops.aten.linear.default,
+        torch.ops.aten.convolution.default,
+        torch.ops.aten.detach.default,
+    ):
         table.pop(op, None)
     return table
 
@@ -87,7 +96,7 @@ def user_frame(stack_trace: str | None) -> str | None:
     if not user:
         return None
     path, line, fn, code = user[-1]
-    return f'{path}:{line} in {fn}: {code.strip()}'
+    return f"{path}:{line} in {fn}: {code.strip()}"
 
 
 def _is_library_file(path: str) -> bool:
@@ -159,8 +168,11 @@ def _export_step(module, example_inputs, dynamic_batch, batch_axes) -> ExportedS
     functions = capture_functions(program, export_step)
     step = _split_signature(program, args, lifted)
     return dataclasses.replace(
-        step, dynamic_batch=is_dynamic and _has_symbolic_shape(program), batch_size=batch,
-        functions=functions)
+        step,
+        dynamic_batch=is_dynamic and _has_symbolic_shape(program),
+        batch_size=batch,
+        functions=functions,
+    )
 
 
 def _custom_ops_with_autograd(program) -> dict:
@@ -173,8 +185,10 @@ def _custom_ops_with_autograd(program) -> dict:
         if target.namespace in ("aten", "prims", NAMESPACE):
             continue
         name = target.name()
-        if any(torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
-               for key in ("Autograd", "AutogradCPU")):
+        if any(
+            torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+            for key in ("Autograd", "AutogradCPU")
+        ):
             found[f"{target.namespace}::{target._schema.name.split('::')[-1]}"] = node
     return found
 
@@ -182,19 +196,23 @@ def _custom_ops_with_autograd(program) -> dict:
 def _refuse_lost_backward(with_autograd: dict, program, module) -> None:
     """A custom op with its own backward that torch decomposed: its backward is gone, unless the
     decomposition (its reference implementation) computes through routed Functions."""
-    remaining = {f"{n.target.namespace}::{n.target._schema.name.split('::')[-1]}"
-                 for n in program.graph.nodes if n.op == "call_function"
-                 and isinstance(n.target, torch._ops.OpOverload)}
+    remaining = {
+        f"{n.target.namespace}::{n.target._schema.name.split('::')[-1]}"
+        for n in program.graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+    }
     lost = [name for name in with_autograd if name not in remaining]
-    routed = any(routed_call(n.target) is not None for n in program.graph.nodes
-                 if n.op == "call_function")
+    routed = any(
+        routed_call(n.target) is not None for n in program.graph.nodes if n.op == "call_function"
+    )
     if lost and not routed:
         raise UnsupportedModelError(
             f"{type(module).__name__}: the custom op(s) {', '.join(sorted(lost))} define their "
             "own backward, but torch.export decomposed them into plain ATen ops, which would "
             "give the converted step their forward with an autodiff gradient instead of that "
             "backward. Pass a JAX implementation with custom_ops={'namespace::name': jax_fn} "
-            "(a jax.custom_vjp), or open an issue naming the op.")
+            "(a jax.custom_vjp), or open an issue naming the op."
+        )
 
 
 def _refuse_new_state(program, args, lifted, module) -> None:
@@ -207,13 +225,17 @@ def _refuse_new_state(program, args, lifted, module) -> None:
             f"{type(module).__name__}: the step reads {listing} before writing it, but the "
             "attribute does not exist until the first step runs, so its start value is "
             "unknown. Create it in __init__ (e.g. self.register_buffer(name, torch.zeros(0)) "
-            "or an initial tensor), or pass it as a forward argument.")
+            "or an initial tensor), or pass it as a forward argument."
+        )
 
 
 def _unread_slots(program, args, lifted) -> set[str]:
     """Lifted slots whose incoming value the step never reads: not state (see state_slots)."""
-    users = [spec.arg.name for spec in program.graph_signature.input_specs
-             if spec.kind == InputKind.USER_INPUT]
+    users = [
+        spec.arg.name
+        for spec in program.graph_signature.input_specs
+        if spec.kind == InputKind.USER_INPUT
+    ]
     n_model = len(pytree.tree_leaves(args))
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     return {s.slot.name for s, ph in zip(lifted, users[n_model:]) if not nodes[ph].users}
@@ -230,19 +252,23 @@ def _refuse_module_structure(module: torch.nn.Module) -> None:
             if sub.bidirectional:
                 raise UnsupportedModelError(
                     f"{where} is bidirectional: its backward direction reads future inputs, so it "
-                    "cannot run one step at a time. Use bidirectional=False for online learning.")
+                    "cannot run one step at a time. Use bidirectional=False for online learning."
+                )
             if sub.training and sub.dropout > 0 and sub.num_layers > 1:
                 raise UnsupportedModelError(
                     f"{where} has dropout={sub.dropout} between layers in train mode, which "
-                    "torch's exported RNN decomposition silently ignores. Set dropout=0, or call .eval() "
-                    "before converting.")
+                    "torch's exported RNN decomposition silently ignores. Set dropout=0, or call "
+                    ".eval() "
+                    "before converting."
+                )
         if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm) and sub.training:
             raise _batch_norm_error(where)
         if isinstance(sub, torch.nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
             raise UnsupportedModelError(
                 f"{where} with p={sub.p} is in train mode: a random mask cannot be reproduced by "
                 "the JAX step. Call .eval() on the model (or the dropout module) before "
-                "converting, or set p=0.")
+                "converting, or set p=0."
+            )
 
 
 def _batch_norm_error(where: str) -> UnsupportedModelError:
@@ -250,12 +276,13 @@ def _batch_norm_error(where: str) -> UnsupportedModelError:
         f"{where} is batch normalisation in train mode: it normalises each step with the "
         "statistics of the current batch and updates its running statistics, which a one-step "
         "online graph cannot reproduce. Call .eval() on the model (or the BatchNorm module) "
-        "before converting, so it uses its running statistics.")
-
+        "before converting, so it uses its running statistics."
+    )
 
 
 def _eager_call(module: torch.nn.Module, args: tuple) -> Any:
     """forward on the example inputs (with grad, as the model will be trained)."""
+
     def grad_arg(x):
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             return x.detach().clone().requires_grad_(True).clone()
@@ -271,18 +298,24 @@ def _eager_call(module: torch.nn.Module, args: tuple) -> Any:
             pass
         try:
             with torch.no_grad():
-                return module(*pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor)
-                                               else x, args))
+                return module(
+                    *pytree.tree_map(
+                        lambda x: x.clone() if isinstance(x, torch.Tensor) else x, args
+                    )
+                )
         except Exception as err:
             raise ExportError(
                 f"{type(module).__name__} failed when run eagerly on the example inputs: "
                 f"{type(err).__name__}: {err}. Check the example inputs' shapes and dtypes "
-                "(one time step, batch first) before converting.") from err
+                "(one time step, batch first) before converting."
+            ) from err
 
 
-_TRAIN_BATCH_NORM = (torch.ops.aten._native_batch_norm_legit_functional.default,
-                     torch.ops.aten._native_batch_norm_legit.default,
-                     torch.ops.aten._native_batch_norm_legit.no_stats)
+_TRAIN_BATCH_NORM = (
+    torch.ops.aten._native_batch_norm_legit_functional.default,
+    torch.ops.aten._native_batch_norm_legit.default,
+    torch.ops.aten._native_batch_norm_legit.no_stats,
+)
 
 
 def _refuse_graph(program: torch.export.ExportedProgram, module: torch.nn.Module) -> None:
@@ -298,7 +331,8 @@ def _refuse_graph(program: torch.export.ExportedProgram, module: torch.nn.Module
                 raise UnsupportedModelError(
                     f"dropout in train mode at {where}: a random mask cannot be reproduced by "
                     "the JAX step. Call .eval() on the model (or pass training=False) before "
-                    "converting.")
+                    "converting."
+                )
 
 
 def _is_data_dependent(err: Exception) -> bool:
@@ -309,24 +343,35 @@ def _export_error(module: torch.nn.Module, err: Exception) -> ExportError:
     text = str(err)
     name = type(module).__name__
     if _is_data_dependent(err):
-        problem = (f"{name}.forward branches in Python on a tensor's value (data-dependent "
-                   "control flow), which torch.export cannot trace")
-        fix = ("replace the branch by tensor operations (torch.where, masks, clamp) or "
-               "torch.cond, or move the decision out of forward")
+        problem = (
+            f"{name}.forward branches in Python on a tensor's value (data-dependent "
+            "control flow), which torch.export cannot trace"
+        )
+        fix = (
+            "replace the branch by tensor operations (torch.where, masks, clamp) or "
+            "torch.cond, or move the decision out of forward"
+        )
     elif "mutated in the forward" in text and "Constant" in text:
-        problem = (f"{name}.forward mutates a plain tensor attribute, which export treats as a "
-                   "constant")
+        problem = (
+            f"{name}.forward mutates a plain tensor attribute, which export treats as a constant"
+        )
         fix = "register it with self.register_buffer(name, tensor) in __init__"
     else:
         problem = f"torch.export could not trace one step of {name}"
-        fix = ("keep forward to tensor operations on its inputs, parameters and buffers (no "
-               "Python branching on tensor values, no .item()/.tolist(), no unsupported "
-               "Python-side state), or open an issue with this message")
+        fix = (
+            "keep forward to tensor operations on its inputs, parameters and buffers (no "
+            "Python branching on tensor values, no .item()/.tolist(), no unsupported "
+            "Python-side state), or open an issue with this message"
+        )
     lines = [text.strip().splitlines()[0]] if text.strip() else []
-    lines += [f"{path}:{line} in {fn}: {code.strip()}" for path, line, fn, code
-              in _FRAME_RE.findall(text) if not _is_library_file(path)][-1:]
-    return ExportError(f"{problem}; fix: {fix}. Original error: {type(err).__name__}: "
-                       + " | ".join(lines))
+    lines += [
+        f"{path}:{line} in {fn}: {code.strip()}"
+        for path, line, fn, code in _FRAME_RE.findall(text)
+        if not _is_library_file(path)
+    ][-1:]
+    return ExportError(
+        f"{problem}; fix: {fix}. Original error: {type(err).__name__}: " + " | ".join(lines)
+    )
 
 
 # ----------------------------------------------------------------------------- export
@@ -367,12 +412,18 @@ def _batch_axes(args: tuple, batch_axes: Any) -> Any:
     size = leaves[0].shape[0]
     return pytree.tree_map(
         lambda x: 0 if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == size else None,
-        args)
+        args,
+    )
 
 
 def _batch_size(args: tuple, axes: Any) -> int | None:
-    sizes = {x.shape[a] for x, a in zip(pytree.tree_leaves(args), pytree.tree_leaves(
-        axes, is_leaf=lambda v: v is None)) if isinstance(x, torch.Tensor) and a is not None}
+    sizes = {
+        x.shape[a]
+        for x, a in zip(
+            pytree.tree_leaves(args), pytree.tree_leaves(axes, is_leaf=lambda v: v is None)
+        )
+        if isinstance(x, torch.Tensor) and a is not None
+    }
     if len(sizes) > 1:
         raise ValueError(f"example inputs disagree on the batch size: {sorted(sizes)}")
     return sizes.pop() if sizes else None
@@ -400,8 +451,7 @@ def _export(module, args, lifted, axes, lift_axes, batch) -> torch.export.Export
         in_dyn = pytree.tree_map(shape, axes, is_leaf=lambda v: v is None)
         dynamic = (in_dyn, [shape(a) for a in lift_axes]) if lifted else in_dyn
     # torch prints the partial graph of a failed export to stderr; the error we raise carries it.
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
-            routed_functions():
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), routed_functions():
         warnings.simplefilter("ignore")
         return torch.export.export(target, tuple(call_args), dynamic_shapes=dynamic)
 
@@ -415,8 +465,11 @@ def _widen(x, axis):
 
 def _split_signature(program, args, lifted) -> ExportedStep:
     sig = program.graph_signature
-    strip = (lambda n: n[len(_LIFT_PREFIX):] if n.startswith(_LIFT_PREFIX) else n) if lifted \
+    strip = (
+        (lambda n: n[len(_LIFT_PREFIX) :] if n.startswith(_LIFT_PREFIX) else n)
+        if lifted
         else (lambda n: n)
+    )
     users, params, buffers, constants = [], {}, {}, {}
     for spec in sig.input_specs:
         name = spec.arg.name
@@ -429,8 +482,10 @@ def _split_signature(program, args, lifted) -> ExportedStep:
         elif spec.kind == InputKind.CONSTANT_TENSOR:
             constants[name] = program.constants[spec.target]
         else:
-            raise ExportError(f"unsupported graph input kind {spec.kind} for `{spec.target}`; "
-                              "open an issue with this model")
+            raise ExportError(
+                f"unsupported graph input kind {spec.kind} for `{spec.target}`; "
+                "open an issue with this model"
+            )
     n_model = len(pytree.tree_leaves(args))
     unread = _unread_slots(program, args, lifted)
     if lifted:
@@ -453,17 +508,26 @@ def _split_signature(program, args, lifted) -> ExportedStep:
     in_spec = pytree.tree_structure(args)
     if lifted:
         n_state = len(lifted)
-        for pos, slot in zip(outputs[len(outputs) - n_state:], lifted):
+        for pos, slot in zip(outputs[len(outputs) - n_state :], lifted):
             if slot.slot.name not in unread:
                 mutations[pos] = slot.slot.name
-        outputs = outputs[:len(outputs) - n_state]
+        outputs = outputs[: len(outputs) - n_state]
         out_spec = out_spec.child(0)
     return ExportedStep(
-        program=program, user_inputs=tuple(users), parameters=params, buffers=buffers,
-        constants=constants, buffers_to_mutate=mutations, user_outputs=tuple(outputs),
-        in_spec=in_spec, out_spec=out_spec, dynamic_batch=False, batch_size=None,
+        program=program,
+        user_inputs=tuple(users),
+        parameters=params,
+        buffers=buffers,
+        constants=constants,
+        buffers_to_mutate=mutations,
+        user_outputs=tuple(outputs),
+        in_spec=in_spec,
+        out_spec=out_spec,
+        dynamic_batch=False,
+        batch_size=None,
         mutated_buffers=tuple(dict.fromkeys(mutations.values())),
-        state_values={s.slot.name: s.init for s in lifted if s.slot.name not in unread})
+        state_values={s.slot.name: s.init for s in lifted if s.slot.name not in unread},
+    )
 
 
 def _has_symbolic_shape(program) -> bool:

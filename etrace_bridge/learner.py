@@ -1,8 +1,11 @@
-"""OnlineLearner: train a torch recurrent model online; gradients land in the parameters' `.grad`."""
+"""OnlineLearner: train a torch recurrent model online; gradients land in each parameter's
+`.grad`."""
+
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import brainstate
 import jax
@@ -22,6 +25,7 @@ from .module import TorchModule, from_torch
 from .step_checks import FiniteGuard, input_shape_error
 from .targets import check_targets
 
+
 class OnlineLearner:
     """Online training of a torch model with eligibility traces.
 
@@ -38,38 +42,57 @@ class OnlineLearner:
     the whole tuple.
     """
 
-    def __init__(self, module: torch.nn.Module, *, algorithm: str = "es_d_rtrl",
-                 loss: Any = "mse", example_inputs: Any, custom_ops=None, state=None,
-                 dynamic_batch: bool = True, output: Optional[int] = None,
-                 check_finite: bool = False,
-                 **algorithm_options):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        algorithm: str = "es_d_rtrl",
+        loss: Any = "mse",
+        example_inputs: Any,
+        custom_ops=None,
+        state=None,
+        dynamic_batch: bool = True,
+        output: Optional[int] = None,
+        check_finite: bool = False,
+        **algorithm_options,
+    ):
         self.torch_module = module
         _refuse_complex_parameters(module)
-        self.model: TorchModule = from_torch(module, example_inputs, state=state,
-                                             dynamic_batch=dynamic_batch, custom_ops=custom_ops)
+        self.model: TorchModule = from_torch(
+            module, example_inputs, state=state, dynamic_batch=dynamic_batch, custom_ops=custom_ops
+        )
         self.algorithm_name = algorithm
         self.algorithm = make_algorithm(algorithm, self.model, **algorithm_options)
         self._example = self.model.example_step_inputs()
         self.algorithm.compile_graph(*self._example)
         self.algorithm.init_etrace_state()
-        self.loss_fn = select_output(_jax_loss(loss, self.model, self._example, custom_ops),
-                                     loss, output, _output_shapes(self.model, self._example))
+        self.loss_fn = select_output(
+            _jax_loss(loss, self.model, self._example, custom_ops),
+            loss,
+            output,
+            _output_shapes(self.model, self._example),
+        )
         self._loss_name = loss if isinstance(loss, str) else None
-        self._lock = threading.RLock()   # one step at a time (see docs/limitations.md)
+        self._lock = threading.RLock()  # one step at a time (see docs/limitations.md)
         paths = list(self.model.torch_parameters())
-        constants = [n for n, _ in module.named_buffers()
-                     if n not in self.model.exported.mutated_buffers]
+        constants = [
+            n for n, _ in module.named_buffers() if n not in self.model.exported.mutated_buffers
+        ]
         self._live = LiveModel(module, [(p, ".".join(p)) for p in paths], constants)
         self._param_states = dict(self.model.states(brainstate.ParamState).items())
         self._finite = FiniteGuard(strict=check_finite)
-        self._compiled_shapes = (None, [])   # (module_info, its step input shapes)
+        self._compiled_shapes = (None, [])  # (module_info, its step input shapes)
 
     # -- training -------------------------------------------------------------------------------
 
     def step(self, x_t, target_t) -> torch.Tensor:
         """One online step; returns the loss and accumulates gradients into `p.grad`."""
-        return self._run(x_t, _inputs_to_jax(x_t, step=True),
-                         _targets_to_jax(target_t, step=True), sequence=False)
+        return self._run(
+            x_t,
+            _inputs_to_jax(x_t, step=True),
+            _targets_to_jax(target_t, step=True),
+            sequence=False,
+        )
 
     def run(self, xs, targets) -> torch.Tensor:
         """A whole time-major sequence (T, B, ...) in one compiled call; returns the summed loss."""
@@ -85,8 +108,9 @@ class OnlineLearner:
             result = etrace_core.run_online(self.algorithm, self.loss_fn, args, ys)
             loss = torch.from_numpy(np.array(result.loss))
             grads = _torch_grads(result.grads, params)
-            problem = self._finite.check(_torch_leaves(given), loss, grads,
-                                         self.algorithm.etrace.value)
+            problem = self._finite.check(
+                _torch_leaves(given), loss, grads, self.algorithm.etrace.value
+            )
             if problem is not None:
                 if undo is not None:
                     undo()
@@ -101,7 +125,7 @@ class OnlineLearner:
         for path, value in self._live.imports(params).items():
             self._param_states[path].value = value
         changed = self._live.changed_buffers()
-        if changed:   # buffers are compiled into the step: compile it again with their values
+        if changed:  # buffers are compiled into the step: compile it again with their values
             self.model.sync_from_torch()
             self.algorithm.compile_graph(*self._example)
             self._live.buffers_recompiled(changed)
@@ -109,7 +133,8 @@ class OnlineLearner:
 
     def _undo_point(self):
         states = self.model.states().filter(
-            lambda path, st: not isinstance(st, brainstate.ParamState))
+            lambda path, st: not isinstance(st, brainstate.ParamState)
+        )
         saved = {st: st.value for st in states.values()}
         # a copy: the sequence program donates (consumes) the traces it is given
         etrace = jax.tree.map(jnp.copy, self.algorithm.etrace.value)
@@ -118,6 +143,7 @@ class OnlineLearner:
             for st, v in saved.items():
                 st.value = v
             self.algorithm.etrace.value = etrace
+
         return undo
 
     def _output_shape(self):
@@ -150,13 +176,13 @@ class OnlineLearner:
         groups = self.algorithm.graph.hidden_groups
         return groups[0].varshape[0] if groups and groups[0].varshape else None
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: algorithm and options, model signature, hidden/dynamic
         model states and eligibility traces (torch tensors; see `etrace_bridge.checkpoint`)."""
         with self._lock:
             return make_state_dict(self)
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` saved; the learner then continues bit for bit. The whole
         checkpoint is validated first: on any mismatch nothing is changed (CheckpointError)."""
         with self._lock:
@@ -171,7 +197,8 @@ class OnlineLearner:
         notes = self.model.approximations
         if notes:
             msg += "\nFrom the torch model's structure:\n" + "\n".join(
-                f"  {name}: {note}" for name, note in notes.items())
+                f"  {name}: {note}" for name, note in notes.items()
+            )
         if verbose:
             print(msg)
         return msg if return_msg else None
@@ -184,7 +211,8 @@ def _refuse_complex_parameters(module: torch.nn.Module) -> None:
             f"complex parameter(s) {', '.join(f'`{n}`' for n in names)}: online gradients are "
             "computed for real parameters only (a complex one would get a wrong imaginary "
             "part). Keep its real and imaginary parts as two real nn.Parameters and build it in "
-            "forward with torch.complex(re, im); complex states and ops are supported.")
+            "forward with torch.complex(re, im); complex states and ops are supported."
+        )
 
 
 def _output_shapes(model: TorchModule, example) -> Any:
@@ -209,16 +237,20 @@ def select_output(loss_fn: Callable, loss: Any, output: Optional[int], shapes) -
                 f"the model returns {len(shapes)} outputs (shapes {shapes}), so the "
                 f"loss {loss!r} does not know which one it applies to. Pass output=i "
                 "(e.g. output=0 for the spikes of snntorch's (spk, mem)), or a loss callable "
-                "that takes the whole tuple: loss(outputs, target).")
+                "that takes the whole tuple: loss(outputs, target)."
+            )
         return loss_fn
     if not is_tuple:
         if output != 0:
-            raise ValueError(f"output={output}: the model returns a single output; use "
-                             "output=0 or leave it out")
+            raise ValueError(
+                f"output={output}: the model returns a single output; use output=0 or leave it out"
+            )
         return loss_fn
     if not -len(shapes) <= output < len(shapes):
-        raise ValueError(f"output={output} is out of range: the model returns {len(shapes)} "
-                         f"outputs (shapes {shapes})")
+        raise ValueError(
+            f"output={output} is out of range: the model returns {len(shapes)} "
+            f"outputs (shapes {shapes})"
+        )
     return lambda out, target: loss_fn(out[output], target)
 
 
@@ -227,7 +259,9 @@ def _jax_loss(loss, model: TorchModule, example, custom_ops) -> Callable:
     if isinstance(loss, str):
         return resolve_loss(loss, backend="jax")
     if not callable(loss):
-        raise TypeError(f"loss must be a name ('mse', 'cross_entropy') or a torch loss, got {loss!r}")
+        raise TypeError(
+            f"loss must be a name ('mse', 'cross_entropy') or a torch loss, got {loss!r}"
+        )
     return _TorchLoss(loss, custom_ops)
 
 
@@ -240,21 +274,29 @@ class _TorchLoss:
         self._lowered = {}
 
     def __call__(self, output, target):
-        key = (str(jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), output)),
-               jnp.shape(target), jnp.result_type(target))
+        key = (
+            str(jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), output)),
+            jnp.shape(target),
+            jnp.result_type(target),
+        )
         if key not in self._lowered:
             example = (jax.tree.map(_example_tensor, output), _example_tensor(target))
             try:
                 self._lowered[key] = from_torch(
-                    self.loss, example, state={"inputs": [], "outputs": []},
-                    dynamic_batch=False, custom_ops=self.custom_ops)
+                    self.loss,
+                    example,
+                    state={"inputs": [], "outputs": []},
+                    dynamic_batch=False,
+                    custom_ops=self.custom_ops,
+                )
             except Exception as err:
                 if not isinstance(output, (tuple, list)):
                     raise
                 raise ValueError(
                     f"the loss cannot take the model's {len(output)} outputs as a tuple "
                     f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-                    "Pass output=i to apply it to one output.") from err
+                    "Pass output=i to apply it to one output."
+                ) from err
         return jnp.sum(self._lowered[key].update(output, target))
 
 
@@ -268,9 +310,12 @@ class _LossModule(torch.nn.Module):
 
 
 def _example_tensor(a) -> torch.Tensor:
-    dtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64,
-             np.dtype("int32"): torch.int64, np.dtype("int64"): torch.int64}.get(
-        np.dtype(jnp.result_type(a)), torch.float32)
+    dtype = {
+        np.dtype("float32"): torch.float32,
+        np.dtype("float64"): torch.float64,
+        np.dtype("int32"): torch.int64,
+        np.dtype("int64"): torch.int64,
+    }.get(np.dtype(jnp.result_type(a)), torch.float32)
     return torch.zeros(tuple(jnp.shape(a)), dtype=dtype)
 
 
@@ -336,8 +381,13 @@ _COPYABLE = (torch.float32, torch.int32, torch.bool)
 
 
 def _copy_is_cheaper(t: torch.Tensor) -> bool:
-    return (t.device.type == "cpu" and t.numel() <= _SMALL_INPUT and t.dtype in _COPYABLE
-            and not t.is_conj() and not t.is_neg())
+    return (
+        t.device.type == "cpu"
+        and t.numel() <= _SMALL_INPUT
+        and t.dtype in _COPYABLE
+        and not t.is_conj()
+        and not t.is_neg()
+    )
 
 
 def _small_copy(t: torch.Tensor):

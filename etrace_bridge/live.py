@@ -15,6 +15,7 @@ seen without re-importing. It is re-imported when its identity, storage pointer,
 strides or dtype changed (`p.data = ...`, a new `nn.Parameter`), or always when the import
 needed a copy.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -31,10 +32,9 @@ _SCALARS = (bool, int, float, complex, str, type(None))
 _TORCH_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
 
 
-
 class _Attr(NamedTuple):
-    where: str          # dotted submodule name ('' for the root)
-    owner: Any          # the submodule's __dict__
+    where: str  # dotted submodule name ('' for the root)
+    owner: Any  # the submodule's __dict__
     name: str
     value: Any
 
@@ -56,7 +56,7 @@ def _dotted(where: str, name: str) -> str:
 class _Param(NamedTuple):
     path: tuple
     name: str
-    owner: torch.nn.Module    # the submodule holding it, and its attribute name there
+    owner: torch.nn.Module  # the submodule holding it, and its attribute name there
     attr: str
     shape: tuple
     dtype: torch.dtype
@@ -69,26 +69,36 @@ def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
 
 class _Imported(NamedTuple):
     """What a parameter looked like when it was last imported (see `needs_import`)."""
+
     tensor: torch.Tensor
     data_ptr: int
     shape: tuple
     stride: tuple
     dtype: torch.dtype
-    shared: bool        # zero-copy: in-place writes reach the JAX array
+    shared: bool  # zero-copy: in-place writes reach the JAX array
 
 
 class LiveModel:
     """Checks a torch model against its conversion and resolves its parameters by name."""
 
-    def __init__(self, module: torch.nn.Module, params: list[tuple[tuple, str]],
-                 constants: list[str]):
+    def __init__(
+        self, module: torch.nn.Module, params: list[tuple[tuple, str]], constants: list[str]
+    ):
         self.module = module
         self._attrs = snapshot_attributes(module)
-        self._children = tuple((where, sub, tuple(sub._modules.items()))
-                               for where, sub in module.named_modules())
-        self._params = [_Param(path, name, *_owner(module, name),
-                               tuple(module.get_parameter(name).shape),
-                               module.get_parameter(name).dtype) for path, name in params]
+        self._children = tuple(
+            (where, sub, tuple(sub._modules.items())) for where, sub in module.named_modules()
+        )
+        self._params = [
+            _Param(
+                path,
+                name,
+                *_owner(module, name),
+                tuple(module.get_parameter(name).shape),
+                module.get_parameter(name).dtype,
+            )
+            for path, name in params
+        ]
         self._buffers = {name: module.get_buffer(name).detach().clone() for name in constants}
         self._imported: dict[tuple, _Imported] = {}
 
@@ -96,12 +106,17 @@ class LiveModel:
 
     def check(self) -> None:
         """Raise `StaleConversionError` listing every change of mode, attribute or structure."""
-        changed = [a for a in self._attrs
-                   if a.owner.get(a.name, _MISSING) is not a.value
-                   and a.owner.get(a.name, _MISSING) != a.value]
-        moved = [where for where, sub, kids in self._children
-                 if len(sub._modules) != len(kids)
-                 or any(sub._modules.get(k) is not v for k, v in kids)]
+        changed = [
+            a
+            for a in self._attrs
+            if a.owner.get(a.name, _MISSING) is not a.value
+            and a.owner.get(a.name, _MISSING) != a.value
+        ]
+        moved = [
+            where
+            for where, sub, kids in self._children
+            if len(sub._modules) != len(kids) or any(sub._modules.get(k) is not v for k, v in kids)
+        ]
         if changed or moved:
             raise StaleConversionError(self._describe(changed, moved))
 
@@ -111,18 +126,26 @@ class LiveModel:
             now = a.owner.get(a.name, _MISSING)
             if a.name == "training":
                 mode = lambda t: "train" if t else "eval"
-                lines.append(f"`{a.where or type(self.module).__name__}` was converted in "
-                             f"{mode(a.value)} mode and is now in {mode(now)} mode")
+                lines.append(
+                    f"`{a.where or type(self.module).__name__}` was converted in "
+                    f"{mode(a.value)} mode and is now in {mode(now)} mode"
+                )
             else:
-                lines.append(f"attribute `{_dotted(a.where, a.name)}` was {a.value!r} at "
-                             f"conversion and is now {'deleted' if now is _MISSING else repr(now)}")
-        lines += [f"the submodules of `{w or type(self.module).__name__}` were replaced, added "
-                  "or removed" for w in moved]
-        return ("the torch model changed after conversion, and the converted step (a snapshot "
-                "made by torch.export) would silently run the old one:\n"
-                + "\n".join(f"  - {line}" for line in lines)
-                + "\nre-convert: build a new OnlineLearner (or call from_torch again) after "
-                "changing the model, or undo the change")
+                lines.append(
+                    f"attribute `{_dotted(a.where, a.name)}` was {a.value!r} at "
+                    f"conversion and is now {'deleted' if now is _MISSING else repr(now)}"
+                )
+        lines += [
+            f"the submodules of `{w or type(self.module).__name__}` were replaced, added or removed"
+            for w in moved
+        ]
+        return (
+            "the torch model changed after conversion, and the converted step (a snapshot "
+            "made by torch.export) would silently run the old one:\n"
+            + "\n".join(f"  - {line}" for line in lines)
+            + "\nre-convert: build a new OnlineLearner (or call from_torch again) after "
+            "changing the model, or undo the change"
+        )
 
     # -- re-read every step
 
@@ -133,18 +156,23 @@ class LiveModel:
             # `check()` ran first: the owner is still the submodule at that name
             p = owner._parameters.get(attr)
             if p is None:
-                problems.append(f"parameter `{name}` is gone (removed, or replaced by something "
-                                "that is not an nn.Parameter)")
+                problems.append(
+                    f"parameter `{name}` is gone (removed, or replaced by something "
+                    "that is not an nn.Parameter)"
+                )
                 continue
             if p.shape != shape or p.dtype != dtype:
-                problems.append(f"parameter `{name}` is now {p.dtype} of shape "
-                                f"{tuple(p.shape)}; it was converted as {dtype} of shape {shape}")
+                problems.append(
+                    f"parameter `{name}` is now {p.dtype} of shape "
+                    f"{tuple(p.shape)}; it was converted as {dtype} of shape {shape}"
+                )
             out[path] = p
         if problems:
             raise StaleConversionError(
                 "the model's parameters no longer match its conversion:\n"
                 + "\n".join(f"  - {line}" for line in problems)
-                + "\nre-convert: build a new OnlineLearner (or call from_torch again)")
+                + "\nre-convert: build a new OnlineLearner (or call from_torch again)"
+            )
         return out
 
     def imports(self, params: dict[tuple, torch.nn.Parameter]) -> dict[tuple, Any]:
@@ -153,14 +181,21 @@ class LiveModel:
         for path, p in params.items():
             seen = self._imported.get(path)
             t = p.detach()
-            if (seen is not None and seen.shared and seen.tensor is p
-                    and seen.data_ptr == t.data_ptr() and seen.shape == tuple(t.shape)
-                    and seen.stride == t.stride() and seen.dtype == t.dtype):
+            if (
+                seen is not None
+                and seen.shared
+                and seen.tensor is p
+                and seen.data_ptr == t.data_ptr()
+                and seen.shape == tuple(t.shape)
+                and seen.stride == t.stride()
+                and seen.dtype == t.dtype
+            ):
                 continue
             out[path] = import_tensor(p)
-            shared = needs_copy(t) is None and t.dtype != torch.int64   # int64: int32 copy
-            self._imported[path] = _Imported(p, t.data_ptr(), tuple(t.shape), t.stride(),
-                                             t.dtype, shared)
+            shared = needs_copy(t) is None and t.dtype != torch.int64  # int64: int32 copy
+            self._imported[path] = _Imported(
+                p, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, shared
+            )
         return out
 
     def changed_buffers(self) -> list[str]:
@@ -174,7 +209,8 @@ class LiveModel:
             if now.shape != saved.shape or now.dtype != saved.dtype:
                 raise StaleConversionError(
                     f"buffer `{name}` is now {now.dtype} of shape {tuple(now.shape)}; it was "
-                    f"converted as {saved.dtype} of shape {tuple(saved.shape)}; re-convert")
+                    f"converted as {saved.dtype} of shape {tuple(saved.shape)}; re-convert"
+                )
             if not torch.equal(now, saved):
                 out.append(name)
         return out

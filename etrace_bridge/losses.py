@@ -3,9 +3,10 @@
 `IGNORE_INDEX` (-100, torch's convention) marks class targets that carry no loss, e.g. every
 step but the last of a sequence-classification task.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn.functional as F
 
@@ -31,12 +32,14 @@ def _torch_cross_entropy(output, target):
 
 def _jax_mse(output, target):
     import jax.numpy as jnp
+
     return jnp.mean((output - target.astype(output.dtype)) ** 2)
 
 
 def _jax_cross_entropy(output, target):
     import jax
     import jax.numpy as jnp
+
     logits = output.reshape(-1, output.shape[-1])
     if jnp.issubdtype(target.dtype, jnp.floating):  # class probabilities shaped like the output
         logp = jax.nn.log_softmax(logits, axis=-1)
@@ -73,4 +76,6 @@ def resolve_loss(loss: str | Callable, *, backend: str = "torch") -> Callable:
         return loss
     if isinstance(loss, str) and loss in _LOSSES[backend]:
         return _LOSSES[backend][loss]
-    raise ValueError(f"unknown loss {loss!r}; expected a callable or one of {', '.join(LOSS_NAMES)}")
+    raise ValueError(
+        f"unknown loss {loss!r}; expected a callable or one of {', '.join(LOSS_NAMES)}"
+    )

@@ -10,12 +10,14 @@ builds a `TorchModule` whose states mirror the torch model:
 - every buffer mutated by forward (SNN style) is a `HiddenState` at its dotted buffer name;
 - a complex state is two real `HiddenState`s, `path + ('re',)` and `path + ('im',)`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import brainstate
 import jax
@@ -26,9 +28,18 @@ from jax import lax
 
 from etrace_bridge.arrays import check_float64, import_tensor
 from etrace_bridge.check import check_conversion
-from etrace_bridge.conventions import (CELLS, Path, StateLayout, cell_layout, cross_layer_notes,
-                                       default_state, explicit_layout, initial_state_param,
-                                       rnn_layout, size_example_states)
+from etrace_bridge.conventions import (
+    CELLS,
+    Path,
+    StateLayout,
+    cell_layout,
+    cross_layer_notes,
+    default_state,
+    explicit_layout,
+    initial_state_param,
+    rnn_layout,
+    size_example_states,
+)
 from etrace_bridge.export import ExportedStep, export_step
 from etrace_bridge.lowering import LoweredStep, lower
 from etrace_bridge.lowering.complex import make_complex
@@ -65,9 +76,11 @@ class _Bridge:
     notes: dict = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
-        return (f"<torch {type(self.torch_module).__name__}: {len(self.params)} parameters, "
-                f"{len(self.state_init)} hidden states, batch {self.batch_size}"
-                f"{' (dynamic)' if self.dynamic_batch else ' (static)'}>")
+        return (
+            f"<torch {type(self.torch_module).__name__}: {len(self.params)} parameters, "
+            f"{len(self.state_init)} hidden states, batch {self.batch_size}"
+            f"{' (dynamic)' if self.dynamic_batch else ' (static)'}>"
+        )
 
 
 class TorchModule(brainstate.nn.Module):
@@ -83,23 +96,31 @@ class TorchModule(brainstate.nn.Module):
         self._bridge = bridge
         taken: dict[Path, str] = {}
         for path, name in bridge.params:
-            self._place(path, brainstate.ParamState(import_tensor(_torch_param(bridge, name))),
-                        f"parameter `{name}`", taken)
+            self._place(
+                path,
+                brainstate.ParamState(import_tensor(_torch_param(bridge, name))),
+                f"parameter `{name}`",
+                taken,
+            )
         for path, (value, _) in bridge.state_init.items():
             for part, v in _state_parts(path, import_tensor(value, copy=True)):
                 self._place(part, brainstate.HiddenState(v), f"state {part}", taken)
         if bridge.state_params:
             dtype = _torch_param(bridge, next(iter(bridge.state_params.values()))).dtype
             dtype = import_tensor(torch.zeros((), dtype=dtype)).dtype
-            self._place(_FIRST_STEP, brainstate.ShortTermState(jnp.ones((), dtype)),
-                        "the first-step flag of learnable initial states", taken)
+            self._place(
+                _FIRST_STEP,
+                brainstate.ShortTermState(jnp.ones((), dtype)),
+                "the first-step flag of learnable initial states",
+                taken,
+            )
 
     def _place(self, path: Path, state, what: str, taken: dict) -> None:
         for k in range(1, len(path) + 1):
             if path[:k] in taken:
                 raise ValueError(f"{what} at path {path} collides with {taken[path[:k]]}")
         for other, owner in taken.items():
-            if other[:len(path)] == path:
+            if other[: len(path)] == path:
                 raise ValueError(f"{what} at path {path} collides with {owner}")
         taken[path] = what
         node = self
@@ -116,8 +137,10 @@ class TorchModule(brainstate.nn.Module):
     @staticmethod
     def _check_free(node, key: str, what: str) -> None:
         if key in node.__dict__ or hasattr(type(node), key):
-            raise ValueError(f"{what}: the name `{key}` is already used by {type(node).__name__}; "
-                             "rename the torch submodule/parameter")
+            raise ValueError(
+                f"{what}: the name `{key}` is already used by {type(node).__name__}; "
+                "rename the torch submodule/parameter"
+            )
 
     def _state(self, path: Path) -> brainstate.State:
         return functools.reduce(getattr, path, self)
@@ -126,8 +149,9 @@ class TorchModule(brainstate.nn.Module):
         """The value of hidden state `path` (a complex state from its real and imaginary
         parts)."""
         if path in self._bridge.complex_states:
-            return make_complex(self._state(path + ("re",)).value,
-                                self._state(path + ("im",)).value)
+            return make_complex(
+                self._state(path + ("re",)).value, self._state(path + ("im",)).value
+            )
         return self._state(path).value
 
     def _write_hidden(self, path: Path, value) -> None:
@@ -162,8 +186,9 @@ class TorchModule(brainstate.nn.Module):
     def states_kept(self):
         """Run a block of trial steps, then put every non-parameter state back (hidden states
         and step flags), so probing the module leaves it as it was."""
-        kept = {k: st for k, st in self.states().items()
-                if not isinstance(st, brainstate.ParamState)}
+        kept = {
+            k: st for k, st in self.states().items() if not isinstance(st, brainstate.ParamState)
+        }
         saved = {k: st.value for k, st in kept.items()}
         try:
             yield
@@ -181,28 +206,38 @@ class TorchModule(brainstate.nn.Module):
             raise ValueError(
                 f"this model was exported with a static batch size of {b.batch_size} (torch "
                 f"could not keep the batch dimension dynamic), but the input has batch size "
-                f"{size}. Convert it again with example inputs of batch size {size}.")
+                f"{size}. Convert it again with example inputs of batch size {size}."
+            )
         for path, (_, axis) in b.state_init.items():
             current = jnp.shape(self._read_hidden(path))[axis] if axis is not None else size
             if current != size:
-                raise ValueError(f"the hidden states hold batch size {current} but the input "
-                                 f"has batch size {size}; call reset_state({size}) first")
+                raise ValueError(
+                    f"the hidden states hold batch size {current} but the input "
+                    f"has batch size {size}; call reset_state({size}) first"
+                )
 
     # -- states
 
     def init_state(self, batch_size: int | None = None, **kwargs) -> None:
         """Set every hidden state to its example value, re-made for `batch_size`."""
         b = self._bridge
-        if batch_size is not None and b.batch_size is not None and not b.dynamic_batch \
-                and batch_size != b.batch_size:
-            raise ValueError(f"this model was exported with a static batch size of "
-                             f"{b.batch_size}; batch size {batch_size} needs a new conversion "
-                             f"with example inputs of batch size {batch_size}")
+        if (
+            batch_size is not None
+            and b.batch_size is not None
+            and not b.dynamic_batch
+            and batch_size != b.batch_size
+        ):
+            raise ValueError(
+                f"this model was exported with a static batch size of "
+                f"{b.batch_size}; batch size {batch_size} needs a new conversion "
+                f"with example inputs of batch size {batch_size}"
+            )
         for path, (value, axis) in b.state_init.items():
-            if path in b.state_params:   # a learnable initial state: its current value
+            if path in b.state_params:  # a learnable initial state: its current value
                 value = _torch_param(b, b.state_params[path]).detach().expand(value.shape)
-            self._write_hidden(path, import_tensor(_resize(value, axis, batch_size, path),
-                                                   copy=True))
+            self._write_hidden(
+                path, import_tensor(_resize(value, axis, batch_size, path), copy=True)
+            )
         if b.state_params:
             first = self._state(_FIRST_STEP)
             first.value = jnp.ones_like(first.value)
@@ -218,14 +253,26 @@ class TorchModule(brainstate.nn.Module):
         are meant to be used.
         """
         b = self._bridge
-        if batch_size is not None and b.batch_size is not None and not b.dynamic_batch \
-                and batch_size != b.batch_size:
-            raise ValueError(f"this model was exported with a static batch size of "
-                             f"{b.batch_size}, not {batch_size}")
+        if (
+            batch_size is not None
+            and b.batch_size is not None
+            and not b.dynamic_batch
+            and batch_size != b.batch_size
+        ):
+            raise ValueError(
+                f"this model was exported with a static batch size of "
+                f"{b.batch_size}, not {batch_size}"
+            )
         out = []
         for x in b.layout.update_args:
-            if (isinstance(x, torch.Tensor) and batch_size is not None and b.batch_size is not None
-                    and x.ndim >= 1 and x.shape[0] == b.batch_size and batch_size != b.batch_size):
+            if (
+                isinstance(x, torch.Tensor)
+                and batch_size is not None
+                and b.batch_size is not None
+                and x.ndim >= 1
+                and x.shape[0] == b.batch_size
+                and batch_size != b.batch_size
+            ):
                 x = x.new_zeros((batch_size, *x.shape[1:]))
             out.append(import_tensor(x, copy=True) if isinstance(x, torch.Tensor) else x)
         return tuple(out)
@@ -300,9 +347,11 @@ def _resize(value: torch.Tensor, axis: int | None, batch: int | None, path: Path
         return value
     first = value.narrow(axis, 0, 1)
     if not torch.equal(value, first.expand_as(value)):
-        raise ValueError(f"state {path} has a different example value per batch row, so it "
-                         f"cannot be re-made for batch size {batch}; give example states whose "
-                         "rows are equal (e.g. zeros) or convert with that batch size")
+        raise ValueError(
+            f"state {path} has a different example value per batch row, so it "
+            f"cannot be re-made for batch size {batch}; give example states whose "
+            "rows are equal (e.g. zeros) or convert with that batch size"
+        )
     shape = list(value.shape)
     shape[axis] = batch
     return first.expand(shape).contiguous()
@@ -311,8 +360,11 @@ def _resize(value: torch.Tensor, axis: int | None, batch: int | None, path: Path
 def _check_float64(module: torch.nn.Module, args: tuple) -> None:
     tensors = [("parameter", n, t) for n, t in module.named_parameters()]
     tensors += [("buffer", n, t) for n, t in module.named_buffers()]
-    tensors += [("example input", str(i), t) for i, t in enumerate(pytree.tree_leaves(args))
-                if isinstance(t, torch.Tensor)]
+    tensors += [
+        ("example input", str(i), t)
+        for i, t in enumerate(pytree.tree_leaves(args))
+        if isinstance(t, torch.Tensor)
+    ]
     check_float64(tensors)
 
 
@@ -345,12 +397,13 @@ def from_torch(
         layout = None
         args = args if state is not None else size_example_states(module, args)
     default = default_state(module, args) if layout is None and state is None else None
-    if default is not None:   # forward(x, h=None): the state the model creates for itself
+    if default is not None:  # forward(x, h=None): the state the model creates for itself
         args = args + (default.value,)
         state = {"inputs": [default.slot], "outputs": [default.output], "names": [default.name]}
     if layout is not None:
-        step = export_step(module, layout.export_args, dynamic_batch=dynamic_batch,
-                           batch_axes=layout.batch_axes)
+        step = export_step(
+            module, layout.export_args, dynamic_batch=dynamic_batch, batch_axes=layout.batch_axes
+        )
     else:
         step = export_step(module, args, dynamic_batch=dynamic_batch)
         layout = explicit_layout(module, args, step, state)
@@ -362,18 +415,30 @@ def from_torch(
     for path, name in buffer_states:
         buf = step.state_values.get(name)
         buf = module.get_buffer(name) if buf is None else buf
-        state_init[path] = (buf.detach().clone(),
-                            0 if batch is not None and buf.ndim >= 1 and buf.shape[0] == batch
-                            else None)
-    constants = {name: import_tensor(buf) for name, buf in module.named_buffers()
-                 if name not in step.mutated_buffers}
+        state_init[path] = (
+            buf.detach().clone(),
+            0 if batch is not None and buf.ndim >= 1 and buf.shape[0] == batch else None,
+        )
+    constants = {
+        name: import_tensor(buf)
+        for name, buf in module.named_buffers()
+        if name not in step.mutated_buffers
+    }
     bridge = _Bridge(
-        torch_module=module, step=step, lowered=lowered, layout=layout,
+        torch_module=module,
+        step=step,
+        lowered=lowered,
+        layout=layout,
         params=[(tuple(n.split(".")), n) for n, _ in module.named_parameters()],
-        buffer_states=buffer_states, constants=constants, state_init=state_init,
-        batch_size=batch, dynamic_batch=step.dynamic_batch,
+        buffer_states=buffer_states,
+        constants=constants,
+        state_init=state_init,
+        batch_size=batch,
+        dynamic_batch=step.dynamic_batch,
         complex_states=frozenset(p for p, (v, _) in state_init.items() if v.is_complex()),
-        state_params=state_params, notes=cross_layer_notes(module))
+        state_params=state_params,
+        notes=cross_layer_notes(module),
+    )
     converted = TorchModule(bridge)
     if check:
         check_conversion(converted)
@@ -391,7 +456,9 @@ def _initial_state_params(module, layout: StateLayout, default) -> dict[Path, st
         if name is None:
             continue
         if t.is_complex() or not t.is_floating_point():
-            raise ValueError(f"state {path} starts from parameter `{name}` but is "
-                             f"{t.dtype}; a learnable initial state must be a real float")
+            raise ValueError(
+                f"state {path} starts from parameter `{name}` but is "
+                f"{t.dtype}; a learnable initial state must be a real float"
+            )
         out[path] = name
     return out

@@ -14,11 +14,13 @@ incoming value the step reads is state (`reset`, written then read within a step
 `firing_rate`, written and never read, are not). The user's tensors, attributes and RNG are left
 as they were.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -48,16 +50,24 @@ class Slot(NamedTuple):
 
     def set(self, root: torch.nn.Module, value) -> None:
         sub = root.get_submodule(self.owner)
-        where = (sub._buffers if self.kind == "buffer" else sub.__dict__["_memories"]
-                 if self.kind == "memory" else sub.__dict__)
+        where = (
+            sub._buffers
+            if self.kind == "buffer"
+            else sub.__dict__["_memories"]
+            if self.kind == "memory"
+            else sub.__dict__
+        )
         if value is ABSENT:
             where.pop(self.attr, None)
         else:
             where[self.attr] = value
 
     def describe(self) -> str:
-        what = {"buffer": "buffer", "attribute": "tensor attribute",
-                "memory": "memory (register_memory)"}[self.kind]
+        what = {
+            "buffer": "buffer",
+            "attribute": "tensor attribute",
+            "memory": "memory (register_memory)",
+        }[self.kind]
         return f"`{self.name}` ({what})"
 
 
@@ -80,12 +90,16 @@ def all_slots(root: torch.nn.Module) -> list[Slot]:
     slots = []
     for owner, sub in root.named_modules():
         slots += [Slot(owner, "buffer", a) for a, b in sub._buffers.items() if b is not None]
-        slots += [Slot(owner, "attribute", a) for a, v in vars(sub).items()
-                  if isinstance(v, torch.Tensor)]
+        slots += [
+            Slot(owner, "attribute", a) for a, v in vars(sub).items() if isinstance(v, torch.Tensor)
+        ]
         memories = sub.__dict__.get("_memories")
         if isinstance(memories, dict):
-            slots += [Slot(owner, "memory", a) for a, v in memories.items()
-                      if v is None or isinstance(v, (torch.Tensor, float, int))]
+            slots += [
+                Slot(owner, "memory", a)
+                for a, v in memories.items()
+                if v is None or isinstance(v, (torch.Tensor, float, int))
+            ]
     return slots
 
 
@@ -94,17 +108,26 @@ def _copy(value):
 
 
 @contextlib.contextmanager
-def swapped_slots(root: torch.nn.Module, values: dict[Slot, Any] | None = None) -> Iterator[
-        list[Slot]]:
+def swapped_slots(
+    root: torch.nn.Module, values: dict[Slot, Any] | None = None
+) -> Iterator[list[Slot]]:
     """Run with private copies in every slot (or `values`), then put the user's objects back.
 
     Every attribute, buffer and memory entry of every submodule is restored to the object it
     was (attributes the block created are removed), so the user's module is as it was.
     """
     slots = all_slots(root)
-    saved = [(sub, dict(sub.__dict__), dict(sub._buffers),
-              dict(sub.__dict__["_memories"]) if isinstance(sub.__dict__.get("_memories"), dict)
-              else None) for sub in root.modules()]
+    saved = [
+        (
+            sub,
+            dict(sub.__dict__),
+            dict(sub._buffers),
+            dict(sub.__dict__["_memories"])
+            if isinstance(sub.__dict__.get("_memories"), dict)
+            else None,
+        )
+        for sub in root.modules()
+    ]
     try:
         for s in slots:
             s.set(root, _copy(s.get(root)))

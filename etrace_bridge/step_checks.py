@@ -5,6 +5,7 @@ Non-finite values warn once per learner; with `check_finite=True` they raise
 `FloatingPointError` with a plain message on the Python side, after the compiled call (the
 learner then undoes the step), instead of an error raised from inside the compiled program.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,21 +23,29 @@ def input_shape_error(compiled: list[tuple], given: list[tuple], *, sequence: bo
     `compiled`, or None when they fit. `sequence` is False for `step()` (no time axis given)."""
     call = "run() takes a sequence (T, B, ...)" if sequence else "step() takes one step (B, ...)"
     if len(given) != len(compiled):
-        return (f"the step takes {len(compiled)} input tensor(s) but got {len(given)}; "
-                "pass the inputs the model was converted with")
+        return (
+            f"the step takes {len(compiled)} input tensor(s) but got {len(given)}; "
+            "pass the inputs the model was converted with"
+        )
     for i, (want, shape) in enumerate(zip(compiled, given)):
         got = shape[1:]
         shown = shape if sequence else shape[1:]
         if len(got) != len(want):
-            return (f"input {i} has shape {shown} but the model was converted for one step of "
-                    f"rank {len(want)} shaped {want}: {call}")
+            return (
+                f"input {i} has shape {shown} but the model was converted for one step of "
+                f"rank {len(want)} shaped {want}: {call}"
+            )
         if want and got[0] != want[0] and got[1:] == want[1:]:
-            return (f"input {i} has batch size {got[0]} but the learner was compiled for batch "
-                    f"size {want[0]}; for another batch size call reset_state({got[0]}) first")
+            return (
+                f"input {i} has batch size {got[0]} but the learner was compiled for batch "
+                f"size {want[0]}; for another batch size call reset_state({got[0]}) first"
+            )
         if got[1:] != want[1:]:
-            return (f"input {i} has per-sample shape {got[1:]} but the model was converted for "
-                    f"{want[1:]} (step shape {want}, got {got}); convert with example inputs of "
-                    "the shape you train on")
+            return (
+                f"input {i} has per-sample shape {got[1:]} but the model was converted for "
+                f"{want[1:]} (step shape {want}, got {got}); convert with example inputs of "
+                "the shape you train on"
+            )
         if got != want:
             return f"input {i} has shape {got}; the learner was compiled for {want}"
     return None
@@ -44,8 +53,11 @@ def input_shape_error(compiled: list[tuple], given: list[tuple], *, sequence: bo
 
 @jax.jit
 def _finite(tree):
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -89,14 +101,21 @@ class FiniteGuard:
             found.append("the eligibility traces")
         if not found:
             return None
-        return ("non-finite values (inf or nan) in " + "; ".join(found)
-                + ". Check the inputs for inf/nan, lower the learning rate, or clip gradients")
+        return (
+            "non-finite values (inf or nan) in "
+            + "; ".join(found)
+            + ". Check the inputs for inf/nan, lower the learning rate, or clip gradients"
+        )
 
     def report(self, message: str) -> None:
         """Raise (strict) or warn once per learner."""
         if self.strict:
-            raise FloatingPointError(message + " (the step was undone: states, traces and "
-                                     ".grad are as before it)")
+            raise FloatingPointError(
+                message + " (the step was undone: states, traces and .grad are as before it)"
+            )
         self.warned = True
-        warnings.warn(message + " (warned once per learner; check_finite=True raises instead)",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            message + " (warned once per learner; check_finite=True raises instead)",
+            RuntimeWarning,
+            stacklevel=4,
+        )

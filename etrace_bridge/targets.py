@@ -10,6 +10,7 @@ out-of-range label; a float label would be truncated to a class).
 - 'mse': shaped like the output; a shape that only broadcasts to it warns with torch's warning,
   one that does not broadcast is an error.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -20,7 +21,6 @@ from etrace_bridge.errors import TargetError
 from etrace_bridge.losses import IGNORE_INDEX
 
 __all__ = ["check_targets", "TargetError"]
-
 
 
 def _size(shape) -> str:
@@ -52,21 +52,27 @@ def _check_classes(out: tuple, target: np.ndarray, shape: tuple) -> None:
             f"cross_entropy: class-index targets must have an integer dtype (torch.long), got "
             f"{target.dtype} of shape {shape}; a float label would be silently truncated to a "
             f"class. Give integer labels shaped {out[:-1]}, or class probabilities shaped like "
-            f"the output {out}")
+            f"the output {out}"
+        )
     if not np.issubdtype(target.dtype, np.integer):
-        raise TargetError(f"cross_entropy: targets must be integer class indices or float class "
-                          f"probabilities, got {target.dtype}")
+        raise TargetError(
+            f"cross_entropy: targets must be integer class indices or float class "
+            f"probabilities, got {target.dtype}"
+        )
     if shape != out[:-1]:
         raise TargetError(
             f"cross_entropy: expected class-index targets of shape {out[:-1]} for outputs of "
-            f"shape {out} (C = {out[-1]} classes on the last axis), got {shape}")
+            f"shape {out} (C = {out[-1]} classes on the last axis), got {shape}"
+        )
     classes = out[-1]
     bad = (target != IGNORE_INDEX) & ((target < 0) | (target >= classes))
     if bad.any():
         value = int(target[bad].flat[0])
-        raise IndexError(f"Target {value} is out of bounds: cross_entropy over {classes} classes "
-                         f"takes labels 0..{classes - 1}, or {IGNORE_INDEX} (ignore_index) for "
-                         "an entry without loss")
+        raise IndexError(
+            f"Target {value} is out of bounds: cross_entropy over {classes} classes "
+            f"takes labels 0..{classes - 1}, or {IGNORE_INDEX} (ignore_index) for "
+            "an entry without loss"
+        )
 
 
 def _check_mse(out: tuple, shape: tuple) -> None:
@@ -75,9 +81,13 @@ def _check_mse(out: tuple, shape: tuple) -> None:
     try:
         np.broadcast_shapes(shape, out)
     except ValueError:
-        raise TargetError(f"mse: target shape {shape} does not match (or broadcast to) the "
-                          f"output shape {out}") from None
-    warnings.warn(f"Using a target size ({_size(shape)}) that is different to the input size "
-                  f"({_size(out)}). This will likely lead to incorrect results due to "
-                  "broadcasting. Please ensure they have the same size.", UserWarning,
-                  stacklevel=4)
+        raise TargetError(
+            f"mse: target shape {shape} does not match (or broadcast to) the output shape {out}"
+        ) from None
+    warnings.warn(
+        f"Using a target size ({_size(shape)}) that is different to the input size "
+        f"({_size(out)}). This will likely lead to incorrect results due to "
+        "broadcasting. Please ensure they have the same size.",
+        UserWarning,
+        stacklevel=4,
+    )

@@ -3,14 +3,20 @@
 It initialises the model's states, builds the algorithm, compiles the one-step graph from the
 example inputs and creates the eligibility traces (braintrace's entry point, same signature).
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional, Type, Union
+from typing import Any, Optional
 
 import brainstate
 
-from .algorithms import (D_RTRL, ETraceAlgorithm, HybridDimVjpAlgorithm, IODimVjpAlgorithm,
-                         ParamDimVjpAlgorithm)
+from .algorithms import (
+    D_RTRL,
+    ETraceAlgorithm,
+    HybridDimVjpAlgorithm,
+    IODimVjpAlgorithm,
+    ParamDimVjpAlgorithm,
+)
 from .compiler.errors import CompilationError, NotSupportedError
 
 __all__ = ["compile", "ALGORITHM_NAMES"]
@@ -26,11 +32,19 @@ ALGORITHM_NAMES = {
 }
 
 # braintrace algorithms etrace does not implement: named so the error says so
-_NOT_IMPLEMENTED = ("eprop", "e_prop", "ostl_recurrent", "ostl_feedforward", "uoro",
-                    "three_factor", "dni", "snap")
+_NOT_IMPLEMENTED = (
+    "eprop",
+    "e_prop",
+    "ostl_recurrent",
+    "ostl_feedforward",
+    "uoro",
+    "three_factor",
+    "dni",
+    "snap",
+)
 
 
-def resolve_algorithm(algorithm: Union[str, Type[ETraceAlgorithm]]) -> Type[ETraceAlgorithm]:
+def resolve_algorithm(algorithm: str | type[ETraceAlgorithm]) -> type[ETraceAlgorithm]:
     """An ETraceAlgorithm subclass from itself or from a name (case-insensitive)."""
     if isinstance(algorithm, type):
         if issubclass(algorithm, ETraceAlgorithm):
@@ -41,17 +55,29 @@ def resolve_algorithm(algorithm: Union[str, Type[ETraceAlgorithm]]) -> Type[ETra
         if key in ALGORITHM_NAMES:
             return ALGORITHM_NAMES[key]
         if key in _NOT_IMPLEMENTED:
-            raise NotSupportedError(f"algorithm {algorithm!r} is not implemented in etrace; "
-                                    f"available: {sorted(ALGORITHM_NAMES)}")
-        raise ValueError(f"unknown algorithm name {algorithm!r}; valid names: "
-                         f"{sorted(ALGORITHM_NAMES)}, or pass an ETraceAlgorithm subclass")
-    raise TypeError(f"algorithm must be an ETraceAlgorithm subclass or a name, "
-                    f"got {type(algorithm).__name__}")
+            raise NotSupportedError(
+                f"algorithm {algorithm!r} is not implemented in etrace; "
+                f"available: {sorted(ALGORITHM_NAMES)}"
+            )
+        raise ValueError(
+            f"unknown algorithm name {algorithm!r}; valid names: "
+            f"{sorted(ALGORITHM_NAMES)}, or pass an ETraceAlgorithm subclass"
+        )
+    raise TypeError(
+        f"algorithm must be an ETraceAlgorithm subclass or a name, got {type(algorithm).__name__}"
+    )
 
 
-def compile(model: brainstate.nn.Module, algorithm: Union[str, Type[ETraceAlgorithm]],
-            *example_inputs: Any, batch_size: Optional[int] = None, seed: Optional[int] = None,
-            verbose: int = 0, vmap: bool = False, **options: Any) -> ETraceAlgorithm:
+def compile(
+    model: brainstate.nn.Module,
+    algorithm: str | type[ETraceAlgorithm],
+    *example_inputs: Any,
+    batch_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    verbose: int = 0,
+    vmap: bool = False,
+    **options: Any,
+) -> ETraceAlgorithm:
     """Initialise `model`'s states (``batch_size``), wrap it in `algorithm` (``**options`` go to
     its constructor), compile the graph from `example_inputs` and create the traces.
 
@@ -61,13 +87,17 @@ def compile(model: brainstate.nn.Module, algorithm: Union[str, Type[ETraceAlgori
     """
     cls = resolve_algorithm(algorithm)
     if not example_inputs:
-        raise ValueError("compile() needs at least one example input to build the graph, e.g. "
-                         "compile(model, 'd_rtrl', x0): pass the inputs of one step")
+        raise ValueError(
+            "compile() needs at least one example input to build the graph, e.g. "
+            "compile(model, 'd_rtrl', x0): pass the inputs of one step"
+        )
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
     if vmap:
-        raise NotSupportedError("compile(..., vmap=True) is not supported by etrace; give the "
-                                "model batched states with compile(..., batch_size=B) instead")
+        raise NotSupportedError(
+            "compile(..., vmap=True) is not supported by etrace; give the "
+            "model batched states with compile(..., batch_size=B) instead"
+        )
     if seed is not None:
         with brainstate.random.seed_context(seed):
             brainstate.nn.init_all_states(model, batch_size=batch_size)
@@ -79,7 +109,8 @@ def compile(model: brainstate.nn.Module, algorithm: Union[str, Type[ETraceAlgori
         raise CompilationError(
             "no trainable weight reaches a hidden state through an ETP op, so there is nothing "
             "to train online: route the recurrent layer's weights through etrace_core.ops "
-            "(matmul / conv / element_wise)")
+            "(matmul / conv / element_wise)"
+        )
     if verbose:
         learner.show_graph(verbose=True)
     return learner

@@ -4,6 +4,7 @@ brainstate sets JAX's 64-bit mode from its own precision setting when it is firs
 user who enabled x64 and then imported a library built on brainstate would silently compute in
 float32. ``etrace_core`` and ``etrace_bridge`` import everything inside :func:`keep_x64`.
 """
+
 import contextlib
 
 import jax

@@ -21,13 +21,14 @@ Usage::
     python examples/digits_online.py --epochs 10 --methods d_rtrl bptt --cell leaky
     python examples/digits_online.py --json out.json --plot curves.png
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import time
-from typing import Dict, List, Optional
+from typing import Optional
 
 import brainstate
 import jax
@@ -44,12 +45,13 @@ T_STEPS = 8
 
 # ----------------------------------------------------------------------------- data
 
+
 def load_data(seed: int = 0, test_fraction: float = 0.2):
     """(x_train, y_train, x_test, y_test); x: (N, T=8, I=8) float32 in [0, 1], y: (N,) int."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)           # (1797, 8, 8): rows are time steps
+    x = (digits.images / 16.0).astype(np.float32)  # (1797, 8, 8): rows are time steps
     y = digits.target.astype(np.int32)
     order = np.random.RandomState(seed).permutation(len(x))
     n_test = int(round(test_fraction * len(x)))
@@ -58,6 +60,7 @@ def load_data(seed: int = 0, test_fraction: float = 0.2):
 
 
 # ----------------------------------------------------------------------------- model
+
 
 class DigitNet(brainstate.nn.Module):
     """A recurrent cell over the rows and a linear readout of its state at every step."""
@@ -90,15 +93,18 @@ def make_pure(model):
     param_paths = [p for p, s in flat.items() if issubclass(s.type, brainstate.ParamState)]
     hidden_paths = [p for p in flat if p not in param_paths]
 
-    def forward(params, xs):                 # xs: (T, B, I)
+    def forward(params, xs):  # xs: (T, B, I)
         batch = xs.shape[1]
-        h0 = {p: jnp.zeros((batch,) + flat[p].value.shape[1:], flat[p].value.dtype)
-              for p in hidden_paths}
+        h0 = {
+            p: jnp.zeros((batch,) + flat[p].value.shape[1:], flat[p].value.dtype)
+            for p in hidden_paths
+        }
 
         def body(h, x):
             vals = {**h, **params}
             clone = brainstate.graph.treefy_merge(
-                graphdef, type(tree).from_flat({p: flat[p].replace(value=vals[p]) for p in flat}))
+                graphdef, type(tree).from_flat({p: flat[p].replace(value=vals[p]) for p in flat})
+            )
             out = clone(x)
             return {p: s.value for p, s in clone.states().items() if p in h}, out
 
@@ -110,6 +116,7 @@ def make_pure(model):
 
 # ----------------------------------------------------------------------------- optimiser
 
+
 def adam_init(params):
     zeros = jax.tree.map(jnp.zeros_like, params)
     return {"m": zeros, "v": zeros, "t": jnp.zeros((), jnp.int32)}
@@ -120,12 +127,13 @@ def adam_update(params, grads, state, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8):
     t = state["t"] + 1
     m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], grads)
     v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["v"], grads)
-    scale = lr * jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    scale = lr * jnp.sqrt(1 - b2**t) / (1 - b1**t)
     params = jax.tree.map(lambda p, m, v: p - scale * m / (jnp.sqrt(v) + eps), params, m, v)
     return params, {"m": m, "v": v, "t": t}
 
 
 # ----------------------------------------------------------------------------- training
+
 
 def make_algorithm(method: str, model, decay: float):
     if method == "d_rtrl":
@@ -133,15 +141,27 @@ def make_algorithm(method: str, model, decay: float):
     if method == "es_d_rtrl":
         return etrace_core.ES_D_RTRL(model, decay_or_rank=decay)
     if method == "hybrid":
-        return etrace_core.HybridDimVjpAlgorithm(model, decay_or_rank=decay,
-                                                 max_param_dim_size=2048)
+        return etrace_core.HybridDimVjpAlgorithm(
+            model, decay_or_rank=decay, max_param_dim_size=2048
+        )
     raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
 
 
-def train(method: str = "d_rtrl", *, epochs: int = 30, cell: str = "gru", hidden: int = 64,
-          batch_size: int = 32, lr: float = 1e-2, schedule: str = "cosine", decay: float = 0.9,
-          seed: int = 0, max_train: Optional[int] = None, data=None,
-          verbose: bool = True) -> Dict:
+def train(
+    method: str = "d_rtrl",
+    *,
+    epochs: int = 30,
+    cell: str = "gru",
+    hidden: int = 64,
+    batch_size: int = 32,
+    lr: float = 1e-2,
+    schedule: str = "cosine",
+    decay: float = 0.9,
+    seed: int = 0,
+    max_train: Optional[int] = None,
+    data=None,
+    verbose: bool = True,
+) -> dict:
     """Train one method; returns {'method', 'test_acc' (per epoch), 'train_loss', 'seconds'}.
 
     Every method sees the same initial weights, minibatch order and optimiser; only the
@@ -160,32 +180,39 @@ def train(method: str = "d_rtrl", *, epochs: int = 30, cell: str = "gru", hidden
     opt = adam_init(params)
 
     accuracy = jax.jit(lambda p, xs, ys: jnp.mean(jnp.argmax(forward(p, xs), -1) == ys))
-    xs_test = jnp.asarray(np.swapaxes(x_te, 0, 1))                # (T, N, I)
+    xs_test = jnp.asarray(np.swapaxes(x_te, 0, 1))  # (T, N, I)
 
     mask = jnp.zeros((T_STEPS,), jnp.float32).at[-1].set(1.0)
     if method == "bptt":
+
         def batch_loss(p, xs, onehot):
             logp = jax.nn.log_softmax(forward(p, xs), axis=-1)
             return -jnp.sum(onehot * logp) / onehot.shape[0]
+
         bptt_step = jax.jit(jax.value_and_grad(batch_loss))
     else:
         algo = make_algorithm(method, model, decay)
         algo.compile_graph(jnp.zeros((batch_size, 8), jnp.float32))
         algo.init_etrace_state()
 
-    history = {"method": method, "test_acc": [float(accuracy(params, xs_test, y_te))],
-               "train_loss": [], "seconds": []}
+    history = {
+        "method": method,
+        "test_acc": [float(accuracy(params, xs_test, y_te))],
+        "train_loss": [],
+        "seconds": [],
+    }
     rng = np.random.RandomState(seed + 1)
     n_batches = len(x_tr) // batch_size
     for epoch in range(epochs):
         start = time.perf_counter()
         order = rng.permutation(len(x_tr))
         total = 0.0
-        lr_epoch = lr if schedule == "constant" else \
-            lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        lr_epoch = (
+            lr if schedule == "constant" else lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        )
         for b in range(n_batches):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            xs = jnp.asarray(np.swapaxes(x_tr[idx], 0, 1))          # (T, B, I)
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            xs = jnp.asarray(np.swapaxes(x_tr[idx], 0, 1))  # (T, B, I)
             onehot = jax.nn.one_hot(y_tr[idx], NUM_CLASSES, dtype=jnp.float32)
             if method == "bptt":
                 loss, grads = bptt_step(params, xs, onehot)
@@ -203,14 +230,17 @@ def train(method: str = "d_rtrl", *, epochs: int = 30, cell: str = "gru", hidden
         history["test_acc"].append(float(accuracy(params, xs_test, y_te)))
         history["seconds"].append(time.perf_counter() - start)
         if verbose:
-            print(f"{method:10s} epoch {epoch + 1:3d}  loss {total / n_batches:.4f}  "
-                  f"test acc {history['test_acc'][-1]:.4f}  ({history['seconds'][-1]:.1f} s)",
-                  flush=True)
+            print(
+                f"{method:10s} epoch {epoch + 1:3d}  loss {total / n_batches:.4f}  "
+                f"test acc {history['test_acc'][-1]:.4f}  ({history['seconds'][-1]:.1f} s)",
+                flush=True,
+            )
     return history
 
 
-def plot(results: List[Dict], filename: str, title: str = "") -> None:
+def plot(results: list[dict], filename: str, title: str = "") -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -231,15 +261,20 @@ def plot(results: List[Dict], filename: str, title: str = "") -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--quick", action="store_true",
-                    help="a smoke run: 2 epochs on 480 training images (< 60 s)")
+    ap.add_argument(
+        "--quick", action="store_true", help="a smoke run: 2 epochs on 480 training images (< 60 s)"
+    )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--cell", default="gru", choices=("gru", "leaky"))
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
-                    help="learning rate over the epochs")
+    ap.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=("cosine", "constant"),
+        help="learning rate over the epochs",
+    )
     ap.add_argument("--decay", type=float, default=0.9, help="ES-D-RTRL / hybrid trace decay")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the per-epoch results here")
@@ -250,14 +285,27 @@ def main(argv=None):
     data = load_data(args.seed)
     results = []
     for method in args.methods:
-        results.append(train(method, epochs=epochs, cell=args.cell, hidden=args.hidden,
-                             batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
-                             decay=args.decay,
-                             seed=args.seed, max_train=max_train, data=data))
+        results.append(
+            train(
+                method,
+                epochs=epochs,
+                cell=args.cell,
+                hidden=args.hidden,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                schedule=args.schedule,
+                decay=args.decay,
+                seed=args.seed,
+                max_train=max_train,
+                data=data,
+            )
+        )
     print("\nfinal test accuracy:")
     for r in results:
-        print(f"  {r['method']:10s} {r['test_acc'][-1]:.4f}  (best {max(r['test_acc']):.4f}, "
-              f"{sum(r['seconds']):.0f} s)")
+        print(
+            f"  {r['method']:10s} {r['test_acc'][-1]:.4f}  (best {max(r['test_acc']):.4f}, "
+            f"{sum(r['seconds']):.0f} s)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)

@@ -17,6 +17,7 @@ compiler reads the model's jaxpr and finds
 Run:  python examples/graph_tutorial.py [--plot DIR]
 (with --plot, a picture of each graph is written to DIR; matplotlib needed).
 """
+
 import argparse
 import os
 import warnings
@@ -53,7 +54,7 @@ def one_layer(plot_dir=None):
     model = OneLayerRNN(10, 32, 5)
     brainstate.nn.init_all_states(model)
     algo = etrace_core.D_RTRL(model)
-    algo.compile_graph(jnp.zeros(10))       # one step's example input
+    algo.compile_graph(jnp.zeros(10))  # one step's example input
     algo.show_graph()
     # The cell's input and recurrent weights land in group 0 (the RNN's h) and get traces;
     # the readout's output never reaches a hidden state, so it is listed as not online-traced:
@@ -65,20 +66,28 @@ def one_layer(plot_dir=None):
 
 def inspect(algo):
     banner("2. reading the graph programmatically")
-    graph = algo.graph          # an ETraceGraph (a NamedTuple)
+    graph = algo.graph  # an ETraceGraph (a NamedTuple)
     print("hidden groups:")
     for g in graph.hidden_groups:
-        print(f"  group {g.index}: {g.num_state} state(s) {list(g.hidden_paths)}, varshape {g.varshape}")
+        print(
+            f"  group {g.index}: {g.num_state} state(s) {list(g.hidden_paths)}, "
+            f"varshape {g.varshape}"
+        )
     print("relations (weight -> hidden groups):")
     for i, r in enumerate(graph.hidden_param_op_relations):
         groups = [g.index for g in r.hidden_groups]
-        print(f"  relation {i}: weight {r.weight_path} (bias {r.bias_path}), "
-              f"primitive {r.primitive.name}, groups {groups}")
+        print(
+            f"  relation {i}: weight {r.weight_path} (bias {r.bias_path}), "
+            f"primitive {r.primitive.name}, groups {groups}"
+        )
         # y_to_hidden[k]: for each element of the op's output (canonical layout), the unit of
         # group k it lands in (-1: none)
         print(f"    output element -> unit: {r.y_to_hidden[0].tolist()[:6]} ...")
-    print("perturbation:", graph.hidden_perturb is not None,
-          [p for p in graph.hidden_perturb.perturb_paths])
+    print(
+        "perturbation:",
+        graph.hidden_perturb is not None,
+        [p for p in graph.hidden_perturb.perturb_paths],
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -122,11 +131,11 @@ def two_layers(plot_dir=None):
 class ConvRNN(brainstate.nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(1, 8, kernel_size=3, padding='SAME', key=5)
+        self.conv = nn.Conv2d(1, 8, kernel_size=3, padding="SAME", key=5)
         self.rnn = nn.ValinaRNNCell(8 * 28 * 28, 64, key=6)
         self.out = nn.Linear(64, 10, key=7)
 
-    def update(self, x):                    # x: (1, 28, 28), one grey image
+    def update(self, x):  # x: (1, 28, 28), one grey image
         features = self.conv(x).reshape(-1)
         return self.out(self.rnn(features))
 
@@ -165,8 +174,12 @@ def direct():
     ex = etrace_core.ETraceVjpGraphExecutor(model)
     ex.compile_graph(jnp.zeros(10))
     out, hidden, others, (xs, dfs), Ds = ex.solve_h2w_h2h_jacobian(jnp.ones(10))
-    print("D shapes:", [tuple(D.shape) for D in Ds],
-          "df shapes:", {k: tuple(v.shape) for k, v in dfs.items()})
+    print(
+        "D shapes:",
+        [tuple(D.shape) for D in Ds],
+        "df shapes:",
+        {k: tuple(v.shape) for k, v in dfs.items()},
+    )
 
 
 def main(argv=None):

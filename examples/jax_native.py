@@ -13,6 +13,7 @@ memory (a second hidden group) is the one path D-RTRL leaves out for the LIF inp
     python examples/jax_native.py               # full run
     python examples/jax_native.py --quick       # small run, well under 30 s
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,15 @@ class SpikingClassifier(brainstate.nn.Module):
 
     def __init__(self, n_in: int, n_hidden: int, n_out: int, seed: int = 0):
         super().__init__()
-        self.lif = nn.LIF(n_in, n_hidden, tau_mem=10., tau_adapt=50., beta=0.2,
-                          w_init=nn.init.normal(2.0 / np.sqrt(n_in)), key=seed)
+        self.lif = nn.LIF(
+            n_in,
+            n_hidden,
+            tau_mem=10.0,
+            tau_adapt=50.0,
+            beta=0.2,
+            w_init=nn.init.normal(2.0 / np.sqrt(n_in)),
+            key=seed,
+        )
         self.readout = nn.LeakyRateReadout(n_hidden, n_out, tau=5.0, key=seed + 1)
 
     def update(self, x):
@@ -51,12 +59,13 @@ def make_task(n: int, seq_len: int, n_in: int, rng: np.random.Generator):
     -1 where no loss is taken (the first three quarters of the sequence)."""
     half = n_in // 2
     p = rng.uniform(0.05, 0.25, size=n)
-    rates = np.concatenate([np.repeat(p[:, None], half, 1),
-                            np.repeat(0.3 - p[:, None], n_in - half, 1)], axis=1)
+    rates = np.concatenate(
+        [np.repeat(p[:, None], half, 1), np.repeat(0.3 - p[:, None], n_in - half, 1)], axis=1
+    )
     xs = (rng.random((seq_len, n, n_in)) < rates).astype(np.float32)
     labels = (p < 0.15).astype(np.int32)
     ys = np.full((seq_len, n), -1, np.int32)
-    ys[-(seq_len // 4):] = labels
+    ys[-(seq_len // 4) :] = labels
     return xs, ys
 
 
@@ -72,7 +81,7 @@ class Adam:
     """Adam on a model's ParamStates, fed gradients keyed by state path (as run_online gives)."""
 
     def __init__(self, params, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8):
-        self.params = params                        # {path: brainstate.ParamState}
+        self.params = params  # {path: brainstate.ParamState}
         self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
         self.m = {p: jnp.zeros_like(s.value) for p, s in params.items()}
         self.v = {p: jnp.zeros_like(s.value) for p, s in params.items()}
@@ -85,8 +94,8 @@ class Adam:
             g = grads[p]
             new_m[p] = self.b1 * m[p] + (1 - self.b1) * g
             new_v[p] = self.b2 * v[p] + (1 - self.b2) * g * g
-            m_hat = new_m[p] / (1 - self.b1 ** t)
-            v_hat = new_v[p] / (1 - self.b2 ** t)
+            m_hat = new_m[p] / (1 - self.b1**t)
+            v_hat = new_v[p] / (1 - self.b2**t)
             new_values[p] = w - self.lr * m_hat / (jnp.sqrt(v_hat) + self.eps)
         return new_values, new_m, new_v
 
@@ -111,7 +120,7 @@ def make_predict(model):
 def accuracy(model, predict, xs, ys, train_batch: int) -> float:
     brainstate.nn.reset_all_states(model, xs.shape[1])
     acc = float(jnp.mean(jnp.argmax(predict(xs), -1) == ys[-1]))
-    brainstate.nn.reset_all_states(model, train_batch)     # back to the shapes the graph has
+    brainstate.nn.reset_all_states(model, train_batch)  # back to the shapes the graph has
     return acc
 
 
@@ -139,28 +148,39 @@ def main(argv=None) -> dict:
     algo.init_etrace_state()
     optimizer = Adam(model.states(brainstate.ParamState), lr=args.lr)
     predict = make_predict(model)
-    print(f"evidence accumulation: {xs_train.shape[1]} train sequences of {seq_len} steps; "
-          f"LIF({hidden}) -> LeakyRateReadout({n_out}), online {type(algo).__name__}")
+    print(
+        f"evidence accumulation: {xs_train.shape[1]} train sequences of {seq_len} steps; "
+        f"LIF({hidden}) -> LeakyRateReadout({n_out}), online {type(algo).__name__}"
+    )
 
     history, start = [], time.perf_counter()
     for epoch in range(1, epochs + 1):
         order = np.random.default_rng(args.seed + epoch).permutation(xs_train.shape[1])
         losses = []
         for k in range(0, len(order) - args.batch + 1, args.batch):
-            idx = order[k:k + args.batch]
-            brainstate.nn.reset_all_states(algo, args.batch)   # model states and traces to zero
-            result = etrace_core.run_online(algo, cross_entropy, jnp.asarray(xs_train[:, idx]),
-                                            jnp.asarray(ys_train[:, idx]))
+            idx = order[k : k + args.batch]
+            brainstate.nn.reset_all_states(algo, args.batch)  # model states and traces to zero
+            result = etrace_core.run_online(
+                algo, cross_entropy, jnp.asarray(xs_train[:, idx]), jnp.asarray(ys_train[:, idx])
+            )
             optimizer.step(result.grads)
             losses.append(float(result.loss))
         acc = accuracy(model, predict, jnp.asarray(xs_test), ys_test, args.batch)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "test_accuracy": acc})
-        print(f"epoch {epoch:3d}  train loss {np.mean(losses):.4f}  test accuracy {acc:.3f}  "
-              f"({time.perf_counter() - start:.1f} s)")
-    result = {"history": history, "final_test_accuracy": history[-1]["test_accuracy"],
-              "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"]}
-    print(f"learning result: train loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
-          f"test accuracy {result['final_test_accuracy']:.3f} (chance 0.5)")
+        print(
+            f"epoch {epoch:3d}  train loss {np.mean(losses):.4f}  test accuracy {acc:.3f}  "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
+    result = {
+        "history": history,
+        "final_test_accuracy": history[-1]["test_accuracy"],
+        "first_loss": history[0]["loss"],
+        "last_loss": history[-1]["loss"],
+    }
+    print(
+        f"learning result: train loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
+        f"test accuracy {result['final_test_accuracy']:.3f} (chance 0.5)"
+    )
     return result
 
 

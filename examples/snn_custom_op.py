@@ -10,6 +10,7 @@ the spiking delayed match-to-sample task (`etrace_bridge.compare.tasks.get_task(
     python examples/snn_custom_op.py            # full run
     python examples/snn_custom_op.py --quick    # small run, well under 30 s
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ SURROGATE_SCALE = 4.0
 
 
 # ----------------------------------------------------------------------------- the spike op
+
 
 @torch.library.custom_op("snn_example::spike", mutates_args=())
 def spike(x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +74,7 @@ CUSTOM_OPS = {"snn_example::spike": spike_jax}
 
 # ----------------------------------------------------------------------------- the network
 
+
 class AdaptiveLIF(nn.Module):
     """Adaptive LIF neurons (no recurrent weights) and a leaky readout, state in buffers.
 
@@ -89,8 +91,18 @@ class AdaptiveLIF(nn.Module):
     group (see docs/concepts.md, "When is the online gradient exact").
     """
 
-    def __init__(self, n_in: int, n_hidden: int, n_out: int, batch: int, *, tau_mem: float = 10.,
-                 tau_adapt: float = 200., beta: float = 2.0, tau_out: float = 5.):
+    def __init__(
+        self,
+        n_in: int,
+        n_hidden: int,
+        n_out: int,
+        batch: int,
+        *,
+        tau_mem: float = 10.0,
+        tau_adapt: float = 200.0,
+        beta: float = 2.0,
+        tau_out: float = 5.0,
+    ):
         super().__init__()
         self.alpha = math.exp(-1 / tau_mem)
         self.rho = math.exp(-1 / tau_adapt)
@@ -115,11 +127,12 @@ class AdaptiveLIF(nn.Module):
         a = self.rho * self.a + s
         z = spike(v - 1.0 - self.beta * a)
         out = self.kappa * self.out + self.readout(z)
-        self.v, self.a, self.out = v, a, out      # reassigned buffers are the recurrent state
+        self.v, self.a, self.out = v, a, out  # reassigned buffers are the recurrent state
         return out
 
 
 # ----------------------------------------------------------------------------- training
+
 
 def accuracy(model: AdaptiveLIF, xs: np.ndarray, ys: np.ndarray) -> float:
     """Eager torch forward over the sequence; the class is read at the last step."""
@@ -143,38 +156,63 @@ def main(argv=None) -> dict:
     quick = args.quick
     epochs = args.epochs or (4 if quick else 12)
     hidden = args.hidden or 64
-    task = get_task("dms", n_train=512 if quick else 1024, n_test=128 if quick else 256,
-                    seq_len=40 if quick else 50, seed=args.seed)
+    task = get_task(
+        "dms",
+        n_train=512 if quick else 1024,
+        n_test=128 if quick else 256,
+        seq_len=40 if quick else 50,
+        seed=args.seed,
+    )
     # train on the whole test period (the last 30 % of the steps), evaluate at the last step
     ys_train = task.ys_train.copy()
-    ys_train[-max(1, round(0.3 * task.seq_len)):] = task.ys_train[-1]
+    ys_train[-max(1, round(0.3 * task.seq_len)) :] = task.ys_train[-1]
 
     torch.manual_seed(args.seed)
     model = AdaptiveLIF(task.n_in, hidden, task.n_out, args.batch)
-    learner = OnlineLearner(model, algorithm=args.algorithm, loss="cross_entropy",
-                            example_inputs=(torch.zeros(args.batch, task.n_in),),
-                            custom_ops=CUSTOM_OPS)
+    learner = OnlineLearner(
+        model,
+        algorithm=args.algorithm,
+        loss="cross_entropy",
+        example_inputs=(torch.zeros(args.batch, task.n_in),),
+        custom_ops=CUSTOM_OPS,
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    print(f"spiking DMS: {task.n_train} train / {task.n_test} test sequences of {task.seq_len} "
-          f"steps, {task.n_in} input neurons; {hidden} adaptive LIF neurons, {args.algorithm}")
+    print(
+        f"spiking DMS: {task.n_train} train / {task.n_test} test sequences of {task.seq_len} "
+        f"steps, {task.n_in} input neurons; {hidden} adaptive LIF neurons, {args.algorithm}"
+    )
     history = []
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         losses = []
-        for xb, yb in iterate_minibatches(task.xs_train, ys_train, args.batch, shuffle=True,
-                                          seed=args.seed + epoch, drop_last=True):
+        for xb, yb in iterate_minibatches(
+            task.xs_train,
+            ys_train,
+            args.batch,
+            shuffle=True,
+            seed=args.seed + epoch,
+            drop_last=True,
+        ):
             optimizer.zero_grad()
             learner.reset_state()
             losses.append(float(learner.run(torch.from_numpy(xb), torch.from_numpy(yb))))
             optimizer.step()
         acc = accuracy(model, task.xs_test, task.ys_test)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "test_accuracy": acc})
-        print(f"epoch {epoch:3d}  train loss {np.mean(losses):.4f}  test accuracy {acc:.3f}  "
-              f"({time.perf_counter() - start:.1f} s)")
-    result = {"history": history, "final_test_accuracy": history[-1]["test_accuracy"],
-              "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"]}
-    print(f"learning result: train loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
-          f"test accuracy {result['final_test_accuracy']:.3f} (chance 0.5)")
+        print(
+            f"epoch {epoch:3d}  train loss {np.mean(losses):.4f}  test accuracy {acc:.3f}  "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
+    result = {
+        "history": history,
+        "final_test_accuracy": history[-1]["test_accuracy"],
+        "first_loss": history[0]["loss"],
+        "last_loss": history[-1]["loss"],
+    }
+    print(
+        f"learning result: train loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
+        f"test accuracy {result['final_test_accuracy']:.3f} (chance 0.5)"
+    )
     return result
 
 

@@ -14,6 +14,7 @@ that target, online with ES-D-RTRL (pp-prop); accuracy: the output neuron that f
 Needs snntorch and spikingjelly (`pip install --no-deps` the `snn` extra of pyproject.toml).
 Run: python examples/snn_libraries.py [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,12 @@ N_IN, N_HIDDEN, N_OUT = 20, 32, 2
 def snntorch_net() -> nn.Module:
     import snntorch as snn
 
-    return nn.Sequential(nn.Linear(N_IN, N_HIDDEN), snn.Leaky(beta=0.9, init_hidden=True),
-                         nn.Linear(N_HIDDEN, N_OUT),
-                         snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    return nn.Sequential(
+        nn.Linear(N_IN, N_HIDDEN),
+        snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Linear(N_HIDDEN, N_OUT),
+        snn.Leaky(beta=0.9, init_hidden=True, output=True),
+    )
 
 
 def spikingjelly_net() -> nn.Module:
@@ -42,7 +46,8 @@ def spikingjelly_net() -> nn.Module:
         layer.Linear(N_IN, N_HIDDEN),
         neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), detach_reset=True),
         layer.Linear(N_HIDDEN, N_OUT),
-        neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), detach_reset=True))
+        neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), detach_reset=True),
+    )
 
 
 def make_data(n: int, steps: int, gen: torch.Generator):
@@ -51,7 +56,7 @@ def make_data(n: int, steps: int, gen: torch.Generator):
     rates = torch.full((n, N_IN), 0.05)
     half = N_IN // 2
     for i, c in enumerate(labels.tolist()):
-        rates[i, c * half:(c + 1) * half] = 0.5
+        rates[i, c * half : (c + 1) * half] = 0.5
     xs = 3.0 * (torch.rand((steps, n, N_IN), generator=gen) < rates).float()  # input current
     targets = nn.functional.one_hot(labels, N_OUT).float().expand(steps, n, N_OUT)
     return xs, targets.contiguous(), labels
@@ -72,8 +77,14 @@ def accuracy(learner: OnlineLearner, xs, labels, output) -> float:
 def train(name: str, net: nn.Module, output, epochs: int, batches: int, gen) -> dict:
     batch, steps = 16, 15
     xs, targets, _ = make_data(batch, steps, gen)
-    learner = OnlineLearner(net, algorithm="es_d_rtrl", loss="mse", example_inputs=(xs[0],),
-                            output=output, decay_or_rank=0.9)
+    learner = OnlineLearner(
+        net,
+        algorithm="es_d_rtrl",
+        loss="mse",
+        example_inputs=(xs[0],),
+        output=output,
+        decay_or_rank=0.9,
+    )
     opt = torch.optim.Adam(net.parameters(), lr=0.02)
     test_x, _, test_labels = make_data(batch, steps, gen)
     history = []
@@ -88,8 +99,12 @@ def train(name: str, net: nn.Module, output, epochs: int, batches: int, gen) -> 
         acc = accuracy(learner, test_x, test_labels, output)
         history.append({"loss": total / batches, "accuracy": acc})
         print(f"{name} epoch {epoch}: loss {total / batches:.4f}  test accuracy {acc:.2f}")
-    return {"history": history, "first_loss": history[0]["loss"],
-            "last_loss": history[-1]["loss"], "final_test_accuracy": history[-1]["accuracy"]}
+    return {
+        "history": history,
+        "first_loss": history[0]["loss"],
+        "last_loss": history[-1]["loss"],
+        "final_test_accuracy": history[-1]["accuracy"],
+    }
 
 
 def main(argv=None) -> dict:
@@ -104,8 +119,10 @@ def main(argv=None) -> dict:
         "spikingjelly": train("spikingjelly", spikingjelly_net(), None, epochs, batches, gen),
     }
     for name, r in results.items():
-        print(f"learning result: {name} loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}, "
-              f"test accuracy {r['final_test_accuracy']:.2f} (chance 0.5)")
+        print(
+            f"learning result: {name} loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}, "
+            f"test accuracy {r['final_test_accuracy']:.2f} (chance 0.5)"
+        )
     return results
 
 

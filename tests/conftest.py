@@ -1,4 +1,5 @@
 """Shared fixtures: float64 scope, GPU detection."""
+
 import contextlib
 
 import jax
@@ -26,6 +27,7 @@ def x64():
 def _has_cuda():
     try:
         import torch
+
         return torch.cuda.is_available() and any(d.platform == "gpu" for d in jax.devices())
     except Exception:
         return False

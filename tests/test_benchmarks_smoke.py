@@ -1,12 +1,13 @@
 """Smoke runs of the benchmark entry points with minimal sizes (the real numbers never come from
 here: see docs/benchmarks.md and ``python -m benchmarks``)."""
+
 import json
 import math
 
 import pytest
 
-from benchmarks import algorithms, bridge, common
 from benchmarks import __main__ as bench_main
+from benchmarks import algorithms, bridge, common
 from benchmarks.memory import peak_rss
 
 
@@ -16,8 +17,9 @@ def _positive_times(med):
 
 def test_time_interleaved_and_goal():
     calls = []
-    t = common.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                                repeats=3, warmup=1)
+    t = common.time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1
+    )
     assert len(t["a"].times) == 3 and len(calls) == 8
     assert common.Goal("x", 0.5, 1.0).status == "PASS"
     assert common.Goal("x", 1.5, 1.0).status == "FAIL"
@@ -25,8 +27,9 @@ def test_time_interleaved_and_goal():
 
 
 def test_algorithms_timing_smoke():
-    r = algorithms.time_model("gru", T=3, repeats=1, warmup=0,
-                              methods=("es_d_rtrl", "bptt"), with_braintrace=False)
+    r = algorithms.time_model(
+        "gru", T=3, repeats=1, warmup=0, methods=("es_d_rtrl", "bptt"), with_braintrace=False
+    )
     _positive_times(r["median_s"])
     assert set(r["median_s"]) == {"es_d_rtrl", "bptt"}
     assert r["trace_sizes"]["es_d_rtrl"]
@@ -44,11 +47,18 @@ def test_peak_rss_fresh_process():
 
 
 def test_algorithm_goals_from_results():
-    result = {"ratios": {"gru_bt": {"es_d_rtrl/bt_pp_prop": 0.7, "d_rtrl/bt_d_rtrl": 0.6,
-                                    "es_d_rtrl/bptt": 0.9}},
-              "memory": {"gru": {m: {"100": {"peak_rss_mib": 100.0}, "10000": {"peak_rss_mib": v}}
-                                 for m, v in (("es_d_rtrl", 101.0), ("bptt", 300.0))}},
-              "config": {"memory_T": [100, 10000]}}
+    result = {
+        "ratios": {
+            "gru_bt": {"es_d_rtrl/bt_pp_prop": 0.7, "d_rtrl/bt_d_rtrl": 0.6, "es_d_rtrl/bptt": 0.9}
+        },
+        "memory": {
+            "gru": {
+                m: {"100": {"peak_rss_mib": 100.0}, "10000": {"peak_rss_mib": v}}
+                for m, v in (("es_d_rtrl", 101.0), ("bptt", 300.0))
+            }
+        },
+        "config": {"memory_T": [100, 10000]},
+    }
     by_name = {g.name: g.status for g in algorithms.goals(result)}
     assert by_name["gru_bt: ES-D-RTRL time / braintrace pp_prop"] == "PASS"
     assert by_name["gru_bt: D-RTRL time / braintrace D_RTRL"] == "FAIL"

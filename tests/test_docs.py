@@ -11,6 +11,7 @@ Also checked: the index links every page, the API reference names every public n
 
 Run one page by hand, printing each block's output: `python tests/test_docs.py docs/compiler.md`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,7 @@ def python_blocks(text: str):
     """[(line number, code)] of the ```python blocks not marked <!-- no-test -->."""
     blocks = []
     for m in _FENCE.finditer(text):
-        before = text[:m.start()].rstrip("\n").splitlines()
+        before = text[: m.start()].rstrip("\n").splitlines()
         previous = before[-1].strip() if before else ""
         if previous == NO_TEST:
             continue
@@ -57,6 +58,7 @@ def _restored_globals():
     """Undo what a page may change process-wide (JAX x64, torch default dtype, cwd)."""
     import jax
     import torch
+
     x64 = jax.config.read("jax_enable_x64")
     dtype = torch.get_default_dtype()
     cwd = os.getcwd()
@@ -83,7 +85,8 @@ def run_page(page: str, workdir: Path, echo: bool = False) -> dict:
             except Exception as err:
                 raise AssertionError(
                     f"{page}, block at line {line} failed: {type(err).__name__}: {err}\n"
-                    f"--- output so far ---\n{out.getvalue()}") from err
+                    f"--- output so far ---\n{out.getvalue()}"
+                ) from err
             if echo:
                 print(f"----- {page}:{line} ({time.perf_counter() - start:.1f} s)")
                 print(out.getvalue(), end="")
@@ -127,14 +130,20 @@ def test_links_and_images_of_owned_pages_exist():
 def test_api_reference_names_every_public_name():
     import etrace_bridge
     import etrace_core
+
     api = (DOCS / "api.md").read_text()
-    missing = [f"{mod.__name__}.{name}" for mod in (etrace_core, etrace_bridge)
-               for name in mod.__all__ if f"`{name}" not in api]
+    missing = [
+        f"{mod.__name__}.{name}"
+        for mod in (etrace_core, etrace_bridge)
+        for name in mod.__all__
+        if f"`{name}" not in api
+    ]
     assert not missing, f"docs/api.md does not document {missing}"
 
 
-if __name__ == "__main__":      # python tests/test_docs.py docs/page.md [...]
+if __name__ == "__main__":  # python tests/test_docs.py docs/page.md [...]
     import tempfile
+
     for arg in sys.argv[1:] or EXECUTED_PAGES:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()

@@ -3,6 +3,7 @@
 Each example prints one `learning result:` line and returns its metrics; the checks below ask
 for clearly better than chance, with margins that the quick runs beat comfortably.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -36,14 +37,14 @@ def run_quick(name: str, capsys) -> tuple[dict, str]:
 def test_torch_gru_online_learns_digits(capsys):
     result, _ = run_quick("torch_gru_online", capsys)
     history = result["history"]
-    assert result["final_test_accuracy"] > 0.3, history      # 10 classes: chance 0.1
+    assert result["final_test_accuracy"] > 0.3, history  # 10 classes: chance 0.1
     assert history[-1]["loss"] < history[0]["loss"], history
 
 
 def test_snn_custom_op_learns_dms(capsys):
     result, _ = run_quick("snn_custom_op", capsys)
     assert result["last_loss"] < result["first_loss"], result["history"]
-    assert result["final_test_accuracy"] > 0.6, result["history"]   # chance 0.5
+    assert result["final_test_accuracy"] > 0.6, result["history"]  # chance 0.5
 
 
 def test_jax_native_learns(capsys):
@@ -59,11 +60,13 @@ def test_examples_have_main_and_quick_flag(name):
     assert 'if __name__ == "__main__":' in source
 
 
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("snntorch", "spikingjelly")),
-                    reason="snntorch/spikingjelly not installed (the `snn` extra, --no-deps)")
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("snntorch", "spikingjelly")),
+    reason="snntorch/spikingjelly not installed (the `snn` extra, --no-deps)",
+)
 def test_snn_libraries_learn(capsys):
     result, _ = run_quick("snn_libraries", capsys)
     for name in ("snntorch", "spikingjelly"):
         r = result[name]
         assert r["last_loss"] < r["first_loss"], r["history"]
-        assert r["final_test_accuracy"] > 0.7, r["history"]   # chance 0.5
+        assert r["final_test_accuracy"] > 0.7, r["history"]  # chance 0.5

@@ -17,6 +17,7 @@ Each test file runs in its own pytest process (bounded by ``--timeout``); the sc
 pass/fail counts per file, the totals for all tests and for the tests in files that use no
 private name, and the most frequent failure messages.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,12 +52,12 @@ def __getattr__(name):
     return getattr(_core, name)
 '''
 
-TESTING_INIT = '''"""braintrace._testing from the braintrace checkout (test-support models and oracles)."""
+TESTING_INIT = '''"""braintrace._testing from the braintrace checkout (test models, oracles)."""
 __path__ = [{path!r}]
 exec(compile(open({init!r}).read(), {init!r}, "exec"))
 '''
 
-CONFTEST = '''import gc
+CONFTEST = """import gc
 import jax
 _count = [0]
 
@@ -66,7 +67,7 @@ def pytest_runtest_teardown(item):
     if _count[0] % 25 == 0:
         jax.clear_caches()
         gc.collect()
-'''
+"""
 
 
 def build_tree(checkout: pathlib.Path, tmp: pathlib.Path, selects) -> list:
@@ -77,8 +78,9 @@ def build_tree(checkout: pathlib.Path, tmp: pathlib.Path, selects) -> list:
     testing_src = checkout / "braintrace" / "_testing"
     if testing_src.is_dir():
         (shim / "_testing").mkdir()
-        (shim / "_testing" / "__init__.py").write_text(TESTING_INIT.format(
-            path=str(testing_src), init=str(testing_src / "__init__.py")))
+        (shim / "_testing" / "__init__.py").write_text(
+            TESTING_INIT.format(path=str(testing_src), init=str(testing_src / "__init__.py"))
+        )
     files = []
     for src in sorted(checkout.rglob("*_test.py")):
         rel = src.relative_to(checkout)
@@ -88,15 +90,16 @@ def build_tree(checkout: pathlib.Path, tmp: pathlib.Path, selects) -> list:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dst)
         files.append(rel)
-    if any(f.parts[0] == "examples" for f in files):   # example tests run the example scripts
+    if any(f.parts[0] == "examples" for f in files):  # example tests run the example scripts
         for src in (checkout / "examples").rglob("*"):
             dst = tmp / "tests" / src.relative_to(checkout)
             if src.is_file() and not dst.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(src, dst)
     (tmp / "tests" / "conftest.py").write_text(CONFTEST)
-    (tmp / "pytest.ini").write_text("[pytest]\npython_files = *_test.py\n"
-                                    "filterwarnings = ignore::DeprecationWarning\n")
+    (tmp / "pytest.ini").write_text(
+        "[pytest]\npython_files = *_test.py\nfilterwarnings = ignore::DeprecationWarning\n"
+    )
     return files
 
 
@@ -104,11 +107,22 @@ def run_file(tmp: pathlib.Path, rel: pathlib.Path, timeout: float, kexpr) -> dic
     xml = tmp / "xml" / (str(rel).replace("/", "__") + ".xml")
     xml.parent.mkdir(exist_ok=True)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp / "shim"), str(REPO),
-                                         env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "--import-mode=importlib", "--rootdir", str(tmp), "-c", str(tmp / "pytest.ini"),
-           f"--junitxml={xml}", str(tmp / "tests" / rel)]
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp / "shim"), str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--import-mode=importlib",
+        "--rootdir",
+        str(tmp),
+        "-c",
+        str(tmp / "pytest.ini"),
+        f"--junitxml={xml}",
+        str(tmp / "tests" / rel),
+    ]
     if kexpr:
         cmd += ["-k", kexpr]
     try:
@@ -129,13 +143,21 @@ def parse_junit(xml: pathlib.Path) -> list:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
                 message = (child.get("message") or "").strip().splitlines()
                 message = message[0][:160] if message else child.tag
-                if message == "collection failure":   # the import error that stopped it
-                    errors = [ln[1:].strip() for ln in (child.text or "").splitlines()
-                              if ln.startswith("E ")]
+                if message == "collection failure":  # the import error that stopped it
+                    errors = [
+                        ln[1:].strip()
+                        for ln in (child.text or "").splitlines()
+                        if ln.startswith("E ")
+                    ]
                     message = "collection: " + (errors[-1][:140] if errors else "?")
                 break
-        cases.append({"name": f"{case.get('classname')}::{case.get('name')}",
-                      "outcome": outcome, "message": message})
+        cases.append(
+            {
+                "name": f"{case.get('classname')}::{case.get('name')}",
+                "outcome": outcome,
+                "message": message,
+            }
+        )
     return cases
 
 
@@ -155,8 +177,10 @@ def summarise(results, checkout: pathlib.Path) -> dict:
             for c in r["cases"]:
                 if c["outcome"] in ("failed", "error"):
                     messages[c["message"]] += 1
-    return {"totals": {k: dict(v) for k, v in totals.items()},
-            "top_public_failures": messages.most_common(40)}
+    return {
+        "totals": {k: dict(v) for k, v in totals.items()},
+        "top_public_failures": messages.most_common(40),
+    }
 
 
 def main(argv=None) -> int:
@@ -180,8 +204,11 @@ def main(argv=None) -> int:
             r = run_file(tmp, rel, args.timeout, args.kexpr)
             results.append(r)
             c = collections.Counter(x["outcome"] for x in r["cases"])
-            print(f"{str(rel):70s} pass {c['passed']:4d}  fail {c['failed'] + c['error']:4d}"
-                  f"  skip {c['skipped']:3d}{'  TIMEOUT' if r['timeout'] else ''}", flush=True)
+            print(
+                f"{str(rel):70s} pass {c['passed']:4d}  fail {c['failed'] + c['error']:4d}"
+                f"  skip {c['skipped']:3d}{'  TIMEOUT' if r['timeout'] else ''}",
+                flush=True,
+            )
     summary = summarise(results, checkout)
     for kind, counts in summary["totals"].items():
         label = "all test files" if kind == "all" else "files using no private braintrace name"

@@ -1,4 +1,5 @@
 """What `etrace-compare` compares: the configuration, its checks, and the error type."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+
 from etrace_bridge.algorithms import ALGORITHM_NAMES
 
 from .models import MODEL_NAMES
@@ -21,8 +23,14 @@ DEFAULT_METHODS = ("bptt", "tbptt", "d_rtrl", "es_d_rtrl")
 TORCH_METHODS = ("bptt", "tbptt")
 _VARIANT_OPTION = {"tbptt": "window", "es_d_rtrl": "decay", "hybrid": "decay"}
 # command-line flag -> CompareConfig field -> task keyword
-TASK_FLAGS = {"delay": "delay", "seq_len": "seq_len", "distractors": "distractors",
-              "cues": "n_cues", "n_train": "n_train", "n_test": "n_test"}
+TASK_FLAGS = {
+    "delay": "delay",
+    "seq_len": "seq_len",
+    "distractors": "distractors",
+    "cues": "n_cues",
+    "n_train": "n_train",
+    "n_test": "n_test",
+}
 
 
 def method_base(method: str) -> str:
@@ -40,7 +48,6 @@ def is_online(method: str) -> bool:
     return method_base(method) not in TORCH_METHODS
 
 
-
 class CompareError(Exception):
     """Bad input, or a model the tool cannot use; the command prints it as one line."""
 
@@ -54,6 +61,7 @@ def one_line(err: BaseException) -> str:
 @dataclass(frozen=True)
 class CompareConfig:
     """What to compare and how long to train (see `etrace-compare --help`)."""
+
     model: str = "multiscale"
     task: str = "cue_delay"
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -65,7 +73,7 @@ class CompareConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     seq_lens: tuple[int, ...] = (10, 100, 1000)
-    decay: float | None = None          # None: chosen from the task's horizon (trace_decay)
+    decay: float | None = None  # None: chosen from the task's horizon (trace_decay)
     dtype: str = "float32"
     measure_memory: bool = True
     sweep: bool = True
@@ -80,47 +88,65 @@ class CompareConfig:
     n_test: int | None = None
     tbptt_window: int = 10
     tbptt_update: str = "window"
-    memory_budget: float = 4096.0       # MiB; a method whose step would pass it is not run
+    memory_budget: float = 4096.0  # MiB; a method whose step would pass it is not run
     stream: bool = False
     stream_every: int = 10
     stream_trials: int = 200
 
     def task_kwargs(self) -> dict:
         """The task keywords given on the command line (checked by `checked`)."""
-        return {kw: getattr(self, field) for field, kw in TASK_FLAGS.items()
-                if getattr(self, field) is not None}
+        return {
+            kw: getattr(self, field)
+            for field, kw in TASK_FLAGS.items()
+            if getattr(self, field) is not None
+        }
 
-    def checked(self) -> "CompareConfig":
+    def checked(self) -> CompareConfig:
         """Validate names and sizes (raises CompareError); methods deduplicated, in given order."""
-        methods = tuple(dict.fromkeys(m.strip().lower().replace("-", "_")
-                                      for m in self.methods if m.strip()))
+        methods = tuple(
+            dict.fromkeys(m.strip().lower().replace("-", "_") for m in self.methods if m.strip())
+        )
         if not methods:
             raise CompareError(f"no methods given; choose from {', '.join(METHODS)}")
         for m in methods:
             _check_method(m)
         if self.task not in TASK_NAMES:
-            raise CompareError(f"unknown task {self.task!r}; expected one of "
-                               f"{', '.join(TASK_NAMES)}")
-        wrong = [f"--{f.replace('_', '-')}" for f, kw in TASK_FLAGS.items()
-                 if getattr(self, f) is not None and kw not in TASK_SETTINGS[self.task]]
+            raise CompareError(
+                f"unknown task {self.task!r}; expected one of {', '.join(TASK_NAMES)}"
+            )
+        wrong = [
+            f"--{f.replace('_', '-')}"
+            for f, kw in TASK_FLAGS.items()
+            if getattr(self, f) is not None and kw not in TASK_SETTINGS[self.task]
+        ]
         if wrong:
-            takes = ", ".join(f"--{f.replace('_', '-')}" for f, kw in TASK_FLAGS.items()
-                              if kw in TASK_SETTINGS[self.task]) or "no settings"
-            raise CompareError(f"task {self.task} does not take {', '.join(wrong)} "
-                               f"(it takes {takes})")
+            takes = (
+                ", ".join(
+                    f"--{f.replace('_', '-')}"
+                    for f, kw in TASK_FLAGS.items()
+                    if kw in TASK_SETTINGS[self.task]
+                )
+                or "no settings"
+            )
+            raise CompareError(
+                f"task {self.task} does not take {', '.join(wrong)} (it takes {takes})"
+            )
         for name in ("delay", "seq_len", "distractors", "cues", "n_train", "n_test"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "distractors" else 1):
-                raise CompareError(f"--{name.replace('_', '-')} must be "
-                                   f"{'>= 0' if name == 'distractors' else 'at least 1'}, "
-                                   f"got {value}")
+                raise CompareError(
+                    f"--{name.replace('_', '-')} must be "
+                    f"{'>= 0' if name == 'distractors' else 'at least 1'}, "
+                    f"got {value}"
+                )
         if self.cues is not None and self.cues < 2:
             raise CompareError(f"--cues must be at least 2, got {self.cues}")
         if self.tbptt_window < 1:
             raise CompareError(f"--tbptt-window must be at least 1, got {self.tbptt_window}")
         if self.tbptt_update not in ("window", "sequence"):
-            raise CompareError(f"--tbptt-update must be window or sequence, got "
-                               f"{self.tbptt_update!r}")
+            raise CompareError(
+                f"--tbptt-update must be window or sequence, got {self.tbptt_update!r}"
+            )
         if self.memory_budget <= 0:
             raise CompareError(f"--memory-budget must be positive (MiB), got {self.memory_budget}")
         if self.stream_every < 1 or self.stream_trials < 1:
@@ -128,8 +154,10 @@ class CompareConfig:
         if self.stream and self.task != "cue_delay":
             raise CompareError(f"--stream runs the cue_delay task, not {self.task}")
         if not is_file_spec(self.model) and self.model not in MODEL_NAMES:
-            raise CompareError(f"unknown model {self.model!r}; expected one of "
-                               f"{', '.join(MODEL_NAMES)} or path/to/file.py:factory")
+            raise CompareError(
+                f"unknown model {self.model!r}; expected one of "
+                f"{', '.join(MODEL_NAMES)} or path/to/file.py:factory"
+            )
         for name in ("hidden", "epochs", "batch_size", "train_subset", "test_subset", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -142,20 +170,25 @@ class CompareConfig:
             raise CompareError(f"--lr must be positive, got {self.lr}")
         if self.dtype not in ("float32", "float64"):
             raise CompareError(f"--dtype must be float32 or float64, got {self.dtype!r}")
-        return dataclasses.replace(self, methods=methods,
-                                   seq_lens=tuple(sorted(set(self.seq_lens))))
+        return dataclasses.replace(
+            self, methods=methods, seq_lens=tuple(sorted(set(self.seq_lens)))
+        )
 
 
 def _check_method(m: str) -> None:
     base, at, value = m.partition("@")
     if base not in METHODS:
-        raise CompareError(f"unknown method {m!r}; expected one of {', '.join(METHODS)} "
-                           "(variants: tbptt@K, es_d_rtrl@DECAY, hybrid@DECAY)")
+        raise CompareError(
+            f"unknown method {m!r}; expected one of {', '.join(METHODS)} "
+            "(variants: tbptt@K, es_d_rtrl@DECAY, hybrid@DECAY)"
+        )
     if not at:
         return
     if base not in _VARIANT_OPTION:
-        raise CompareError(f"method {base} takes no @option (got {m!r}); variants: tbptt@K, "
-                           "es_d_rtrl@DECAY, hybrid@DECAY")
+        raise CompareError(
+            f"method {base} takes no @option (got {m!r}); variants: tbptt@K, "
+            "es_d_rtrl@DECAY, hybrid@DECAY"
+        )
     try:
         number = float(value)
     except ValueError:
@@ -174,6 +207,7 @@ def is_file_spec(spec: str) -> bool:
 def numeric_setup(cfg: CompareConfig):
     """JAX 64-bit mode for float64 runs and the torch thread count; both restored afterwards."""
     import jax
+
     previous_x64 = jax.config.read("jax_enable_x64")
     previous_threads = torch.get_num_threads()
     jax.config.update("jax_enable_x64", cfg.dtype == "float64")

@@ -1,10 +1,12 @@
 """Which model to train: a built-in name or `path/to/file.py:factory`; its initial state."""
+
 from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from .tasks import SequenceTask
 
 class ModelFactory(NamedTuple):
     """`build(n_in, n_out) -> nn.Module`; `spec` as given, `source` usable from another process."""
+
     spec: str
     source: str
     build: Callable[[int, int], nn.Module]
@@ -25,10 +28,13 @@ def resolve_model(spec: str, hidden: int) -> ModelFactory:
     """A built-in model name ('gru', 'lstm', 'lif', 'leaky') or 'path/to/file.py:factory'."""
     if not is_file_spec(spec):
         if spec not in MODEL_NAMES:
-            raise CompareError(f"unknown model {spec!r}; expected one of {', '.join(MODEL_NAMES)} "
-                               "or path/to/file.py:factory")
-        return ModelFactory(spec, spec, lambda n_in, n_out: build_model(spec, n_in, n_out,
-                                                                          n_hidden=hidden))
+            raise CompareError(
+                f"unknown model {spec!r}; expected one of {', '.join(MODEL_NAMES)} "
+                "or path/to/file.py:factory"
+            )
+        return ModelFactory(
+            spec, spec, lambda n_in, n_out: build_model(spec, n_in, n_out, n_hidden=hidden)
+        )
     path_text, _, attr = spec.rpartition(":") if ":" in spec else (spec, "", "factory")
     path = Path(path_text).expanduser().resolve()
     factory = _load_factory(path, attr or "factory", spec)
@@ -38,8 +44,11 @@ def resolve_model(spec: str, hidden: int) -> ModelFactory:
 def _load_factory(path: Path, attr: str, spec: str) -> Callable:
     if not path.is_file():
         raise CompareError(f"model file {str(path)!r} not found (from --model {spec})")
-    name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules \
+    name = (
+        path.stem
+        if path.stem.isidentifier() and path.stem not in sys.modules
         else f"_etrace_user_model_{abs(hash(str(path)))}"
+    )
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise CompareError(f"cannot import {str(path)!r} as a Python module")
@@ -55,8 +64,10 @@ def _load_factory(path: Path, attr: str, spec: str) -> Callable:
         sys.path.remove(str(path.parent))
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise CompareError(f"model file {str(path)!r} has no callable {attr!r} "
-                           "(expected factory(n_in, n_out) -> torch.nn.Module)")
+        raise CompareError(
+            f"model file {str(path)!r} has no callable {attr!r} "
+            "(expected factory(n_in, n_out) -> torch.nn.Module)"
+        )
     return factory
 
 
@@ -66,11 +77,13 @@ def make_model(factory: ModelFactory, task: SequenceTask, cfg: CompareConfig) ->
     try:
         model = factory.build(task.n_in, task.n_out)
     except Exception as err:
-        raise CompareError(f"building model {factory.spec}({task.n_in}, {task.n_out}) failed: "
-                           f"{one_line(err)}") from err
+        raise CompareError(
+            f"building model {factory.spec}({task.n_in}, {task.n_out}) failed: {one_line(err)}"
+        ) from err
     if not isinstance(model, nn.Module):
-        raise CompareError(f"model factory {factory.spec} returned {type(model).__name__}, "
-                           "not a torch.nn.Module")
+        raise CompareError(
+            f"model factory {factory.spec} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     model = model.to(torch_dtype(cfg.dtype))
     if hasattr(model, "reset_state"):
         model.reset_state(1)  # buffers follow the new dtype
@@ -99,11 +112,13 @@ def zero_state(model: nn.Module, batch: int) -> tuple[torch.Tensor, ...]:
     raise CompareError(
         f"{type(model).__name__}.forward takes {_state_arguments(model)} state argument(s) but the "
         "model has no initial_state(batch_size) method returning them (or, for state kept in "
-        "buffers, a reset_state(batch_size) method)")
+        "buffers, a reset_state(batch_size) method)"
+    )
 
 
 def _state_arguments(model: nn.Module) -> int:
     import inspect
+
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):

@@ -7,6 +7,7 @@ backstop, a watchdog thread ends the child the moment its resident memory passes
 both are reported as "over budget from T", never as a crash. The RSS readings are the ones
 `benchmarks/` uses (one harness for both).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,19 +49,27 @@ def _usable_cores() -> int:
 def _child_env() -> dict:
     """The child imports the same etrace_bridge and benchmarks as this process."""
     import etrace_bridge
+
     root = str(Path(etrace_bridge.__file__).resolve().parents[1])
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
-def measure_memory(cfg: CompareConfig, factory: ModelFactory, method: str,
-                   timeout: float = 3600.0) -> MemoryProfile:
+def measure_memory(
+    cfg: CompareConfig, factory: ModelFactory, method: str, timeout: float = 3600.0
+) -> MemoryProfile:
     """Run `memory_child` for one method in a fresh Python process and read its report."""
     job = dict(config={**dataclasses.asdict(cfg), "model": factory.source}, method=method)
     code = "from etrace_bridge.compare.measure import memory_child; memory_child()"
     try:
-        proc = subprocess.run(child_command(code), input=json.dumps(job), text=True,
-                              capture_output=True, timeout=timeout, env=_child_env())
+        proc = subprocess.run(
+            child_command(code),
+            input=json.dumps(job),
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            env=_child_env(),
+        )
     except subprocess.TimeoutExpired as err:
         profile = parse_child_output(method, err.stdout or "")
         profile.error = f"timed out after {timeout:.0f} s"
@@ -83,15 +92,17 @@ def parse_child_output(method: str, stdout: str | bytes) -> MemoryProfile:
     for line in stdout.splitlines():
         if not line.startswith(_MARK):
             continue
-        record = json.loads(line[len(_MARK):])
+        record = json.loads(line[len(_MARK) :])
         kind = record.pop("kind")
         if kind == "task":
             profile.task_peak_mb, profile.hwm_reset = record["peak_mb"], record["hwm_reset"]
         elif kind == "point":
-            profile.sweep.append(MemoryPoint(record["seq_len"], record["peak_mb"],
-                                             record["before_mb"]))
-            profile.timing.append(TimePoint(record["seq_len"], record["first_seconds"],
-                                            record["step_seconds"]))
+            profile.sweep.append(
+                MemoryPoint(record["seq_len"], record["peak_mb"], record["before_mb"])
+            )
+            profile.timing.append(
+                TimePoint(record["seq_len"], record["first_seconds"], record["step_seconds"])
+            )
             profile.hwm_reset = profile.hwm_reset and record["hwm_reset"]
         elif kind == "over_budget":
             profile.over_budget_from = record["seq_len"]
@@ -117,11 +128,18 @@ def child_command(code: str) -> list[str]:
 def memory_child() -> None:
     """Entry point of the measuring subprocess: job JSON on stdin, report lines on stdout."""
     import warnings
+
     warnings.simplefilter("ignore")
     job = json.loads(sys.stdin.read())
     raw = job["config"]
-    cfg = CompareConfig(**{**raw, "methods": tuple(raw["methods"]),
-                           "seq_lens": tuple(raw["seq_lens"]), "progress": False})
+    cfg = CompareConfig(
+        **{
+            **raw,
+            "methods": tuple(raw["methods"]),
+            "seq_lens": tuple(raw["seq_lens"]),
+            "progress": False,
+        }
+    )
     with numeric_setup(cfg):
         profile_memory(cfg, job["method"])
 
@@ -155,6 +173,7 @@ def profile_memory(cfg: CompareConfig, method: str) -> None:
     """Peak RSS after one task minibatch, then peak during one step and the time of a first and
     a warm step at each T (ascending), within the memory budget."""
     import jax
+
     dtype = torch_dtype(cfg.dtype)
     task = load_task(cfg)
     model = make_model(resolve_model(cfg.model, cfg.hidden), task, cfg)
@@ -183,5 +202,12 @@ def profile_memory(cfg: CompareConfig, method: str) -> None:
         trainer.train_batch(xs, ys)
         warm = time.perf_counter() - t0
         points.append(point)
-        _emit("point", seq_len=seq_len, peak_mb=point.peak_mb, before_mb=before,
-              first_seconds=first, step_seconds=warm, hwm_reset=reset)
+        _emit(
+            "point",
+            seq_len=seq_len,
+            peak_mb=point.peak_mb,
+            before_mb=before,
+            first_seconds=first,
+            step_seconds=warm,
+            hwm_reset=reset,
+        )

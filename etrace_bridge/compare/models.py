@@ -16,6 +16,7 @@ Heaviside step forward and a fast-sigmoid surrogate derivative
 `1 / (1 + SURROGATE_SCALE * |x|)**2` backward. `spike_jax` is the same function
 in JAX, for the bridge's custom-op table `{"etrace::spike": spike_jax}`.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,14 +27,24 @@ import torch
 from torch import nn
 
 __all__ = [
-    "SURROGATE_SCALE", "spike_op", "spike_jax", "GRUClassifier", "LSTMClassifier",
-    "LeakyRNN", "MultiTimescaleLeaky", "LIFNet", "MODEL_NAMES", "build_model", "initial_state",
+    "SURROGATE_SCALE",
+    "spike_op",
+    "spike_jax",
+    "GRUClassifier",
+    "LSTMClassifier",
+    "LeakyRNN",
+    "MultiTimescaleLeaky",
+    "LIFNet",
+    "MODEL_NAMES",
+    "build_model",
+    "initial_state",
 ]
 
 SURROGATE_SCALE = 10.0
 
 
 # ----------------------------------------------------------------------------- spike op
+
 
 @torch.library.custom_op("etrace::spike", mutates_args=())
 def spike_op(x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +82,7 @@ def _spike_jax_jvp(primals, tangents):
 
 
 # ----------------------------------------------------------------------------- models
+
 
 class GRUClassifier(nn.Module):
     """GRU cell with a linear readout; `forward(x, h) -> (logits, h)`."""
@@ -129,13 +141,15 @@ class MultiTimescaleLeaky(nn.Module):
     1000 steps. `alpha` is a constant buffer (not learned). `forward(x, h) -> (y, h)`.
     """
 
-    def __init__(self, n_in: int, n_hidden: int, n_out: int, tau_min: float = 1.0,
-                 tau_max: float = 1000.0):
+    def __init__(
+        self, n_in: int, n_hidden: int, n_out: int, tau_min: float = 1.0, tau_max: float = 1000.0
+    ):
         super().__init__()
         if not 0 < tau_min <= tau_max:
             raise ValueError(f"need 0 < tau_min <= tau_max, got {tau_min}, {tau_max}")
-        tau = torch.logspace(math.log10(tau_min), math.log10(tau_max), n_hidden,
-                             dtype=torch.float64)
+        tau = torch.logspace(
+            math.log10(tau_min), math.log10(tau_max), n_hidden, dtype=torch.float64
+        )
         self.register_buffer("alpha", torch.exp(-1.0 / tau).to(torch.get_default_dtype()))
         self.input = nn.Linear(n_in, n_hidden, bias=False)
         self.readout = nn.Linear(n_hidden, n_out)
@@ -158,8 +172,16 @@ class LIFNet(nn.Module):
     `reset_state(batch_size)` before a sequence.
     """
 
-    def __init__(self, n_in: int, n_hidden: int, n_out: int, tau_mem: float = 20.0,
-                 threshold: float = 1.0, recurrent: bool = False, tau_out: float | None = 10.0):
+    def __init__(
+        self,
+        n_in: int,
+        n_hidden: int,
+        n_out: int,
+        tau_mem: float = 20.0,
+        threshold: float = 1.0,
+        recurrent: bool = False,
+        tau_out: float | None = 10.0,
+    ):
         super().__init__()
         self.n_hidden, self.n_out = n_hidden, n_out
         self.threshold = float(threshold)
@@ -181,8 +203,10 @@ class LIFNet(nn.Module):
 
     def forward(self, x):
         if x.shape[0] != self.v.shape[0]:
-            raise ValueError(f"batch {x.shape[0]} but state sized for {self.v.shape[0]}: "
-                             "call reset_state(batch_size) first")
+            raise ValueError(
+                f"batch {x.shape[0]} but state sized for {self.v.shape[0]}: "
+                "call reset_state(batch_size) first"
+            )
         current = self.input(x)
         if self.recurrent is not None:
             current = current + self.recurrent(self.z)
@@ -204,8 +228,9 @@ _BUILDERS = {
     "lstm": LSTMClassifier,
     "lif": LIFNet,
     "leaky": LeakyRNN,
-    "lif_direct": lambda n_in, n_hidden, n_out, **kw: LIFNet(n_in, n_hidden, n_out,
-                                                             **{"tau_out": None, **kw}),
+    "lif_direct": lambda n_in, n_hidden, n_out, **kw: LIFNet(
+        n_in, n_hidden, n_out, **{"tau_out": None, **kw}
+    ),
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
@@ -215,7 +240,9 @@ def build_model(name: str, n_in: int, n_out: int, n_hidden: int = 64, **kwargs) 
     try:
         cls = _BUILDERS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}") from None
+        raise ValueError(
+            f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}"
+        ) from None
     return cls(n_in, n_hidden, n_out, **kwargs)
 
 
@@ -231,4 +258,6 @@ def initial_state(model: nn.Module, batch_size: int) -> tuple[torch.Tensor, ...]
     else:
         raise TypeError(f"no initial state known for {type(model).__name__}")
     w = next(model.parameters())
-    return tuple(torch.zeros(batch_size, hidden, dtype=w.dtype, device=w.device) for _ in range(n_state))
+    return tuple(
+        torch.zeros(batch_size, hidden, dtype=w.dtype, device=w.device) for _ in range(n_state)
+    )

@@ -1,10 +1,12 @@
 """What a comparison measured, as plain records (the report reads only these)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+
 from etrace_bridge.bptt import GradientReport
 
 from .config import CompareConfig
@@ -12,19 +14,20 @@ from .config import CompareConfig
 
 class EpochStats(NamedTuple):
     """Torch-evaluated loss/accuracy after `epoch` epochs (0 = initial weights)."""
+
     epoch: int
     train_loss: float
     train_acc: float
     test_loss: float
     test_acc: float
-    objective: float      # mean training objective over the epoch's minibatches (NaN at 0)
-    seconds: float        # wall time of the epoch's training steps (0 at epoch 0)
+    objective: float  # mean training objective over the epoch's minibatches (NaN at 0)
+    seconds: float  # wall time of the epoch's training steps (0 at epoch 0)
 
 
 @dataclass
 class MethodRun:
     method: str
-    setup_seconds: float            # conversion + first (compiling) run, or 0-ish for BPTT
+    setup_seconds: float  # conversion + first (compiling) run, or 0-ish for BPTT
     curve: list[EpochStats] = field(default_factory=list)
 
     @property
@@ -39,15 +42,16 @@ class MethodRun:
 
 class TimePoint(NamedTuple):
     """Wall time of one training step (forward, gradients, Adam) over T synthetic steps."""
+
     seq_len: int
-    first_seconds: float    # the first step at this T (includes compilation for online methods)
-    step_seconds: float     # a warm step: the fastest of up to three
+    first_seconds: float  # the first step at this T (includes compilation for online methods)
+    step_seconds: float  # a warm step: the fastest of up to three
 
 
 class MemoryPoint(NamedTuple):
     seq_len: int
-    peak_mb: float          # peak RSS (MiB) during the first training step of length T
-    before_mb: float        # RSS (MiB) just before that step
+    peak_mb: float  # peak RSS (MiB) during the first training step of length T
+    before_mb: float  # RSS (MiB) just before that step
 
     @property
     def step_mb(self) -> float:
@@ -58,17 +62,19 @@ class MemoryPoint(NamedTuple):
 @dataclass
 class MemoryProfile:
     """What one fresh process training with `method` measured."""
+
     method: str
-    task_peak_mb: float = float("nan")     # peak RSS since start, after one task minibatch
+    task_peak_mb: float = float("nan")  # peak RSS since start, after one task minibatch
     sweep: list[MemoryPoint] = field(default_factory=list)
     timing: list[TimePoint] = field(default_factory=list)
     hwm_reset: bool = True
-    over_budget_from: int | None = None    # first T not run: its step would pass the budget
+    over_budget_from: int | None = None  # first T not run: its step would pass the budget
     error: str | None = None
 
 
 class MemoryFit(NamedTuple):
     """peak MiB ~ fixed_mb + per_step_kb / 1024 * T, least squares over a method's sweep."""
+
     fixed_mb: float
     per_step_kb: float
     n_points: int
@@ -88,6 +94,7 @@ def memory_fit(profile: MemoryProfile) -> MemoryFit:
 class Crossover(NamedTuple):
     """Where the reference's peak memory passes a method's: from the fitted lines (`fitted_T`),
     and between which measured T it happens (`between`, or None if it never did)."""
+
     method: str
     fitted_T: float
     between: tuple[int, int] | None
@@ -96,8 +103,11 @@ class Crossover(NamedTuple):
 def crossover(reference: MemoryProfile, other: MemoryProfile) -> Crossover:
     ref, oth = memory_fit(reference), memory_fit(other)
     growth = ref.per_step_kb - oth.per_step_kb
-    fitted = (1024.0 * (oth.fixed_mb - ref.fixed_mb) / growth
-              if np.isfinite(growth) and growth > 0 else float("nan"))
+    fitted = (
+        1024.0 * (oth.fixed_mb - ref.fixed_mb) / growth
+        if np.isfinite(growth) and growth > 0
+        else float("nan")
+    )
     a = {p.seq_len: p.peak_mb for p in reference.sweep}
     b = {p.seq_len: p.peak_mb for p in other.sweep}
     common = sorted(set(a) & set(b))
@@ -114,15 +124,16 @@ def crossover(reference: MemoryProfile, other: MemoryProfile) -> Crossover:
 
 class StreamPoint(NamedTuple):
     """Accuracy on the trials that ended within one bin of the stream."""
-    step: int               # time step at the end of the bin
-    trials: int             # trials seen so far (per stream)
-    accuracy: float         # over the bin's trials, all parallel streams
+
+    step: int  # time step at the end of the bin
+    trials: int  # trials seen so far (per stream)
+    accuracy: float  # over the bin's trials, all parallel streams
 
 
 @dataclass
 class StreamRun:
     method: str
-    every: int                          # optimizer step every `every` time steps
+    every: int  # optimizer step every `every` time steps
     curve: list[StreamPoint] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
@@ -142,7 +153,7 @@ class ComparisonResult:
     timing: dict[str, list[TimePoint]] = field(default_factory=dict)
     memory: dict[str, MemoryProfile] = field(default_factory=dict)
     stream: dict[str, StreamRun] = field(default_factory=dict)
-    decays: dict[str, float] = field(default_factory=dict)   # io-dim trace decay per method
-    horizon_decay: float = float("nan")                      # max(0.9, 1 - 1/horizon)
+    decays: dict[str, float] = field(default_factory=dict)  # io-dim trace decay per method
+    horizon_decay: float = float("nan")  # max(0.9, 1 - 1/horizon)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0

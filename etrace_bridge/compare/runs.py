@@ -16,19 +16,20 @@ turns a `ComparisonResult` into tables and plots.
   one. A method whose step would pass `--memory-budget` stops there ("over budget").
 - `--stream` (`stream.run_stream`) replaces all of this by learning on one long stream.
 """
+
 from __future__ import annotations
 
 import copy
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
-import torch
-from etrace_bridge.bptt import GradientReport, compare_gradients
 from torch import nn
 
-from .config import CompareConfig, numeric_setup, one_line, torch_dtype
+from etrace_bridge.bptt import GradientReport, compare_gradients
+
+from .config import CompareConfig, is_online, method_base, numeric_setup, one_line, torch_dtype
 from .data import (
     batch_size_for,
     evaluate,
@@ -38,7 +39,6 @@ from .data import (
     n_minibatches,
     task_loss,
 )
-from .config import is_online, method_base
 from .factory import make_model, resolve_model
 from .measure import measure_memory_all
 from .results import ComparisonResult, EpochStats, MethodRun
@@ -55,20 +55,37 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] = print) ->
         dtype = torch_dtype(cfg.dtype)
         init = make_model(factory, task, cfg)
         result = ComparisonResult(
-            config=cfg, model_spec=factory.spec, model_class=type(init).__name__,
+            config=cfg,
+            model_spec=factory.spec,
+            model_class=type(init).__name__,
             n_params=sum(p.numel() for p in init.parameters()),
-            task=dict(name=task.name, kind=task.kind, seq_len=task.seq_len, n_in=task.n_in,
-                      n_out=task.n_out, n_train=task.n_train, n_test=task.n_test,
-                      horizon=task.horizon),
-            batch_size=batch_size_for(task, cfg), n_batches=n_minibatches(task, cfg))
-        result.decays = {m: trace_decay(m, task, cfg) for m in cfg.methods
-                         if method_base(m) in ("es_d_rtrl", "hybrid")}
+            task=dict(
+                name=task.name,
+                kind=task.kind,
+                seq_len=task.seq_len,
+                n_in=task.n_in,
+                n_out=task.n_out,
+                n_train=task.n_train,
+                n_test=task.n_test,
+                horizon=task.horizon,
+            ),
+            batch_size=batch_size_for(task, cfg),
+            n_batches=n_minibatches(task, cfg),
+        )
+        result.decays = {
+            m: trace_decay(m, task, cfg)
+            for m in cfg.methods
+            if method_base(m) in ("es_d_rtrl", "hybrid")
+        }
         result.horizon_decay = horizon_decay(task)
         _warm_up_runtimes(export=any(is_online(m) for m in cfg.methods))
-        log(f"model {factory.spec} ({result.model_class}, {result.n_params} parameters), task "
-            f"{task.name} (T={task.seq_len}, {task.n_train} train / {task.n_test} test sequences)")
+        log(
+            f"model {factory.spec} ({result.model_class}, {result.n_params} parameters), task "
+            f"{task.name} (T={task.seq_len}, {task.n_train} train / {task.n_test} test sequences)"
+        )
         if cfg.stream:
             from .stream import run_stream
+
             result.stream = run_stream(cfg, init, log)
             result.seconds = time.perf_counter() - start
             return result
@@ -82,14 +99,22 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] = print) ->
             result.runs[method] = train_method(trainer, task, cfg, setup[method])
         del trainers
         if cfg.measure_memory:
-            log("measuring peak memory" + (f" and time per update at T = "
-                                           f"{', '.join(map(str, cfg.seq_lens))}" if cfg.sweep
-                                           else "") +
-                f", one fresh process per method (budget {cfg.memory_budget:.0f} MiB) ...")
+            log(
+                "measuring peak memory"
+                + (
+                    f" and time per update at T = {', '.join(map(str, cfg.seq_lens))}"
+                    if cfg.sweep
+                    else ""
+                )
+                + f", one fresh process per method (budget {cfg.memory_budget:.0f} MiB) ..."
+            )
             result.memory = measure_memory_all(cfg, factory)
             result.timing = {m: p.timing for m, p in result.memory.items() if p.timing}
-            result.notes += [f"memory measurement of {m} failed: {p.error}"
-                             for m, p in result.memory.items() if p.error]
+            result.notes += [
+                f"memory measurement of {m} failed: {p.error}"
+                for m, p in result.memory.items()
+                if p.error
+            ]
     result.seconds = time.perf_counter() - start
     return result
 
@@ -103,6 +128,7 @@ def _warm_up_runtimes(export: bool) -> None:
     jnp.zeros(1).block_until_ready()
     if export:
         from etrace_bridge.export import export_step
+
         export_step(nn.Linear(2, 2), (torch.zeros(3, 2),))
 
 
@@ -118,22 +144,28 @@ def build_trainers(cfg, init, task, xs0, log):
     return trainers, setup
 
 
-def hybrid_choice(trainer: "OnlineTrainer") -> str:
+def hybrid_choice(trainer: OnlineTrainer) -> str:
     """Which trace the hybrid algorithm keeps for each weight, as one sentence."""
     algo = trainer.learner.algorithm
     try:
-        pairs = zip((r.weight_path for r in algo.graph.hidden_param_op_relations),
-                    algo.trace_kinds())
+        pairs = zip(
+            (r.weight_path for r in algo.graph.hidden_param_op_relations), algo.trace_kinds()
+        )
         kinds = {".".join(path): kind for path, kind in pairs}
     except Exception as err:  # informative only
         return f"hybrid: could not list its trace choices ({one_line(err)})"
     names = {"param": "D-RTRL (param-dim)", "io": "ES-D-RTRL (io-dim)"}
-    parts = [f"{names[k]} traces for {', '.join(f'`{w}`' for w, v in kinds.items() if v == k)}"
-             for k in ("param", "io") if k in kinds.values()]
+    parts = [
+        f"{names[k]} traces for {', '.join(f'`{w}`' for w, v in kinds.items() if v == k)}"
+        for k in ("param", "io")
+        if k in kinds.values()
+    ]
     limit = getattr(algo, "max_param_dim_size", None)
-    return (f"hybrid uses {'; '.join(parts) or 'no traces'}"
-            + (f" (param-dim for element-wise weights and weights of at most {limit} elements)."
-               if limit else "."))
+    return f"hybrid uses {'; '.join(parts) or 'no traces'}" + (
+        f" (param-dim for element-wise weights and weights of at most {limit} elements)."
+        if limit
+        else "."
+    )
 
 
 def gradient_fidelity(init, trainers, xs, ys, loss, setup) -> dict[str, GradientReport]:
@@ -152,8 +184,9 @@ def gradient_fidelity(init, trainers, xs, ys, loss, setup) -> dict[str, Gradient
     return reports
 
 
-def train_method(trainer, task: SequenceTask, cfg: CompareConfig, setup_seconds: float
-                 ) -> MethodRun:
+def train_method(
+    trainer, task: SequenceTask, cfg: CompareConfig, setup_seconds: float
+) -> MethodRun:
     """Train for cfg.epochs epochs; evaluate with the torch model after each one."""
     from tqdm.auto import tqdm
 
@@ -161,8 +194,15 @@ def train_method(trainer, task: SequenceTask, cfg: CompareConfig, setup_seconds:
     run = MethodRun(trainer.method, setup_seconds)
     run.curve.append(_epoch_stats(trainer.model, task, 0, float("nan"), 0.0, dtype))
     total = cfg.epochs * n_minibatches(task, cfg)
-    with tqdm(total=total, desc=f"{trainer.method:>9}", unit="batch", disable=not cfg.progress,
-              file=sys.stderr, leave=True, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        desc=f"{trainer.method:>9}",
+        unit="batch",
+        disable=not cfg.progress,
+        file=sys.stderr,
+        leave=True,
+        dynamic_ncols=True,
+    ) as bar:
         for epoch in range(1, cfg.epochs + 1):
             losses, seconds = [], 0.0
             for xs, ys in minibatches(task, cfg, epoch, dtype):

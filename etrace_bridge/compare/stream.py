@@ -14,17 +14,17 @@ the weights it had then (for online methods the torch model is stepped alongside
 without gradients, with the same weights). B = --batch-size independent streams run side by
 side; every method sees the same streams and starts from the same weights.
 """
+
 from __future__ import annotations
 
 import copy
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from .config import CompareConfig, is_online, method_base, one_line, torch_dtype
-from .data import task_loss
+from .config import CompareConfig, method_base, one_line, torch_dtype
 from .factory import zero_state
 from .results import StreamPoint, StreamRun
 from .tasks import IGNORE_INDEX, SequenceTask, cue_delay
@@ -36,27 +36,33 @@ def stream_data(cfg: CompareConfig) -> tuple[SequenceTask, np.ndarray, np.ndarra
     (trials*T, B) with the cue as label at each go step and -100 elsewhere."""
     kwargs = {k: v for k, v in cfg.task_kwargs().items() if k not in ("n_train", "n_test")}
     batch = cfg.batch_size
-    task = cue_delay(n_train=batch * cfg.stream_trials, n_test=1, seed=cfg.seed + 7919,
-                     **kwargs)
+    task = cue_delay(n_train=batch * cfg.stream_trials, n_test=1, seed=cfg.seed + 7919, **kwargs)
     T, n_in = task.seq_len, task.n_in
     xs = task.xs_train.reshape(T, cfg.stream_trials, batch, n_in).transpose(1, 0, 2, 3)
     ys = task.ys_train.reshape(T, cfg.stream_trials, batch).transpose(1, 0, 2)
-    return (task, np.ascontiguousarray(xs.reshape(-1, batch, n_in)),
-            np.ascontiguousarray(ys.reshape(-1, batch)))
+    return (
+        task,
+        np.ascontiguousarray(xs.reshape(-1, batch, n_in)),
+        np.ascontiguousarray(ys.reshape(-1, batch)),
+    )
 
 
 def run_stream(cfg: CompareConfig, init, log: Callable[[str], None]) -> dict[str, StreamRun]:
     task, xs_np, ys_np = stream_data(cfg)
     dtype = torch_dtype(cfg.dtype)
     xs, ys = torch.from_numpy(xs_np).to(dtype), torch.from_numpy(ys_np)
-    log(f"stream: {cfg.batch_size} streams of {cfg.stream_trials} trials "
-        f"({xs.shape[0]} steps each), optimizer step every {cfg.stream_every} steps")
+    log(
+        f"stream: {cfg.batch_size} streams of {cfg.stream_trials} trials "
+        f"({xs.shape[0]} steps each), optimizer step every {cfg.stream_every} steps"
+    )
     runs = {}
     for method in cfg.methods:
         if method_base(method) == "bptt":
-            runs[method] = StreamRun(method, cfg.stream_every,
-                                     error="not applicable: BPTT needs the whole stream before "
-                                           "its first update")
+            runs[method] = StreamRun(
+                method,
+                cfg.stream_every,
+                error="not applicable: BPTT needs the whole stream before its first update",
+            )
             continue
         log(f"stream: {method} ...")
         trainer = make_trainer(method, copy.deepcopy(init), task, cfg, xs[0])
@@ -86,7 +92,7 @@ def _go_correct(outputs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
 def _stream_tbptt(trainer: TBPTTTrainer, xs, ys) -> np.ndarray:
     correct = []
     for win in trainer._windows(xs, ys):
-        correct.append(_go_correct(win.outputs, ys[win.start:win.stop]))
+        correct.append(_go_correct(win.outputs, ys[win.start : win.stop]))
         if win.has_loss:
             for name, p in trainer.model.named_parameters():
                 p.grad = win.grads[name]
@@ -100,7 +106,7 @@ def _stream_online(trainer: OnlineTrainer, xs, ys, every: int) -> np.ndarray:
     state = zero_state(model, xs.shape[1])
     correct = []
     for start in range(0, xs.shape[0], every):
-        x, y = xs[start:start + every], ys[start:start + every]
+        x, y = xs[start : start + every], ys[start : start + every]
         outputs = []
         with torch.no_grad():  # what the model predicts now, with its current weights
             for x_t in x:
@@ -115,15 +121,21 @@ def _stream_online(trainer: OnlineTrainer, xs, ys, every: int) -> np.ndarray:
     return np.concatenate(correct)
 
 
-def accuracy_curve(correct: np.ndarray, ys: np.ndarray, trial_len: int,
-                   bins: int = 20) -> list[StreamPoint]:
+def accuracy_curve(
+    correct: np.ndarray, ys: np.ndarray, trial_len: int, bins: int = 20
+) -> list[StreamPoint]:
     """Accuracy over the go steps of consecutive bins of trials, all streams together."""
     trials = correct.shape[0] // trial_len
     per_trial = correct.reshape(trials, trial_len, -1)[:, -1]  # (trials, B) at the go step
     size = max(1, trials // bins)
     points = []
     for start in range(0, trials, size):
-        chunk = per_trial[start:start + size]
-        points.append(StreamPoint(step=(start + len(chunk)) * trial_len,
-                                  trials=start + len(chunk), accuracy=float(np.mean(chunk))))
+        chunk = per_trial[start : start + size]
+        points.append(
+            StreamPoint(
+                step=(start + len(chunk)) * trial_len,
+                trials=start + len(chunk),
+                accuracy=float(np.mean(chunk)),
+            )
+        )
     return points

@@ -12,18 +12,27 @@ every step to `(output_t, ys[t])`, which makes all kinds uniform:
 The readout is the model output at each step; accuracy is measured on the
 entries whose label is not -100.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
 from etrace_bridge.losses import IGNORE_INDEX
 
 __all__ = [
-    "IGNORE_INDEX", "SequenceTask", "sequential_digits", "delayed_recall", "spiking_dms",
-    "cue_delay", "TASK_NAMES", "TASK_SETTINGS", "get_task", "iterate_minibatches",
+    "IGNORE_INDEX",
+    "SequenceTask",
+    "sequential_digits",
+    "delayed_recall",
+    "spiking_dms",
+    "cue_delay",
+    "TASK_NAMES",
+    "TASK_SETTINGS",
+    "get_task",
+    "iterate_minibatches",
 ]
 
 
@@ -33,6 +42,7 @@ KINDS = ("classification_last", "classification_every_step", "regression_every_s
 @dataclass
 class SequenceTask:
     """A train/test split of a time-major sequence task (see the module docstring)."""
+
     name: str
     xs_train: np.ndarray
     ys_train: np.ndarray
@@ -41,7 +51,7 @@ class SequenceTask:
     n_in: int
     n_out: int
     kind: str
-    horizon: int | None = None   # steps from the earliest input a target needs to that target
+    horizon: int | None = None  # steps from the earliest input a target needs to that target
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -66,7 +76,9 @@ def _last_step_labels(labels: np.ndarray, seq_len: int) -> np.ndarray:
     return ys
 
 
-def sequential_digits(seed: int = 0, test_fraction: float = 0.25, rows: bool = True) -> SequenceTask:
+def sequential_digits(
+    seed: int = 0, test_fraction: float = 0.25, rows: bool = True
+) -> SequenceTask:
     """The 8x8 digits bundled with scikit-learn, scaled to [0, 1], one image per sequence.
 
     rows=True: one image row per step (T=8, n_in=8); rows=False: one pixel per step
@@ -79,8 +91,9 @@ def sequential_digits(seed: int = 0, test_fraction: float = 0.25, rows: bool = T
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)
     labels = digits.target.astype(np.int64)
-    tr, te = train_test_split(np.arange(len(labels)), test_size=test_fraction,
-                              random_state=seed, stratify=labels)
+    tr, te = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels
+    )
     shape = (8, 8) if rows else (64, 1)
 
     def time_major(idx):
@@ -88,14 +101,25 @@ def sequential_digits(seed: int = 0, test_fraction: float = 0.25, rows: bool = T
 
     return SequenceTask(
         name="digits" if rows else "digits_pixels",
-        xs_train=time_major(tr), ys_train=_last_step_labels(labels[tr], shape[0]),
-        xs_test=time_major(te), ys_test=_last_step_labels(labels[te], shape[0]),
-        n_in=shape[1], n_out=10, kind="classification_last", horizon=shape[0],
+        xs_train=time_major(tr),
+        ys_train=_last_step_labels(labels[tr], shape[0]),
+        xs_test=time_major(te),
+        ys_test=_last_step_labels(labels[te], shape[0]),
+        n_in=shape[1],
+        n_out=10,
+        kind="classification_last",
+        horizon=shape[0],
     )
 
 
-def delayed_recall(n_train: int = 1024, n_test: int = 256, seq_len: int = 20, n_symbols: int = 4,
-                   delay: int = 5, seed: int = 0) -> SequenceTask:
+def delayed_recall(
+    n_train: int = 1024,
+    n_test: int = 256,
+    seq_len: int = 20,
+    n_symbols: int = 4,
+    delay: int = 5,
+    seed: int = 0,
+) -> SequenceTask:
     """Recall the symbol shown `delay` steps earlier.
 
     Each step shows a uniformly random symbol as a one-hot vector (n_in = n_symbols);
@@ -114,17 +138,26 @@ def delayed_recall(n_train: int = 1024, n_test: int = 256, seq_len: int = 20, n_
 
     xs_train, ys_train = make(n_train)
     xs_test, ys_test = make(n_test)
-    return SequenceTask("recall", xs_train, ys_train, xs_test, ys_test,
-                        n_in=n_symbols, n_out=n_symbols, kind="classification_every_step",
-                        horizon=delay + 1)
+    return SequenceTask(
+        "recall",
+        xs_train,
+        ys_train,
+        xs_test,
+        ys_test,
+        n_in=n_symbols,
+        n_out=n_symbols,
+        kind="classification_every_step",
+        horizon=delay + 1,
+    )
 
 
 DMS_RATE_ON = 0.2
 DMS_RATE_OFF = 0.02
 
 
-def spiking_dms(n_train: int = 1024, n_test: int = 256, seq_len: int = 50, n_in: int = 40,
-                seed: int = 0) -> SequenceTask:
+def spiking_dms(
+    n_train: int = 1024, n_test: int = 256, seq_len: int = 50, n_in: int = 40, seed: int = 0
+) -> SequenceTask:
     """Spiking delayed match-to-sample: does the test pattern match the sample pattern?
 
     Inputs are Bernoulli (discrete-time Poisson) spikes, 0/1 float32. The input
@@ -142,7 +175,7 @@ def spiking_dms(n_train: int = 1024, n_test: int = 256, seq_len: int = 50, n_in:
     populations = np.zeros((2, n_in), dtype=bool)
     order = rng.permutation(n_in)
     populations[0, order[: n_in // 2]] = True
-    populations[1, order[n_in // 2:]] = True
+    populations[1, order[n_in // 2 :]] = True
 
     def make(n):
         match = rng.permutation(np.arange(n) % 2)
@@ -150,18 +183,34 @@ def spiking_dms(n_train: int = 1024, n_test: int = 256, seq_len: int = 50, n_in:
         test = np.where(match == 1, sample, 1 - sample)
         rates = np.full((seq_len, n, n_in), DMS_RATE_OFF)
         rates[:period] = np.where(populations[sample], DMS_RATE_ON, DMS_RATE_OFF)
-        rates[seq_len - period:] = np.where(populations[test], DMS_RATE_ON, DMS_RATE_OFF)
+        rates[seq_len - period :] = np.where(populations[test], DMS_RATE_ON, DMS_RATE_OFF)
         xs = (rng.random(rates.shape) < rates).astype(np.float32)
         return xs, _last_step_labels(match.astype(np.int64), seq_len)
 
     xs_train, ys_train = make(n_train)
     xs_test, ys_test = make(n_test)
-    return SequenceTask("dms", xs_train, ys_train, xs_test, ys_test,
-                        n_in=n_in, n_out=2, kind="classification_last", horizon=seq_len)
+    return SequenceTask(
+        "dms",
+        xs_train,
+        ys_train,
+        xs_test,
+        ys_test,
+        n_in=n_in,
+        n_out=2,
+        kind="classification_last",
+        horizon=seq_len,
+    )
 
 
-def cue_delay(n_train: int = 1024, n_test: int = 256, delay: int = 100, n_cues: int = 4,
-              distractors: int = 4, noise: float = 1.0, seed: int = 0) -> SequenceTask:
+def cue_delay(
+    n_train: int = 1024,
+    n_test: int = 256,
+    delay: int = 100,
+    n_cues: int = 4,
+    distractors: int = 4,
+    noise: float = 1.0,
+    seed: int = 0,
+) -> SequenceTask:
     """Cue, delay, go: report the cue shown `delay` + 1 steps before the go signal.
 
     Step 0 shows one of `n_cues` cues (one-hot on the cue channels); steps 1..delay show
@@ -171,9 +220,11 @@ def cue_delay(n_train: int = 1024, n_test: int = 256, delay: int = 100, n_cues: 
     each split; chance is 1 / n_cues. Inputs: n_cues + 1 + distractors channels.
     """
     if delay < 1 or n_cues < 2 or distractors < 0 or noise < 0:
-        raise ValueError(f"cue_delay needs delay >= 1, n_cues >= 2, distractors >= 0, noise >= 0;"
-                         f" got delay={delay}, n_cues={n_cues}, distractors={distractors}, "
-                         f"noise={noise}")
+        raise ValueError(
+            f"cue_delay needs delay >= 1, n_cues >= 2, distractors >= 0, noise >= 0;"
+            f" got delay={delay}, n_cues={n_cues}, distractors={distractors}, "
+            f"noise={noise}"
+        )
     rng = np.random.default_rng(seed)
     seq_len, n_in = delay + 2, n_cues + 1 + distractors
 
@@ -181,19 +232,33 @@ def cue_delay(n_train: int = 1024, n_test: int = 256, delay: int = 100, n_cues: 
         cues = rng.permutation(np.arange(n) % n_cues)
         xs = np.zeros((seq_len, n, n_in), dtype=np.float32)
         xs[0, np.arange(n), cues] = 1.0
-        xs[1:delay + 1, :, n_cues + 1:] = noise * rng.standard_normal(
-            (delay, n, distractors)).astype(np.float32)
+        xs[1 : delay + 1, :, n_cues + 1 :] = noise * rng.standard_normal(
+            (delay, n, distractors)
+        ).astype(np.float32)
         xs[-1, :, n_cues] = 1.0
         return xs, _last_step_labels(cues.astype(np.int64), seq_len)
 
     xs_train, ys_train = make(n_train)
     xs_test, ys_test = make(n_test)
-    return SequenceTask("cue_delay", xs_train, ys_train, xs_test, ys_test, n_in=n_in,
-                        n_out=n_cues, kind="classification_last", horizon=delay + 1)
+    return SequenceTask(
+        "cue_delay",
+        xs_train,
+        ys_train,
+        xs_test,
+        ys_test,
+        n_in=n_in,
+        n_out=n_cues,
+        kind="classification_last",
+        horizon=delay + 1,
+    )
 
 
-_TASKS = {"cue_delay": cue_delay, "digits": sequential_digits, "recall": delayed_recall,
-          "dms": spiking_dms}
+_TASKS = {
+    "cue_delay": cue_delay,
+    "digits": sequential_digits,
+    "recall": delayed_recall,
+    "dms": spiking_dms,
+}
 TASK_NAMES = tuple(_TASKS)
 # The command-line settings each task takes (keyword arguments of its function).
 TASK_SETTINGS = {
@@ -210,13 +275,21 @@ def get_task(name: str, **kwargs) -> SequenceTask:
     try:
         fn = _TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASK_NAMES)}") from None
+        raise ValueError(
+            f"unknown task {name!r}; expected one of {', '.join(TASK_NAMES)}"
+        ) from None
     return fn(**kwargs)
 
 
-def iterate_minibatches(xs: np.ndarray, ys: np.ndarray, batch_size: int, *, shuffle: bool = False,
-                        seed: int | None = 0, drop_last: bool = False
-                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iterate_minibatches(
+    xs: np.ndarray,
+    ys: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int | None = 0,
+    drop_last: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield time-major `(xs[:, idx], ys[:, idx])` batches over the sequence axis 1.
 
     With shuffle=True the order is a permutation drawn from `seed`. The last,
@@ -228,5 +301,5 @@ def iterate_minibatches(xs: np.ndarray, ys: np.ndarray, batch_size: int, *, shuf
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield xs[:, idx], ys[:, idx]

@@ -1,9 +1,11 @@
 """One training step per method: torch BPTT, truncated BPTT, or an OnlineLearner; Adam steps."""
+
 from __future__ import annotations
 
 import torch
-from etrace_bridge.bptt import bptt_gradients, tbptt_windows
 from torch import nn
+
+from etrace_bridge.bptt import bptt_gradients, tbptt_windows
 
 from .config import CompareConfig, CompareError, method_base, method_option, one_line
 from .data import task_loss
@@ -45,8 +47,15 @@ class TBPTTTrainer:
     per sequence, like every other method here.
     """
 
-    def __init__(self, model: nn.Module, loss: str, lr: float, window: int,
-                 update: str = "window", method: str = "tbptt"):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str,
+        lr: float,
+        window: int,
+        update: str = "window",
+        method: str = "tbptt",
+    ):
         if update not in ("window", "sequence"):
             raise CompareError(f"--tbptt-update must be 'window' or 'sequence', got {update!r}")
         self.method, self.model, self.loss = method, model, loss
@@ -56,14 +65,16 @@ class TBPTTTrainer:
 
     def _windows(self, xs, ys, state=None):
         state = zero_state(self.model, xs.shape[1]) if state is None else state
-        return tbptt_windows(self.model, xs, ys, self.loss, window=self.window,
-                             state=state or None)
+        return tbptt_windows(self.model, xs, ys, self.loss, window=self.window, state=state or None)
 
     def gradients(self, xs, ys) -> dict[str, torch.Tensor]:
         total = None
         for win in self._windows(xs, ys):
-            total = dict(win.grads) if total is None else {n: g + win.grads[n]
-                                                           for n, g in total.items()}
+            total = (
+                dict(win.grads)
+                if total is None
+                else {n: g + win.grads[n] for n, g in total.items()}
+            )
         return total
 
     def train_batch(self, xs, ys) -> float:
@@ -75,8 +86,11 @@ class TBPTTTrainer:
                     _set_grads(self.model, win.grads)
                     self.optimizer.step()
             else:
-                total = dict(win.grads) if total is None else {n: g + win.grads[n]
-                                                               for n, g in total.items()}
+                total = (
+                    dict(win.grads)
+                    if total is None
+                    else {n: g + win.grads[n] for n, g in total.items()}
+                )
         if total is not None:
             _set_grads(self.model, total)
             self.optimizer.step()
@@ -86,8 +100,16 @@ class TBPTTTrainer:
 class OnlineTrainer:
     """`OnlineLearner.run` over the sequence (gradients into `p.grad`), then an Adam step."""
 
-    def __init__(self, method: str, model: nn.Module, loss: str, lr: float,
-                 example_x: torch.Tensor, decay: float, algorithm: str | None = None):
+    def __init__(
+        self,
+        method: str,
+        model: nn.Module,
+        loss: str,
+        lr: float,
+        example_x: torch.Tensor,
+        decay: float,
+        algorithm: str | None = None,
+    ):
         from etrace_bridge.learner import OnlineLearner
 
         algorithm = algorithm or method
@@ -95,12 +117,18 @@ class OnlineTrainer:
         options = {} if algorithm == "d_rtrl" else {"decay_or_rank": decay}
         state = zero_state(model, example_x.shape[0])
         try:
-            self.learner = OnlineLearner(model, algorithm=algorithm, loss=loss,
-                                         example_inputs=(example_x, *state),
-                                         custom_ops=CUSTOM_OPS, **options)
+            self.learner = OnlineLearner(
+                model,
+                algorithm=algorithm,
+                loss=loss,
+                example_inputs=(example_x, *state),
+                custom_ops=CUSTOM_OPS,
+                **options,
+            )
         except Exception as err:
-            raise CompareError(f"cannot convert the model for online learning ({method}): "
-                               f"{one_line(err)}") from err
+            raise CompareError(
+                f"cannot convert the model for online learning ({method}): {one_line(err)}"
+            ) from err
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self._ran = False
 
@@ -112,15 +140,19 @@ class OnlineTrainer:
         except Exception as err:
             if self._ran:
                 raise
-            raise CompareError(f"the first online run ({self.method}) failed: "
-                               f"{one_line(err)}") from err
+            raise CompareError(
+                f"the first online run ({self.method}) failed: {one_line(err)}"
+            ) from err
         self._ran = True
         return loss
 
     def gradients(self, xs, ys) -> dict[str, torch.Tensor]:
         self._run(xs, ys)
-        grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-                 for n, p in self.model.named_parameters() if p.requires_grad}
+        grads = {
+            n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in self.model.named_parameters()
+            if p.requires_grad
+        }
         self.optimizer.zero_grad(set_to_none=True)
         return grads
 
@@ -157,13 +189,27 @@ def tbptt_window(method: str, cfg: CompareConfig) -> int:
     return int(option) if option is not None else cfg.tbptt_window
 
 
-def make_trainer(method: str, model: nn.Module, task: SequenceTask, cfg: CompareConfig,
-                 example_x: torch.Tensor):
+def make_trainer(
+    method: str, model: nn.Module, task: SequenceTask, cfg: CompareConfig, example_x: torch.Tensor
+):
     base = method_base(method)
     if base == "bptt":
         return BPTTTrainer(model, task_loss(task), cfg.lr)
     if base == "tbptt":
-        return TBPTTTrainer(model, task_loss(task), cfg.lr, tbptt_window(method, cfg),
-                            cfg.tbptt_update, method=method)
-    return OnlineTrainer(method, model, task_loss(task), cfg.lr, example_x,
-                         trace_decay(method, task, cfg), algorithm=base)
+        return TBPTTTrainer(
+            model,
+            task_loss(task),
+            cfg.lr,
+            tbptt_window(method, cfg),
+            cfg.tbptt_update,
+            method=method,
+        )
+    return OnlineTrainer(
+        method,
+        model,
+        task_loss(task),
+        cfg.lr,
+        example_x,
+        trace_decay(method, task, cfg),
+        algorithm=base,
+    )

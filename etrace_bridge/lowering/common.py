@@ -1,9 +1,11 @@
 """Small helpers shared by the op families: torch argument conventions in JAX terms."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from etrace_bridge.arrays import jax_dtype
+
 
 def axes(x, dim):
     """torch `dim` (None, [], int or list) as a tuple of axes; empty/None means all."""

@@ -9,6 +9,7 @@ states and parameters through the primitives it knows to be element-wise, and `c
 are not among them (etrace_core.compiler.jaxpr_tools.ELEMENTWISE). For finite values the result
 is bit for bit `lax.complex(re, im)`.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -54,8 +55,10 @@ def _complex_ops():
         aten.view_as_complex.default: _view_as_complex,
         aten.real.default: lambda z: jnp.real(z),
         aten.imag.default: lambda z: jnp.imag(z),
-        aten.conj.default: conj, aten._conj.default: conj,
-        aten.conj_physical.default: conj, aten._conj_physical.default: conj,
+        aten.conj.default: conj,
+        aten._conj.default: conj,
+        aten.conj_physical.default: conj,
+        aten._conj_physical.default: conj,
         aten.resolve_conj.default: lambda z: z,
         aten.resolve_neg.default: lambda z: z,
         aten.angle.default: lambda z: jnp.angle(z),

@@ -1,4 +1,5 @@
 """Tensor creation ops: full/zeros/ones(_like), arange, scalar_tensor, fill."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -33,7 +34,8 @@ def _creation_ops():
         aten.scalar_tensor.default: lambda s, dtype=None: jnp.asarray(s, dt(dtype)),
         aten.fill.Scalar: lambda x, value: jnp.full_like(x, value),
         aten.fill.Tensor: lambda x, value: jnp.broadcast_to(
-            jnp.asarray(value).astype(jnp.result_type(x)), jnp.shape(x)),
+            jnp.asarray(value).astype(jnp.result_type(x)), jnp.shape(x)
+        ),
         aten.arange.default: lambda end, dtype=None: _arange(0, end, 1, dtype),
         aten.arange.start: lambda start, end, dtype=None: _arange(start, end, 1, dtype),
         aten.arange.start_step: _arange,

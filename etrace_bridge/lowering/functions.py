@@ -4,9 +4,10 @@ The forward and backward graphs come from `etrace_bridge.autograd_functions` (ex
 `lower_fn` lowers each to JAX. Arguments that get no gradient from the Function's backward
 (None) get zeros, integer arguments a float0 zero, as JAX expects.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +50,7 @@ def function_vjp(captured, lower_fn: Callable) -> Callable:
                 result.append(np.zeros(jnp.shape(x), dtype=jax.dtypes.float0))
             elif i in by_pos and by_pos[i] is not None:
                 g = jnp.asarray(by_pos[i], dtype=jnp.result_type(x))
-                result.append(jnp.broadcast_to(g, jnp.shape(x)) if g.shape != jnp.shape(x)
-                              else g)
+                result.append(jnp.broadcast_to(g, jnp.shape(x)) if g.shape != jnp.shape(x) else g)
             else:
                 result.append(jnp.zeros_like(x))
         return tuple(result)

@@ -5,9 +5,10 @@ record in `OP_TABLE`; every node that cannot be lowered is reported in one error
 source line. Results are cast to the dtype torch recorded for each node, so torch's promotion
 rules hold.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import torch
@@ -17,15 +18,16 @@ from etrace_bridge.arrays import X64_HINT, import_tensor, is_float64, jax_dtype,
 from etrace_bridge.errors import UnsupportedOpError
 from etrace_bridge.export import ExportedStep, user_frame
 
+from .functions import function_vjp
 from .param_views import find_param_views
 from .record import weight_positions
-from .functions import function_vjp
 from .table import OP_TABLE
 
 __all__ = ["lower", "LoweredStep"]
 
-_IGNORED_KWARGS = frozenset({"device", "layout", "pin_memory", "memory_format", "non_blocking",
-                             "requires_grad"})
+_IGNORED_KWARGS = frozenset(
+    {"device", "layout", "pin_memory", "memory_format", "non_blocking", "requires_grad"}
+)
 
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
@@ -50,8 +52,9 @@ def _custom_table(custom_ops) -> dict[str, Callable]:
         elif hasattr(key, "_qualname"):
             name = key._qualname
         else:
-            raise TypeError(f"custom_ops keys must be 'namespace::name' strings or torch ops, "
-                            f"got {key!r}")
+            raise TypeError(
+                f"custom_ops keys must be 'namespace::name' strings or torch ops, got {key!r}"
+            )
         if not callable(fn):
             raise TypeError(f"custom_ops[{name!r}] must be a JAX function, got {fn!r}")
         table[name] = fn
@@ -74,8 +77,10 @@ def _resolve(node, custom: Mapping[str, Callable], views) -> tuple[Callable, tup
         if getattr(node.target, "__module__", None) == "_operator":
             return node.target, ()
         name = _op_key(node.target)[0] if _op_key(node.target) else str(node.target)
-        raise UnsupportedOpError(f"`{node.target}`{_where(node)}: no JAX lowering (pass "
-                                 f"custom_ops={{'{name}': jax_fn}} or rewrite that line)")
+        raise UnsupportedOpError(
+            f"`{node.target}`{_where(node)}: no JAX lowering (pass "
+            f"custom_ops={{'{name}': jax_fn}} or rewrite that line)"
+        )
     if record.check is not None:
         reason = record.check(node)
         if reason is not None:
@@ -96,7 +101,8 @@ def _unsupported_error(problems: list[str]) -> UnsupportedOpError:
         f"{listing}\nFor an op with no lowering, pass a JAX implementation with "
         "`custom_ops={'namespace::name': jax_fn}` (jax_fn takes the op's arguments as JAX "
         "arrays; use jax.custom_vjp for a custom gradient), rewrite those lines with supported "
-        "tensor operations, or open an issue naming the op.")
+        "tensor operations, or open an issue naming the op."
+    )
 
 
 class LoweredStep:
@@ -137,14 +143,16 @@ class LoweredStep:
 
     def __call__(self, params: Mapping, buffers: Mapping, *inputs):
         if self._uses_f64 and not x64_enabled():
-            raise TypeError("this torch model computes in float64 but JAX 64-bit mode is off, "
-                            f"so JAX would silently compute in float32. {X64_HINT}")
+            raise TypeError(
+                "this torch model computes in float64 but JAX 64-bit mode is off, "
+                f"so JAX would silently compute in float32. {X64_HINT}"
+            )
         env = self._bind(params, buffers, inputs)
         for node, fn, param in self._plan:
             args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])
-            if param:   # the parameter itself, not the view of it the graph passes
+            if param:  # the parameter itself, not the view of it the graph passes
                 position, name = param
-                args = args[:position] + (env[name],) + args[position + 1:]
+                args = args[:position] + (env[name],) + args[position + 1 :]
             kwargs = {k: v for k, v in node.kwargs.items() if k not in _IGNORED_KWARGS}
             kwargs = torch.fx.node.map_arg(kwargs, lambda n: env[n.name])
             try:
@@ -153,12 +161,13 @@ class LoweredStep:
                 raise
             except Exception as err:
                 raise RuntimeError(
-                    f"lowering of `{node.target}`{_where(node)} failed: "
-                    f"{type(err).__name__}: {err}") from err
+                    f"lowering of `{node.target}`{_where(node)} failed: {type(err).__name__}: {err}"
+                ) from err
             env[node.name] = _match_meta(out, node.meta.get("val"), node)
         flat = [env[a.name] if isinstance(a, torch.fx.Node) else a for a in self._output.args[0]]
-        outputs = pytree.tree_unflatten([flat[i] for i in self.step.user_outputs],
-                                        self.step.out_spec)
+        outputs = pytree.tree_unflatten(
+            [flat[i] for i in self.step.user_outputs], self.step.out_spec
+        )
         new_buffers = {name: flat[i] for i, name in self.step.buffers_to_mutate.items()}
         return outputs, new_buffers
 
@@ -166,8 +175,10 @@ class LoweredStep:
         leaves = pytree.tree_leaves(inputs)
         step = self.step
         if len(leaves) != len(step.user_inputs):
-            raise ValueError(f"the exported step takes {len(step.user_inputs)} input tensors "
-                             f"(structure {step.in_spec}), got {len(leaves)}")
+            raise ValueError(
+                f"the exported step takes {len(step.user_inputs)} input tensors "
+                f"(structure {step.in_spec}), got {len(leaves)}"
+            )
         users = dict(zip(step.user_inputs, leaves))
         env = {}
         for node in self._placeholders:
@@ -206,10 +217,12 @@ def _match_meta(out, val, node):
             out = out.astype(dtype)
         expect = tuple(val.shape)
         if len(expect) != out.ndim or any(
-                not isinstance(e, _SYMBOLIC) and e != s for e, s in zip(expect, out.shape)):
+            not isinstance(e, _SYMBOLIC) and e != s for e, s in zip(expect, out.shape)
+        ):
             raise RuntimeError(
                 f"lowering of `{node.target}` produced shape {tuple(out.shape)} where torch "
-                f"expects {expect}; please open an issue with this model")
+                f"expects {expect}; please open an issue with this model"
+            )
         return out
     if isinstance(val, (list, tuple)) and isinstance(out, (list, tuple)) and len(val) == len(out):
         return type(out)(_match_meta(o, v, node) for o, v in zip(out, val))

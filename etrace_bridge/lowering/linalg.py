@@ -6,6 +6,7 @@ A 2-D parameter used as a matrix by `linear`, `mm`, `bmm`, `matmul`, `mv`, `addm
 1-D/2-D `convolution` through `etrace_core.ops.conv`. The online compiler then sees it as a
 traced weight. Each record's `param_fn(view, position)` decides at lowering time.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -21,8 +22,7 @@ from .record import OpRecord
 
 aten = torch.ops.aten
 
-_CONV_DIMS = {1: ("NCH", "OIH", "NCH"), 2: ("NCHW", "OIHW", "NCHW"),
-              3: ("NCDHW", "OIDHW", "NCDHW")}
+_CONV_DIMS = {1: ("NCH", "OIH", "NCH"), 2: ("NCHW", "OIHW", "NCHW"), 3: ("NCDHW", "OIDHW", "NCDHW")}
 
 
 def _linear(x, w, b=None):
@@ -38,23 +38,37 @@ def _convolution(x, w, b, stride, padding, dilation, transposed, output_padding,
     n = jnp.ndim(w) - 2
     batched = jnp.ndim(x) == n + 2
     xb = x if batched else x[None]
-    y = lax.conv_general_dilated(xb, w, tuple(stride), [(p, p) for p in padding],
-                                 rhs_dilation=tuple(dilation), dimension_numbers=_CONV_DIMS[n],
-                                 feature_group_count=groups)
+    y = lax.conv_general_dilated(
+        xb,
+        w,
+        tuple(stride),
+        [(p, p) for p in padding],
+        rhs_dilation=tuple(dilation),
+        dimension_numbers=_CONV_DIMS[n],
+        feature_group_count=groups,
+    )
     if b is not None:
         y = y + jnp.reshape(b, (-1,) + (1,) * n)
     return y if batched else y[0]
 
 
 def _convolution_etp(x, w, b, stride, padding, dilation, transposed, output_padding, groups):
-    return etp.conv(x, w, b, stride=tuple(stride), padding=tuple(padding),
-                    dilation=tuple(dilation), groups=groups)
+    return etp.conv(
+        x,
+        w,
+        b,
+        stride=tuple(stride),
+        padding=tuple(padding),
+        dilation=tuple(dilation),
+        groups=groups,
+    )
 
 
 def _conv_param(view, position):
     """The kernel itself (not a view of it) of a 1-D/2-D convolution."""
     whole = view.index.shape == view.param_shape and np.array_equal(
-        view.index.reshape(-1), np.arange(view.index.size))
+        view.index.reshape(-1), np.arange(view.index.size)
+    )
     return _convolution_etp if whole and len(view.param_shape) - 2 in (1, 2) else None
 
 
@@ -76,12 +90,13 @@ def _matrix(view, position, left: int = 0, right: int = 1):
 
         def mat(a, w, bias=None):
             y = use.apply(a, w, bias)
-            if lead and jnp.ndim(y) < len(lead) + 2:   # the batch of matmuls comes from w alone
+            if lead and jnp.ndim(y) < len(lead) + 2:  # the batch of matmuls comes from w alone
                 y = jnp.broadcast_to(y, lead + jnp.shape(y)[-2:])
             return y
+
         return mat
     if position == left:
-        use = matrix_use(view, transpose=True)   # W @ b = (b^T @ W^T)^T
+        use = matrix_use(view, transpose=True)  # W @ b = (b^T @ W^T)^T
         if use is None:
             return None
         lead = view.index.shape[:-2]
@@ -91,6 +106,7 @@ def _matrix(view, position, left: int = 0, right: int = 1):
             if lead and jnp.ndim(y) < len(lead) + 2:
                 y = jnp.broadcast_to(y, lead + jnp.shape(y)[-2:])
             return y if bias is None else y + bias
+
         return mat
     return None
 
@@ -113,21 +129,25 @@ def _addmm_param(view, position):
         if beta == 1 and alpha == 1:
             return mat(a, b, bias)
         return scaled(bias, beta) + scaled(mat(a, b), alpha)
+
     return fn
 
 
 def _check_convolution(node):
     if node.args[6]:
-        return ("transposed convolution has no lowering: its weight cannot be traced online as "
-                "an ETP conv. Replace nn.ConvTranspose* by upsampling + Conv")
+        return (
+            "transposed convolution has no lowering: its weight cannot be traced online as "
+            "an ETP conv. Replace nn.ConvTranspose* by upsampling + Conv"
+        )
     return None
 
 
 OPS = {
     aten.linear.default: OpRecord(_linear, weight=1, param_fn=_linear_param),
     aten.mm.default: OpRecord(jnp.matmul, weight=(1, 0), param_fn=_mm_param),
-    aten.convolution.default: OpRecord(_convolution, weight=1, param_fn=_conv_param,
-                                       check=_check_convolution),
+    aten.convolution.default: OpRecord(
+        _convolution, weight=1, param_fn=_conv_param, check=_check_convolution
+    ),
     aten.bmm.default: OpRecord(jnp.matmul, weight=(1, 0), param_fn=_mm_param),
     aten.matmul.default: OpRecord(jnp.matmul, weight=(1, 0), param_fn=_mm_param),
     aten.mv.default: OpRecord(jnp.matmul, weight=(0,), param_fn=_mm_param),

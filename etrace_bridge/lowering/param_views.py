@@ -11,6 +11,7 @@ batch of matmuls), so the op can run as ONE `etrace_core.ops.matmul` on the para
 (inputs scattered into the selected rows, outputs gathered from the selected columns): the
 online compiler then traces the parameter like any `Linear` weight.
 """
+
 from __future__ import annotations
 
 import operator
@@ -27,14 +28,32 @@ __all__ = ["ParamView", "MatrixUse", "find_param_views", "matrix_use"]
 aten = torch.ops.aten
 
 # Ops that only move or select a tensor's elements (or copy them unchanged).
-VIEW_OPS = frozenset({
-    aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default,
-    aten._unsafe_view.default, aten.reshape.default, aten.slice.Tensor, aten.select.int,
-    aten.narrow.default, aten.unsqueeze.default, aten.squeeze.default, aten.squeeze.dim,
-    aten.squeeze.dims, aten.expand.default, aten.clone.default, aten.alias.default,
-    aten.detach.default, aten.lift_fresh_copy.default,
-    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
-})
+VIEW_OPS = frozenset(
+    {
+        aten.t.default,
+        aten.permute.default,
+        aten.transpose.int,
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.reshape.default,
+        aten.slice.Tensor,
+        aten.select.int,
+        aten.narrow.default,
+        aten.unsqueeze.default,
+        aten.squeeze.default,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.expand.default,
+        aten.clone.default,
+        aten.alias.default,
+        aten.detach.default,
+        aten.lift_fresh_copy.default,
+        aten.split.Tensor,
+        aten.split_with_sizes.default,
+        aten.chunk.default,
+        aten.unbind.int,
+    }
+)
 
 
 class ParamView(NamedTuple):
@@ -42,6 +61,7 @@ class ParamView(NamedTuple):
 
     `index` has the view's shape; each entry is the flat index of the parameter element there.
     """
+
     param: str
     index: np.ndarray
     param_shape: tuple
@@ -54,6 +74,7 @@ class MatrixUse(NamedTuple):
     P[out_sel[o], in_sel[i]]); a selection is None where it is the whole axis in order.
     `in_size` / `out_size` are the parameter's full input/output sizes.
     """
+
     layout: str
     in_sel: Optional[np.ndarray]
     in_size: int
@@ -76,10 +97,14 @@ class MatrixUse(NamedTuple):
 def find_param_views(nodes, param_names) -> dict[str, ParamView]:
     """{node name: ParamView} for parameter placeholders and the view chains built on them."""
     views: dict[str, ParamView] = {}
-    pieces: dict[str, list] = {}   # split/chunk/unbind results, taken apart by getitem
+    pieces: dict[str, list] = {}  # split/chunk/unbind results, taken apart by getitem
     for node in nodes:
-        if (node.op == "call_function" and node.target is operator.getitem
-                and isinstance(node.args[0], torch.fx.Node) and node.args[0].name in pieces):
+        if (
+            node.op == "call_function"
+            and node.target is operator.getitem
+            and isinstance(node.args[0], torch.fx.Node)
+            and node.args[0].name in pieces
+        ):
             views[node.name] = pieces[node.args[0].name][node.args[1]]
             continue
         if node.op == "placeholder" and node.name in param_names:
@@ -87,7 +112,8 @@ def find_param_views(nodes, param_names) -> dict[str, ParamView]:
             if isinstance(val, torch.Tensor) and val.ndim >= 1:
                 shape = tuple(int(d) for d in val.shape)
                 views[node.name] = ParamView(
-                    node.name, np.arange(int(np.prod(shape))).reshape(shape), shape)
+                    node.name, np.arange(int(np.prod(shape))).reshape(shape), shape
+                )
         elif node.op == "call_function" and node.target in VIEW_OPS and node.args:
             src = node.args[0]
             if not isinstance(src, torch.fx.Node) or src.name not in views:
@@ -115,8 +141,12 @@ def _static_args(node, view: ParamView):
     if node.target is aten.expand.default and node.args[1:2]:
         sizes = list(node.args[1])
         lead = len(sizes) - view.index.ndim
-        sizes = [1 if isinstance(s, torch.fx.Node) and (i < lead or view.index.shape[i - lead] == 1)
-                 else s for i, s in enumerate(sizes)]
+        sizes = [
+            1
+            if isinstance(s, torch.fx.Node) and (i < lead or view.index.shape[i - lead] == 1)
+            else s
+            for i, s in enumerate(sizes)
+        ]
         rest = (sizes,) + tuple(node.args[2:])
     found = []
     torch.fx.node.map_arg((rest, node.kwargs), found.append)
@@ -148,4 +178,5 @@ def matrix_use(view: ParamView, transpose: bool = False) -> Optional[MatrixUse]:
 def _use(layout, in_sel, in_size, out_sel, out_size) -> MatrixUse:
     def sel(s, size):
         return None if len(s) == size and np.array_equal(s, np.arange(size)) else s
+
     return MatrixUse(layout, sel(in_sel, in_size), in_size, sel(out_sel, out_size), out_size)

@@ -1,4 +1,5 @@
 """Graph plumbing: symbolic sizes, runtime asserts, getitem."""
+
 from __future__ import annotations
 
 import operator
@@ -26,8 +27,11 @@ def _plumbing_ops():
         aten.sym_constrain_range.default: _no_op,
         aten._assert_async.msg: _no_op,
         operator.getitem: operator.getitem,
-        torch.sym_max: max, torch.sym_min: min, torch.sym_not: operator.not_,
-        torch.sym_float: float, torch.sym_int: int,
+        torch.sym_max: max,
+        torch.sym_min: min,
+        torch.sym_not: operator.not_,
+        torch.sym_float: float,
+        torch.sym_int: int,
     }
 
 

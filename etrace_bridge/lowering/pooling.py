@@ -1,4 +1,5 @@
 """Pooling ops (average, max) as reduce_window."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,15 @@ def _pool_args(x, kernel, stride, padding, n):
 
 
 def _avg_pool(n):
-    def run(x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
-            divisor_override=None):
+    def run(
+        x,
+        kernel_size,
+        stride=(),
+        padding=0,
+        ceil_mode=False,
+        count_include_pad=True,
+        divisor_override=None,
+    ):
         padding = [padding] if isinstance(padding, int) else padding
         dims, strides, pads = _pool_args(x, kernel_size, stride, padding, n)
         total = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, dims, strides, pads)
@@ -34,9 +42,11 @@ def _avg_pool(n):
             return total / divisor_override
         if count_include_pad:
             return total / math.prod(dims)
-        count = lax.reduce_window(jnp.ones_like(x), jnp.zeros((), x.dtype), lax.add, dims,
-                                  strides, pads)
+        count = lax.reduce_window(
+            jnp.ones_like(x), jnp.zeros((), x.dtype), lax.add, dims, strides, pads
+        )
         return total / count
+
     return run
 
 
@@ -61,7 +71,8 @@ def _check_avg_pool(node):
 
 def _check_max_pool(node):
     if _arg(node, 5, "ceil_mode", False) or any(
-            d != 1 for d in np.atleast_1d(_arg(node, 4, "dilation", 1))):
+        d != 1 for d in np.atleast_1d(_arg(node, 4, "dilation", 1))
+    ):
         return "max_pool2d with ceil_mode or dilation has no JAX lowering"
     if any(u.args[1] != 0 for u in node.users):
         return "max_pool2d's indices (return_indices=True) have no JAX lowering"

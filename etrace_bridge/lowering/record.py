@@ -1,7 +1,9 @@
 """One record per supported op: how it lowers, which argument is a weight, what it refuses."""
+
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple, Optional, Tuple, Union
+from collections.abc import Callable, Mapping
+from typing import NamedTuple, Optional
 
 
 class OpRecord(NamedTuple):
@@ -18,7 +20,7 @@ class OpRecord(NamedTuple):
     """
 
     fn: Callable
-    weight: Optional[Union[int, Tuple[int, ...]]] = None
+    weight: Optional[int | tuple[int, ...]] = None
     param_fn: Optional[Callable] = None
     check: Optional[Callable] = None
 
@@ -28,7 +30,7 @@ def plain(fns: Mapping) -> dict:
     return {target: OpRecord(fn) for target, fn in fns.items()}
 
 
-def weight_positions(record: OpRecord) -> Tuple[int, ...]:
+def weight_positions(record: OpRecord) -> tuple[int, ...]:
     """The argument positions where `record` may take a parameter."""
     if record.weight is None or record.param_fn is None:
         return ()

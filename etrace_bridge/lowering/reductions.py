@@ -1,4 +1,5 @@
 """Reductions and normalisations: sum/mean/max/var, softmax, layer norm, eval-mode batch norm."""
+
 from __future__ import annotations
 
 import jax
@@ -15,6 +16,7 @@ aten = torch.ops.aten
 def _reduce(fn):
     def run(x, dim=None, keepdim=False, dtype=None):
         return cast(fn(x, axis=axes(x, dim), keepdims=keepdim), dtype)
+
     return run
 
 
@@ -24,8 +26,10 @@ def _var(x, dim=None, *, correction=None, keepdim=False):
 
 
 def _var_mean(x, dim=None, *, correction=None, keepdim=False):
-    return (_var(x, dim, correction=correction, keepdim=keepdim),
-            jnp.mean(x, axis=axes(x, dim), keepdims=keepdim))
+    return (
+        _var(x, dim, correction=correction, keepdim=keepdim),
+        jnp.mean(x, axis=axes(x, dim), keepdims=keepdim),
+    )
 
 
 def _std(x, dim=None, *, correction=None, keepdim=False):
@@ -37,12 +41,14 @@ def _arg(fn):
         if dim is None:
             return fn(jnp.reshape(x, (-1,)), axis=0)
         return fn(x, axis=dim, keepdims=keepdim)
+
     return run
 
 
 def _max_dim(fn, argfn):
     def run(x, dim, keepdim=False):
         return fn(x, axis=dim, keepdims=keepdim), argfn(x, axis=dim, keepdims=keepdim)
+
     return run
 
 
@@ -78,20 +84,30 @@ def _reduction_ops():
         aten.mean.dim: _reduce(jnp.mean),
         aten.prod.default: lambda x, dtype=None: cast(jnp.prod(x), dtype),
         aten.prod.dim_int: _reduce(jnp.prod),
-        aten.amax.default: _reduce(jnp.max), aten.amin.default: _reduce(jnp.min),
-        aten.max.default: jnp.max, aten.min.default: jnp.min,
-        aten.max.dim: _max_dim(jnp.max, jnp.argmax), aten.min.dim: _max_dim(jnp.min, jnp.argmin),
-        aten.argmax.default: _arg(jnp.argmax), aten.argmin.default: _arg(jnp.argmin),
-        aten.any.default: jnp.any, aten.all.default: jnp.all,
-        aten.any.dim: _reduce(jnp.any), aten.any.dims: _reduce(jnp.any),
-        aten.all.dim: _reduce(jnp.all), aten.all.dims: _reduce(jnp.all),
+        aten.amax.default: _reduce(jnp.max),
+        aten.amin.default: _reduce(jnp.min),
+        aten.max.default: jnp.max,
+        aten.min.default: jnp.min,
+        aten.max.dim: _max_dim(jnp.max, jnp.argmax),
+        aten.min.dim: _max_dim(jnp.min, jnp.argmin),
+        aten.argmax.default: _arg(jnp.argmax),
+        aten.argmin.default: _arg(jnp.argmin),
+        aten.any.default: jnp.any,
+        aten.all.default: jnp.all,
+        aten.any.dim: _reduce(jnp.any),
+        aten.any.dims: _reduce(jnp.any),
+        aten.all.dim: _reduce(jnp.all),
+        aten.all.dims: _reduce(jnp.all),
         aten.logsumexp.default: lambda x, dim, keepdim=False: jax.nn.logsumexp(
-            x, axis=axes(x, dim), keepdims=keepdim),
-        aten.var.correction: _var, aten.var_mean.correction: _var_mean,
+            x, axis=axes(x, dim), keepdims=keepdim
+        ),
+        aten.var.correction: _var,
+        aten.var_mean.correction: _var_mean,
         aten.std.correction: _std,
         aten._softmax.default: lambda x, dim, half_to_float=False: jax.nn.softmax(x, axis=dim),
         aten._log_softmax.default: lambda x, dim, half_to_float=False: jax.nn.log_softmax(
-            x, axis=dim),
+            x, axis=dim
+        ),
         aten.native_layer_norm.default: _layer_norm,
         aten._native_batch_norm_legit_no_training.default: _batch_norm_eval,
     }

@@ -5,6 +5,7 @@ The gate matmuls stay outside (`aten.linear` / `mm` on the weights, traced as ET
 lowerings are the element-wise gate math, with torch's gate order (GRU: r, z, n; LSTM: i, f, g, o).
 The workspace output (kept by torch for its backward) is the activated gates.
 """
+
 from __future__ import annotations
 
 import jax

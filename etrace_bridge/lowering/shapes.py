@@ -1,4 +1,5 @@
 """Shape and indexing ops: views, slices, splits, concatenation, gathers, copies."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -76,6 +77,10 @@ def _copy(dst, src, non_blocking=False):
     return jnp.broadcast_to(jnp.asarray(src).astype(jnp.result_type(dst)), jnp.shape(dst))
 
 
+def _embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    return jnp.take(weight, indices, axis=0)
+
+
 def _shape_ops():
     return {
         aten.view.default: lambda x, shape: jnp.reshape(x, tuple(shape)),
@@ -92,7 +97,8 @@ def _shape_ops():
         aten.slice.Tensor: _slice,
         aten.select.int: lambda x, dim, index: at_dim(x, dim, index),
         aten.narrow.default: lambda x, dim, start, length: at_dim(
-            x, dim, slice(start, start + length)),
+            x, dim, slice(start, start + length)
+        ),
         aten.split.Tensor: _split,
         aten.split_with_sizes.default: _split_with_sizes,
         aten.chunk.default: _chunk,
@@ -104,15 +110,16 @@ def _shape_ops():
         aten.stack.default: lambda xs, dim=0: jnp.stack(xs, axis=dim),
         aten.flip.default: lambda x, dims: jnp.flip(x, axis=tuple(dims)),
         aten.roll.default: lambda x, shifts, dims=(): jnp.roll(
-            x, tuple(shifts), axis=tuple(dims) if dims else None),
+            x, tuple(shifts), axis=tuple(dims) if dims else None
+        ),
         aten.repeat.default: lambda x, repeats: jnp.tile(x, tuple(repeats)),
         aten.constant_pad_nd.default: _constant_pad,
         aten.index_select.default: lambda x, dim, index: jnp.take(x, index, axis=dim),
         aten.gather.default: lambda x, dim, index, sparse_grad=False: jnp.take_along_axis(
-            x, index, axis=dim),
+            x, index, axis=dim
+        ),
         aten.index.Tensor: _index_tensor,
-        aten.embedding.default: lambda weight, indices, padding_idx=-1, scale_grad_by_freq=False,
-        sparse=False: jnp.take(weight, indices, axis=0),
+        aten.embedding.default: _embedding,
         aten.clone.default: lambda x: x,
         aten.alias.default: lambda x: x,
         aten.detach.default: lax.stop_gradient,  # kept whole by export.decomposition_table

@@ -3,18 +3,26 @@
 This table is the single answer to "what does the bridge lower?": the interpreter consults
 nothing else, and tests walk every entry.
 """
+
 from __future__ import annotations
 
 import types
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from . import complex, creation, elementwise, linalg, plumbing, pooling, reductions, rnn, shapes
 from .record import OpRecord
 
 FAMILIES = {
-    "elementwise": elementwise.OPS, "reductions": reductions.OPS, "shapes": shapes.OPS,
-    "creation": creation.OPS, "linalg": linalg.OPS, "pooling": pooling.OPS,
-    "rnn": rnn.OPS, "plumbing": plumbing.OPS, "complex": complex.OPS,
+    "elementwise": elementwise.OPS,
+    "reductions": reductions.OPS,
+    "shapes": shapes.OPS,
+    "creation": creation.OPS,
+    "linalg": linalg.OPS,
+    "pooling": pooling.OPS,
+    "rnn": rnn.OPS,
+    "plumbing": plumbing.OPS,
+    "complex": complex.OPS,
 }
 
 

@@ -1,7 +1,10 @@
-"""ETraceAlgorithm: wraps a one-step model so that grad of a loss of its output is the online gradient."""
+"""ETraceAlgorithm: wraps a one-step model so that the grad of a loss of its output is the online
+gradient."""
+
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import brainstate
 import jax
@@ -37,17 +40,26 @@ class ETraceAlgorithm(brainstate.nn.Module):
     traced weights get dL/dh^t . trace, every other parameter its exact same-step gradient.
     """
 
-    def __init__(self, model: brainstate.nn.Module, *, vjp_method: str = "single-step",
-                 check_finite: bool = False, auto_reinit: bool = False,
-                 dense_trace_budget: int = DEFAULT_DENSE_TRACE_BUDGET, fast_solve: bool = True,
-                 trace_dtype=None, name=None):
+    def __init__(
+        self,
+        model: brainstate.nn.Module,
+        *,
+        vjp_method: str = "single-step",
+        check_finite: bool = False,
+        auto_reinit: bool = False,
+        dense_trace_budget: int = DEFAULT_DENSE_TRACE_BUDGET,
+        fast_solve: bool = True,
+        trace_dtype=None,
+        name=None,
+    ):
         """`dense_trace_budget`: the largest dense parameter trace dh/dtheta (elements, batch
         included) kept for a parameter that reaches hidden states through a position-mixing
         op; a larger one leaves the parameter its same-step gradient, labelled approximate."""
         super().__init__(name=name)
         self.model = model
-        self.executor = ETraceVjpGraphExecutor(model, vjp_method,
-                                               dense_trace_budget=dense_trace_budget)
+        self.executor = ETraceVjpGraphExecutor(
+            model, vjp_method, dense_trace_budget=dense_trace_budget
+        )
         self.check_finite = check_finite
         self.auto_reinit = auto_reinit
         # braintrace's switch between two implementations of the same trace update; etrace has
@@ -95,7 +107,8 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self.executor.compile_graph(*args)
         self._compiled = _Compiled(
             plan=online.make_plan(self.executor.spec, self.trace_kinds(), self.decay),
-            example=data.single_step_example(args))
+            example=data.single_step_example(args),
+        )
         self.init_etrace_state()
 
     def show_graph(self, verbose: bool = True, return_msg: bool = False):
@@ -145,7 +158,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self.running_index.value = jnp.zeros((), jnp.int32)
         if self.etrace is None:
             self.etrace = ETraceState(value)
-        else:   # keep the State object (a new one made inside a transformation would leak)
+        else:  # keep the State object (a new one made inside a transformation would leak)
             self.etrace.value = value
 
     def reset_state(self, *args, **kwargs) -> None:
@@ -154,7 +167,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
             zeros = jax.tree.map(jnp.zeros_like, self.etrace.value)
             self.etrace.value = _committed(zeros, self.model)
 
-    def get_etrace_of(self, weight) -> Dict[str, Any]:
+    def get_etrace_of(self, weight) -> dict[str, Any]:
         """The traces of one weight (its path, or its ParamState), by connection (relation,
         hidden group). A ParamState whose value is a dict gives the traces of all its entries."""
         plan = self._require_plan()
@@ -162,14 +175,16 @@ class ETraceAlgorithm(brainstate.nn.Module):
         if isinstance(weight, brainstate.State):
             found = [p for p, st in self.model.states().items() if st is weight]
             if not found:
-                raise KeyError(f"{type(weight).__name__} is not a state of {type(self.model).__name__}")
+                raise KeyError(
+                    f"{type(weight).__name__} is not a state of {type(self.model).__name__}"
+                )
             weight_path = tuple(found[0])
         else:
             weight_path = tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
         out = {}
         for conn in plan.connections:
             path = self.graph.hidden_param_op_relations[conn.rel].weight_path
-            if path == weight_path or path[:len(weight_path)] == weight_path:
+            if path == weight_path or path[: len(weight_path)] == weight_path:
                 key = online.trace_key(conn)
                 out[key] = self.etrace.value["traces"][key]
         for k, r in enumerate(plan.spec.param_traces):
@@ -178,13 +193,18 @@ class ETraceAlgorithm(brainstate.nn.Module):
                     key = param_traces.trace_key(k, g.index)
                     out[key] = self.etrace.value["traces"][key]
         if not out:
-            raise KeyError(f"{weight_path} has no eligibility trace; traced weights: "
-                           f"{[r.weight_path for r in self.graph.hidden_param_op_relations]}"
-                           + (f", traced parameters: {[r.path for r in plan.spec.param_traces]}"
-                              if plan.spec.param_traces else ""))
+            raise KeyError(
+                f"{weight_path} has no eligibility trace; traced weights: "
+                f"{[r.weight_path for r in self.graph.hidden_param_op_relations]}"
+                + (
+                    f", traced parameters: {[r.path for r in plan.spec.param_traces]}"
+                    if plan.spec.param_traces
+                    else ""
+                )
+            )
         return out
 
-    def trace_sizes(self) -> Dict[str, int]:
+    def trace_sizes(self) -> dict[str, int]:
         """Number of scalars each trace holds, by trace key."""
         self._require_etrace()
         return online.trace_sizes(self.etrace.value["traces"])
@@ -211,14 +231,17 @@ class ETraceAlgorithm(brainstate.nn.Module):
         if self._plan is None:
             raise NotCompiledError(
                 f"{type(self).__name__} is not compiled: call .compile_graph(*inputs) and "
-                ".init_etrace_state() before stepping")
+                ".init_etrace_state() before stepping"
+            )
         return self._plan
 
     def _check_ready(self):
         """Raise unless the algorithm can step; returns the model's current states by path."""
         plan = self._require_plan()
         if self.etrace is None:
-            raise NotCompiledError(f"call {type(self).__name__}.init_etrace_state() before stepping")
+            raise NotCompiledError(
+                f"call {type(self).__name__}.init_etrace_state() before stepping"
+            )
         # States are read and written by path at every step (`init_state` and
         # `brainstate.nn.init_all_states` may replace the State objects): check that the
         # model's current states still exist and keep the shapes the graph was compiled for.
@@ -226,16 +249,21 @@ class ETraceAlgorithm(brainstate.nn.Module):
         held = self.graph.module_info.retrieved_model_states
         missing = [p for p in held if p not in current]
         if missing:
-            raise ValueError(f"the model no longer has the states {missing} it was compiled "
-                             "with; call compile_graph(x) and init_etrace_state() again")
-        hidden_now = read_leaves(current, self.graph.module_info.leaf_refs or {},
-                                 [p for g in plan.spec.graph.hidden_groups for p in g.hidden_paths])
+            raise ValueError(
+                f"the model no longer has the states {missing} it was compiled "
+                "with; call compile_graph(x) and init_etrace_state() again"
+            )
+        hidden_now = read_leaves(
+            current,
+            self.graph.module_info.leaf_refs or {},
+            [p for g in plan.spec.graph.hidden_groups for p in g.hidden_paths],
+        )
         for g in plan.spec.graph.hidden_groups:
             for p in g.hidden_paths:
                 shape = tuple(jnp.shape(hidden_now[p]))
                 if shape != tuple(g.varshape):
                     if self.auto_reinit:
-                        with jax.ensure_compile_time_eval():   # also inside a transformation
+                        with jax.ensure_compile_time_eval():  # also inside a transformation
                             self.compile_graph(*self._example_for(shape))
                             self.init_etrace_state()
                         return current
@@ -243,15 +271,18 @@ class ETraceAlgorithm(brainstate.nn.Module):
                         f"hidden state {p} has shape {shape} but the graph and traces were built "
                         f"for {tuple(g.varshape)} (a different batch size?); call "
                         "compile_graph(x) and init_etrace_state() again, or construct the "
-                        "algorithm with auto_reinit=True")
+                        "algorithm with auto_reinit=True"
+                    )
         return current
 
     def _example_for(self, hidden_shape):
         # numpy, not jnp: this can run inside a transformation (brainstate grad of `algo(x)`),
         # where jnp.zeros would be a tracer and compile_graph needs concrete example inputs
         batch = hidden_shape[0] if hidden_shape else None
-        return jax.tree.map(lambda a: np.zeros((batch,) + tuple(np.shape(a))[1:],
-                                               jnp.result_type(a)), self._compiled.example)
+        return jax.tree.map(
+            lambda a: np.zeros((batch,) + tuple(np.shape(a))[1:], jnp.result_type(a)),
+            self._compiled.example,
+        )
 
     def _split_values(self, states):
         values = self.executor.state_values(states)
@@ -266,23 +297,26 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def _run_step(self, args, states):
         params, rest = self._split_values(states)
         flat = jax.tree.leaves(args)
-        outs, new_values, etrace = _online_step(self._plan, self.check_finite, params, rest,
-                                                self.etrace.value, flat)
+        outs, new_values, etrace = _online_step(
+            self._plan, self.check_finite, params, rest, self.etrace.value, flat
+        )
         self._write(new_values, etrace, states)
         return jax.tree.unflatten(self.graph.module_info.out_tree, outs)
 
     def _run_chunk(self, args, states):
         seq, rebuild = data.split_for_scan(args)
         params, rest = self._split_values(states)
-        outs, new_values, etrace = _online_chunk(self._plan, self.check_finite, rebuild, params,
-                                                 rest, self.etrace.value, seq)
+        outs, new_values, etrace = _online_chunk(
+            self._plan, self.check_finite, rebuild, params, rest, self.etrace.value, seq
+        )
         self._write(new_values, etrace, states)
         return jax.tree.unflatten(self.graph.module_info.out_tree, outs)
 
     def _run_window(self, args, states):
         params, rest = self._split_values(states)
-        outs, new_values, etrace = _online_window(self._plan, self.check_finite, self.executor,
-                                                  args, params, rest, self.etrace.value)
+        outs, new_values, etrace = _online_window(
+            self._plan, self.check_finite, self.executor, args, params, rest, self.etrace.value
+        )
         self._write(new_values, etrace, states)
         return jax.tree.unflatten(self.graph.module_info.out_tree, outs)
 
@@ -314,14 +348,16 @@ def _raise_if_not_finite(plan, traces):
         brainstate.transform.jit_error_if(
             jnp.logical_not(ok),
             f"non-finite value in the eligibility trace of weight {rels[conn.rel].weight_path} "
-            f"(hidden group {conn.group}); lower the learning rate or check the model's inputs")
+            f"(hidden group {conn.group}); lower the learning rate or check the model's inputs",
+        )
     for k, r in enumerate(plan.spec.param_traces):
         for g in r.hidden_groups:
             ok = online.all_finite(traces[param_traces.trace_key(k, g.index)])
             brainstate.transform.jit_error_if(
                 jnp.logical_not(ok),
                 f"non-finite value in the eligibility trace of parameter {r.path} (hidden group "
-                f"{g.index}); lower the learning rate or check the model's inputs")
+                f"{g.index}); lower the learning rate or check the model's inputs",
+            )
 
 
 def _direct_and_trace_grads(plan, params, etrace, dparams, dh, Ms):
@@ -340,6 +376,7 @@ def _escape_grads(plan, params, old_etrace, escape_fn, out_cotangents):
 
 
 # ---- one step --------------------------------------------------------------------------------
+
 
 def _online_step(plan, check_finite, params, rest, etrace, flat):
     fn = jax.custom_vjp(lambda p, r, e, a: _step_primal(plan, check_finite, p, r, e, a))
@@ -368,12 +405,18 @@ def _step_bwd(plan):
         grads = _direct_and_trace_grads(plan, params, new_etrace, dparams, dh, Ms)
         grads = online.add_grads(grads, _escape_grads(plan, params, etrace, escape_fn, cts[0]))
         dargs = [zero_cotangent(a) if d is None else d for a, d in zip(flat, dargs)]
-        return (grads, jax.tree.map(zero_cotangent, rest), jax.tree.map(zero_cotangent, etrace),
-                dargs)
+        return (
+            grads,
+            jax.tree.map(zero_cotangent, rest),
+            jax.tree.map(zero_cotangent, etrace),
+            dargs,
+        )
+
     return bwd
 
 
 # ---- k single steps (single-step VJP over a MultiStepData chunk) -----------------------------
+
 
 def _online_chunk(plan, check_finite, rebuild, params, rest, etrace, seq):
     def primal(p, r, e, s):
@@ -381,7 +424,9 @@ def _online_chunk(plan, check_finite, rebuild, params, rest, etrace, seq):
         return outs, new, e2
 
     def fwd(p, r, e, s):
-        outs, new, e2, per_step = _chunk_scan(plan, check_finite, rebuild, p, r, e, s, with_vjp=True)
+        outs, new, e2, per_step = _chunk_scan(
+            plan, check_finite, rebuild, p, r, e, s, with_vjp=True
+        )
         return (outs, new, e2), (per_step, p, r, e, s)
 
     def bwd(res, cts):
@@ -395,8 +440,12 @@ def _online_chunk(plan, check_finite, rebuild, params, rest, etrace, seq):
 
         zero = jax.tree.map(jnp.zeros_like, p)
         grads, _ = jax.lax.scan(body, zero, (vjp_fns, escape_fns, old_etraces, etraces, Ms, cts[0]))
-        return (grads, jax.tree.map(zero_cotangent, r), jax.tree.map(zero_cotangent, e),
-                jax.tree.map(zero_cotangent, s))
+        return (
+            grads,
+            jax.tree.map(zero_cotangent, r),
+            jax.tree.map(zero_cotangent, e),
+            jax.tree.map(zero_cotangent, s),
+        )
 
     fn = jax.custom_vjp(primal)
     fn.defvjp(fwd, bwd)
@@ -415,8 +464,13 @@ def _chunk_scan(plan, check_finite, rebuild, params, rest, etrace, seq, with_vjp
         extra = None
         if with_vjp:
             vjp = vjp_step(plan.spec, flat, values)
-            extra = (vjp.vjp_fn, vjp.escape_fn, old if vjp.escape_fn is not None else None,
-                     etrace, jac.Ms)
+            extra = (
+                vjp.vjp_fn,
+                vjp.escape_fn,
+                old if vjp.escape_fn is not None else None,
+                etrace,
+                jac.Ms,
+            )
         return (rest, etrace), (jac.outputs, jac.new_values, extra)
 
     (rest_f, etrace_f), (outs, new_values, extra) = jax.lax.scan(body, (rest, etrace), seq)
@@ -425,6 +479,7 @@ def _chunk_scan(plan, check_finite, rebuild, params, rest, etrace, seq, with_vjp
 
 
 # ---- a multi-step window: exact BPTT inside, traces across windows -----------------------------
+
 
 def _online_window(plan, check_finite, executor, args, params, rest, etrace):
     seq, rebuild = data.split_for_scan(args)
@@ -435,8 +490,10 @@ def _online_window(plan, check_finite, executor, args, params, rest, etrace):
 
     def fwd(p, r, e, s):
         outs, new, e2, _ = _chunk_scan(plan, check_finite, rebuild, p, r, e, s, with_vjp=False)
-        window_args = tuple(data.MultiStepData(x) if isinstance(a, data.MultiStepData) else a
-                            for a, x in zip(args, _refill(args, s)))
+        window_args = tuple(
+            data.MultiStepData(x) if isinstance(a, data.MultiStepData) else a
+            for a, x in zip(args, _refill(args, s))
+        )
         window_fn = executor.window_vjp(window_args, {**r, **p}).vjp_fn
         return (outs, new, e2), (window_fn, p, r, e, s)
 
@@ -444,8 +501,12 @@ def _online_window(plan, check_finite, executor, args, params, rest, etrace):
         window_fn, p, r, e, s = res
         dparams, dh0, dseq = window_fn(jax.tree.leaves(cts[0]))
         grads = _direct_and_trace_grads(plan, p, e, dparams, dh0, None)
-        return (grads, jax.tree.map(zero_cotangent, r), jax.tree.map(zero_cotangent, e),
-                jax.tree.map(zero_cotangent, s))
+        return (
+            grads,
+            jax.tree.map(zero_cotangent, r),
+            jax.tree.map(zero_cotangent, e),
+            jax.tree.map(zero_cotangent, s),
+        )
 
     fn = jax.custom_vjp(primal)
     fn.defvjp(fwd, bwd)
@@ -467,7 +528,7 @@ def _committed(tree, model):
     """
     leaves = [s.value for s in model.states(brainstate.ParamState).values()]
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves([leaves, tree])):
-        return tree   # inside a transformation (auto_reinit): placement is the caller's
+        return tree  # inside a transformation (auto_reinit): placement is the caller's
     arrays = [x for x in jax.tree.leaves(leaves) if isinstance(x, jax.Array)]
     device = next(iter(arrays[0].devices())) if arrays else jax.devices()[0]
     return jax.device_put(tree, device)

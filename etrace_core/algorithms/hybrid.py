@@ -1,10 +1,11 @@
 """Hybrid: param-dim traces for element-wise or small weights, io-dim traces for the rest."""
+
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
-from .io_dim import decay_from
 from .base import ETraceAlgorithm
+from .io_dim import decay_from
 
 KINDS = ("param", "io")
 
@@ -16,8 +17,15 @@ class HybridDimVjpAlgorithm(ETraceAlgorithm):
     `mode={weight_path: 'param' | 'io'}` overrides the choice for named weights.
     """
 
-    def __init__(self, model, decay_or_rank=0.9, *, max_param_dim_size: int = 4096,
-                 mode: Optional[Dict[tuple, str]] = None, **kwargs):
+    def __init__(
+        self,
+        model,
+        decay_or_rank=0.9,
+        *,
+        max_param_dim_size: int = 4096,
+        mode: Optional[dict[tuple, str]] = None,
+        **kwargs,
+    ):
         super().__init__(model, **kwargs)
         self.decay = decay_from(decay_or_rank)
         self.max_param_dim_size = int(max_param_dim_size)
@@ -29,11 +37,13 @@ class HybridDimVjpAlgorithm(ETraceAlgorithm):
     def trace_kinds(self):
         rels = self.graph.hidden_param_op_relations
         known = {r.weight_path for r in rels}
-        own = {r.path for r in self.executor.param_trace_relations}   # always param-dim
+        own = {r.path for r in self.executor.param_trace_relations}  # always param-dim
         unknown = [k for k in self.mode if k not in known and k not in own]
         if unknown:
-            raise ValueError(f"mode names weights that are not online-traced: {unknown}; "
-                             f"traced weights are {sorted(known)}")
+            raise ValueError(
+                f"mode names weights that are not online-traced: {unknown}; "
+                f"traced weights are {sorted(known)}"
+            )
         kinds = []
         for r in rels:
             if r.weight_path in self.mode:

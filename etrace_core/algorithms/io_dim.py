@@ -1,4 +1,5 @@
 """ES-D-RTRL / pp-prop: input and output traces (io-dimension memory, O(B (I + O)))."""
+
 from __future__ import annotations
 
 from numbers import Integral

@@ -1,7 +1,9 @@
 """The pure core of online learning: trace updates and trace gradients over a compiled step."""
+
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,15 +15,16 @@ from etrace_core.ops import rule_for
 from . import param_traces
 from .traces import TRACE_KINDS, Connection, gather_units
 
-Path = Tuple[str, ...]
+Path = tuple[str, ...]
 
 
 class TracePlan(NamedTuple):
     """Which trace rule each relation uses, and how its outputs map onto hidden units."""
+
     spec: StepSpec
-    kinds: Tuple[str, ...]                 # per relation: 'param' or 'io'
-    connections: Tuple[Connection, ...]
-    decay: float                           # io-dim decay alpha (unused by param-dim)
+    kinds: tuple[str, ...]  # per relation: 'param' or 'io'
+    connections: tuple[Connection, ...]
+    decay: float  # io-dim decay alpha (unused by param-dim)
 
 
 def make_plan(spec: StepSpec, kinds: Sequence[str], decay: float) -> TracePlan:
@@ -37,7 +40,7 @@ def trace_key(conn: Connection) -> str:
     return f"rel{conn.rel}_group{conn.group}"
 
 
-def init_traces(plan: TracePlan) -> Dict[str, Any]:
+def init_traces(plan: TracePlan) -> dict[str, Any]:
     """Zero traces shaped from the compiled graph (the batch is the hidden states' batch)."""
     graph = plan.spec.graph
     rels, groups = graph.hidden_param_op_relations, graph.hidden_groups
@@ -47,9 +50,11 @@ def init_traces(plan: TracePlan) -> Dict[str, Any]:
         rule = rule_for(rel.primitive)
         x_aval = rel.x.aval if rel.has_x else None
         w_aval = rel.eqn.invars[0 if not rel.has_x else 1].aval
-        X = jax.eval_shape(lambda x, w: rule.x_canon(rel.params, x, w),
-                           None if x_aval is None else jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype),
-                           jax.ShapeDtypeStruct(w_aval.shape, w_aval.dtype))
+        X = jax.eval_shape(
+            lambda x, w: rule.x_canon(rel.params, x, w),
+            None if x_aval is None else jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype),
+            jax.ShapeDtypeStruct(w_aval.shape, w_aval.dtype),
+        )
         X_shape = X.shape[:-1] + (X.shape[-1] + (1 if rel.params.get("has_bias") else 0),)
         y_shape = conn.unit.shape + (groups[conn.group].num_state,)
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
@@ -66,14 +71,15 @@ def update_traces(plan: TracePlan, traces, jac: StepJacobians):
         D_y = gather_units(conn, D_flat)
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
         key = trace_key(conn)
-        new[key] = kind.update(traces[key], jac.xs[conn.rel], jac.dfs[conn.rel][conn.slot], D_y,
-                               plan.decay)
+        new[key] = kind.update(
+            traces[key], jac.xs[conn.rel], jac.dfs[conn.rel][conn.slot], D_y, plan.decay
+        )
     if plan.spec.param_traces:
         new.update(param_traces.update(plan.spec, traces, jac.Ds, jac.Js))
     return new
 
 
-def partial_hidden_grads(plan: TracePlan, dh: Dict[Path, Any], Ms) -> List[Any]:
+def partial_hidden_grads(plan: TracePlan, dh: dict[Path, Any], Ms) -> list[Any]:
     """Per group, dL/dh^t as (group size, S), undoing same-step coupling inside the group.
 
     dL/dp from the perturbation counts paths from one state of a unit to another in the same
@@ -98,7 +104,7 @@ def _solve_transposed(M, b):
     where a batched LAPACK LU on CPU costs a custom call, pivoting loop and two triangular
     solves per step."""
     if M.shape[-1] == 2:
-        a, c = M[..., 0, 0], M[..., 0, 1]   # M^T = [[a, b], [c, d]]
+        a, c = M[..., 0, 0], M[..., 0, 1]  # M^T = [[a, b], [c, d]]
         b_, d = M[..., 1, 0], M[..., 1, 1]
         det = a * d - b_ * c
         x0 = (d * b[..., 0] - b_ * b[..., 1]) / det
@@ -107,15 +113,15 @@ def _solve_transposed(M, b):
     return jnp.linalg.solve(jnp.swapaxes(M, -1, -2), b[..., None])[..., 0]
 
 
-def trace_grads(plan: TracePlan, params: Dict[Path, Any], traces, count, deltas) -> Dict[Path, Any]:
+def trace_grads(plan: TracePlan, params: dict[Path, Any], traces, count, deltas) -> dict[Path, Any]:
     """Parameter gradients sum_s dL/dh_s * trace_s, mapped back to the weights' shapes."""
     return canonical_to_params(plan, params, trace_grads_canonical(plan, traces, count, deltas))
 
 
-def trace_grads_canonical(plan: TracePlan, traces, count, deltas) -> Dict[int, Any]:
+def trace_grads_canonical(plan: TracePlan, traces, count, deltas) -> dict[int, Any]:
     """{relation index: its trace gradient M in canonical (I[+1], O) space}, plus
     {param_traces.grad_key(k): gradient of parameter trace k, in the parameter's shape}."""
-    per_rel: Dict[int, Any] = {}
+    per_rel: dict[int, Any] = {}
     for conn in plan.connections:
         delta_y = gather_units(conn, deltas[conn.group])
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
@@ -130,8 +136,8 @@ def trace_grad_parts(plan: TracePlan, traces, count, deltas):
     """The trace gradient in two parts: ({connection index: (A, B)} for io-dim connections,
     whose gradient is A^T B, left uncontracted so a driver can contract many steps at once;
     {relation: M} for the rest, as ``trace_grads_canonical``)."""
-    factors: Dict[int, Any] = {}
-    per_rel: Dict[int, Any] = {}
+    factors: dict[int, Any] = {}
+    per_rel: dict[int, Any] = {}
     for c, conn in enumerate(plan.connections):
         delta_y = gather_units(conn, deltas[conn.group])
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
@@ -145,15 +151,15 @@ def trace_grad_parts(plan: TracePlan, traces, count, deltas):
     return factors, per_rel
 
 
-def canonical_to_params(plan: TracePlan, params: Dict[Path, Any], per_rel) -> Dict[Path, Any]:
+def canonical_to_params(plan: TracePlan, params: dict[Path, Any], per_rel) -> dict[Path, Any]:
     """Map canonical gradients {relation: M} to {parameter path: gradient} (``io_to_params``).
 
     The map is linear in M, so a sum of canonical gradients can be mapped once (the sequence
     driver does so after its scan, instead of a transposed/sliced accumulation every step)."""
     rels = plan.spec.graph.hidden_param_op_relations
-    grads: Dict[Path, Any] = {}
+    grads: dict[Path, Any] = {}
     for k, M in per_rel.items():
-        if k < 0:   # a parameter trace: already in the parameter's shape
+        if k < 0:  # a parameter trace: already in the parameter's shape
             _accumulate(grads, plan.spec.param_traces[param_traces.trace_of_key(k)].path, M)
             continue
         rel = rels[k]
@@ -168,14 +174,14 @@ def _accumulate(into, path, value):
     into[path] = value if path not in into else into[path] + value
 
 
-def add_grads(a: Dict[Path, Any], b: Dict[Path, Any]) -> Dict[Path, Any]:
+def add_grads(a: dict[Path, Any], b: dict[Path, Any]) -> dict[Path, Any]:
     out = dict(a)
     for p, v in b.items():
         out[p] = v.astype(out[p].dtype) + out[p] if p in out else v
     return out
 
 
-def trace_sizes(traces) -> Dict[str, int]:
+def trace_sizes(traces) -> dict[str, int]:
     """Number of scalars each trace holds."""
     return {k: int(sum(np.prod(v.shape) for v in jax.tree.leaves(t))) for k, t in traces.items()}
 

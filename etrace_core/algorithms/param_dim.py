@@ -1,4 +1,5 @@
 """D-RTRL: one trace per weight element (param-dimension memory, O(B |theta|))."""
+
 from __future__ import annotations
 
 from .base import ETraceAlgorithm

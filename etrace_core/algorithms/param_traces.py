@@ -11,9 +11,10 @@ Per reached group, with U hidden units (batch included) and S states per unit:
 Both are D-RTRL traces: exact when the recurrence is element-wise (D is then the whole
 hidden-to-hidden Jacobian). Every algorithm uses them for these (small) traces.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,7 @@ def trace_of_key(key: int) -> int:
     return -1 - key
 
 
-def init(spec) -> Dict[str, Any]:
+def init(spec) -> dict[str, Any]:
     traces = {}
     for k, r in enumerate(spec.param_traces):
         dtype = r.var.aval.dtype
@@ -42,7 +43,7 @@ def init(spec) -> Dict[str, Any]:
     return traces
 
 
-def update(spec, traces, Ds, Js) -> Dict[str, Any]:
+def update(spec, traces, Ds, Js) -> dict[str, Any]:
     new = {}
     for k, r in enumerate(spec.param_traces):
         for slot, g in enumerate(r.hidden_groups):
@@ -58,7 +59,7 @@ def update(spec, traces, Ds, Js) -> Dict[str, Any]:
     return new
 
 
-def grads(spec, traces, deltas) -> Dict[int, Any]:
+def grads(spec, traces, deltas) -> dict[int, Any]:
     """{grad_key(k): gradient of parameter k, in its own shape}."""
     out = {}
     for k, r in enumerate(spec.param_traces):
@@ -66,12 +67,12 @@ def grads(spec, traces, deltas) -> Dict[int, Any]:
         total = jnp.zeros(shape, r.var.aval.dtype)
         for slot, g in enumerate(r.hidden_groups):
             eps = traces[trace_key(k, g.index)]
-            delta = deltas[g.index].astype(eps.dtype)          # (U, S)
+            delta = deltas[g.index].astype(eps.dtype)  # (U, S)
             if r.kind == "elementwise":
-                per_unit = jnp.sum(delta * eps, axis=-1)      # (U,)
+                per_unit = jnp.sum(delta * eps, axis=-1)  # (U,)
                 index = np.asarray(r.unit_to_param[slot])
                 n = r.param_size
-                seg = np.where(index < 0, n, index)           # units depending on none: dropped
+                seg = np.where(index < 0, n, index)  # units depending on none: dropped
                 flat = jnp.zeros((n + 1,), eps.dtype).at[seg].add(per_unit)[:n]
                 total = total + flat.reshape(shape)
             else:

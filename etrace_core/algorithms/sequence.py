@@ -1,9 +1,11 @@
 """The sequence driver: T online steps in one jitted scan (over chunks of steps), gradients
 summed over time."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +18,14 @@ from .online import add_grads
 
 
 class OnlineResult(NamedTuple):
-    loss: Any                      # summed loss over the T steps
-    grads: Dict[tuple, Any]        # parameter path -> summed online gradient
-    outputs: Optional[Any]         # (T, ...) outputs when asked for
+    loss: Any  # summed loss over the T steps
+    grads: dict[tuple, Any]  # parameter path -> summed online gradient
+    outputs: Optional[Any]  # (T, ...) outputs when asked for
 
 
-def run_online(algo: ETraceAlgorithm, loss_fn: Callable, xs, targets, *,
-               return_outputs: bool = False) -> OnlineResult:
+def run_online(
+    algo: ETraceAlgorithm, loss_fn: Callable, xs, targets, *, return_outputs: bool = False
+) -> OnlineResult:
     """Run `algo` over time-major inputs `xs` (an array or a tuple of step arguments, each with a
     leading time axis) against `targets`, with `loss_fn(output, target) -> scalar`.
 
@@ -30,26 +33,38 @@ def run_online(algo: ETraceAlgorithm, loss_fn: Callable, xs, targets, *,
     """
     states = algo._check_ready()
     if algo.executor.is_multi_step_vjp:
-        raise ValueError("run_online steps one time step at a time; for windows of exact BPTT "
-                         "call the algorithm on MultiStepData under brainstate.transform.grad")
+        raise ValueError(
+            "run_online steps one time step at a time; for windows of exact BPTT "
+            "call the algorithm on MultiStepData under brainstate.transform.grad"
+        )
     params, rest = algo._split_values(states)
     drivers = algo._drivers
     key = (loss_fn, return_outputs)
     if key not in drivers:
         # the traces are donated: the call replaces them, so XLA may update them in place
         # instead of holding the old and the new copy (D-RTRL's trace is B x |theta|)
-        drivers[key] = jax.jit(partial(_drive, algo._plan, algo.graph.module_info.out_tree,
-                                       loss_fn, algo.check_finite, return_outputs),
-                               donate_argnums=(2,))
+        drivers[key] = jax.jit(
+            partial(
+                _drive,
+                algo._plan,
+                algo.graph.module_info.out_tree,
+                loss_fn,
+                algo.check_finite,
+                return_outputs,
+            ),
+            donate_argnums=(2,),
+        )
     args = xs if isinstance(xs, tuple) else (xs,)
     loss, grads, outs, rest, etrace = drivers[key](params, rest, algo.etrace.value, args, targets)
-    algo._write({p: v for p, v in rest.items() if p in algo.graph.module_info.written_paths},
-                etrace, states)
+    algo._write(
+        {p: v for p, v in rest.items() if p in algo.graph.module_info.written_paths}, etrace, states
+    )
     return OnlineResult(loss, grads, outs)
 
 
-def _drive(plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, etrace, args,
-           targets):
+def _drive(
+    plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, etrace, args, targets
+):
     spec = plan.spec
 
     def step(carry, inp):
@@ -73,8 +88,9 @@ def _drive(plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, 
         factors, ms = online.trace_grad_parts(plan, etrace["traces"], etrace["count"], deltas)
         if vjp.escape_fn is not None:
             esc = online.partial_hidden_grads(plan, vjp.escape_fn(jax.tree.leaves(g_out)), None)
-            ms = _add_canonical(ms, online.trace_grads_canonical(plan, old["traces"],
-                                                                 old["count"], esc))
+            ms = _add_canonical(
+                ms, online.trace_grads_canonical(plan, old["traces"], old["count"], esc)
+            )
         gsum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), gsum, dparams)
         msum = dict(msum)
         msum.update({k: msum[k] + m.astype(msum[k].dtype) for k, m in ms.items()})
@@ -102,7 +118,7 @@ def _drive(plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, 
     T = jax.tree.leaves((args, targets))[0].shape[0]
     K = chunk_length(T, plan, etrace)
     carry = (rest, etrace, zero, msum0, lsum0)
-    if K == T:     # one chunk: no outer loop (a smaller program to compile)
+    if K == T:  # one chunk: no outer loop (a smaller program to compile)
         (rest, etrace, gsum, msum, loss), outs = chunk(carry, (args, targets))
     else:
         chunked = jax.tree.map(lambda a: a.reshape((T // K, K) + a.shape[1:]), (args, targets))
@@ -112,8 +128,8 @@ def _drive(plan, out_tree, loss_fn, check_finite, return_outputs, params, rest, 
     return loss, grads, outs, rest, etrace
 
 
-CHUNK_MAX = 32                 # steps whose io-dim gradient factors are contracted together
-CHUNK_BYTES = 16 * 2 ** 20     # at most this much memory for the stacked factors
+CHUNK_MAX = 32  # steps whose io-dim gradient factors are contracted together
+CHUNK_BYTES = 16 * 2**20  # at most this much memory for the stacked factors
 
 
 def chunk_length(T: int, plan, etrace) -> int:
@@ -142,8 +158,12 @@ def _canonical_zeros(plan, etrace):
     groups = plan.spec.graph.hidden_groups
     dtype = jnp.result_type(*jax.tree.leaves(etrace["traces"])) if etrace["traces"] else float
     deltas = [jax.ShapeDtypeStruct((g.size, g.num_state), dtype) for g in groups]
-    shapes = jax.eval_shape(lambda tr, c, d: online.trace_grads_canonical(plan, tr, c, d),
-                            etrace["traces"], etrace["count"], deltas)
+    shapes = jax.eval_shape(
+        lambda tr, c, d: online.trace_grads_canonical(plan, tr, c, d),
+        etrace["traces"],
+        etrace["count"],
+        deltas,
+    )
     return {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
 
 

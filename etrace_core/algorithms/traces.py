@@ -3,22 +3,24 @@
 Shapes: X is L + (I,), df is L + (O, S), D (gathered at the outputs) L + (O, S, S), dL/dh
 (gathered) L + (O, S). A rule returns the canonical gradient M of shape (I, O).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 
 class Connection(NamedTuple):
     """Relation `rel` reaching hidden group `group` (its `slot`-th group) with unit map `unit`."""
+
     rel: int
     slot: int
     group: int
-    unit: np.ndarray          # canonical output positions -> flat hidden unit (-1: none)
-    identity: bool            # unit map is the identity (no gather needed)
+    unit: np.ndarray  # canonical output positions -> flat hidden unit (-1: none)
+    identity: bool  # unit map is the identity (no gather needed)
     group_size: int
 
 
@@ -33,6 +35,7 @@ def gather_units(conn: Connection, per_unit):
 
 class ParamDimTrace:
     """D-RTRL: eps[l, i, o, s] = sum_s' D[o, s, s'] eps[l, i, o, s'] + df[l, o, s] X[l, i]."""
+
     kind = "param"
 
     @staticmethod
@@ -79,12 +82,15 @@ class ParamDimTrace:
 class IODimTrace:
     """ES-D-RTRL / pp-prop: eps_x = a eps_x + X; eps_f = a D eps_f + (1 - a) df;
     gradient = outer(eps_x, dL/dh * eps_f) / (1 - a^t), t = time steps seen."""
+
     kind = "io"
 
     @staticmethod
     def init(X_shape, y_shape_with_states, dtype):
-        return {"x": jnp.zeros(tuple(X_shape), dtype),
-                "f": jnp.zeros(tuple(y_shape_with_states), dtype)}
+        return {
+            "x": jnp.zeros(tuple(X_shape), dtype),
+            "f": jnp.zeros(tuple(y_shape_with_states), dtype),
+        }
 
     @staticmethod
     def update(trace, X, df, D_y, decay):
@@ -97,7 +103,7 @@ class IODimTrace:
     def grad(trace, delta_y, count, decay):
         scale = _debias(count, decay)
         f = trace["f"]
-        w = sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))     # L + (O,)
+        w = sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))  # L + (O,)
         g = jnp.einsum("...i,...o->io", trace["x"], w)
         return g * scale.astype(g.dtype)
 
@@ -107,7 +113,7 @@ class IODimTrace:
         The sequence driver stacks them over a chunk of steps and contracts them in one GEMM."""
         scale = _debias(count, decay)
         f = trace["f"]
-        w = sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))     # L + (O,)
+        w = sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))  # L + (O,)
         x = trace["x"]
         return x.reshape((-1, x.shape[-1])), (w * scale.astype(w.dtype)).reshape((-1, w.shape[-1]))
 
@@ -118,7 +124,7 @@ class IODimTrace:
 
 def _debias(count, decay):
     """1 / (1 - a^t) after t > 0 time steps (0 before any)."""
-    correction = 1.0 - decay ** count
+    correction = 1.0 - decay**count
     return jnp.where(count > 0, 1.0 / jnp.where(correction == 0, 1.0, correction), 0.0)
 
 

@@ -1,8 +1,12 @@
-"""ETraceGraph and the compile pipeline: module info -> hidden groups -> relations -> perturbation."""
+"""ETraceGraph and the compile pipeline: module info -> hidden groups -> relations ->
+perturbation."""
+
 from __future__ import annotations
 
+import builtins
 import warnings
-from typing import Dict, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 from jax.extend import core as jcore
 
@@ -16,9 +20,10 @@ from .relations import HiddenParamOpRelation, analyse_relations
 
 class ETraceGraph(NamedTuple):
     """The compiled eligibility-trace graph of a one-step model."""
+
     module_info: ModuleInfo
     hidden_groups: Sequence[HiddenGroup]
-    hid_path_to_group: Dict[Path, HiddenGroup]
+    hid_path_to_group: builtins.dict[Path, HiddenGroup]
     hidden_param_op_relations: Sequence[HiddenParamOpRelation]
     hidden_perturb: Optional[HiddenPerturbation]
 
@@ -41,10 +46,14 @@ def compile_etrace_graph(model, *args, include_hidden_perturb: bool = True) -> E
         warnings.warn(
             f"{type(model).__name__} has no HiddenState written by its step: there is nothing to "
             "carry over time, so online learning gives each step's ordinary gradient "
-            "(a feed-forward model)", UserWarning, stacklevel=2)
+            "(a feed-forward model)",
+            UserWarning,
+            stacklevel=2,
+        )
     relations, _ = analyse_relations(minfo, by_path)
-    perturb = (add_hidden_perturbation_from_minfo(minfo)
-               if groups and include_hidden_perturb else None)
+    perturb = (
+        add_hidden_perturbation_from_minfo(minfo) if groups and include_hidden_perturb else None
+    )
     return ETraceGraph(minfo, tuple(groups), by_path, tuple(relations), perturb)
 
 
@@ -55,8 +64,9 @@ def check_opaque_ops(minfo: ModuleInfo) -> None:
         name = eqn.primitive.name
         if name not in LOOPS and name not in CUSTOM_CALLS:
             continue
-        weights = [param_of[v] for v in eqn.invars
-                   if not isinstance(v, jcore.Literal) and v in param_of]
+        weights = [
+            param_of[v] for v in eqn.invars if not isinstance(v, jcore.Literal) and v in param_of
+        ]
         hidden_etp = uses_etp(eqn)
         if (name in LOOPS and weights) or hidden_etp:
             where = f" (weights {weights})" if weights else ""
@@ -64,4 +74,5 @@ def check_opaque_ops(minfo: ModuleInfo) -> None:
                 f"a {name} inside the step uses weights{where}"
                 f"{' through an ETP op' if hidden_etp else ''}; the compiler cannot follow "
                 "weights into an opaque loop or custom call. Move the weighted op out of the "
-                "loop (loops without weights are fine)")
+                "loop (loops without weights are fine)"
+            )

@@ -1,7 +1,8 @@
 """Hidden groups: hidden states coupled element-wise within one unit (LSTM h and c; LIF V and a)."""
+
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -16,12 +17,13 @@ class HiddenGroup(NamedTuple):
     The group's transition h^{t-1} -> h^t keeps ETP-op outputs fixed; its Jacobian is therefore
     block-diagonal over units, one `num_state x num_state` block per element of `varshape`.
     """
+
     index: int
-    hidden_paths: Tuple[Path, ...]
-    hidden_states: Tuple[Any, ...]
-    hidden_invars: Tuple[Any, ...]
-    hidden_outvars: Tuple[Any, ...]
-    varshape: Tuple[int, ...]
+    hidden_paths: tuple[Path, ...]
+    hidden_states: tuple[Any, ...]
+    hidden_invars: tuple[Any, ...]
+    hidden_outvars: tuple[Any, ...]
+    varshape: tuple[int, ...]
 
     @property
     def num_state(self) -> int:
@@ -32,8 +34,10 @@ class HiddenGroup(NamedTuple):
         return int(np.prod(self.varshape, dtype=int))
 
     def __repr__(self):
-        return (f"HiddenGroup(index={self.index}, hidden_paths={list(self.hidden_paths)}, "
-                f"varshape={self.varshape})")
+        return (
+            f"HiddenGroup(index={self.index}, hidden_paths={list(self.hidden_paths)}, "
+            f"varshape={self.varshape})"
+        )
 
 
 def find_hidden_groups_from_minfo(minfo: ModuleInfo):
@@ -62,10 +66,11 @@ def find_hidden_groups_from_minfo(minfo: ModuleInfo):
                     f"hidden state {src} reaches hidden state {dst} through ops that move "
                     "elements between units (roll, transpose, broadcast, ...); eligibility "
                     "traces need each unit's next state to depend element-wise on the same "
-                    "unit's states. Route that coupling through a weight (an ETP op) instead")
+                    "unit's states. Route that coupling through a weight (an ETP op) instead"
+                )
             parent[root(src)] = root(dst)
 
-    members: Dict[Path, list] = {}
+    members: dict[Path, list] = {}
     for p in paths:
         members.setdefault(root(p), []).append(p)
     groups, by_path = [], {}
@@ -86,4 +91,5 @@ def find_hidden_groups_from_minfo(minfo: ModuleInfo):
 def find_hidden_groups_from_module(model, *args):
     """Group the hidden states of `model` stepped with `args`."""
     from .module_info import extract_module_info
+
     return find_hidden_groups_from_minfo(extract_module_info(model, *args))

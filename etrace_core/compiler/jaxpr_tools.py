@@ -3,9 +3,10 @@
 Passes are pure functions of a closed jaxpr: they re-trace an interpreter of it, so the result
 is an ordinary closed jaxpr that JAX builds (no hand-made variables).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,21 +17,26 @@ from etrace_core.ops import is_etp_primitive
 
 # Primitives whose output element q depends only on element q of each same-shaped operand
 # (rank-0 operands broadcast).
-ELEMENTWISE = frozenset("""
+ELEMENTWISE = frozenset(
+    """
 abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp copy copy_p convert_element_type
 cos cosh div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow is_finite le lgamma
 digamma log log1p logistic lt max min mul ne neg nextafter not or pow real reduce_precision rem
 round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan tanh xor
-""".split())
+""".split()
+)
 
 # Primitives that move elements without combining them (position relabelling).
-RELABEL = frozenset("""
+RELABEL = frozenset(
+    """
 broadcast_in_dim concatenate dynamic_slice expand_dims gather pad reshape rev slice split squeeze
 stack transpose
-""".split())
+""".split()
+)
 
-INLINE_CALLS = frozenset(["pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
-                          "custom_lin"])
+INLINE_CALLS = frozenset(
+    ["pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_lin"]
+)
 CUSTOM_CALLS = frozenset(["custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"])
 LOOPS = frozenset(["scan", "while"])
 
@@ -104,8 +110,13 @@ def read_var(env: dict, v):
     return v.val if isinstance(v, jcore.Literal) else env[v]
 
 
-def eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence, args: Sequence,
-               rule: EqnRule | None = None, env: dict | None = None) -> list:
+def eval_jaxpr(
+    jaxpr: jcore.Jaxpr,
+    consts: Sequence,
+    args: Sequence,
+    rule: EqnRule | None = None,
+    env: dict | None = None,
+) -> list:
     """Evaluate `jaxpr`; `rule(eqn, invals)` may replace the evaluation of any equation.
 
     When `env` is given it receives every variable's value (used to read intermediates).

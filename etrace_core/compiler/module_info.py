@@ -1,7 +1,8 @@
 """ModuleInfo: the flattened one-step jaxpr of a model and where its states live in it."""
+
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Tuple
+from typing import Any, NamedTuple
 
 import brainstate
 import jax
@@ -11,7 +12,7 @@ from .errors import CompilationError
 from .jaxpr_tools import flatten_jaxpr
 from .state_leaves import leaf_refs, read_leaves
 
-Path = Tuple[str, ...]
+Path = tuple[str, ...]
 
 
 class ModuleInfo(NamedTuple):
@@ -21,18 +22,19 @@ class ModuleInfo(NamedTuple):
     step reads (in `state_paths` order); its outputs are the flattened model output followed by
     the states the step writes (in `written_paths` order).
     """
+
     closed_jaxpr: jcore.ClosedJaxpr
     in_tree: Any
     out_tree: Any
     num_args: int
     num_outputs: int
-    state_paths: Tuple[Path, ...]
-    written_paths: Tuple[Path, ...]
-    hidden_paths: Tuple[Path, ...]
-    param_paths: Tuple[Path, ...]
-    other_paths: Tuple[Path, ...]
+    state_paths: tuple[Path, ...]
+    written_paths: tuple[Path, ...]
+    hidden_paths: tuple[Path, ...]
+    param_paths: tuple[Path, ...]
+    other_paths: tuple[Path, ...]
     retrieved_model_states: Any  # brainstate.util.FlattedDict[Path, State]
-    leaf_refs: Any = None        # {leaf path: LeafRef} for states with pytree values
+    leaf_refs: Any = None  # {leaf path: LeafRef} for states with pytree values
 
     @property
     def jaxpr(self) -> jcore.Jaxpr:
@@ -40,19 +42,19 @@ class ModuleInfo(NamedTuple):
 
     @property
     def arg_invars(self):
-        return self.jaxpr.invars[:self.num_args]
+        return self.jaxpr.invars[: self.num_args]
 
     @property
     def state_invars(self) -> dict:
-        return dict(zip(self.state_paths, self.jaxpr.invars[self.num_args:]))
+        return dict(zip(self.state_paths, self.jaxpr.invars[self.num_args :]))
 
     @property
     def output_vars(self):
-        return self.jaxpr.outvars[:self.num_outputs]
+        return self.jaxpr.outvars[: self.num_outputs]
 
     @property
     def state_outvars(self) -> dict:
-        return dict(zip(self.written_paths, self.jaxpr.outvars[self.num_outputs:]))
+        return dict(zip(self.written_paths, self.jaxpr.outvars[self.num_outputs :]))
 
     @property
     def hidden_invars(self):
@@ -84,7 +86,8 @@ def extract_module_info(model: brainstate.nn.Module, *args) -> ModuleInfo:
     if not isinstance(model, brainstate.nn.Module):
         raise TypeError(
             f"expected a brainstate.nn.Module, got {type(model).__name__}; wrap the step in a "
-            "brainstate.nn.Module whose update() runs one time step")
+            "brainstate.nn.Module whose update() runs one time step"
+        )
     all_states = model.states()
     path_of = {id(st): path for path, st in all_states.items()}
 
@@ -108,7 +111,8 @@ def extract_module_info(model: brainstate.nn.Module, *args) -> ModuleInfo:
                 f"the step uses {len(missing)} state(s) that are not attributes of the model "
                 f"(e.g. {type(missing[0]).__name__} of shape "
                 f"{jax.tree.map(jax.numpy.shape, missing[0].value)}); make "
-                "every state an attribute of the module tree")
+                "every state an attribute of the module tree"
+            )
         leaf_paths, owners = [], []
         for st in states:
             these = leaf_refs(path_of[id(st)], st.value)
@@ -119,20 +123,30 @@ def extract_module_info(model: brainstate.nn.Module, *args) -> ModuleInfo:
 
     (state_paths, read), (written_paths, written) = paths(read), paths(written)
     if num_outputs + len(written_paths) != len(closed.jaxpr.outvars):
-        raise CompilationError("the step's outputs do not match its written states; "
-                               "return plain arrays (or pytrees of arrays) from update()")
+        raise CompilationError(
+            "the step's outputs do not match its written states; "
+            "return plain arrays (or pytrees of arrays) from update()"
+        )
     _check_states(closed, num_args, num_outputs, read, written, state_paths, written_paths)
 
-    hidden = tuple(p for p, st in zip(written_paths, written)
-                   if isinstance(st, brainstate.HiddenState) and p in state_paths)
+    hidden = tuple(
+        p
+        for p, st in zip(written_paths, written)
+        if isinstance(st, brainstate.HiddenState) and p in state_paths
+    )
     params = tuple(p for p, st in zip(state_paths, read) if isinstance(st, brainstate.ParamState))
-    others = tuple(p for p in state_paths + written_paths
-                   if p not in hidden and p not in params)
+    others = tuple(p for p in state_paths + written_paths if p not in hidden and p not in params)
     return ModuleInfo(
         closed_jaxpr=flatten_jaxpr(closed),
-        in_tree=in_tree, out_tree=out_tree, num_args=num_args, num_outputs=num_outputs,
-        state_paths=state_paths, written_paths=written_paths,
-        hidden_paths=hidden, param_paths=params, other_paths=tuple(dict.fromkeys(others)),
+        in_tree=in_tree,
+        out_tree=out_tree,
+        num_args=num_args,
+        num_outputs=num_outputs,
+        state_paths=state_paths,
+        written_paths=written_paths,
+        hidden_paths=hidden,
+        param_paths=params,
+        other_paths=tuple(dict.fromkeys(others)),
         retrieved_model_states=all_states,
         leaf_refs={p: r for p, r in refs.items() if r.count > 1},
     )
@@ -145,7 +159,8 @@ def _check_states(closed, num_args, num_outputs, read, written, state_paths, wri
         if isinstance(st, brainstate.ParamState):
             raise CompilationError(
                 f"ParamState {path} is written inside the step; parameters must be constant "
-                "over a step (update them outside, e.g. with an optimizer)")
+                "over a step (update them outside, e.g. with an optimizer)"
+            )
     in_avals = dict(zip(state_paths, [v.aval for v in closed.jaxpr.invars[num_args:]]))
     out_avals = dict(zip(written_paths, [v.aval for v in closed.jaxpr.outvars[num_outputs:]]))
     for path, st in zip(written_paths, written):
@@ -155,4 +170,5 @@ def _check_states(closed, num_args, num_outputs, read, written, state_paths, wri
                 raise CompilationError(
                     f"HiddenState {path} changes from {a.dtype.name}{list(a.shape)} to "
                     f"{b.dtype.name}{list(b.shape)} over one step; a hidden state must keep "
-                    "its shape and dtype (initialise it with the batch size you run with)")
+                    "its shape and dtype (initialise it with the batch size you run with)"
+                )

@@ -8,9 +8,10 @@ several. Element-wise ops merge their operands' origins position by position, re
 A parameter whose origin map at a hidden state has no `MANY` acts element-wise: each hidden
 element depends on one parameter element, so its trace needs one number per hidden element.
 """
+
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +24,8 @@ from .positions import MANY, NONE, _operand_role
 
 
 class Origins(NamedTuple):
-    maps: Dict[jcore.Var, np.ndarray]   # var -> origin map (shaped like the var)
-    mixers: List[jcore.JaxprEqn]        # eqns that made MANY out of single origins
+    maps: dict[jcore.Var, np.ndarray]  # var -> origin map (shaped like the var)
+    mixers: list[jcore.JaxprEqn]  # eqns that made MANY out of single origins
 
 
 def merge_origins(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -40,8 +41,11 @@ def origins(jaxpr: jcore.Jaxpr, source: jcore.Var, static: dict, stop=frozenset(
     maps = {source: np.arange(int(np.prod(shape, dtype=int))).reshape(shape)}
     mixers = []
     for eqn in jaxpr.eqns:
-        carried = [v for v in eqn.invars
-                   if not isinstance(v, jcore.Literal) and v in maps and v not in stop]
+        carried = [
+            v
+            for v in eqn.invars
+            if not isinstance(v, jcore.Literal) and v in maps and v not in stop
+        ]
         if not carried:
             continue
         outs = _push(eqn, maps, stop, static)
@@ -74,7 +78,7 @@ def _push(eqn, maps, stop, static):
         x, w = eqn.invars[0], eqn.invars[1]
         if any(np.any(_get(v, maps, stop) != NONE) for v in (x, w)):
             return None
-        b = _get(eqn.invars[2], maps, stop)      # only the bias carries the source: y = c + b
+        b = _get(eqn.invars[2], maps, stop)  # only the bias carries the source: y = c + b
         return [np.broadcast_to(b, _shape(eqn.outvars[0]))]
     if is_etp_primitive(prim):
         return None
@@ -84,7 +88,7 @@ def _push(eqn, maps, stop, static):
             shape, merged = _shape(outvar), np.full(_shape(outvar), NONE)
             for v in eqn.invars:
                 m = _get(v, maps, stop)
-                if m.shape != shape:   # rank-0 or size-1 axes spread over the output
+                if m.shape != shape:  # rank-0 or size-1 axes spread over the output
                     try:
                         m = np.broadcast_to(m, shape)
                     except ValueError:

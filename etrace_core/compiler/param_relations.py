@@ -11,13 +11,13 @@ trace of its own, dh^t/dtheta, carried with the group's per-unit Jacobian D:
   `dense_trace_budget` (elements of the trace, batch included); above it the parameter keeps
   its same-step gradient, labelled approximate with the size that would trace it.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
-
 from jax.extend import core as jcore
 
 from etrace_core.ops import is_etp_primitive
@@ -31,7 +31,7 @@ from .positions import MANY, NONE, propagate, reachable, static_values
 from .recurrence import recurrence_notes
 from .relations import UntracedUse, _groups_feeding_memory
 
-DEFAULT_DENSE_TRACE_BUDGET = 1 << 22   # elements of one dense trace (32 MiB in float64)
+DEFAULT_DENSE_TRACE_BUDGET = 1 << 22  # elements of one dense trace (32 MiB in float64)
 
 
 class ParamTraceRelation(NamedTuple):
@@ -41,14 +41,15 @@ class ParamTraceRelation(NamedTuple):
     entries: the flat parameter element each hidden unit depends on (-1: none). Dense traces
     hold the full Jacobian (`None` there).
     """
+
     path: Path
-    kind: str                                   # 'elementwise' or 'dense'
-    var: Any                                    # the parameter's input variable in the jaxpr
-    hidden_groups: Tuple[HiddenGroup, ...]
-    unit_to_param: Tuple[Optional[np.ndarray], ...]
-    trace_size: int                             # elements of the trace, batch included
-    approximations: Tuple[str, ...]
-    mixing: str                                 # dense: the op that mixes positions
+    kind: str  # 'elementwise' or 'dense'
+    var: Any  # the parameter's input variable in the jaxpr
+    hidden_groups: tuple[HiddenGroup, ...]
+    unit_to_param: tuple[Optional[np.ndarray], ...]
+    trace_size: int  # elements of the trace, batch included
+    approximations: tuple[str, ...]
+    mixing: str  # dense: the op that mixes positions
 
     @property
     def param_size(self) -> int:
@@ -58,25 +59,28 @@ class ParamTraceRelation(NamedTuple):
         return self.trace_size * jnp.dtype(self.var.aval.dtype).itemsize
 
 
-def made_at_vars(minfo: ModuleInfo, groups, static) -> Dict[Path, Any]:
+def made_at_vars(minfo: ModuleInfo, groups, static) -> dict[Path, Any]:
     """{hidden path: the variable where the step produces it} (see perturbation)."""
     outvars = minfo.state_outvars
-    return {p: production_point(minfo, outvars[p], static)
-            for g in groups for p in g.hidden_paths}
+    return {p: production_point(minfo, outvars[p], static) for g in groups for p in g.hidden_paths}
 
 
 class ParamTraces(NamedTuple):
     """What `find_param_trace_relations` decides for the parameters outside clean relations."""
-    traced: Tuple[ParamTraceRelation, ...]
-    over_budget: Tuple[UntracedUse, ...]   # feed hidden states; dense trace above the budget
-    replaced: frozenset                    # weight paths whose ETP relations the traces replace
-    also_used: Tuple[Tuple[Path, str], ...] = ()   # (weight path, note): relation weights that
+
+    traced: tuple[ParamTraceRelation, ...]
+    over_budget: tuple[UntracedUse, ...]  # feed hidden states; dense trace above the budget
+    replaced: frozenset  # weight paths whose ETP relations the traces replace
+    also_used: tuple[tuple[Path, str], ...] = ()  # (weight path, note): relation weights that
     #                                        also reach hidden states through other, untraced uses
 
 
-def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGroup],
-                               relations, budget: int = DEFAULT_DENSE_TRACE_BUDGET
-                               ) -> ParamTraces:
+def find_param_trace_relations(
+    minfo: ModuleInfo,
+    hid_path_to_group: dict[Path, HiddenGroup],
+    relations,
+    budget: int = DEFAULT_DENSE_TRACE_BUDGET,
+) -> ParamTraces:
     """Trace every float parameter that reaches a hidden state and is not the weight or bias of
     an exact ETP relation. A relation whose output also reaches the hidden state through a
     position-mixing op (a norm after the matmul) drops that path; its weight gets a dense trace
@@ -102,11 +106,18 @@ def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, 
             continue
         blocker = _forward_blocker(jaxpr, reached)
         if blocker is not None:
-            skipped.append(UntracedUse(path, (
-                f"approximate: same-step gradient: its value reaches hidden group(s) "
-                f"{[g.index for g in hit]} through the custom-VJP function {blocker}, whose "
-                "forward derivative is not known for it (not position-wise, or the parameter "
-                "enters broadcast); a custom_jvp rule would let it be traced")))
+            skipped.append(
+                UntracedUse(
+                    path,
+                    (
+                        f"approximate: same-step gradient: its value reaches hidden group(s) "
+                        f"{[g.index for g in hit]} through the custom-VJP function {blocker}, "
+                        "whose forward derivative is not known for it (not position-wise, or the "
+                        "parameter "
+                        "enters broadcast); a custom_jvp rule would let it be traced"
+                    ),
+                )
+            )
             continue
         orig = origins(jaxpr, var, static, stop=stop)
         units = [_unit_origins(orig.maps, g, made_at) for g in hit]
@@ -115,23 +126,37 @@ def find_param_trace_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, 
         size_p = int(np.prod(var.aval.shape, dtype=int))
         if all(not np.any(u == MANY) for u in units):
             size = sum(g.size * g.num_state for g in hit)
-            found[path] = ParamTraceRelation(path, "elementwise", var, tuple(hit), tuple(units),
-                                             size, tuple(notes), "")
+            found[path] = ParamTraceRelation(
+                path, "elementwise", var, tuple(hit), tuple(units), size, tuple(notes), ""
+            )
             continue
         mixing = _first_mixer(jaxpr, var, orig.mixers, hit, made_at, stop, static)
         size = sum(g.size * g.num_state for g in hit) * size_p
         if size > budget:
-            skipped.append(UntracedUse(path, (
-                f"approximate: same-step gradient: its value reaches hidden group(s) "
-                f"{[g.index for g in hit]} through {mixing}, which mixes positions; a dense "
-                f"trace dh/dtheta would hold {size} elements (dense_trace_budget={budget}; "
-                f"raise it to at least {size} to trace this parameter)")))
+            skipped.append(
+                UntracedUse(
+                    path,
+                    (
+                        f"approximate: same-step gradient: its value reaches hidden group(s) "
+                        f"{[g.index for g in hit]} through {mixing}, which mixes positions; a "
+                        "dense "
+                        f"trace dh/dtheta would hold {size} elements (dense_trace_budget={budget}; "
+                        f"raise it to at least {size} to trace this parameter)"
+                    ),
+                )
+            )
             continue
-        found[path] = ParamTraceRelation(path, "dense", var, tuple(hit), (None,) * len(hit),
-                                         size, tuple(notes), mixing)
+        found[path] = ParamTraceRelation(
+            path, "dense", var, tuple(hit), (None,) * len(hit), size, tuple(notes), mixing
+        )
     replaced = frozenset(p for p in mixed if p in found)
-    clean = {p for r in relations if r.weight_path not in replaced
-             for p in (r.weight_path, r.bias_path) if p is not None}
+    clean = {
+        p
+        for r in relations
+        if r.weight_path not in replaced
+        for p in (r.weight_path, r.bias_path)
+        if p is not None
+    }
     traced = tuple(r for p, r in found.items() if p not in clean)
     over = tuple(u for u in skipped if u.path not in clean)
     kept = [r for r in relations if r.weight_path not in replaced]
@@ -146,8 +171,11 @@ def _forward_blocker(jaxpr, reached) -> Optional[str]:
             continue
         shapes = {tuple(v.aval.shape) for v in eqn.outvars}
         for v in eqn.invars:
-            if isinstance(v, jcore.Literal) or v not in reached \
-                    or not jnp.issubdtype(v.aval.dtype, jnp.inexact):
+            if (
+                isinstance(v, jcore.Literal)
+                or v not in reached
+                or not jnp.issubdtype(v.aval.dtype, jnp.inexact)
+            ):
                 continue
             if not _positionwise_call(eqn) or {tuple(v.aval.shape)} != shapes:
                 return str(eqn.params.get("name", eqn.primitive.name))
@@ -158,7 +186,7 @@ def _other_uses(minfo, relations, stop):
     """Relation weights/biases that also reach a hidden state through an op that is not one of
     their traced relations: the trace misses that path."""
     jaxpr = minfo.jaxpr
-    param_of = {v: p for p, v in minfo.param_invars.items()}
+    {v: p for p, v in minfo.param_invars.items()}
     traced_at = {}
     for r in relations:
         for p in (r.weight_path, r.bias_path):
@@ -171,9 +199,14 @@ def _other_uses(minfo, relations, stop):
             if id(eqn) in eqn_ids or not any(v is var for v in eqn.invars):
                 continue
             if reachable(jaxpr, [v for v in eqn.outvars], stop=stop) & stop:
-                notes.append((path, f"{path} is also used through {eqn.primitive.name}, which "
-                                    "reaches hidden states outside its traced relation; that "
-                                    "path is not in the trace"))
+                notes.append(
+                    (
+                        path,
+                        f"{path} is also used through {eqn.primitive.name}, which "
+                        "reaches hidden states outside its traced relation; that "
+                        "path is not in the trace",
+                    )
+                )
                 break
     return tuple(notes)
 
@@ -211,17 +244,25 @@ def _first_mixer(jaxpr, var, mixers, groups, made_at, stop, static) -> str:
             continue
         name = eqn.primitive.name
         if is_etp_primitive(eqn.primitive) and var in eqn.invars:
-            after = [e for e in propagate(jaxpr, eqn.outvars[0], static, stop=stop).blocked
-                     if reachable(jaxpr, e.outvars, stop=stop) & targets]
+            after = [
+                e
+                for e in propagate(jaxpr, eqn.outvars[0], static, stop=stop).blocked
+                if reachable(jaxpr, e.outvars, stop=stop) & targets
+            ]
             if after:
                 name += f" then {after[0].primitive.name}"
         return name
     return mixers[0].primitive.name if mixers else "an op that mixes positions"
 
 
-def _memory_notes(minfo, groups) -> Dict[int, str]:
+def _memory_notes(minfo, groups) -> dict[int, str]:
     return _groups_feeding_memory(minfo, {p: g for g in groups for p in g.hidden_paths})
 
 
-__all__ = ["ParamTraceRelation", "ParamTraces", "find_param_trace_relations", "made_at_vars",
-           "DEFAULT_DENSE_TRACE_BUDGET"]
+__all__ = [
+    "ParamTraceRelation",
+    "ParamTraces",
+    "find_param_trace_relations",
+    "made_at_vars",
+    "DEFAULT_DENSE_TRACE_BUDGET",
+]

@@ -1,7 +1,8 @@
 """Hidden perturbation: dL/dh^t as the VJP of the step w.r.t. zero perturbations added to h^t."""
+
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Tuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +20,18 @@ class HiddenPerturbation(NamedTuple):
     Every consumer of h^t inside the step, and the step's outputs, see h^t + p, so the VJP of the
     outputs w.r.t. `p` at p = 0 is dL/dh^t, including same-step downstream paths.
     """
-    perturb_paths: Tuple[Path, ...]
-    perturb_vars: Tuple[Any, ...]
+
+    perturb_paths: tuple[Path, ...]
+    perturb_vars: tuple[Any, ...]
 
     @property
     def perturb_avals(self):
         return tuple(v.aval for v in self.perturb_vars)
 
     def init_perturb_data(self):
-        return {p: jnp.zeros(a.shape, a.dtype) for p, a in zip(self.perturb_paths, self.perturb_avals)}
+        return {
+            p: jnp.zeros(a.shape, a.dtype) for p, a in zip(self.perturb_paths, self.perturb_avals)
+        }
 
     def perturbed_jaxpr(self, minfo: ModuleInfo) -> jcore.ClosedJaxpr:
         """The step as a jaxpr taking the perturbations as extra trailing inputs."""
@@ -68,7 +72,8 @@ def add_hidden_perturbation_from_minfo(minfo: ModuleInfo) -> HiddenPerturbation:
     static = static_values(minfo.closed_jaxpr)
     return HiddenPerturbation(
         perturb_paths=paths,
-        perturb_vars=tuple(production_point(minfo, outvars[p], static) for p in paths))
+        perturb_vars=tuple(production_point(minfo, outvars[p], static) for p in paths),
+    )
 
 
 def production_point(minfo: ModuleInfo, var, static):
@@ -94,7 +99,7 @@ def production_point(minfo: ModuleInfo, var, static):
         operand, position = np.full(out_size, -1), np.full(out_size, -1)
         for i, target in table[out]:
             if np.any(target == MANY):
-                continue   # one element copied to several places: no single pull-back
+                continue  # one element copied to several places: no single pull-back
             hit = target >= 0
             operand[target[hit]], position[target[hit]] = i, np.nonzero(hit)[0]
         sources = operand[positions]
@@ -103,13 +108,17 @@ def production_point(minfo: ModuleInfo, var, static):
         current, positions = eqn.invars[int(sources[0])], position[positions]
         if isinstance(current, jcore.Literal):
             return best
-        if (int(np.prod(current.aval.shape, dtype=int)) == size
-                and current.aval.dtype == var.aval.dtype
-                and np.array_equal(positions, np.arange(size)) and current in producer):
+        if (
+            int(np.prod(current.aval.shape, dtype=int)) == size
+            and current.aval.dtype == var.aval.dtype
+            and np.array_equal(positions, np.arange(size))
+            and current in producer
+        ):
             best = current
 
 
 def add_hidden_perturbation_in_module(model, *args) -> HiddenPerturbation:
     """The hidden perturbation of `model` stepped with `args`."""
     from .module_info import extract_module_info
+
     return add_hidden_perturbation_from_minfo(extract_module_info(model, *args))

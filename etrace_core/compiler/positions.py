@@ -5,11 +5,12 @@ positions of `s`: entry `p` is the flat position of `v` that element `p` of `s` 
 if it reaches no element of `v`, or `MANY` if it reaches several (broadcast, duplication, or two
 different positions through two paths).
 """
+
 from __future__ import annotations
 
 import functools
 import heapq
-from typing import Dict, List, NamedTuple
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +25,9 @@ NONE, MANY = -1, -2
 
 class Propagation(NamedTuple):
     """The result of pushing one source through a jaxpr."""
-    maps: Dict[jcore.Var, np.ndarray]        # var -> position map (for every var reached)
-    blocked: List[jcore.JaxprEqn]           # eqns that consume a reached var but mix positions
+
+    maps: dict[jcore.Var, np.ndarray]  # var -> position map (for every var reached)
+    blocked: list[jcore.JaxprEqn]  # eqns that consume a reached var but mix positions
 
 
 def merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -46,13 +48,15 @@ def static_values(closed: jcore.ClosedJaxpr) -> dict:
                 outs = bind_eqn(eqn, [read_var(env, v) for v in eqn.invars])
             except Exception:  # noqa: BLE001 - a non-evaluable const expr is simply not static
                 continue
-            env.update({v: o for v, o in zip(eqn.outvars, outs)
-                        if not isinstance(v, jcore.DropVar)})
+            env.update(
+                {v: o for v, o in zip(eqn.outvars, outs) if not isinstance(v, jcore.DropVar)}
+            )
     return env
 
 
-def propagate(jaxpr: jcore.Jaxpr, source: jcore.Var, static: dict, stop=frozenset(),
-              index: dict | None = None) -> Propagation:
+def propagate(
+    jaxpr: jcore.Jaxpr, source: jcore.Var, static: dict, stop=frozenset(), index: dict | None = None
+) -> Propagation:
     """Push `source` forward through element-wise and relabelling equations.
 
     Variables in `stop` get a map but are not pushed further. Only the equations that read a
@@ -74,8 +78,9 @@ def propagate(jaxpr: jcore.Jaxpr, source: jcore.Var, static: dict, stop=frozense
     enqueue(source)
     while queue:
         _, eqn = heapq.heappop(queue)
-        if not any(not isinstance(v, jcore.Literal) and v in maps and v not in stop
-                   for v in eqn.invars):
+        if not any(
+            not isinstance(v, jcore.Literal) and v in maps and v not in stop for v in eqn.invars
+        ):
             continue
         out = _push(eqn, maps, static)
         if out is None:
@@ -83,7 +88,7 @@ def propagate(jaxpr: jcore.Jaxpr, source: jcore.Var, static: dict, stop=frozense
             continue
         for v, m in zip(eqn.outvars, out):
             if not isinstance(v, jcore.DropVar) and np.any(m != NONE):
-                maps[v] = m   # a value holding none of the source's elements is not followed
+                maps[v] = m  # a value holding none of the source's elements is not followed
                 if v not in stop:
                     enqueue(v)
     return Propagation(maps, blocked)
@@ -109,8 +114,10 @@ def is_admissible(eqn, static) -> bool:
         return True
     if eqn.primitive.name not in RELABEL:
         return False
-    return all(_operand_role(eqn, i) != "index" or isinstance(v, jcore.Literal) or v in static
-               for i, v in enumerate(eqn.invars))
+    return all(
+        _operand_role(eqn, i) != "index" or isinstance(v, jcore.Literal) or v in static
+        for i, v in enumerate(eqn.invars)
+    )
 
 
 def _push(eqn, maps, static):
@@ -188,7 +195,7 @@ def _frozen(value):
     """A hashable stand-in for equation parameters (tagged tuples for dicts, lists, arrays)."""
     if isinstance(value, dict):
         return ("dict", tuple((k, _frozen(v)) for k, v in sorted(value.items())))
-    if type(value) in (list, tuple):   # not NamedTuples (GatherDimensionNumbers): kept whole
+    if type(value) in (list, tuple):  # not NamedTuples (GatherDimensionNumbers): kept whole
         return ("seq", tuple(_frozen(v) for v in value))
     if isinstance(value, np.ndarray):
         return ("array", value.shape, value.dtype.str, value.tobytes())
@@ -284,13 +291,23 @@ def reachable(jaxpr: jcore.Jaxpr, start_vars, stop=frozenset()) -> set:
     through the variables in `stop` (they are reached but not followed)."""
     seen = set(v for v in start_vars if not isinstance(v, jcore.Literal))
     for eqn in jaxpr.eqns:
-        if any(not isinstance(v, jcore.Literal) and v in seen and v not in stop
-               for v in eqn.invars):
+        if any(
+            not isinstance(v, jcore.Literal) and v in seen and v not in stop for v in eqn.invars
+        ):
             seen.update(v for v in eqn.outvars if not isinstance(v, jcore.DropVar))
     return seen
 
 
-__all__ = ["NONE", "MANY", "Propagation", "merge", "propagate", "consumer_index", "relabel_table",
-           "static_values",
-           "consumers",
-           "reachable", "is_admissible"]
+__all__ = [
+    "NONE",
+    "MANY",
+    "Propagation",
+    "merge",
+    "propagate",
+    "consumer_index",
+    "relabel_table",
+    "static_values",
+    "consumers",
+    "reachable",
+    "is_admissible",
+]

@@ -1,7 +1,8 @@
 """Hidden-parameter-operation relations: which ETP weight reaches which hidden units, and how."""
+
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 from jax.extend import core as jcore
@@ -22,15 +23,16 @@ class HiddenParamOpRelation(NamedTuple):
     index, within `hidden_groups[k].varshape`, of the hidden unit each output element lands in
     (-1: it lands in none of that group's units).
     """
+
     weight_path: Path
     bias_path: Optional[Path]
     primitive: Any
     eqn: Any
     x: Any
     y: Any
-    hidden_groups: Tuple[HiddenGroup, ...]
-    y_to_hidden: Tuple[np.ndarray, ...]
-    approximations: Tuple[str, ...]
+    hidden_groups: tuple[HiddenGroup, ...]
+    y_to_hidden: tuple[np.ndarray, ...]
+    approximations: tuple[str, ...]
 
     @property
     def path(self) -> Path:
@@ -47,12 +49,12 @@ class HiddenParamOpRelation(NamedTuple):
         return self.y
 
     @property
-    def connected_hidden_paths(self) -> Tuple[Path, ...]:
+    def connected_hidden_paths(self) -> tuple[Path, ...]:
         """The paths of every hidden state this op's output reaches (braintrace's name)."""
         return tuple(p for g in self.hidden_groups for p in g.hidden_paths)
 
     @property
-    def trainable_paths(self) -> Dict[str, Path]:
+    def trainable_paths(self) -> dict[str, Path]:
         """{'weight': path[, 'bias': path]} of the parameters this op trains (leaf paths)."""
         out = {"weight": self.weight_path}
         if self.bias_path is not None:
@@ -69,21 +71,26 @@ class HiddenParamOpRelation(NamedTuple):
 
     def is_identity_map(self, k: int) -> bool:
         m = self.y_to_hidden[k]
-        return m.size == self.hidden_groups[k].size and bool(np.all(m.reshape(-1) == np.arange(m.size)))
+        return m.size == self.hidden_groups[k].size and bool(
+            np.all(m.reshape(-1) == np.arange(m.size))
+        )
 
     def __repr__(self):
         groups = [g.index for g in self.hidden_groups]
-        return (f"HiddenParamOpRelation(weight_path={self.weight_path}, "
-                f"primitive={self.primitive.name}, hidden_groups={groups})")
+        return (
+            f"HiddenParamOpRelation(weight_path={self.weight_path}, "
+            f"primitive={self.primitive.name}, hidden_groups={groups})"
+        )
 
 
 class UntracedUse(NamedTuple):
     """A parameter use that is not online-traced, and why (it gets its same-step gradient)."""
+
     path: Path
     reason: str
 
 
-def etp_operands(eqn) -> Tuple[Any, Any, Any]:
+def etp_operands(eqn) -> tuple[Any, Any, Any]:
     """(x, w, b) operands of an ETP equation; x is None for element-wise weights."""
     if eqn.primitive.name == "etp_elemwise":
         return None, eqn.invars[0], None
@@ -91,7 +98,7 @@ def etp_operands(eqn) -> Tuple[Any, Any, Any]:
     return eqn.invars[0], eqn.invars[1], b
 
 
-def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGroup]):
+def analyse_relations(minfo: ModuleInfo, hid_path_to_group: dict[Path, HiddenGroup]):
     """All relations of the step, plus every parameter use that is not online-traced."""
     jaxpr = minfo.jaxpr
     param_of = {v: p for p, v in minfo.param_invars.items()}
@@ -102,13 +109,15 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
     static = static_values(minfo.closed_jaxpr)
     relations, untraced = [], []
     traced_vars = set()
-    after_group = {g.index: _depends_on(jaxpr, g.hidden_invars, static)
-                   for g in hid_path_to_group.values()}
+    after_group = {
+        g.index: _depends_on(jaxpr, g.hidden_invars, static) for g in hid_path_to_group.values()
+    }
     feeds_memory = _groups_feeding_memory(minfo, hid_path_to_group)
     made_at = hidden_out_vars | {production_point(minfo, v, static) for v in hidden_out_vars}
     groups_all = list({g.index: g for g in hid_path_to_group.values()}.values())
-    made_by_path = {p: production_point(minfo, minfo.state_outvars[p], static)
-                    for p in hid_path_to_group}
+    made_by_path = {
+        p: production_point(minfo, minfo.state_outvars[p], static) for p in hid_path_to_group
+    }
     rec_notes = recurrence_notes(minfo, groups_all, made_by_path, static)
 
     for eqn in jaxpr.eqns:
@@ -123,28 +132,44 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: Dict[Path, HiddenGro
         b_path = param_of.get(b) if b is not None and not isinstance(b, jcore.Literal) else None
         if not groups:
             # a broadcast/duplication found by _landing says more than the generic reason
-            reason = (f"{problems[0]}: same-step gradient" if problems
-                      else _why_not_traced(jaxpr, eqn, prop, hidden_out_vars))
+            reason = (
+                f"{problems[0]}: same-step gradient"
+                if problems
+                else _why_not_traced(jaxpr, eqn, prop, hidden_out_vars)
+            )
             untraced += [UntracedUse(p, reason) for p in (w_path, b_path) if p is not None]
             continue
         traced_vars.update(v for v in (w, b) if v is not None)
         before_hidden = propagate(jaxpr, eqn.outvars[0], static, stop=made_at)
         approx = list(problems) + _approximations(jaxpr, before_hidden, hidden_out_vars)
         x = eqn.invars[0] if eqn.primitive.name != "etp_elemwise" else None
-        recurrent_input = x is not None and not isinstance(x, jcore.Literal) and any(
-            x in after_group[g.index] for g in groups)
+        recurrent_input = (
+            x is not None
+            and not isinstance(x, jcore.Literal)
+            and any(x in after_group[g.index] for g in groups)
+        )
         if recurrent_input:
-            approx.append("its input depends on the previous states of the hidden group it "
-                          "drives; that hidden-to-hidden path is not in the trace (diagonal "
-                          "approximation)")
+            approx.append(
+                "its input depends on the previous states of the hidden group it "
+                "drives; that hidden-to-hidden path is not in the trace (diagonal "
+                "approximation)"
+            )
         if not recurrent_input:
             approx += [rec_notes[g.index] for g in groups if g.index in rec_notes]
         approx += [feeds_memory[g.index] for g in groups if g.index in feeds_memory]
-        relations.append(HiddenParamOpRelation(
-            weight_path=w_path, bias_path=b_path, primitive=eqn.primitive, eqn=eqn,
-            x=eqn.invars[0] if eqn.primitive.name != "etp_elemwise" else None,
-            y=eqn.outvars[0], hidden_groups=tuple(groups), y_to_hidden=tuple(maps),
-            approximations=tuple(dict.fromkeys(approx))))
+        relations.append(
+            HiddenParamOpRelation(
+                weight_path=w_path,
+                bias_path=b_path,
+                primitive=eqn.primitive,
+                eqn=eqn,
+                x=eqn.invars[0] if eqn.primitive.name != "etp_elemwise" else None,
+                y=eqn.outvars[0],
+                hidden_groups=tuple(groups),
+                y_to_hidden=tuple(maps),
+                approximations=tuple(dict.fromkeys(approx)),
+            )
+        )
 
     untraced += _plain_uses(minfo, param_of, traced_vars)
     return relations, untraced
@@ -161,25 +186,28 @@ def _depends_on(jaxpr, sources, static) -> set:
     return hit | reachable(jaxpr, mixed)
 
 
-def _groups_feeding_memory(minfo, hid_path_to_group) -> Dict[int, str]:
+def _groups_feeding_memory(minfo, hid_path_to_group) -> dict[int, str]:
     """group index -> note, for groups whose states reach another group that has memory."""
     groups = {g.index: g for g in hid_path_to_group.values()}
     outs = {i: set(g.hidden_outvars) for i, g in groups.items()}
-    with_memory = {i for i, g in groups.items()
-                   if reachable(minfo.jaxpr, g.hidden_invars) & outs[i]}
+    with_memory = {
+        i for i, g in groups.items() if reachable(minfo.jaxpr, g.hidden_invars) & outs[i]
+    }
     notes = {}
     for i, g in groups.items():
         downstream = reachable(minfo.jaxpr, g.hidden_outvars)
         fed = [j for j in sorted(with_memory) if j != i and downstream & outs[j]]
         if fed:
-            notes[i] = (f"hidden group {i} feeds hidden group(s) {fed}, which keep memory; the "
-                        "trace does not follow that path over time")
+            notes[i] = (
+                f"hidden group {i} feeds hidden group(s) {fed}, which keep memory; the "
+                "trace does not follow that path over time"
+            )
     return notes
 
 
 def _landing(eqn, prop, hidden_out, static):
     """Per reached hidden group, the unit each output element lands in."""
-    per_group: Dict[int, list] = {}
+    per_group: dict[int, list] = {}
     problems = []
     for var, owners in hidden_out.items():
         m = prop.maps.get(var)
@@ -194,7 +222,8 @@ def _landing(eqn, prop, hidden_out, static):
             if np.any(clash):
                 problems.append(
                     f"an output element of {eqn.primitive.name} reaches several units of hidden "
-                    f"state {path} (broadcast or duplication); that relation is dropped")
+                    f"state {path} (broadcast or duplication); that relation is dropped"
+                )
                 entry[1] = None
                 continue
             entry[1] = np.where(m >= 0, m, unit)
@@ -215,16 +244,20 @@ def _why_not_traced(jaxpr, eqn, prop, hidden_out_vars) -> str:
     if not downstream & hidden_out_vars:
         return "its output reaches no hidden state (e.g. a readout): same-step gradient"
     first = prop.blocked[0].primitive.name if prop.blocked else "an op"
-    return (f"its output reaches hidden states only through {first}, which mixes positions: "
-            "same-step gradient")
+    return (
+        f"its output reaches hidden states only through {first}, which mixes positions: "
+        "same-step gradient"
+    )
 
 
 def _approximations(jaxpr, prop, hidden_out_vars):
     notes = []
     for eqn in prop.blocked:
         if reachable(jaxpr, eqn.outvars) & hidden_out_vars:
-            notes.append(f"part of the output reaches hidden states through "
-                         f"{eqn.primitive.name}; that path is ignored by the trace")
+            notes.append(
+                f"part of the output reaches hidden states through "
+                f"{eqn.primitive.name}; that path is ignored by the trace"
+            )
     return notes
 
 
@@ -240,8 +273,10 @@ def _plain_uses(minfo, param_of, traced_vars):
             if is_etp_primitive(eqn.primitive):
                 continue  # reported by the relation analysis
             used.setdefault(param_of[v], eqn.primitive.name)
-    return [UntracedUse(p, f"used through {prim}, not an ETP op: same-step gradient")
-            for p, prim in used.items()]
+    return [
+        UntracedUse(p, f"used through {prim}, not an ETP op: same-step gradient")
+        for p, prim in used.items()
+    ]
 
 
 def find_hidden_param_op_relations_from_minfo(minfo: ModuleInfo, hid_path_to_group):
@@ -253,6 +288,7 @@ def find_hidden_param_op_relations_from_module(model, *args):
     """The relations of `model` stepped with `args`."""
     from .hidden_groups import find_hidden_groups_from_minfo
     from .module_info import extract_module_info
+
     minfo = extract_module_info(model, *args)
     _, by_path = find_hidden_groups_from_minfo(minfo)
     return find_hidden_param_op_relations_from_minfo(minfo, by_path)

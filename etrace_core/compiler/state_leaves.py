@@ -6,19 +6,22 @@ Quantity whose leaf is its mantissa), else the state's path followed by the leaf
 ``('layer', 'weight', 'bias')`` for ``layer.weight = ParamState({'weight': W, 'bias': b})``.
 Reading and writing go through the same table, so units and containers are rebuilt on write.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 
-Path = Tuple[Any, ...]
+Path = tuple[Any, ...]
 
 __all__ = ["LeafRef", "leaf_refs", "read_leaves", "write_leaves", "state_of"]
 
 
 class LeafRef(NamedTuple):
     """Where one leaf lives: its state's path, its index among the value's leaves, and how many."""
+
     state_path: Path
     index: int
     count: int
@@ -31,7 +34,7 @@ def _key_name(key) -> str:
     return str(key)
 
 
-def leaf_refs(state_path: Path, value) -> Dict[Path, LeafRef]:
+def leaf_refs(state_path: Path, value) -> dict[Path, LeafRef]:
     """{leaf path: LeafRef} for one state's value (see the module docstring for the names)."""
     leaves = jax.tree_util.tree_flatten_with_path(value)[0]
     if len(leaves) == 1:
@@ -43,9 +46,9 @@ def leaf_refs(state_path: Path, value) -> Dict[Path, LeafRef]:
     return out
 
 
-def read_leaves(states, refs: Dict[Path, LeafRef], paths: Sequence[Path]) -> Dict[Path, Any]:
+def read_leaves(states, refs: dict[Path, LeafRef], paths: Sequence[Path]) -> dict[Path, Any]:
     """{leaf path: leaf value} of `paths`, read from `states` ({state path: State})."""
-    cache: Dict[Path, list] = {}
+    cache: dict[Path, list] = {}
     out = {}
     for p in paths:
         ref = refs.get(p, LeafRef(p, 0, 1))
@@ -55,9 +58,9 @@ def read_leaves(states, refs: Dict[Path, LeafRef], paths: Sequence[Path]) -> Dic
     return out
 
 
-def write_leaves(states, refs: Dict[Path, LeafRef], values: Dict[Path, Any]) -> None:
+def write_leaves(states, refs: dict[Path, LeafRef], values: dict[Path, Any]) -> None:
     """Write leaf values back into their states, rebuilding each state's container/units."""
-    by_state: Dict[Path, Dict[int, Any]] = {}
+    by_state: dict[Path, dict[int, Any]] = {}
     for p, v in values.items():
         ref = refs.get(p, LeafRef(p, 0, 1))
         by_state.setdefault(ref.state_path, {})[ref.index] = v
@@ -68,6 +71,6 @@ def write_leaves(states, refs: Dict[Path, LeafRef], values: Dict[Path, Any]) -> 
         st.value = jax.tree.unflatten(tree, leaves)
 
 
-def state_of(states, refs: Dict[Path, LeafRef], path: Path):
+def state_of(states, refs: dict[Path, LeafRef], path: Path):
     """The State object holding the leaf `path`."""
     return states[refs[path].state_path if path in refs else path]

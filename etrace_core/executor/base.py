@@ -1,14 +1,18 @@
-"""ETraceGraphExecutor: compiles a model's graph and evaluates the Jacobians online learning needs."""
+"""ETraceGraphExecutor: compiles a model's graph and evaluates the Jacobians online learning
+needs."""
+
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import brainstate
 
 from etrace_core.compiler.errors import NotCompiledError
 from etrace_core.compiler.graph import ETraceGraph, compile_etrace_graph
-from etrace_core.compiler.param_relations import (DEFAULT_DENSE_TRACE_BUDGET,
-                                                  find_param_trace_relations)
+from etrace_core.compiler.param_relations import (
+    DEFAULT_DENSE_TRACE_BUDGET,
+    find_param_trace_relations,
+)
 
 from . import data, show
 
@@ -16,15 +20,17 @@ from . import data, show
 class ETraceGraphExecutor:
     """Base executor: owns the model and its compiled graph; subclasses solve the Jacobians."""
 
-    def __init__(self, model: brainstate.nn.Module, *,
-                 dense_trace_budget: int = DEFAULT_DENSE_TRACE_BUDGET):
+    def __init__(
+        self, model: brainstate.nn.Module, *, dense_trace_budget: int = DEFAULT_DENSE_TRACE_BUDGET
+    ):
         if not isinstance(model, brainstate.nn.Module):
             raise TypeError(
                 f"expected a brainstate.nn.Module, got {type(model).__name__}: the compiler reads "
-                "the model's states and one-step program from a brainstate module")
+                "the model's states and one-step program from a brainstate module"
+            )
         self.model = model
         self._graph: Optional[ETraceGraph] = None
-        self._state_id_to_path: Optional[Dict[int, tuple]] = None
+        self._state_id_to_path: Optional[dict[int, tuple]] = None
         self.dense_trace_budget = int(dense_trace_budget)
         self._param_traces = ((), ())
 
@@ -33,7 +39,8 @@ class ETraceGraphExecutor:
         if self._graph is None:
             raise NotCompiledError(
                 "the eligibility-trace graph is not compiled yet: call .compile_graph(*inputs) "
-                "with one step's example inputs first")
+                "with one step's example inputs first"
+            )
         return self._graph
 
     @property
@@ -49,7 +56,7 @@ class ETraceGraphExecutor:
         return self.states
 
     @property
-    def state_id_to_path(self) -> Dict[int, tuple]:
+    def state_id_to_path(self) -> dict[int, tuple]:
         if self._state_id_to_path is None:
             self._state_id_to_path = {id(st): p for p, st in self.states.items()}
         return self._state_id_to_path
@@ -58,19 +65,33 @@ class ETraceGraphExecutor:
         """Build the graph from one step's example inputs (MultiStepData: its first step)."""
         self._state_id_to_path = None
         graph = compile_etrace_graph(self.model, *data.single_step_example(args))
-        found = find_param_trace_relations(graph.module_info, graph.hid_path_to_group,
-                                           graph.hidden_param_op_relations,
-                                           self.dense_trace_budget)
-        if found.replaced:   # relations that drop a mixing path: their dense traces replace them
-            graph = graph._replace(hidden_param_op_relations=tuple(
-                r for r in graph.hidden_param_op_relations if r.weight_path not in found.replaced))
+        found = find_param_trace_relations(
+            graph.module_info,
+            graph.hid_path_to_group,
+            graph.hidden_param_op_relations,
+            self.dense_trace_budget,
+        )
+        if found.replaced:  # relations that drop a mixing path: their dense traces replace them
+            graph = graph._replace(
+                hidden_param_op_relations=tuple(
+                    r
+                    for r in graph.hidden_param_op_relations
+                    if r.weight_path not in found.replaced
+                )
+            )
         if found.also_used:  # a relation weight with another, untraced way into hidden states
             notes = dict(found.also_used)
-            graph = graph._replace(hidden_param_op_relations=tuple(
-                r._replace(approximations=r.approximations + tuple(
-                    notes[p] for p in (r.weight_path, r.bias_path) if p in notes))
-                if r.weight_path in notes or r.bias_path in notes else r
-                for r in graph.hidden_param_op_relations))
+            graph = graph._replace(
+                hidden_param_op_relations=tuple(
+                    r._replace(
+                        approximations=r.approximations
+                        + tuple(notes[p] for p in (r.weight_path, r.bias_path) if p in notes)
+                    )
+                    if r.weight_path in notes or r.bias_path in notes
+                    else r
+                    for r in graph.hidden_param_op_relations
+                )
+            )
         self._graph = graph
         self._param_traces = (found.traced, found.over_budget)
         self._on_compiled()
@@ -104,8 +125,11 @@ class ETraceGraphExecutor:
         return show.plot_graph(self.graph, filename, *self._param_traces)
 
     def solve_h2w_h2h_jacobian(self, *args):
-        raise NotImplementedError(f"{type(self).__name__} does not implement solve_h2w_h2h_jacobian")
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement solve_h2w_h2h_jacobian"
+        )
 
     def solve_h2w_h2h_l2h_jacobian(self, *args):
         raise NotImplementedError(
-            f"{type(self).__name__} does not implement solve_h2w_h2h_l2h_jacobian")
+            f"{type(self).__name__} does not implement solve_h2w_h2h_l2h_jacobian"
+        )

@@ -1,4 +1,5 @@
 """Input markers: one time step, or k time steps stacked on a leading axis."""
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -8,11 +9,13 @@ import jax
 
 class SingleStepData(NamedTuple):
     """An input for one time step (also what unmarked inputs are)."""
+
     data: Any
 
 
 class MultiStepData(NamedTuple):
     """An input for k time steps, stacked on the leading axis."""
+
     data: Any
 
 
@@ -27,14 +30,20 @@ def unwrap(args) -> tuple:
 def num_steps(args) -> int:
     lengths = {jax.tree.leaves(a.data)[0].shape[0] for a in args if isinstance(a, MultiStepData)}
     if len(lengths) != 1:
-        raise ValueError(f"MultiStepData inputs must share the number of steps, got {sorted(lengths)}")
+        raise ValueError(
+            f"MultiStepData inputs must share the number of steps, got {sorted(lengths)}"
+        )
     return lengths.pop()
 
 
 def step_slice(args, t) -> tuple:
     """The inputs of step `t` (MultiStepData indexed, everything else as is)."""
-    return tuple(jax.tree.map(lambda v: v[t], a.data) if isinstance(a, MultiStepData)
-                 else (a.data if isinstance(a, SingleStepData) else a) for a in args)
+    return tuple(
+        jax.tree.map(lambda v: v[t], a.data)
+        if isinstance(a, MultiStepData)
+        else (a.data if isinstance(a, SingleStepData) else a)
+        for a in args
+    )
 
 
 def single_step_example(args) -> tuple:
@@ -46,8 +55,9 @@ def split_for_scan(args):
     """(per-step xs, a function rebuilding one step's args from a slice of xs)."""
     seq = [a.data for a in args if isinstance(a, MultiStepData)]
     kinds = [isinstance(a, MultiStepData) for a in args]
-    fixed = [None if k else (a.data if isinstance(a, SingleStepData) else a)
-             for a, k in zip(args, kinds)]
+    fixed = [
+        None if k else (a.data if isinstance(a, SingleStepData) else a) for a, k in zip(args, kinds)
+    ]
 
     def rebuild(xs_t):
         it = iter(xs_t)

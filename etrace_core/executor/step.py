@@ -1,11 +1,13 @@
-"""Evaluations of one compiled step: its Jacobians (D, df, M) and its loss VJP (dL/dh, direct grads).
+"""Evaluations of one compiled step: its Jacobians (D, df, M) and its loss VJP (dL/dh, direct
+grads).
 
 Both are interpreters of the graph's flat jaxpr, so they are pure functions of state values and
 compose with jit, vmap and scan.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Tuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,20 +22,21 @@ from etrace_core.ops import rule_for
 
 from .param_jacobian import param_jacobians
 
-Path = Tuple[str, ...]
+Path = tuple[str, ...]
 
 
 class StepSpec(NamedTuple):
     """Static structure of a compiled graph that the step evaluations need."""
+
     graph: ETraceGraph
-    relation_at: Dict[int, int]            # eqn index -> relation index
-    traced_operands: Dict[int, Tuple[int, ...]]  # relation eqn index -> operand positions traced
-    admissible: frozenset                  # eqn indices where positions survive (D/df paths)
-    tail: frozenset                        # eqn indices between relation outputs and h^t
-    hidden_slot: Dict[Any, Tuple[Tuple[int, int], ...]]  # hidden outvar -> ((group, slot), ...)
-    seeds: Tuple[Tuple[Tuple[int, int], ...], ...]      # cotangent seeds: ((group, slot), ...)
-    escapes: bool       # outputs read h^{t-1} by a path that does not go through h^t
-    param_traces: tuple = ()   # ParamTraceRelation: parameters traced outside ETP ops
+    relation_at: dict[int, int]  # eqn index -> relation index
+    traced_operands: dict[int, tuple[int, ...]]  # relation eqn index -> operand positions traced
+    admissible: frozenset  # eqn indices where positions survive (D/df paths)
+    tail: frozenset  # eqn indices between relation outputs and h^t
+    hidden_slot: dict[Any, tuple[tuple[int, int], ...]]  # hidden outvar -> ((group, slot), ...)
+    seeds: tuple[tuple[tuple[int, int], ...], ...]  # cotangent seeds: ((group, slot), ...)
+    escapes: bool  # outputs read h^{t-1} by a path that does not go through h^t
+    param_traces: tuple = ()  # ParamTraceRelation: parameters traced outside ETP ops
 
 
 def build_spec(graph: ETraceGraph, param_traces=()) -> StepSpec:
@@ -46,15 +49,21 @@ def build_spec(graph: ETraceGraph, param_traces=()) -> StepSpec:
         i = eqn_index[id(rel.eqn)]
         relation_at[i] = k
         x, w, b = etp_operands(rel.eqn)
-        positions = [j for j, v in enumerate(rel.eqn.invars)
-                     if (v is w) or (rel.bias_path is not None and v is b)]
+        positions = [
+            j
+            for j, v in enumerate(rel.eqn.invars)
+            if (v is w) or (rel.bias_path is not None and v is b)
+        ]
         traced[i] = tuple(positions)
     admissible = frozenset(i for i, e in enumerate(jaxpr.eqns) if is_admissible(e, static))
 
     # where each hidden state is made (its perturbation point): p_prod and the cuts go there
-    made_at = dict(zip(graph.hidden_perturb.perturb_paths, graph.hidden_perturb.perturb_vars)) \
-        if graph.hidden_perturb is not None else {}
-    hidden_slot: Dict[Any, list] = {}
+    made_at = (
+        dict(zip(graph.hidden_perturb.perturb_paths, graph.hidden_perturb.perturb_vars))
+        if graph.hidden_perturb is not None
+        else {}
+    )
+    hidden_slot: dict[Any, list] = {}
     for g in graph.hidden_groups:
         for s, (path, v) in enumerate(zip(g.hidden_paths, g.hidden_outvars)):
             hidden_slot.setdefault(made_at.get(path, v), []).append((g.index, s))
@@ -63,9 +72,17 @@ def build_spec(graph: ETraceGraph, param_traces=()) -> StepSpec:
     hidden_in = [v for g in graph.hidden_groups for v in g.hidden_invars]
     escaped = reachable(jaxpr, hidden_in, stop=set(hidden_slot)) - set(hidden_slot)
     escapes = bool(escaped & set(minfo.output_vars))
-    return StepSpec(graph, relation_at, traced, admissible, tail,
-                    {v: tuple(s) for v, s in hidden_slot.items()}, _seeds(graph), escapes,
-                    tuple(param_traces))
+    return StepSpec(
+        graph,
+        relation_at,
+        traced,
+        admissible,
+        tail,
+        {v: tuple(s) for v, s in hidden_slot.items()},
+        _seeds(graph),
+        escapes,
+        tuple(param_traces),
+    )
 
 
 def _tail_eqns(jaxpr, graph, static, hidden_vars) -> frozenset:
@@ -95,8 +112,11 @@ def param_tail_eqns(jaxpr, param_traces, made) -> frozenset:
             eqn = jaxpr.eqns[i]
             if not any(v in useful for v in eqn.outvars if not isinstance(v, jcore.DropVar)):
                 continue
-            carried = [v for v in eqn.invars if not isinstance(v, jcore.Literal) and v in reach
-                       and v not in made]
+            carried = [
+                v
+                for v in eqn.invars
+                if not isinstance(v, jcore.Literal) and v in reach and v not in made
+            ]
             if carried:
                 tail.add(i)
                 useful.update(carried)
@@ -104,7 +124,8 @@ def param_tail_eqns(jaxpr, param_traces, made) -> frozenset:
 
 
 def _seeds(graph) -> tuple:
-    """Cotangent seeds for the Jacobian VJP: one per state slot, split where groups share a weight."""
+    """Cotangent seeds for the Jacobian VJP: one per state slot, split where groups share a
+    weight."""
     groups = graph.hidden_groups
     if not groups:
         return ()
@@ -119,15 +140,15 @@ def _seeds(graph) -> tuple:
 # Inputs and outputs of a step, by path
 
 
-def step_invals(graph: ETraceGraph, args_flat, values: Dict[Path, Any]) -> list:
+def step_invals(graph: ETraceGraph, args_flat, values: dict[Path, Any]) -> list:
     minfo = graph.module_info
     return list(args_flat) + [values[p] for p in minfo.state_paths]
 
 
-def split_outputs(graph: ETraceGraph, outvals) -> Tuple[list, Dict[Path, Any]]:
+def split_outputs(graph: ETraceGraph, outvals) -> tuple[list, dict[Path, Any]]:
     minfo = graph.module_info
-    outs = list(outvals[:minfo.num_outputs])
-    new = dict(zip(minfo.written_paths, outvals[minfo.num_outputs:]))
+    outs = list(outvals[: minfo.num_outputs])
+    new = dict(zip(minfo.written_paths, outvals[minfo.num_outputs :]))
     return outs, new
 
 
@@ -136,16 +157,16 @@ def split_outputs(graph: ETraceGraph, outvals) -> Tuple[list, Dict[Path, Any]]:
 
 
 class StepJacobians(NamedTuple):
-    outputs: list                      # flat model outputs
-    new_values: Dict[Path, Any]        # written states
-    xs: List[Any]                      # per relation: canonical input X (ones column for bias)
-    dfs: List[List[Any]]               # per relation, per reached group: L + (O, S)
-    Ds: List[Any]                      # per group: varshape + (S, S), D[..., s, s'] = dh_s/dh_s'
-    Ms: List[Any]                      # per group: varshape + (S, S), dW_s/dp_s' (identity if S=1)
-    Js: List[Any] = ()                 # per param trace, per group: (U, S) or (U, S, |theta|)
+    outputs: list  # flat model outputs
+    new_values: dict[Path, Any]  # written states
+    xs: list[Any]  # per relation: canonical input X (ones column for bias)
+    dfs: list[list[Any]]  # per relation, per reached group: L + (O, S)
+    Ds: list[Any]  # per group: varshape + (S, S), D[..., s, s'] = dh_s/dh_s'
+    Ms: list[Any]  # per group: varshape + (S, S), dW_s/dp_s' (identity if S=1)
+    Js: list[Any] = ()  # per param trace, per group: (U, S) or (U, S, |theta|)
 
 
-def jacobian_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepJacobians:
+def jacobian_step(spec: StepSpec, args_flat, values: dict[Path, Any]) -> StepJacobians:
     graph = spec.graph
     minfo, groups, rels = graph.module_info, graph.hidden_groups, graph.hidden_param_op_relations
     invals = step_invals(graph, args_flat, values)
@@ -200,8 +221,10 @@ def jacobian_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepJac
         rule = rule_for(rel.primitive)
         per_group = []
         for g in rel.hidden_groups:
-            cols = [rule.y_canon(rel.params, d_y[k][slot_of_seed[g.index][s]])
-                    for s in range(g.num_state)]
+            cols = [
+                rule.y_canon(rel.params, d_y[k][slot_of_seed[g.index][s]])
+                for s in range(g.num_state)
+            ]
             per_group.append(jnp.stack(cols, axis=-1))
         dfs.append(per_group)
     Js = param_jacobians(spec, args_flat, values) if spec.param_traces else ()
@@ -210,8 +233,15 @@ def jacobian_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepJac
 
 def _seed_cotangent(groups, seed, like):
     chosen = dict(seed)
-    return [[jnp.ones_like(like[g.index][s]) if chosen.get(g.index) == s
-             else jnp.zeros_like(like[g.index][s]) for s in range(g.num_state)] for g in groups]
+    return [
+        [
+            jnp.ones_like(like[g.index][s])
+            if chosen.get(g.index) == s
+            else jnp.zeros_like(like[g.index][s])
+            for s in range(g.num_state)
+        ]
+        for g in groups
+    ]
 
 
 def _slot_of_seed(seeds, n_groups):
@@ -246,12 +276,12 @@ def _canonical_x(rel, ins):
 
 class StepVjp(NamedTuple):
     outputs: list
-    new_values: Dict[Path, Any]
-    vjp_fn: Any   # out cotangents (flat list) -> (dparams {path}, dL/dh {path}, dargs (flat))
-    escape_fn: Any = None   # out cotangents -> dL/dh^{t-1} {path} through paths avoiding h^t
+    new_values: dict[Path, Any]
+    vjp_fn: Any  # out cotangents (flat list) -> (dparams {path}, dL/dh {path}, dargs (flat))
+    escape_fn: Any = None  # out cotangents -> dL/dh^{t-1} {path} through paths avoiding h^t
 
 
-def vjp_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepVjp:
+def vjp_step(spec: StepSpec, args_flat, values: dict[Path, Any]) -> StepVjp:
     """The step with relation weights cut from their own tails (their gradient comes from the
     traces) and perturbations on every hidden state, differentiated w.r.t. parameters, the
     perturbations and the inputs."""
@@ -261,7 +291,9 @@ def vjp_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepVjp:
     perturb_paths = graph.hidden_perturb.perturb_paths if graph.hidden_perturb else ()
     perturb_at = {}
     if graph.hidden_perturb is not None:
-        perturb_at = dict(zip(graph.hidden_perturb.perturb_vars, graph.hidden_perturb.perturb_paths))
+        perturb_at = dict(
+            zip(graph.hidden_perturb.perturb_vars, graph.hidden_perturb.perturb_paths)
+        )
     diff_args = [i for i, a in enumerate(args_flat) if _inexact(a)]
 
     def run(params, perturb, dargs):
@@ -282,13 +314,25 @@ def vjp_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepVjp:
             twins = None
             if i in spec.relation_at:
                 cut = spec.traced_operands[i]
-                twins = bind_eqn(eqn, [lax.stop_gradient(a) if j in cut else
-                                       (a if isinstance(v, jcore.Literal) else twin.get(v, a))
-                                       for j, (v, a) in enumerate(zip(eqn.invars, ins))])
-            elif i in spec.tail and any(not isinstance(v, jcore.Literal) and v in twin
-                                        for v in eqn.invars):
-                twins = bind_eqn(eqn, [twin.get(v, a) if not isinstance(v, jcore.Literal) else a
-                                       for v, a in zip(eqn.invars, ins)])
+                twins = bind_eqn(
+                    eqn,
+                    [
+                        lax.stop_gradient(a)
+                        if j in cut
+                        else (a if isinstance(v, jcore.Literal) else twin.get(v, a))
+                        for j, (v, a) in enumerate(zip(eqn.invars, ins))
+                    ],
+                )
+            elif i in spec.tail and any(
+                not isinstance(v, jcore.Literal) and v in twin for v in eqn.invars
+            ):
+                twins = bind_eqn(
+                    eqn,
+                    [
+                        twin.get(v, a) if not isinstance(v, jcore.Literal) else a
+                        for v, a in zip(eqn.invars, ins)
+                    ],
+                )
             for j, v in enumerate(eqn.outvars):
                 if isinstance(v, jcore.DropVar):
                     continue
@@ -305,15 +349,17 @@ def vjp_step(spec: StepSpec, args_flat, values: Dict[Path, Any]) -> StepVjp:
         return outs, new_values
 
     params = {p: values[p] for p in param_paths}
-    perturb = {p: jnp.zeros(minfo.state_outvars[p].aval.shape, minfo.state_outvars[p].aval.dtype)
-               for p in perturb_paths}
+    perturb = {
+        p: jnp.zeros(minfo.state_outvars[p].aval.shape, minfo.state_outvars[p].aval.dtype)
+        for p in perturb_paths
+    }
     dargs = [args_flat[i] for i in diff_args]
     outs, vjp_fn, new_values = jax.vjp(run, params, perturb, dargs, has_aux=True)
     escape = escape_vjp(spec, args_flat, values) if spec.escapes else None
     return StepVjp(outs, new_values, _ArgsVjp(vjp_fn, tuple(diff_args), len(args_flat)), escape)
 
 
-def escape_vjp(spec: StepSpec, args_flat, values: Dict[Path, Any]):
+def escape_vjp(spec: StepSpec, args_flat, values: dict[Path, Any]):
     """VJP of the outputs w.r.t. h^{t-1} along paths that avoid h^t (e.g. an output read from
     the membrane before its reset). Traces at t-1 turn it into the rest of the gradient."""
     graph = spec.graph
@@ -351,7 +397,8 @@ class CotangentFn:
 
 
 jax.tree_util.register_pytree_node(
-    CotangentFn, lambda v: ((v.fn,), v.single), lambda single, ch: CotangentFn(ch[0], single))
+    CotangentFn, lambda v: ((v.fn,), v.single), lambda single, ch: CotangentFn(ch[0], single)
+)
 
 
 def _inexact(a) -> bool:
@@ -361,7 +408,7 @@ def _inexact(a) -> bool:
 class _ArgsVjp:
     """The VJP function, mapping input cotangents back to every positional argument."""
 
-    def __init__(self, fn, diff_args: Tuple[int, ...], num_args: int):
+    def __init__(self, fn, diff_args: tuple[int, ...], num_args: int):
         self.fn, self.diff_args, self.num_args = fn, diff_args, num_args
 
     def __call__(self, out_cotangents):
@@ -378,5 +425,15 @@ jax.tree_util.register_pytree_node(
     lambda aux, ch: _ArgsVjp(ch[0], *aux),
 )
 
-__all__ = ["StepSpec", "build_spec", "StepJacobians", "jacobian_step", "StepVjp", "vjp_step",
-           "escape_vjp", "CotangentFn", "step_invals", "split_outputs"]
+__all__ = [
+    "StepSpec",
+    "build_spec",
+    "StepJacobians",
+    "jacobian_step",
+    "StepVjp",
+    "vjp_step",
+    "escape_vjp",
+    "CotangentFn",
+    "step_invals",
+    "split_outputs",
+]

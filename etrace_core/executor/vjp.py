@@ -1,7 +1,8 @@
 """ETraceVjpGraphExecutor: Jacobians and dL/dh of a compiled step, for the VJP-based algorithms."""
+
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 import jax
 from jax import lax
@@ -11,8 +12,15 @@ from etrace_core.compiler.state_leaves import read_leaves
 
 from . import data
 from .base import ETraceGraphExecutor
-from .step import (CotangentFn, StepSpec, build_spec, jacobian_step, split_outputs, step_invals,
-                   vjp_step)
+from .step import (
+    CotangentFn,
+    StepSpec,
+    build_spec,
+    jacobian_step,
+    split_outputs,
+    step_invals,
+    vjp_step,
+)
 
 VJP_METHODS = ("single-step", "multi-step")
 
@@ -32,7 +40,8 @@ class VjpResiduals:
 
 
 jax.tree_util.register_pytree_node(
-    VjpResiduals, lambda r: ((r.vjp_fn,), r.out_tree), lambda tree, ch: VjpResiduals(ch[0], tree))
+    VjpResiduals, lambda r: ((r.vjp_fn,), r.out_tree), lambda tree, ch: VjpResiduals(ch[0], tree)
+)
 
 
 class ETraceVjpGraphExecutor(ETraceGraphExecutor):
@@ -66,7 +75,7 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
     def _on_compiled(self) -> None:
         self._spec = build_spec(self.graph, self.param_trace_relations)
 
-    def state_values(self, states=None) -> Dict[tuple, Any]:
+    def state_values(self, states=None) -> dict[tuple, Any]:
         """Current values of the states the step reads, looked up by path in the model now
         (`init_state` may have replaced the State objects the graph was compiled with);
         `states` is the model's `states()` when the caller already has it."""
@@ -102,8 +111,11 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         hidden, others = self._split_states(jac.new_values)
         outputs = jax.tree.unflatten(minfo.out_tree, jac.outputs)
         xs = dict(enumerate(jac.xs))
-        dfs = {(k, g.index): df for k, r in enumerate(graph.hidden_param_op_relations)
-               for g, df in zip(r.hidden_groups, jac.dfs[k])}
+        dfs = {
+            (k, g.index): df
+            for k, r in enumerate(graph.hidden_param_op_relations)
+            for g, df in zip(r.hidden_groups, jac.dfs[k])
+        }
         result = (outputs, hidden, others, (xs, dfs), jac.Ds)
         if not with_vjp:
             return result
@@ -147,8 +159,9 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
 
             def body(vals, xs_t):
                 flat = jax.tree.leaves(rebuild(xs_t))
-                outvals = eval_jaxpr(minfo.jaxpr, minfo.closed_jaxpr.consts,
-                                     step_invals(graph, flat, vals))
+                outvals = eval_jaxpr(
+                    minfo.jaxpr, minfo.closed_jaxpr.consts, step_invals(graph, flat, vals)
+                )
                 outs, new = split_outputs(graph, outvals)
                 vals = dict(vals)
                 vals.update({p: v for p, v in new.items() if p in vals})

@@ -1,4 +1,6 @@
-"""Layers built on the ETP ops: every weight is a ``ParamState`` used through ``etrace_core.ops``."""
+"""Layers built on the ETP ops: every weight is a ``ParamState`` used through
+``etrace_core.ops``."""
+
 from . import init, surrogate
 from .activations import get_activation
 from .base import RecurrentModule
@@ -9,14 +11,33 @@ from .lif import LIF
 from .linear import Linear
 from .linear_variants import LoRA, ScaledWSLinear, SignedWLinear
 from .readout import LeakyRateReadout
-from .rnn import GRUCell, LSTMCell, LeakyRNNCell, ValinaRNNCell, VanillaRNNCell
+from .rnn import GRUCell, LeakyRNNCell, LSTMCell, ValinaRNNCell, VanillaRNNCell
 from .surrogate import sigmoid_surrogate, spike_fn
 
 __all__ = [
-    'init', 'surrogate', 'get_activation', 'RecurrentModule',
-    'Linear', 'SignedWLinear', 'ScaledWSLinear', 'LoRA', 'Embedding', 'Conv1d', 'Conv2d', 'Conv3d',
-    'VanillaRNNCell', 'ValinaRNNCell', 'GRUCell', 'LSTMCell', 'LeakyRNNCell',
-    'MGUCell', 'MinimalRNNCell', 'MiniGRU', 'LRUCell',
-    'LIF', 'LeakyRateReadout',
-    'spike_fn', 'sigmoid_surrogate',
+    "init",
+    "surrogate",
+    "get_activation",
+    "RecurrentModule",
+    "Linear",
+    "SignedWLinear",
+    "ScaledWSLinear",
+    "LoRA",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "VanillaRNNCell",
+    "ValinaRNNCell",
+    "GRUCell",
+    "LSTMCell",
+    "LeakyRNNCell",
+    "MGUCell",
+    "MinimalRNNCell",
+    "MiniGRU",
+    "LRUCell",
+    "LIF",
+    "LeakyRateReadout",
+    "spike_fn",
+    "sigmoid_surrogate",
 ]

@@ -1,11 +1,12 @@
 """Hidden-state bookkeeping shared by the recurrent layers."""
-from typing import Optional, Tuple
+
+from typing import Optional
 
 import brainstate
 
 from .init import resolve_dtype, state_zeros
 
-__all__ = ['RecurrentModule']
+__all__ = ["RecurrentModule"]
 
 
 class RecurrentModule(brainstate.nn.Module):
@@ -17,18 +18,23 @@ class RecurrentModule(brainstate.nn.Module):
     the existing states, so references held elsewhere (compiled graphs, optimisers) stay valid.
     """
 
-    state_names: Tuple[str, ...] = ()
+    state_names: tuple[str, ...] = ()
 
     def __init__(self, varshape, dtype=None, name: Optional[str] = None, state_init=None):
         super().__init__(name=name)
         self.varshape = tuple(varshape)
         self.dtype = resolve_dtype(dtype)
-        self.state_init = state_init   # None: zeros; else any init(shape) (braintools' too)
+        self.state_init = state_init  # None: zeros; else any init(shape) (braintools' too)
 
     def init_state(self, batch_size: Optional[int] = None, **kwargs):
         for name in self.state_names:
-            setattr(self, name, brainstate.HiddenState(
-                state_zeros(self.varshape, batch_size, self.dtype, self.state_init)))
+            setattr(
+                self,
+                name,
+                brainstate.HiddenState(
+                    state_zeros(self.varshape, batch_size, self.dtype, self.state_init)
+                ),
+            )
 
     def reset_state(self, batch_size: Optional[int] = None, **kwargs):
         for name in self.state_names:

@@ -1,6 +1,8 @@
 """Channels-first convolutions (torch layout) on the ``etp_conv`` primitive."""
+
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional
 
 import brainstate
 import jax.numpy as jnp
@@ -9,9 +11,9 @@ from etrace_core import ops
 
 from .init import DEFAULT, Initializer, Key, fan_in_uniform, make_param, resolve_dtype, split_key
 
-__all__ = ['Conv1d', 'Conv2d', 'Conv3d']
+__all__ = ["Conv1d", "Conv2d", "Conv3d"]
 
-IntOrTuple = Union[int, Sequence[int]]
+IntOrTuple = int | Sequence[int]
 
 
 def _tuple(value: IntOrTuple, n: int, what: str) -> tuple:
@@ -19,7 +21,7 @@ def _tuple(value: IntOrTuple, n: int, what: str) -> tuple:
         return (value,) * n
     value = tuple(int(v) for v in value)
     if len(value) != n:
-        raise ValueError(f'{what} needs {n} values, got {value}')
+        raise ValueError(f"{what} needs {n} values, got {value}")
     return value
 
 
@@ -44,38 +46,55 @@ class _ConvNd(brainstate.nn.Module):
 
     num_spatial_dims: int = 0
 
-    def __init__(self, in_channels: Optional[int] = None, out_channels: Optional[int] = None,
-                 kernel_size: IntOrTuple = None, *,
-                 stride: IntOrTuple = 1, padding: Union[str, IntOrTuple] = 'SAME',
-                 dilation: IntOrTuple = 1, groups: int = 1, bias: bool = True,
-                 w_init: Optional[Initializer] = None, b_init: Optional[Initializer] = DEFAULT,
-                 in_size=None, rhs_dilation: Optional[IntOrTuple] = None,
-                 dtype=None, key: Key = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        in_channels: Optional[int] = None,
+        out_channels: Optional[int] = None,
+        kernel_size: IntOrTuple = None,
+        *,
+        stride: IntOrTuple = 1,
+        padding: str | IntOrTuple = "SAME",
+        dilation: IntOrTuple = 1,
+        groups: int = 1,
+        bias: bool = True,
+        w_init: Optional[Initializer] = None,
+        b_init: Optional[Initializer] = DEFAULT,
+        in_size=None,
+        rhs_dilation: Optional[IntOrTuple] = None,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
         super().__init__(name=name)
         n = self.num_spatial_dims
         self.channel_last = in_size is not None
         if in_size is not None:
             in_size = tuple(in_size) if isinstance(in_size, (tuple, list)) else (in_size,)
             if in_channels is not None or len(in_size) != n + 1:
-                raise ValueError(f'give in_channels, or in_size=(*spatial, channels) with {n} '
-                                 f'spatial dims (channels last), got in_channels={in_channels}, '
-                                 f'in_size={in_size}')
+                raise ValueError(
+                    f"give in_channels, or in_size=(*spatial, channels) with {n} "
+                    f"spatial dims (channels last), got in_channels={in_channels}, "
+                    f"in_size={in_size}"
+                )
             in_channels = in_size[-1]
             self.in_size = in_size
         if in_channels is None or out_channels is None or kernel_size is None:
-            raise ValueError('a convolution needs in_channels (or in_size), out_channels and '
-                             'kernel_size')
+            raise ValueError(
+                "a convolution needs in_channels (or in_size), out_channels and kernel_size"
+            )
         if rhs_dilation is not None:
             dilation = rhs_dilation
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f'in_channels ({in_channels}) and out_channels ({out_channels}) '
-                             f'must be divisible by groups ({groups})')
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) "
+                f"must be divisible by groups ({groups})"
+            )
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _tuple(kernel_size, n, 'kernel_size')
-        self.stride = _tuple(stride, n, 'stride')
+        self.kernel_size = _tuple(kernel_size, n, "kernel_size")
+        self.stride = _tuple(stride, n, "stride")
         self.padding = _padding(padding)
-        self.dilation = _tuple(dilation, n, 'dilation')
+        self.dilation = _tuple(dilation, n, "dilation")
         self.groups = groups
         dtype = resolve_dtype(dtype)
         w_key, b_key = split_key(key, 2)
@@ -87,24 +106,34 @@ class _ConvNd(brainstate.nn.Module):
 
     def update(self, x):
         bias = None if self.bias is None else self.bias.value
-        if self.channel_last:   # (B, *S, C) -> (B, C, *S) and back: index relabelling only
+        if self.channel_last:  # (B, *S, C) -> (B, C, *S) and back: index relabelling only
             axis = x.ndim - self.num_spatial_dims - 1
             x = jnp.moveaxis(x, -1, axis)
-        y = ops.conv(x, self.weight.value, bias, stride=self.stride, padding=self.padding,
-                     dilation=self.dilation, groups=self.groups)
+        y = ops.conv(
+            x,
+            self.weight.value,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
         return jnp.moveaxis(y, axis, -1) if self.channel_last else y
 
 
 class Conv1d(_ConvNd):
     """1-D convolution over ``(B, C_in, L)`` or ``(C_in, L)`` inputs; see :class:`_ConvNd`."""
+
     num_spatial_dims = 1
 
 
 class Conv2d(_ConvNd):
     """2-D convolution over ``(B, C_in, H, W)`` or ``(C_in, H, W)`` inputs; see :class:`_ConvNd`."""
+
     num_spatial_dims = 2
 
 
 class Conv3d(_ConvNd):
     """3-D convolution over ``(B, C_in, D, H, W)`` or ``(C_in, D, H, W)``; see :class:`_ConvNd`."""
+
     num_spatial_dims = 3

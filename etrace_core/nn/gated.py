@@ -5,8 +5,10 @@ Same equations as braintrace's cells, built on etrace's ``Linear`` (separate ``w
 initialisation (pass ``braintools.init.Orthogonal()`` for braintrace's). Sizes, initialisers and
 ``state_init`` take the same forms as the other cells (see ``etrace_core.nn.rnn``).
 """
+
 import math
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import Optional
 
 import brainstate
 import jax
@@ -19,11 +21,11 @@ from .base import RecurrentModule
 from .init import DEFAULT, Initializer, Key, feature_size, make_param, split_key
 from .linear import Linear
 
-__all__ = ['MGUCell', 'MinimalRNNCell', 'MiniGRU', 'LRUCell']
+__all__ = ["MGUCell", "MinimalRNNCell", "MiniGRU", "LRUCell"]
 
 
 def _setup(cell, in_size, out_size):
-    cell.num_in, cell.num_out = feature_size(in_size, 'in_size'), feature_size(out_size, 'out_size')
+    cell.num_in, cell.num_out = feature_size(in_size, "in_size"), feature_size(out_size, "out_size")
     cell.in_size, cell.out_size = (cell.num_in,), (cell.num_out,)
 
 
@@ -31,14 +33,24 @@ class MGUCell(RecurrentModule):
     """Minimal gated unit: ``f = sigmoid(W_f [x, h])``, ``h~ = act(W_h [x, f * h])``,
     ``h' = (1 - f) * h + f * h~``; state ``h``, returns ``h'``."""
 
-    state_names = ('h',)
+    state_names = ("h",)
 
-    def __init__(self, in_size, out_size, w_init: Optional[Initializer] = DEFAULT,
-                 b_init: Optional[Initializer] = DEFAULT, state_init: Optional[Initializer] = None,
-                 activation: Union[str, Callable] = 'tanh', *, dtype=None, key: Key = None,
-                 name: Optional[str] = None):
-        super().__init__((feature_size(out_size, 'out_size'),), dtype, name=name,
-                         state_init=state_init)
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        b_init: Optional[Initializer] = DEFAULT,
+        state_init: Optional[Initializer] = None,
+        activation: str | Callable = "tanh",
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(
+            (feature_size(out_size, "out_size"),), dtype, name=name, state_init=state_init
+        )
         _setup(self, in_size, out_size)
         self.activation = get_activation(activation)
         k1, k2 = split_key(key, 2)
@@ -50,7 +62,7 @@ class MGUCell(RecurrentModule):
         h = self.h.value
         f = jax.nn.sigmoid(self.Wf(jnp.concatenate([x, h], axis=-1)))
         cand = self.activation(self.Wh(jnp.concatenate([x, f * h], axis=-1)))
-        h = (1. - f) * h + f * cand
+        h = (1.0 - f) * h + f * cand
         self.h.value = h
         return h
 
@@ -59,20 +71,30 @@ class MinimalRNNCell(RecurrentModule):
     """Minimal RNN: ``z = phi(x)`` (default a ``Linear``), ``u = sigmoid(W_u [z, h])``,
     ``h' = u * h + (1 - u) * z``; state ``h``, returns ``h'``."""
 
-    state_names = ('h',)
+    state_names = ("h",)
 
-    def __init__(self, in_size, out_size, w_init: Optional[Initializer] = DEFAULT,
-                 b_init: Optional[Initializer] = DEFAULT, state_init: Optional[Initializer] = None,
-                 phi: Optional[Callable] = None, *, dtype=None, key: Key = None,
-                 name: Optional[str] = None):
-        super().__init__((feature_size(out_size, 'out_size'),), dtype, name=name,
-                         state_init=state_init)
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        b_init: Optional[Initializer] = DEFAULT,
+        state_init: Optional[Initializer] = None,
+        phi: Optional[Callable] = None,
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(
+            (feature_size(out_size, "out_size"),), dtype, name=name, state_init=state_init
+        )
         _setup(self, in_size, out_size)
         k1, k2 = split_key(key, 2)
         if phi is None:
             phi = Linear(self.num_in, self.num_out, w_init, b_init, dtype=self.dtype, key=k1)
         if not callable(phi):
-            raise ValueError(f'phi must be callable, got {phi!r}')
+            raise ValueError(f"phi must be callable, got {phi!r}")
         self.phi = phi
         self.W_u = Linear(2 * self.num_out, self.num_out, w_init, b_init, dtype=self.dtype, key=k2)
 
@@ -80,7 +102,7 @@ class MinimalRNNCell(RecurrentModule):
         z = self.phi(x)
         h = self.h.value
         gate = jax.nn.sigmoid(self.W_u(jnp.concatenate([z, h], axis=-1)))
-        h = gate * h + (1. - gate) * z
+        h = gate * h + (1.0 - gate) * z
         self.h.value = h
         return h
 
@@ -88,23 +110,34 @@ class MinimalRNNCell(RecurrentModule):
 class MiniGRU(RecurrentModule):
     """minGRU: ``z = sigmoid(W_z [x, h])``, ``h' = (1 - z) * h + z * W_x x``; state ``h``."""
 
-    state_names = ('h',)
+    state_names = ("h",)
 
-    def __init__(self, in_size, out_size, w_init: Optional[Initializer] = DEFAULT,
-                 b_init: Optional[Initializer] = DEFAULT, state_init: Optional[Initializer] = None,
-                 *, dtype=None, key: Key = None, name: Optional[str] = None):
-        super().__init__((feature_size(out_size, 'out_size'),), dtype, name=name,
-                         state_init=state_init)
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        b_init: Optional[Initializer] = DEFAULT,
+        state_init: Optional[Initializer] = None,
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(
+            (feature_size(out_size, "out_size"),), dtype, name=name, state_init=state_init
+        )
         _setup(self, in_size, out_size)
         k1, k2 = split_key(key, 2)
         self.W_x = Linear(self.num_in, self.num_out, w_init, b_init, dtype=self.dtype, key=k1)
-        self.W_z = Linear(self.num_in + self.num_out, self.num_out, w_init, b_init,
-                          dtype=self.dtype, key=k2)
+        self.W_z = Linear(
+            self.num_in + self.num_out, self.num_out, w_init, b_init, dtype=self.dtype, key=k2
+        )
 
     def update(self, x):
         h = self.h.value
         z = jax.nn.sigmoid(self.W_z(jnp.concatenate([x, h], axis=-1)))
-        h = (1. - z) * h + z * self.W_x(x)
+        h = (1.0 - z) * h + z * self.W_x(x)
         self.h.value = h
         return h
 
@@ -123,11 +156,20 @@ class LRUCell(RecurrentModule):
     ETP weights; ``B``, ``C`` are ``Linear`` layers without bias.
     """
 
-    state_names = ('h_re', 'h_im')
+    state_names = ("h_re", "h_im")
 
-    def __init__(self, d_model: int, d_hidden: int, r_min: float = 0.0, r_max: float = 1.0,
-                 max_phase: float = 6.28, *, dtype=None, key: Key = None,
-                 name: Optional[str] = None):
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        r_min: float = 0.0,
+        r_max: float = 1.0,
+        max_phase: float = 6.28,
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
         super().__init__((d_hidden,), dtype, name=name)
         self.d_model, self.d_hidden = d_model, d_hidden
         self.in_size, self.out_size = d_model, d_hidden
@@ -143,7 +185,7 @@ class LRUCell(RecurrentModule):
         u1 = draw(keys[0], lambda: brainstate.random.uniform(size=d_hidden))
         u2 = draw(keys[1], lambda: brainstate.random.uniform(size=d_hidden))
         theta_log = jnp.log(max_phase * u1)
-        nu_log = jnp.log(-0.5 * jnp.log(u2 * (r_max ** 2 - r_min ** 2) + r_min ** 2))
+        nu_log = jnp.log(-0.5 * jnp.log(u2 * (r_max**2 - r_min**2) + r_min**2))
         lam = jnp.exp(-jnp.exp(nu_log) + 1j * jnp.exp(theta_log))
         gamma_log = jnp.log(jnp.sqrt(1 - jnp.abs(lam) ** 2))
         self.theta_log = make_param(theta_log, (d_hidden,), self.dtype)
@@ -153,8 +195,9 @@ class LRUCell(RecurrentModule):
         self.B_im = Linear(d_model, d_hidden, _glorot, None, dtype=self.dtype, key=keys[3])
         self.C_re = Linear(d_hidden, d_model, _glorot, None, dtype=self.dtype, key=keys[4])
         self.C_im = Linear(d_hidden, d_model, _glorot, None, dtype=self.dtype, key=keys[5])
-        self.D = make_param(draw(keys[5], lambda: brainstate.random.randn(d_model)), (d_model,),
-                            self.dtype)
+        self.D = make_param(
+            draw(keys[5], lambda: brainstate.random.randn(d_model)), (d_model,), self.dtype
+        )
 
     def update(self, x):
         a = jnp.exp(-jnp.exp(ops.element_wise(self.nu_log.value)))

@@ -1,6 +1,8 @@
 """Leaky integrate-and-fire layer with optional threshold adaptation and recurrence."""
+
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import jax
 
@@ -9,7 +11,7 @@ from .base import RecurrentModule
 from .init import Initializer, Key, split_key
 from .linear import Linear
 
-__all__ = ['LIF']
+__all__ = ["LIF"]
 
 
 class LIF(RecurrentModule):
@@ -17,7 +19,8 @@ class LIF(RecurrentModule):
 
     States ``V`` (membrane) and ``a`` (adaptation), shape ``(n_out,)`` or ``(B, n_out)``.
     With ``alpha = exp(-dt/tau_mem)``, ``rho = exp(-dt/tau_adapt)`` and
-    ``s = spike_fn((V - threshold - beta*a) / threshold)`` the spike of the previous state, one step is::
+    ``s = spike_fn((V - threshold - beta*a) / threshold)`` the spike of the previous state, one
+    step is::
 
         I  = x @ W_in  [+ s @ W_rec  when recurrent]
         V' = alpha * V + (1 - alpha) * I - threshold * s        (s detached when detach_reset)
@@ -28,14 +31,27 @@ class LIF(RecurrentModule):
     per neuron, the structure the online algorithms rely on for exact diagonal traces.
     """
 
-    state_names = ('V', 'a')
+    state_names = ("V", "a")
 
-    def __init__(self, n_in: int, n_out: int, *, tau_mem: float = 20., tau_adapt: float = 100.,
-                 beta: float = 0.0, threshold: float = 1.0, dt: float = 1.0,
-                 recurrent: bool = False, detach_reset: bool = False,
-                 spike_fn: Callable = surrogate.spike_fn,
-                 w_init: Optional[Initializer] = None, w_rec_init: Optional[Initializer] = None,
-                 dtype=None, key: Key = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        *,
+        tau_mem: float = 20.0,
+        tau_adapt: float = 100.0,
+        beta: float = 0.0,
+        threshold: float = 1.0,
+        dt: float = 1.0,
+        recurrent: bool = False,
+        detach_reset: bool = False,
+        spike_fn: Callable = surrogate.spike_fn,
+        w_init: Optional[Initializer] = None,
+        w_rec_init: Optional[Initializer] = None,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
         super().__init__((n_out,), dtype, name=name)
         self.n_in, self.n_out = n_in, n_out
         self.in_size, self.out_size = n_in, n_out
@@ -48,8 +64,11 @@ class LIF(RecurrentModule):
         self.spike_fn = spike_fn
         k_in, k_rec = split_key(key, 2)
         self.W_in = Linear(n_in, n_out, bias=False, w_init=w_init, dtype=self.dtype, key=k_in)
-        self.W_rec = (Linear(n_out, n_out, bias=False, w_init=w_rec_init, dtype=self.dtype, key=k_rec)
-                      if recurrent else None)
+        self.W_rec = (
+            Linear(n_out, n_out, bias=False, w_init=w_rec_init, dtype=self.dtype, key=k_rec)
+            if recurrent
+            else None
+        )
 
     @property
     def recurrent(self) -> bool:
@@ -66,7 +85,7 @@ class LIF(RecurrentModule):
         if self.W_rec is not None:
             current = current + self.W_rec(s)
         reset = jax.lax.stop_gradient(s) if self.detach_reset else s
-        V = self.alpha * V + (1. - self.alpha) * current - self.threshold * reset
+        V = self.alpha * V + (1.0 - self.alpha) * current - self.threshold * reset
         a = self.rho * a + s
         self.V.value = V
         self.a.value = a

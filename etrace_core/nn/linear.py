@@ -1,4 +1,5 @@
 """Fully connected layer on the ``etp_matmul`` primitive."""
+
 from typing import Optional
 
 import brainstate
@@ -6,18 +7,26 @@ import jax.numpy as jnp
 
 from etrace_core import ops
 
-from .init import (DEFAULT, Initializer, Key, fan_in_uniform, feature_size, make_param,
-                   resolve_dtype, split_key)
+from .init import (
+    DEFAULT,
+    Initializer,
+    Key,
+    fan_in_uniform,
+    feature_size,
+    make_param,
+    resolve_dtype,
+    split_key,
+)
 
-__all__ = ['Linear']
+__all__ = ["Linear"]
 
 
 class Linear(brainstate.nn.Module):
     """``y = x @ weight + bias`` with ``weight`` of shape ``(in_size, out_size)`` ('io' layout).
 
     The product goes through :func:`etrace_core.ops.matmul`, which is how the online-learning
-    compiler recognises ``weight`` (and ``bias``) as trainable ETP weights. Inputs are ``(in_size,)``
-    or ``(..., in_size)``. Defaults follow torch: both tensors ~ U(-1/sqrt(in), 1/sqrt(in)).
+    compiler recognises ``weight`` (and ``bias``) as trainable ETP weights. Inputs are
+    ``(in_size,)`` or ``(..., in_size)``. Defaults follow torch: both tensors ~ U(-1/sqrt(in), 1/sqrt(in)).
 
     Constructor forms of braintrace/brainstate work too: ``Linear(in_size, out_size, w_init,
     b_init, w_mask)`` positionally or by keyword, sizes as ints or tuples (the last entry counts
@@ -28,11 +37,21 @@ class Linear(brainstate.nn.Module):
     parameter.
     """
 
-    def __init__(self, in_size, out_size, w_init: Optional[Initializer] = DEFAULT,
-                 b_init: Optional[Initializer] = DEFAULT, w_mask=None, *, bias: bool = True,
-                 dtype=None, key: Key = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        b_init: Optional[Initializer] = DEFAULT,
+        w_mask=None,
+        *,
+        bias: bool = True,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
         super().__init__(name=name)
-        n_in, n_out = feature_size(in_size, 'in_size'), feature_size(out_size, 'out_size')
+        n_in, n_out = feature_size(in_size, "in_size"), feature_size(out_size, "out_size")
         self.in_size = tuple(in_size) if isinstance(in_size, (tuple, list)) else (n_in,)
         self.out_size = tuple(out_size) if isinstance(out_size, (tuple, list)) else (n_out,)
         dtype = resolve_dtype(dtype)
@@ -41,10 +60,11 @@ class Linear(brainstate.nn.Module):
         self.weight = make_param(w_init, (n_in, n_out), dtype, w_key, default)
         has_bias = bias and b_init is not None
         self.bias = make_param(b_init, (n_out,), dtype, b_key, default) if has_bias else None
-        if callable(w_mask):   # brainstate: a mask initialiser, called with the weight's shape
+        if callable(w_mask):  # brainstate: a mask initialiser, called with the weight's shape
             w_mask = w_mask((n_in, n_out))
-        self.w_mask = None if w_mask is None else jnp.broadcast_to(jnp.asarray(w_mask),
-                                                                   (n_in, n_out))
+        self.w_mask = (
+            None if w_mask is None else jnp.broadcast_to(jnp.asarray(w_mask), (n_in, n_out))
+        )
         # one function object per layer: the op's static parameter stays the same across calls
         self._masked = None if w_mask is None else _Mask(self.w_mask)
 

@@ -4,6 +4,7 @@ Each keeps its trained arrays as ParamStates used through :func:`etrace_core.ops
 constraint (sign, standardisation) is the op's ``weight_fn``, so the stored array itself is the
 traced parameter and its gradient is pulled back through the constraint exactly.
 """
+
 from typing import Optional
 
 import brainstate
@@ -11,10 +12,18 @@ import jax.numpy as jnp
 
 from etrace_core import ops
 
-from .init import (DEFAULT, Initializer, Key, fan_in_uniform, feature_size, make_param,
-                   resolve_dtype, split_key)
+from .init import (
+    DEFAULT,
+    Initializer,
+    Key,
+    fan_in_uniform,
+    feature_size,
+    make_param,
+    resolve_dtype,
+    split_key,
+)
 
-__all__ = ['SignedWLinear', 'ScaledWSLinear', 'LoRA']
+__all__ = ["SignedWLinear", "ScaledWSLinear", "LoRA"]
 
 
 class _SignedAbs:
@@ -31,15 +40,26 @@ class SignedWLinear(brainstate.nn.Module):
     """``y = x @ (|W| * w_sign)``: weights of fixed sign (Dale's law); ``w_sign`` broadcastable
     to ``(in, out)`` (None: all positive). ``weight`` holds ``W``; no bias."""
 
-    def __init__(self, in_size, out_size, w_init: Optional[Initializer] = DEFAULT, w_sign=None,
-                 *, dtype=None, key: Key = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        w_sign=None,
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
         super().__init__(name=name)
-        n_in, n_out = feature_size(in_size, 'in_size'), feature_size(out_size, 'out_size')
+        n_in, n_out = feature_size(in_size, "in_size"), feature_size(out_size, "out_size")
         self.in_size, self.out_size = (n_in,), (n_out,)
-        self.weight = make_param(w_init, (n_in, n_out), resolve_dtype(dtype), key,
-                                 fan_in_uniform(n_in))
-        self.w_sign = None if w_sign is None else jnp.broadcast_to(jnp.asarray(w_sign),
-                                                                   (n_in, n_out))
+        self.weight = make_param(
+            w_init, (n_in, n_out), resolve_dtype(dtype), key, fan_in_uniform(n_in)
+        )
+        self.w_sign = (
+            None if w_sign is None else jnp.broadcast_to(jnp.asarray(w_sign), (n_in, n_out))
+        )
         self._fn = _SignedAbs(self.w_sign)
 
     def update(self, x):
@@ -66,34 +86,48 @@ class ScaledWSLinear(brainstate.nn.Module):
     ``'bias'`` act after the op and get their same-step gradient.
     """
 
-    def __init__(self, in_size, out_size, w_init: Optional[Initializer] = DEFAULT,
-                 b_init: Optional[Initializer] = DEFAULT, w_mask=None, ws_gain: bool = True,
-                 eps: float = 1e-4, *, dtype=None, key: Key = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        b_init: Optional[Initializer] = DEFAULT,
+        w_mask=None,
+        ws_gain: bool = True,
+        eps: float = 1e-4,
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
         super().__init__(name=name)
-        n_in, n_out = feature_size(in_size, 'in_size'), feature_size(out_size, 'out_size')
+        n_in, n_out = feature_size(in_size, "in_size"), feature_size(out_size, "out_size")
         self.in_size, self.out_size = (n_in,), (n_out,)
         dtype = resolve_dtype(dtype)
         w_key, b_key = split_key(key, 2)
-        params = {'weight': make_param(w_init, (n_in, n_out), dtype, w_key,
-                                       fan_in_uniform(n_in)).value}
+        params = {
+            "weight": make_param(w_init, (n_in, n_out), dtype, w_key, fan_in_uniform(n_in)).value
+        }
         if b_init is not None:
-            params['bias'] = make_param(b_init, (n_out,), dtype, b_key,
-                                        lambda s, d=None: jnp.zeros(s)).value
+            params["bias"] = make_param(
+                b_init, (n_out,), dtype, b_key, lambda s, d=None: jnp.zeros(s)
+            ).value
         if ws_gain:
-            params['gain'] = jnp.ones((1, n_out), dtype)
+            params["gain"] = jnp.ones((1, n_out), dtype)
         self.weight = brainstate.ParamState(params)
         self.eps = eps
-        self.w_mask = None if w_mask is None else jnp.broadcast_to(jnp.asarray(w_mask),
-                                                                   (n_in, n_out))
+        self.w_mask = (
+            None if w_mask is None else jnp.broadcast_to(jnp.asarray(w_mask), (n_in, n_out))
+        )
         self._fn = _Standardise(eps, self.w_mask)
 
     def update(self, x):
         params = self.weight.value
-        y = ops.matmul(x, params['weight'], weight_fn=self._fn)
-        if 'gain' in params:
-            y = y * params['gain']
-        if 'bias' in params:
-            y = y + params['bias']
+        y = ops.matmul(x, params["weight"], weight_fn=self._fn)
+        if "gain" in params:
+            y = y * params["gain"]
+        if "bias" in params:
+            y = y + params["bias"]
         return y
 
 
@@ -106,27 +140,44 @@ class LoRA(brainstate.nn.Module):
     through ``lora_b``'s op, where the compiler treats it as its rules say (see ``show_graph``).
     """
 
-    def __init__(self, in_features: int, lora_rank: int, out_features: int, *,
-                 base_module: Optional[brainstate.nn.Module] = None,
-                 kernel_init: Optional[Initializer] = DEFAULT, in_size=None, dtype=None,
-                 key: Key = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        in_features: int,
+        lora_rank: int,
+        out_features: int,
+        *,
+        base_module: Optional[brainstate.nn.Module] = None,
+        kernel_init: Optional[Initializer] = DEFAULT,
+        in_size=None,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
         super().__init__(name=name)
         self.in_features, self.out_features, self.lora_rank = in_features, out_features, lora_rank
-        self.in_size = (in_features,) if in_size is None else tuple(
-            in_size if isinstance(in_size, (tuple, list)) else (in_size,))
+        self.in_size = (
+            (in_features,)
+            if in_size is None
+            else tuple(in_size if isinstance(in_size, (tuple, list)) else (in_size,))
+        )
         self.out_size = (out_features,)
         dtype = resolve_dtype(dtype)
         a_key, b_key = split_key(key, 2)
-        self.weight = brainstate.ParamState({
-            'lora_a': make_param(kernel_init, (in_features, lora_rank), dtype, a_key,
-                                 fan_in_uniform(in_features)).value,
-            'lora_b': make_param(kernel_init, (lora_rank, out_features), dtype, b_key,
-                                 fan_in_uniform(lora_rank)).value})
+        self.weight = brainstate.ParamState(
+            {
+                "lora_a": make_param(
+                    kernel_init, (in_features, lora_rank), dtype, a_key, fan_in_uniform(in_features)
+                ).value,
+                "lora_b": make_param(
+                    kernel_init, (lora_rank, out_features), dtype, b_key, fan_in_uniform(lora_rank)
+                ).value,
+            }
+        )
         self.base_module = base_module
 
     def update(self, x):
         p = self.weight.value
-        y = ops.matmul(ops.matmul(x, p['lora_a']) / self.lora_rank, p['lora_b'])
+        y = ops.matmul(ops.matmul(x, p["lora_a"]) / self.lora_rank, p["lora_b"])
         if self.base_module is not None:
             y = y + self.base_module(x)
         return y

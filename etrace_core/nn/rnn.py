@@ -10,7 +10,9 @@ Constructors also take braintrace's forms: ``in_size``/``out_size`` (ints or tup
 ``state_init, w_init, b_init``; GRU/LSTM: ``w_init, b_init, state_init``), then ``activation``;
 any ``init(shape)`` initialiser (braintools' too); ``b_init=None`` for no bias.
 """
-from typing import Callable, Optional, Union
+
+from collections.abc import Callable
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,7 @@ from .base import RecurrentModule
 from .init import DEFAULT, Initializer, Key, decay_factor, fan_in_uniform, feature_size, split_key
 from .linear import Linear
 
-__all__ = ['VanillaRNNCell', 'ValinaRNNCell', 'GRUCell', 'LSTMCell', 'LeakyRNNCell']
+__all__ = ["VanillaRNNCell", "ValinaRNNCell", "GRUCell", "LSTMCell", "LeakyRNNCell"]
 
 
 def _torch_rnn_init(num_out: int) -> Initializer:
@@ -35,12 +37,21 @@ class VanillaRNNCell(RecurrentModule):
     ``W_hh = Linear(num_out, num_out, bias=False)``.
     """
 
-    state_names = ('h',)
+    state_names = ("h",)
 
-    def __init__(self, in_size, out_size, state_init: Optional[Initializer] = None,
-                 w_init: Optional[Initializer] = DEFAULT, b_init: Optional[Initializer] = DEFAULT,
-                 activation: Union[str, Callable] = 'tanh', *,
-                 dtype=None, key: Key = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        state_init: Optional[Initializer] = None,
+        w_init: Optional[Initializer] = DEFAULT,
+        b_init: Optional[Initializer] = DEFAULT,
+        activation: str | Callable = "tanh",
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
         num_in, num_out = _sizes(self, in_size, out_size)
         super().__init__((num_out,), dtype, name=name, state_init=state_init)
         _set_sizes(self, in_size, out_size)
@@ -48,7 +59,9 @@ class VanillaRNNCell(RecurrentModule):
         w_init = _torch_rnn_init(num_out) if w_init is DEFAULT else w_init
         b_init = _torch_rnn_init(num_out) if b_init is DEFAULT else b_init
         k_ih, k_hh = split_key(key, 2)
-        self.W_ih = Linear(num_in, num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_ih)
+        self.W_ih = Linear(
+            num_in, num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_ih
+        )
         self.W_hh = Linear(num_out, num_out, bias=False, w_init=w_init, dtype=self.dtype, key=k_hh)
 
     def update(self, x):
@@ -61,7 +74,7 @@ ValinaRNNCell = VanillaRNNCell
 
 
 def _sizes(cell, in_size, out_size):
-    return feature_size(in_size, 'in_size'), feature_size(out_size, 'out_size')
+    return feature_size(in_size, "in_size"), feature_size(out_size, "out_size")
 
 
 def _set_sizes(cell, in_size, out_size) -> None:
@@ -77,11 +90,12 @@ def _add_fused_gates(cell, in_size, out_size, n_gates, w_init, b_init, key) -> N
     w_init = _torch_rnn_init(num_out) if w_init is DEFAULT else w_init
     b_init = _torch_rnn_init(num_out) if b_init is DEFAULT else b_init
     k_ih, k_hh = split_key(key, 2)
-    cell.W_ih = Linear(num_in, n_gates * num_out, w_init=w_init, b_init=b_init, dtype=cell.dtype,
-                       key=k_ih)
-    cell.W_hh = Linear(num_out, n_gates * num_out, w_init=w_init, b_init=b_init, dtype=cell.dtype,
-                       key=k_hh)
-
+    cell.W_ih = Linear(
+        num_in, n_gates * num_out, w_init=w_init, b_init=b_init, dtype=cell.dtype, key=k_ih
+    )
+    cell.W_hh = Linear(
+        num_out, n_gates * num_out, w_init=w_init, b_init=b_init, dtype=cell.dtype, key=k_hh
+    )
 
 
 class GRUCell(RecurrentModule):
@@ -96,14 +110,24 @@ class GRUCell(RecurrentModule):
     ``act`` is ``activation`` (default tanh, torch's).
     """
 
-    state_names = ('h',)
+    state_names = ("h",)
 
-    def __init__(self, in_size, out_size, w_init: Optional[Initializer] = DEFAULT,
-                 b_init: Optional[Initializer] = DEFAULT, state_init: Optional[Initializer] = None,
-                 activation: Union[str, Callable] = 'tanh', *,
-                 dtype=None, key: Key = None, name: Optional[str] = None):
-        super().__init__((feature_size(out_size, 'out_size'),), dtype, name=name,
-                         state_init=state_init)
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        b_init: Optional[Initializer] = DEFAULT,
+        state_init: Optional[Initializer] = None,
+        activation: str | Callable = "tanh",
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(
+            (feature_size(out_size, "out_size"),), dtype, name=name, state_init=state_init
+        )
         self.activation = get_activation(activation)
         _add_fused_gates(self, in_size, out_size, 3, w_init, b_init, key)
 
@@ -114,7 +138,7 @@ class GRUCell(RecurrentModule):
         r = jax.nn.sigmoid(gi_r + gh_r)
         z = jax.nn.sigmoid(gi_z + gh_z)
         n = self.activation(gi_n + r * gh_n)
-        h = (1. - z) * n + z * h
+        h = (1.0 - z) * n + z * h
         self.h.value = h
         return h
 
@@ -130,14 +154,24 @@ class LSTMCell(RecurrentModule):
     ``act`` is ``activation`` (default tanh, torch's).
     """
 
-    state_names = ('h', 'c')
+    state_names = ("h", "c")
 
-    def __init__(self, in_size, out_size, w_init: Optional[Initializer] = DEFAULT,
-                 b_init: Optional[Initializer] = DEFAULT, state_init: Optional[Initializer] = None,
-                 activation: Union[str, Callable] = 'tanh', *,
-                 dtype=None, key: Key = None, name: Optional[str] = None):
-        super().__init__((feature_size(out_size, 'out_size'),), dtype, name=name,
-                         state_init=state_init)
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        b_init: Optional[Initializer] = DEFAULT,
+        state_init: Optional[Initializer] = None,
+        activation: str | Callable = "tanh",
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(
+            (feature_size(out_size, "out_size"),), dtype, name=name, state_init=state_init
+        )
         self.activation = get_activation(activation)
         _add_fused_gates(self, in_size, out_size, 4, w_init, b_init, key)
 
@@ -159,13 +193,24 @@ class LeakyRNNCell(RecurrentModule):
     ``W_hh = Linear(num_out, num_out, bias=False)`` couples the units.
     """
 
-    state_names = ('h',)
+    state_names = ("h",)
 
-    def __init__(self, in_size, out_size, w_init: Optional[Initializer] = DEFAULT,
-                 b_init: Optional[Initializer] = DEFAULT, state_init: Optional[Initializer] = None,
-                 *, tau: float = 5.0, dt: float = 1.0,
-                 activation: Union[str, Callable] = 'tanh', recurrent: bool = False,
-                 dtype=None, key: Key = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        b_init: Optional[Initializer] = DEFAULT,
+        state_init: Optional[Initializer] = None,
+        *,
+        tau: float = 5.0,
+        dt: float = 1.0,
+        activation: str | Callable = "tanh",
+        recurrent: bool = False,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
         num_in, num_out = _sizes(self, in_size, out_size)
         super().__init__((num_out,), dtype, name=name, state_init=state_init)
         _set_sizes(self, in_size, out_size)
@@ -174,15 +219,20 @@ class LeakyRNNCell(RecurrentModule):
         self.activation = get_activation(activation)
         self.recurrent = recurrent
         k_in, k_hh = split_key(key, 2)
-        self.W_in = Linear(num_in, num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_in)
-        self.W_hh = (Linear(num_out, num_out, bias=False, w_init=w_init, dtype=self.dtype, key=k_hh)
-                     if recurrent else None)
+        self.W_in = Linear(
+            num_in, num_out, w_init=w_init, b_init=b_init, dtype=self.dtype, key=k_in
+        )
+        self.W_hh = (
+            Linear(num_out, num_out, bias=False, w_init=w_init, dtype=self.dtype, key=k_hh)
+            if recurrent
+            else None
+        )
 
     def update(self, x):
         h = self.h.value
         drive = self.W_in(x)
         if self.W_hh is not None:
             drive = drive + self.W_hh(h)
-        h = self.decay * h + (1. - self.decay) * self.activation(drive)
+        h = self.decay * h + (1.0 - self.decay) * self.activation(drive)
         self.h.value = h
         return h

@@ -4,18 +4,21 @@ Both are ``jax.custom_jvp`` functions, so forward- and reverse-mode differentiat
 (``jax.jvp``, ``jax.grad``, ``jax.jacobian``) all use the surrogate. The derivative is
 element-wise, so a layer built on them keeps its per-neuron structure.
 """
-from typing import Callable
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ['heaviside', 'spike_fn', 'fast_sigmoid_spike', 'sigmoid_surrogate']
+__all__ = ["heaviside", "spike_fn", "fast_sigmoid_spike", "sigmoid_surrogate"]
 
 
 def heaviside(x):
     """``1`` where ``x > 0``, else ``0``, in ``x``'s float dtype."""
     x = jnp.asarray(x)
-    return (x > 0).astype(x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float))
+    return (x > 0).astype(
+        x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
+    )
 
 
 def _spike_with(surrogate_grad: Callable) -> Callable:

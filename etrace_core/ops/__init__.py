@@ -1,10 +1,19 @@
 """ETP ops: JAX primitives whose weight operand is a model parameter, with canonical-form rules."""
+
 from etrace_core.ops.conv import conv, etp_conv_p
 from etrace_core.ops.elementwise import element_wise, etp_elemwise_p
 from etrace_core.ops.matmul import etp_matmul_p, matmul
 from etrace_core.ops.rules import ETP_PRIMITIVES, OpRule, is_etp_primitive, rule_for
 
 __all__ = [
-    "matmul", "conv", "element_wise", "OpRule", "rule_for", "is_etp_primitive", "ETP_PRIMITIVES",
-    "etp_matmul_p", "etp_conv_p", "etp_elemwise_p",
+    "matmul",
+    "conv",
+    "element_wise",
+    "OpRule",
+    "rule_for",
+    "is_etp_primitive",
+    "ETP_PRIMITIVES",
+    "etp_matmul_p",
+    "etp_conv_p",
+    "etp_elemwise_p",
 ]

@@ -10,6 +10,7 @@ Canonical form: ``X`` holds the im2col patches of *all* input channels, channels
 channel ``o`` of group ``g`` only uses rows of input channels in group ``g``, so ``io_to_params``
 reads the diagonal blocks and ignores the others (they are not weights).
 """
+
 import math
 
 import jax
@@ -23,18 +24,28 @@ from etrace_core.ops.units import strip, strip_bias, with_unit
 
 __all__ = ["conv", "etp_conv_p", "x_canon", "y_canon", "io_to_params"]
 
-_DIMENSION_NUMBERS = {1: ("NCH", "OIH", "NCH"), 2: ("NCHW", "OIHW", "NCHW"),
-                      3: ("NCDHW", "OIDHW", "NCDHW")}
+_DIMENSION_NUMBERS = {
+    1: ("NCH", "OIH", "NCH"),
+    2: ("NCHW", "OIHW", "NCHW"),
+    3: ("NCDHW", "OIDHW", "NCDHW"),
+}
 
 
-def _reference(x, w, *b, window_strides, padding, rhs_dilation, feature_group_count, has_bias,
-               batched):
+def _reference(
+    x, w, *b, window_strides, padding, rhs_dilation, feature_group_count, has_bias, batched
+):
     """Plain lax implementation; impl, abstract eval and lowering all derive from it."""
     dtype = jnp.result_type(x, w)
     xb = x if batched else x[None]
     y = lax.conv_general_dilated(
-        xb.astype(dtype), w.astype(dtype), window_strides, padding, rhs_dilation=rhs_dilation,
-        dimension_numbers=_DIMENSION_NUMBERS[w.ndim - 2], feature_group_count=feature_group_count)
+        xb.astype(dtype),
+        w.astype(dtype),
+        window_strides,
+        padding,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=_DIMENSION_NUMBERS[w.ndim - 2],
+        feature_group_count=feature_group_count,
+    )
     if has_bias:
         y = y + b[0].reshape((-1,) + (1,) * (w.ndim - 2))
     return y if batched else y[0]
@@ -48,8 +59,10 @@ def _int_tuple(value, n, name):
     """An int or a length-``n`` sequence of positive ints, as a tuple."""
     t = (value,) * n if _is_int(value) else tuple(value)
     if len(t) != n or not all(_is_int(v) and v >= 1 for v in t):
-        raise ValueError(f"conv: {name} must be a positive int or a tuple of {n} positive ints "
-                         f"(one per spatial dim), got {value!r}")
+        raise ValueError(
+            f"conv: {name} must be a positive int or a tuple of {n} positive ints "
+            f"(one per spatial dim), got {value!r}"
+        )
     return tuple(int(v) for v in t)
 
 
@@ -73,7 +86,7 @@ def _normalise_padding(padding, in_sizes, k_sizes, strides, dilations):
         raise ValueError(f"conv: padding string must be 'SAME' or 'VALID', got {padding!r}")
     items = (padding,) * n if _is_int(padding) else tuple(padding)
     if n == 1 and len(items) == 2 and all(_is_int(p) for p in items):
-        items = (items,)   # one spatial dim: (lo, hi) is its pair (brainstate's form)
+        items = (items,)  # one spatial dim: (lo, hi) is its pair (brainstate's form)
     pads = []
     for p in items:
         pair = (p, p) if _is_int(p) else tuple(p)
@@ -82,8 +95,10 @@ def _normalise_padding(padding, in_sizes, k_sizes, strides, dilations):
             break
         pads.append((int(pair[0]), int(pair[1])))
     if pads is None or len(pads) != n:
-        raise ValueError(f"conv: padding must be 'SAME', 'VALID', a non-negative int or a tuple "
-                         f"of {n} non-negative ints (or (lo, hi) pairs), got {padding!r}")
+        raise ValueError(
+            f"conv: padding must be 'SAME', 'VALID', a non-negative int or a tuple "
+            f"of {n} non-negative ints (or (lo, hi) pairs), got {padding!r}"
+        )
     return tuple(pads)
 
 
@@ -117,8 +132,11 @@ def _jvp(primals, tangents, **params):
     The tangent is built from jnp ops, so reverse mode transposes it with their own rules.
     """
     y = etp_conv_p.bind(*primals, **params)
-    terms = [rule(t, *primals, **params) for rule, t in zip((_jvp_x, _jvp_w, _jvp_b), tangents)
-             if type(t) is not ad.Zero]
+    terms = [
+        rule(t, *primals, **params)
+        for rule, t in zip((_jvp_x, _jvp_w, _jvp_b), tangents)
+        if type(t) is not ad.Zero
+    ]
     return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 
@@ -142,14 +160,14 @@ def _batch(args, dims, **params):
 batching.primitive_batchers[etp_conv_p] = _batch
 
 
-def conv(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1, strides=None,
-         bias=None):
+def conv(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1, strides=None, bias=None):
     """torch-style channels-first 1-D/2-D/3-D convolution (cross-correlation) ``+ b``.
 
     ``strides=`` and ``bias=`` are braintrace's keywords for ``stride`` and ``b``.
 
     ``padding``: ``'SAME'`` (output size ``ceil(S / stride)``; for stride 1 equals torch
-    ``'same'``), ``'VALID'``, an int, or a tuple with one int (or ``(lo, hi)`` pair) per spatial dim.
+    ``'same'``), ``'VALID'``, an int, or a tuple with one int (or ``(lo, hi)`` pair) per
+    spatial dim.
     """
     if strides is not None:
         stride = strides
@@ -166,35 +184,51 @@ def _conv(x, w, b, stride, padding, dilation, groups):
     x, w = jnp.asarray(x), jnp.asarray(w)
     b = None if b is None else jnp.asarray(b)
     if w.ndim not in (3, 4, 5):
-        raise ValueError("conv: w must have shape (C_out, C_in/groups, *K) with 1, 2 or 3 "
-                         f"spatial dims (torch OIH / OIHW / OIDHW), got shape {w.shape}")
+        raise ValueError(
+            "conv: w must have shape (C_out, C_in/groups, *K) with 1, 2 or 3 "
+            f"spatial dims (torch OIH / OIHW / OIDHW), got shape {w.shape}"
+        )
     n = w.ndim - 2
     if x.ndim not in (n + 1, n + 2):
-        raise ValueError(f"conv: for a {n}-D kernel x must have shape (B, C_in, *S) or (C_in, *S) "
-                         f"with {n} spatial dims, got shape {x.shape}")
+        raise ValueError(
+            f"conv: for a {n}-D kernel x must have shape (B, C_in, *S) or (C_in, *S) "
+            f"with {n} spatial dims, got shape {x.shape}"
+        )
     batched = x.ndim == n + 2
     c_in, c_out = x.shape[int(batched)], w.shape[0]
     if not _is_int(groups) or groups < 1 or c_in % groups or c_out % groups:
-        raise ValueError(f"conv: groups must be a positive int dividing C_in={c_in} and "
-                         f"C_out={c_out}, got {groups!r}")
+        raise ValueError(
+            f"conv: groups must be a positive int dividing C_in={c_in} and "
+            f"C_out={c_out}, got {groups!r}"
+        )
     if w.shape[1] != c_in // groups:
-        raise ValueError(f"conv: w must have shape (C_out, C_in/groups, *K) = "
-                         f"({c_out}, {c_in // groups}, ...) for x with C_in={c_in} and "
-                         f"groups={groups}, got w of shape {w.shape}")
+        raise ValueError(
+            f"conv: w must have shape (C_out, C_in/groups, *K) = "
+            f"({c_out}, {c_in // groups}, ...) for x with C_in={c_in} and "
+            f"groups={groups}, got w of shape {w.shape}"
+        )
     if b is not None and b.shape != (c_out,):
         raise ValueError(f"conv: b must have shape (C_out,) = ({c_out},), got {b.shape}")
     strides = _int_tuple(stride, n, "stride")
     dilations = _int_tuple(dilation, n, "dilation")
-    in_sizes, k_sizes = x.shape[x.ndim - n:], w.shape[2:]
+    in_sizes, k_sizes = x.shape[x.ndim - n :], w.shape[2:]
     pads = _normalise_padding(padding, in_sizes, k_sizes, strides, dilations)
     for size, k, s, d, (lo, hi) in zip(in_sizes, k_sizes, strides, dilations, pads):
         if size + lo + hi < (k - 1) * d + 1:
-            raise ValueError(f"conv: padded input size {size + lo + hi} is smaller than the "
-                             f"dilated kernel size {(k - 1) * d + 1} (x {x.shape}, w {w.shape})")
+            raise ValueError(
+                f"conv: padded input size {size + lo + hi} is smaller than the "
+                f"dilated kernel size {(k - 1) * d + 1} (x {x.shape}, w {w.shape})"
+            )
     operands = (x, w) if b is None else (x, w, b)
-    return etp_conv_p.bind(*operands, window_strides=strides, padding=pads,
-                           rhs_dilation=dilations, feature_group_count=int(groups),
-                           has_bias=b is not None, batched=batched)
+    return etp_conv_p.bind(
+        *operands,
+        window_strides=strides,
+        padding=pads,
+        rhs_dilation=dilations,
+        feature_group_count=int(groups),
+        has_bias=b is not None,
+        batched=batched,
+    )
 
 
 def x_canon(params, x, w):
@@ -204,9 +238,14 @@ def x_canon(params, x, w):
     """
     xb = x if params["batched"] else x[None]
     patches = lax.conv_general_dilated_patches(
-        xb, tuple(w.shape[2:]), params["window_strides"], params["padding"],
-        rhs_dilation=params["rhs_dilation"], dimension_numbers=_DIMENSION_NUMBERS[len(w.shape) - 2],
-        precision=lax.Precision.HIGHEST)
+        xb,
+        tuple(w.shape[2:]),
+        params["window_strides"],
+        params["padding"],
+        rhs_dilation=params["rhs_dilation"],
+        dimension_numbers=_DIMENSION_NUMBERS[len(w.shape) - 2],
+        precision=lax.Precision.HIGHEST,
+    )
     patches = jnp.moveaxis(patches, 1, -1)
     return patches if params["batched"] else patches[0]
 
@@ -223,9 +262,11 @@ def io_to_params(params, w, M):
     k = math.prod(w.shape[2:])
     i = groups * c_group * k
     if M.shape != (i + has_bias, c_out):
-        raise ValueError(f"conv.io_to_params: M must have shape (C_in*prod(K)"
-                         f"{'+1' if has_bias else ''}, C_out) = {(i + has_bias, c_out)}, "
-                         f"got {M.shape}")
+        raise ValueError(
+            f"conv.io_to_params: M must have shape (C_in*prod(K)"
+            f"{'+1' if has_bias else ''}, C_out) = {(i + has_bias, c_out)}, "
+            f"got {M.shape}"
+        )
     blocks = M[:i].reshape(groups, c_group, k, groups, c_out // groups)
     g = np.arange(groups)
     diagonal = blocks[g, :, :, g, :]

@@ -5,6 +5,7 @@ applied element by element. Canonical form: ``X = ones(batch_shape + (1,))`` (``
 ``Y = y.reshape(batch_shape + (w.size,))`` (``O = w.size``); ``io_to_params`` multiplies by
 ``fn'(w)``.
 """
+
 import math
 
 import brainunit as u
@@ -75,11 +76,13 @@ def element_wise(fn, w=None, *, batch_shape=(), weight_fn=None):
     ``weight_fn``) is accepted too. A brainunit Quantity weight keeps its unit: ``fn`` acts on
     the mantissa.
     """
-    if w is None and not callable(fn):      # braintrace: element_wise(weight, weight_fn=...)
+    if w is None and not callable(fn):  # braintrace: element_wise(weight, weight_fn=...)
         fn, w = (weight_fn if weight_fn is not None else _IDENTITY.fn), fn
     elif weight_fn is not None:
-        raise ValueError("element_wise: give the function once (element_wise(fn, w) or "
-                         "element_wise(w, weight_fn=fn))")
+        raise ValueError(
+            "element_wise: give the function once (element_wise(fn, w) or "
+            "element_wise(w, weight_fn=fn))"
+        )
     if not callable(fn):
         raise ValueError(f"element_wise: fn must be callable, got {fn!r}")
     unit = w.unit if isinstance(w, u.Quantity) and not w.unit.is_unitless else None
@@ -92,14 +95,17 @@ def _element_wise(fn, w, batch_shape):
     try:
         batch_shape = tuple(int(d) for d in batch_shape)
     except TypeError:
-        raise ValueError(f"element_wise: batch_shape must be a tuple of ints, "
-                         f"got {batch_shape!r}") from None
+        raise ValueError(
+            f"element_wise: batch_shape must be a tuple of ints, got {batch_shape!r}"
+        ) from None
     if any(d < 0 for d in batch_shape):
         raise ValueError(f"element_wise: batch_shape must be non-negative, got {batch_shape}")
     out = jax.eval_shape(fn, w)
     if getattr(out, "shape", None) != w.shape:
-        raise ValueError(f"element_wise: fn must be element-wise: expected fn(w) of shape "
-                         f"{w.shape} (the shape of w), got {getattr(out, 'shape', out)}")
+        raise ValueError(
+            f"element_wise: fn must be element-wise: expected fn(w) of shape "
+            f"{w.shape} (the shape of w), got {getattr(out, 'shape', out)}"
+        )
     return etp_elemwise_p.bind(w, fn=ElementFn(fn), batch_shape=batch_shape, has_bias=False)
 
 
@@ -117,7 +123,9 @@ def y_canon(params, y):
 def io_to_params(params, w, M):
     """``(M[0].reshape(w.shape) * fn'(w), None)``, with ``fn'`` from ``jax.jvp`` of ``fn``."""
     if M.shape != (1, w.size):
-        raise ValueError(f"element_wise.io_to_params: M must have shape (1, w.size) = "
-                         f"{(1, w.size)}, got {M.shape}")
+        raise ValueError(
+            f"element_wise.io_to_params: M must have shape (1, w.size) = "
+            f"{(1, w.size)}, got {M.shape}"
+        )
     _, slope = jax.jvp(params["fn"], (w,), (jnp.ones_like(w),))
     return M[0].reshape(w.shape) * slope, None

@@ -3,6 +3,7 @@
 The weight keeps the layout it has in the model (``'io'``: ``(I, O)``; ``'oi'``: ``(O, I)``, the
 torch ``Linear`` layout), so the compiler finds the parameter array itself as an operand.
 """
+
 import jax
 import jax.numpy as jnp
 from jax.interpreters import ad, batching
@@ -36,13 +37,17 @@ def _check(x, w, b, w_layout):
         raise ValueError(f"matmul: w_layout must be 'io' or 'oi', got {w_layout!r}")
     expected = "(I, O)" if w_layout == "io" else "(O, I)"
     if jnp.ndim(w) != 2:
-        raise ValueError(f"matmul: w must have shape {expected} for w_layout={w_layout!r}, "
-                         f"got shape {jnp.shape(w)}")
+        raise ValueError(
+            f"matmul: w must have shape {expected} for w_layout={w_layout!r}, "
+            f"got shape {jnp.shape(w)}"
+        )
     i, o = _io_sizes(jnp.shape(w), w_layout)
     if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != i:
-        raise ValueError(f"matmul: x must have shape (..., I) with I={i} to match w of shape "
-                         f"{jnp.shape(w)} = {expected} (w_layout={w_layout!r}), "
-                         f"got x of shape {jnp.shape(x)}")
+        raise ValueError(
+            f"matmul: x must have shape (..., I) with I={i} to match w of shape "
+            f"{jnp.shape(w)} = {expected} (w_layout={w_layout!r}), "
+            f"got x of shape {jnp.shape(x)}"
+        )
     if b is not None and jnp.shape(b) != (o,):
         raise ValueError(f"matmul: b must have shape (O,) = ({o},), got {jnp.shape(b)}")
 
@@ -74,8 +79,11 @@ def _jvp(primals, tangents, **params):
     The tangent is built from jnp ops, so reverse mode transposes it with their own rules.
     """
     y = etp_matmul_p.bind(*primals, **params)
-    terms = [rule(t, *primals, **params) for rule, t in zip((_jvp_x, _jvp_w, _jvp_b), tangents)
-             if type(t) is not ad.Zero]
+    terms = [
+        rule(t, *primals, **params)
+        for rule, t in zip((_jvp_x, _jvp_w, _jvp_b), tangents)
+        if type(t) is not ad.Zero
+    ]
     return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 
@@ -88,8 +96,7 @@ def _batch(args, dims, *, w_layout, has_bias, weight_fn=None):
     if all(d is None for d in rest):
         x = jnp.moveaxis(args[0], x_dim, 0)
         extra = {} if weight_fn is None else {"weight_fn": weight_fn}
-        return etp_matmul_p.bind(x, *args[1:], w_layout=w_layout, has_bias=has_bias,
-                                 **extra), 0
+        return etp_matmul_p.bind(x, *args[1:], w_layout=w_layout, has_bias=has_bias, **extra), 0
     fn = lambda *a: _reference(*a, w_layout=w_layout, has_bias=has_bias, weight_fn=weight_fn)
     return jax.vmap(fn, in_axes=tuple(dims))(*args), 0
 
@@ -123,7 +130,7 @@ def matmul(x, w, b=None, *, w_layout="io", bias=None, weight_fn=None):
         fn = ElementFn(weight_fn)
     _check(x, w, b, w_layout)
     operands = (x, w) if b is None else (x, w, b)
-    extra = {} if fn is None else {"weight_fn": fn}   # plain matmuls keep their two params
+    extra = {} if fn is None else {"weight_fn": fn}  # plain matmuls keep their two params
     y = etp_matmul_p.bind(*operands, w_layout=w_layout, has_bias=b is not None, **extra)
     return with_unit(y, unit)
 
@@ -143,10 +150,12 @@ def io_to_params(params, w, M):
     layout, has_bias = params["w_layout"], params["has_bias"]
     i, o = _io_sizes(w.shape, layout)
     if M.shape != (i + has_bias, o):
-        raise ValueError(f"matmul.io_to_params: M must have shape (I{'+1' if has_bias else ''}, O)"
-                         f" = {(i + has_bias, o)}, got {M.shape}")
+        raise ValueError(
+            f"matmul.io_to_params: M must have shape (I{'+1' if has_bias else ''}, O)"
+            f" = {(i + has_bias, o)}, got {M.shape}"
+        )
     dw = M[:i] if layout == "io" else M[:i].T
     fn = params.get("weight_fn")
-    if fn is not None:   # M is the gradient w.r.t. weight_fn(w): pull it back to w
+    if fn is not None:  # M is the gradient w.r.t. weight_fn(w): pull it back to w
         dw = jax.vjp(fn, w)[1](dw.astype(jnp.result_type(w)))[0]
     return dw, (M[i] if has_bias else None)

@@ -1,4 +1,5 @@
 """Define an ETP primitive from its plain jnp reference: impl, abstract eval and lowering."""
+
 import jax
 from jax.core import ShapedArray
 from jax.extend.core import Primitive

@@ -9,7 +9,9 @@ Every rule function takes the primitive's ``params`` (``eqn.params`` in a jaxpr)
 - ``io_to_params(params, w, M) -> (dw, db)`` for ``M = sum_l X[l]^T G[l]`` of shape ``(I, O)``,
   or ``(I + 1, O)`` when ``params['has_bias']`` (last row: bias gradient; ``db`` else None).
 """
-from typing import Callable, NamedTuple
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 from etrace_core.ops.conv import etp_conv_p
 from etrace_core.ops.conv import io_to_params as _conv_io
@@ -54,5 +56,7 @@ def rule_for(primitive):
     for p, rule in _RULES:
         if primitive is p:
             return rule
-    raise ValueError(f"rule_for: {primitive!r} is not an ETP primitive "
-                     f"(expected one of {[p.name for p in ETP_PRIMITIVES]})")
+    raise ValueError(
+        f"rule_for: {primitive!r} is not an ETP primitive "
+        f"(expected one of {[p.name for p in ETP_PRIMITIVES]})"
+    )

@@ -3,6 +3,7 @@
 An ETP op is bilinear in (input, weight), so its output's unit is the product of theirs; a bias
 added inside the op must carry that unit. Arrays without units pass through unchanged.
 """
+
 import brainunit as u
 
 __all__ = ["strip", "strip_bias", "with_unit", "mantissa"]

@@ -1,4 +1,5 @@
 """Layer rules of the architecture, checked on the source: who may import whom."""
+
 import ast
 import pathlib
 import subprocess
@@ -18,7 +19,7 @@ def _imports(path: pathlib.Path) -> set[str]:
             base = node.module or ""
             if node.level:
                 parts = package.split(".")
-                parent = parts[:len(parts) - node.level + 1]
+                parent = parts[: len(parts) - node.level + 1]
                 base = ".".join(parent + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
@@ -32,8 +33,12 @@ def _files(package: str, exclude: str | None = None):
 
 
 def _offenders(files, forbidden) -> list[str]:
-    return sorted(f"{p.relative_to(ROOT)} imports {name}" for p in files for name in _imports(p)
-                  if any(name == f or name.startswith(f + ".") for f in forbidden))
+    return sorted(
+        f"{p.relative_to(ROOT)} imports {name}"
+        for p in files
+        for name in _imports(p)
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    )
 
 
 def test_core_never_imports_torch_or_the_bridge():
@@ -43,16 +48,20 @@ def test_core_never_imports_torch_or_the_bridge():
 def test_bridge_library_never_imports_the_compare_app():
     files = list(_files("etrace_bridge", exclude="compare"))
     assert files, "no library files found"
-    bad = _offenders([p for p in files if p.name != "__main__.py"],
-                     ("etrace_bridge.compare", "benchmarks"))
+    bad = _offenders(
+        [p for p in files if p.name != "__main__.py"], ("etrace_bridge.compare", "benchmarks")
+    )
     assert bad == []
 
 
 def test_importing_the_library_loads_no_app_module():
-    code = ("import sys, etrace_bridge, etrace_bridge.bptt, etrace_bridge.learner; "
-            "print(sorted(m for m in sys.modules if m.startswith('etrace_bridge.compare')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
+    code = (
+        "import sys, etrace_bridge, etrace_bridge.bptt, etrace_bridge.learner; "
+        "print(sorted(m for m in sys.modules if m.startswith('etrace_bridge.compare')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
 
@@ -63,6 +72,7 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
     try:
         assert _offenders([fake], ("etrace_bridge.compare",)) == [
             "etrace_bridge/_layer_probe_tmp.py imports etrace_bridge.compare",
-            "etrace_bridge/_layer_probe_tmp.py imports etrace_bridge.compare.config"]
+            "etrace_bridge/_layer_probe_tmp.py imports etrace_bridge.compare.config",
+        ]
     finally:
         fake.unlink()

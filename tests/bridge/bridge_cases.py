@@ -1,4 +1,5 @@
 """Small torch models and comparison helpers shared by the export/lowering/module tests."""
+
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -12,8 +13,8 @@ F64_TOL = 1e-12
 def jx(tree):
     """torch tensors (any pytree) -> JAX arrays, copying (tests must not alias torch memory)."""
     return pytree.tree_map(
-        lambda t: jnp.asarray(t.detach().numpy().copy()) if isinstance(t, torch.Tensor) else t,
-        tree)
+        lambda t: jnp.asarray(t.detach().numpy().copy()) if isinstance(t, torch.Tensor) else t, tree
+    )
 
 
 def assert_close(actual, expected, tol, what=""):

@@ -6,6 +6,7 @@ Each model has `forward(x, *state) -> (y, *new_state)` (or keeps its state in a 
 readout of size N_OUT, and a `state(batch, dtype)` giving the initial state for BPTT and the
 conversion (None where the model makes it itself).
 """
+
 import math
 
 import torch
@@ -25,6 +26,7 @@ class _Zeros(nn.Module):
 
 class WeightTransposed(_Zeros):
     """`h = a * h + tanh(x @ self.W.T + self.b)`, a learnable per-unit decay `a`."""
+
     matmul_weights = ("W",)
 
     def __init__(self):
@@ -40,6 +42,7 @@ class WeightTransposed(_Zeros):
 
 class WeightEinsum(_Zeros):
     """The input weight used through `torch.einsum`."""
+
     matmul_weights = ("W",)
 
     def __init__(self):
@@ -54,6 +57,7 @@ class WeightEinsum(_Zeros):
 
 class WeightRight(_Zeros):
     """`x @ self.W` (the parameter on the right, (in, out) layout) and a separate bias."""
+
     matmul_weights = ("W",)
 
     def __init__(self):
@@ -68,6 +72,7 @@ class WeightRight(_Zeros):
 
 class WeightLeft(_Zeros):
     """`self.W @ x.T` (the parameter on the left), transposed back, through torch.matmul."""
+
     matmul_weights = ("W",)
 
     def __init__(self):
@@ -82,6 +87,7 @@ class WeightLeft(_Zeros):
 
 class IndRNN(_Zeros):
     """Independently recurrent network (Li et al. 2018): `h = relu(W x + u * h + b)`."""
+
     matmul_weights = ("inp.weight",)
 
     def __init__(self):
@@ -98,6 +104,7 @@ class IndRNN(_Zeros):
 
 class LeakyTau(_Zeros):
     """Leaky integrator with a learnable time constant, per unit or shared (a scalar)."""
+
     matmul_weights = ("inp.weight",)
 
     def __init__(self, shared=False):
@@ -115,6 +122,7 @@ class LeakyTau(_Zeros):
 
 class MinGRU(_Zeros):
     """minGRU (Feng et al. 2024): `h = (1 - z) * h + z * h~`, z and h~ from x only."""
+
     matmul_weights = ("z.weight", "cand.weight")
 
     def __init__(self):
@@ -131,7 +139,7 @@ class MinGRU(_Zeros):
 def _lru_init(module, r_min=0.4, r_max=0.9, max_phase=math.pi / 5):
     """Linear Recurrent Unit parameters as in Orvieto et al. 2023 (ring init, gamma norm)."""
     u1, u2 = torch.rand(N_HID), torch.rand(N_HID)
-    nu_log = torch.log(-0.5 * torch.log(u1 * (r_max ** 2 - r_min ** 2) + r_min ** 2))
+    nu_log = torch.log(-0.5 * torch.log(u1 * (r_max**2 - r_min**2) + r_min**2))
     module.nu_log = nn.Parameter(nu_log)
     module.theta_log = nn.Parameter(torch.log(max_phase * u2))
     module.gamma_log = nn.Parameter(torch.log(torch.sqrt(1 - torch.exp(-torch.exp(nu_log)) ** 2)))
@@ -142,6 +150,7 @@ def _lru_init(module, r_min=0.4, r_max=0.9, max_phase=math.pi / 5):
 
 class RealLRU(nn.Module):
     """LRU with real tensors: the complex state as two real states (re, im)."""
+
     matmul_weights = ("B_re", "B_im")
 
     def __init__(self):
@@ -163,6 +172,7 @@ class RealLRU(nn.Module):
 
 class ComplexLRU(nn.Module):
     """LRU with torch complex tensors (real parameters, complex state)."""
+
     matmul_weights = ()
 
     def __init__(self):
@@ -183,6 +193,7 @@ class ComplexLRU(nn.Module):
 
 class LearnableH0(nn.Module):
     """Leaky integrator whose initial state is a parameter: the `forward(x, h=None)` idiom."""
+
     matmul_weights = ("inp.weight",)
 
     def __init__(self):
@@ -204,6 +215,7 @@ class LearnableH0(nn.Module):
 class PlainLIF(nn.Module):
     """Leaky integrate-and-fire in plain torch: membrane in a buffer, learnable per-unit decay
     `sigmoid(beta_logit)`, a smooth (sigmoid) spike and soft reset."""
+
     matmul_weights = ("inp.weight",)
 
     def __init__(self, batch):
@@ -226,9 +238,16 @@ class PlainLIF(nn.Module):
 def families(batch):
     """{name: factory}: every model family of issue 8's test list."""
     return {
-        "x@W.T+b": WeightTransposed, "einsum": WeightEinsum, "x@W": WeightRight,
-        "W@x.T": WeightLeft, "IndRNN": IndRNN, "leaky-tau": LeakyTau,
-        "leaky-shared-tau": lambda: LeakyTau(shared=True), "minGRU": MinGRU,
-        "real-LRU": RealLRU, "complex-LRU": ComplexLRU, "h0": LearnableH0,
+        "x@W.T+b": WeightTransposed,
+        "einsum": WeightEinsum,
+        "x@W": WeightRight,
+        "W@x.T": WeightLeft,
+        "IndRNN": IndRNN,
+        "leaky-tau": LeakyTau,
+        "leaky-shared-tau": lambda: LeakyTau(shared=True),
+        "minGRU": MinGRU,
+        "real-LRU": RealLRU,
+        "complex-LRU": ComplexLRU,
+        "h0": LearnableH0,
         "LIF": lambda: PlainLIF(batch),
     }

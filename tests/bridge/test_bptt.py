@@ -1,4 +1,5 @@
 """BPTT reference gradients and the gradient comparison report."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -72,11 +73,14 @@ def test_p_grad_untouched():
     assert all(g.abs().sum() > 0 for g in res.grads.values())
 
 
-@pytest.mark.parametrize("make", [
-    lambda: nn.RNNCell(3, 4),
-    lambda: nn.GRUCell(3, 4),
-    lambda: nn.LSTMCell(3, 4),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.RNNCell(3, 4),
+        lambda: nn.GRUCell(3, 4),
+        lambda: nn.LSTMCell(3, 4),
+    ],
+)
 def test_convention_a_cells(make):
     torch.manual_seed(0)
     cell = make()
@@ -115,7 +119,9 @@ def test_convention_b_full_rnns_match_sequence_call(cls, batch_first):
 
 def test_bidirectional_rejected():
     with pytest.raises(ValueError, match="bidirectional"):
-        bptt_gradients(nn.GRU(3, 4, bidirectional=True), torch.randn(T, B, 3), torch.randn(T, B, 8), "mse")
+        bptt_gradients(
+            nn.GRU(3, 4, bidirectional=True), torch.randn(T, B, 3), torch.randn(T, B, 8), "mse"
+        )
 
 
 class ExplicitState(nn.Module):
@@ -206,14 +212,26 @@ def test_custom_step_and_none_targets():
     assert res.outputs.shape == (T, B, 2)
     expected = nn.functional.cross_entropy(res.outputs[-1], targets[-1])
     assert res.loss == pytest.approx(float(expected), rel=1e-6)
-    assert set(res.grads) == {"cell.weight_ih", "cell.weight_hh", "cell.bias_ih", "cell.bias_hh",
-                              "head.weight", "head.bias"}
+    assert set(res.grads) == {
+        "cell.weight_ih",
+        "cell.weight_hh",
+        "cell.bias_ih",
+        "cell.bias_hh",
+        "head.weight",
+        "head.bias",
+    }
 
 
 def test_unused_parameter_gets_zero_gradient():
     m = nn.ModuleDict({"cell": nn.GRUCell(3, 4), "unused": nn.Linear(2, 2)})
-    res = bptt_gradients(m, torch.randn(T, B, 3), torch.randn(T, B, 4), "mse",
-                         state=torch.zeros(B, 4), step=lambda mod, x, h: (mod["cell"](x, h),) * 2)
+    res = bptt_gradients(
+        m,
+        torch.randn(T, B, 3),
+        torch.randn(T, B, 4),
+        "mse",
+        state=torch.zeros(B, 4),
+        step=lambda mod, x, h: (mod["cell"](x, h),) * 2,
+    )
     assert torch.all(res.grads["unused.weight"] == 0)
 
 
@@ -226,13 +244,15 @@ def test_named_losses_torch_and_jax_agree():
     assert float(ce(logits, labels)) == pytest.approx(float(expected), rel=1e-12)
     assert float(ce(logits, torch.full((5,), -100))) == 0.0
     jce = resolve_loss("cross_entropy", backend="jax")
-    assert float(jce(jnp.asarray(logits.numpy(), dtype=jnp.float32), jnp.asarray(labels.numpy()))) == \
-        pytest.approx(float(expected), rel=1e-5)
+    assert float(
+        jce(jnp.asarray(logits.numpy(), dtype=jnp.float32), jnp.asarray(labels.numpy()))
+    ) == pytest.approx(float(expected), rel=1e-5)
     assert float(jce(jnp.zeros((5, 3)), jnp.full((5,), -100))) == 0.0
     a, b = torch.randn(4, 3), torch.randn(4, 3)
     assert float(resolve_loss("mse")(a, b)) == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-6)
-    assert float(resolve_loss("mse", backend="jax")(jnp.asarray(a.numpy()), jnp.asarray(b.numpy()))) == \
-        pytest.approx(float(((a - b) ** 2).mean()), rel=1e-5)
+    assert float(
+        resolve_loss("mse", backend="jax")(jnp.asarray(a.numpy()), jnp.asarray(b.numpy()))
+    ) == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-5)
     fn = lambda y, t: y.sum()
     assert resolve_loss(fn) is fn
     with pytest.raises(ValueError, match="mse, cross_entropy"):
@@ -253,9 +273,13 @@ def test_compare_gradients_hand_values():
     assert report.min_cosine == pytest.approx(0.0)
 
     half = compare_gradients({"w": torch.tensor([1.5, 2.0])}, {"w": torch.tensor([3.0, 4.0])})
-    assert half.rows[0].rel_error == pytest.approx(0.5) and half.rows[0].cosine == pytest.approx(1.0)
+    assert half.rows[0].rel_error == pytest.approx(0.5) and half.rows[0].cosine == pytest.approx(
+        1.0
+    )
     anti = compare_gradients({"w": -torch.ones(3)}, {"w": torch.ones(3)})
-    assert anti.rows[0].rel_error == pytest.approx(2.0) and anti.rows[0].cosine == pytest.approx(-1.0)
+    assert anti.rows[0].rel_error == pytest.approx(2.0) and anti.rows[0].cosine == pytest.approx(
+        -1.0
+    )
     zero_online = compare_gradients({"w": torch.zeros(3)}, {"w": torch.ones(3)})
     assert zero_online.rows[0].rel_error == pytest.approx(1.0) and zero_online.rows[0].cosine == 0.0
 
@@ -266,7 +290,9 @@ def test_compare_gradients_errors_and_formatting():
         compare_gradients({"cell.weight": torch.ones(2, 3)}, ref)
     with pytest.raises(ValueError, match="shape"):
         compare_gradients({"cell.weight": torch.ones(3, 2), "cell.bias": torch.ones(3)}, ref)
-    report = compare_gradients({("cell", "weight"): torch.ones(2, 3), "cell.bias": 2 * torch.ones(3)}, ref)
+    report = compare_gradients(
+        {("cell", "weight"): torch.ones(2, 3), "cell.bias": 2 * torch.ones(3)}, ref
+    )
     table = report.table().splitlines()
     assert len(table) == 4 and len({len(line) for line in table}) == 1
     assert "cell.weight" in table[2] and "2x3" in table[2] and "1.000e+00" in table[3]

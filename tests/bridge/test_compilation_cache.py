@@ -1,5 +1,6 @@
 """The opt-in on-disk compilation cache: enabling it makes compiled programs land on disk, and a
 fresh process with the same cache gets the learner's sequence program from it (a cache hit)."""
+
 import os
 import subprocess
 import sys
@@ -33,8 +34,14 @@ CHILD = textwrap.dedent("""
 
 def _child(cache_dir):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", CHILD, str(cache_dir)], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(cache_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")][-1]
     _, hits, loss = line.split()
@@ -43,13 +50,17 @@ def _child(cache_dir):
 
 @pytest.fixture
 def restore_cache_config():
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     old = {k: getattr(jax.config, k) for k in keys}
     yield
     for k, v in old.items():
         jax.config.update(k, v)
     from jax.experimental.compilation_cache import compilation_cache
+
     compilation_cache.reset_cache()
 
 
@@ -61,8 +72,8 @@ def test_enable_writes_compiled_programs_to_the_directory(tmp_path, restore_cach
 
 
 def test_second_process_reads_the_learner_program_from_the_cache(tmp_path):
-    first, loss1 = _child(tmp_path)      # fills the cache: the run's program is a miss
-    second, loss2 = _child(tmp_path)     # same structure: the run's program is read from disk
+    first, loss1 = _child(tmp_path)  # fills the cache: the run's program is a miss
+    second, loss2 = _child(tmp_path)  # same structure: the run's program is read from disk
     assert first == 0
     assert second >= 1
     assert loss1 == loss2

@@ -1,4 +1,5 @@
 """Costs that grow as the work grows: one XLA compilation per learner and input shape."""
+
 import contextlib
 import logging
 
@@ -49,18 +50,19 @@ def _learner(algorithm):
     torch.manual_seed(0)
     model = _Net()
     xs, ys = torch.randn(5, 4, 3), torch.randn(5, 4, 2)
-    learner = OnlineLearner(model, algorithm=algorithm, loss="mse",
-                            example_inputs=(xs[0], torch.zeros(4, 6)))
+    learner = OnlineLearner(
+        model, algorithm=algorithm, loss="mse", example_inputs=(xs[0], torch.zeros(4, 6))
+    )
     return learner, xs, ys
 
 
 def test_run_compiles_once_with_or_without_reset():
     learner, xs, ys = _learner("es_d_rtrl")
-    learner.run(xs, ys)                       # first call compiles
+    learner.run(xs, ys)  # first call compiles
     with _compilations() as names:
-        learner.run(xs, ys)                   # traces carried over from a compiled call
+        learner.run(xs, ys)  # traces carried over from a compiled call
         learner.reset_state()
-        learner.run(xs, ys)                   # traces zeroed
+        learner.run(xs, ys)  # traces zeroed
         learner.run(xs, ys)
     assert [n for n in names if "_drive" in n] == []
 

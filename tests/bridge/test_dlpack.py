@@ -1,4 +1,5 @@
 """DLPack exchange: zero-copy where possible, explicit copies otherwise."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,11 +65,14 @@ def test_transpose_stays_zero_copy():
         np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: x * 2)(a)), view.numpy() * 2)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: torch.arange(24.0).reshape(4, 6)[:, ::2],
-    lambda: torch.arange(24.0).reshape(4, 6).T[::2],
-    lambda: torch.arange(4.0).reshape(4, 1).expand(4, 3),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.arange(24.0).reshape(4, 6)[:, ::2],
+        lambda: torch.arange(24.0).reshape(4, 6).T[::2],
+        lambda: torch.arange(4.0).reshape(4, 1).expand(4, 3),
+    ],
+)
 def test_strided_views_copy_or_raise(make):
     view = make()
     assert needs_copy(view) is not None
@@ -87,7 +91,7 @@ def test_misaligned_view_copies_or_raises():
     np.testing.assert_array_equal(np.asarray(a), view.numpy())
     with pytest.raises(ValueError, match="aligned"):
         to_jax(view, copy=False)
-    aligned = base[CPU_ALIGNMENT // 4:]
+    aligned = base[CPU_ALIGNMENT // 4 :]
     assert _shares(aligned, to_jax(aligned, copy=False))
 
 

@@ -9,6 +9,7 @@ with element-wise recurrences. Oracle: torch autograd BPTT (`bptt_gradients`) in
 - D-RTRL equals BPTT, <= 1e-10 relative error for every parameter (float64);
 - ES-D-RTRL and hybrid train each model (float32, 50 Adam steps on a teacher's outputs).
 """
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -33,8 +34,10 @@ def _model(name, dtype, seed=0):
 
 def _data(dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(T, B, N_IN, generator=g, dtype=dtype),
-            torch.randn(T, B, N_OUT, generator=g, dtype=dtype))
+    return (
+        torch.randn(T, B, N_IN, generator=g, dtype=dtype),
+        torch.randn(T, B, N_OUT, generator=g, dtype=dtype),
+    )
 
 
 def _example(model, x0, dtype):
@@ -60,25 +63,34 @@ def test_converts_traces_every_parameter_and_d_rtrl_is_exact(name):
         xs, ys = _data(dtype)
         ref = bptt_gradients(model, xs, ys, "mse", state=_bptt_state(model, dtype))
 
-        learner = OnlineLearner(model, algorithm="d_rtrl", loss="mse",
-                                example_inputs=_example(model, xs[0], dtype))
+        learner = OnlineLearner(
+            model, algorithm="d_rtrl", loss="mse", example_inputs=_example(model, xs[0], dtype)
+        )
         # conversion parity, step by step from the same initial state
         outs = np.stack([np.asarray(learner.model.update(_jx(xs[t]))) for t in range(T)])
         err = np.max(np.abs(outs - ref.outputs.numpy()))
         assert err <= 1e-12 * max(1.0, float(ref.outputs.abs().max())), err
         learner.reset_state(B)
         graph = learner.algorithm.graph
-        relations = {".".join(p) for r in graph.hidden_param_op_relations
-                     for p in (r.weight_path, r.bias_path) if p}
+        relations = {
+            ".".join(p)
+            for r in graph.hidden_param_op_relations
+            for p in (r.weight_path, r.bias_path)
+            if p
+        }
         assert set(model.matmul_weights) <= relations, (relations, model.matmul_weights)
-        assert all(r.primitive.name == "etp_matmul" for r in graph.hidden_param_op_relations
-                   if ".".join(r.weight_path) in model.matmul_weights)
-        traced = relations | {".".join(r.path)
-                              for r in learner.algorithm.executor.param_trace_relations}
+        assert all(
+            r.primitive.name == "etp_matmul"
+            for r in graph.hidden_param_op_relations
+            if ".".join(r.weight_path) in model.matmul_weights
+        )
+        traced = relations | {
+            ".".join(r.path) for r in learner.algorithm.executor.param_trace_relations
+        }
         msg = learner.show_graph(verbose=False, return_msg=True)
         assert "approximate" not in msg, msg
         feeding = {n for n, g in ref.grads.items() if n not in traced}
-        for n in feeding:   # whatever is not traced must be a memoryless readout
+        for n in feeding:  # whatever is not traced must be a memoryless readout
             assert f"('{n.split('.')[0]}'" in msg and "reaches no hidden state" in msg, (n, msg)
             assert n.startswith(("readout", "C_", "D")), (n, msg)
 
@@ -94,10 +106,12 @@ def test_online_algorithms_train(name, algorithm):
     dtype = torch.float32
     model, teacher = _model(name, dtype), _model(name, dtype, seed=7)
     xs, _ = _data(dtype, seed=2)
-    targets = bptt_gradients(teacher, xs, torch.zeros(T, B, N_OUT), "mse",
-                             state=_bptt_state(teacher, dtype)).outputs
-    learner = OnlineLearner(model, algorithm=algorithm, loss="mse",
-                            example_inputs=_example(model, xs[0], dtype))
+    targets = bptt_gradients(
+        teacher, xs, torch.zeros(T, B, N_OUT), "mse", state=_bptt_state(teacher, dtype)
+    ).outputs
+    learner = OnlineLearner(
+        model, algorithm=algorithm, loss="mse", example_inputs=_example(model, xs[0], dtype)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=0.03)
     losses = []
     for _ in range(50):
@@ -135,8 +149,9 @@ FORMS = {
     "einsum hi,bi->bh": lambda s, x: torch.einsum("hi,bi->bh", s.W, x),
     "addmm": lambda s, x: torch.addmm(s.b, x, s.U),
     "W @ x.T": lambda s, x: (s.W @ x.T).T,
-    "bmm": lambda s, x: torch.bmm(x.unsqueeze(1), s.U.unsqueeze(0).expand(x.shape[0], -1, -1)
-                                  ).squeeze(1),
+    "bmm": lambda s, x: torch.bmm(
+        x.unsqueeze(1), s.U.unsqueeze(0).expand(x.shape[0], -1, -1)
+    ).squeeze(1),
     "slice of W": lambda s, x: x @ s.Wbig[N_HID:, 1:].T,
     "chunk of W": lambda s, x: x @ s.Wbig.chunk(2)[0][:, :N_IN].T,
 }
@@ -153,8 +168,9 @@ def test_every_matmul_form_is_an_etp_op(form):
         want = model(x, h)[0].numpy()
     got = np.asarray(learner.model.update(_jx(x)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    relations = {r.weight_path: r.primitive.name
-                 for r in learner.algorithm.graph.hidden_param_op_relations}
+    relations = {
+        r.weight_path: r.primitive.name for r in learner.algorithm.graph.hidden_param_op_relations
+    }
     assert relations.get((WEIGHT.get(form, "W"),)) == "etp_matmul", relations
 
 
@@ -166,13 +182,15 @@ def test_learnable_h0_reset_reads_current_value_and_forward_default_is_recurrent
     model = LearnableH0()
     x = torch.randn(B, N_IN)
     learner = OnlineLearner(model, algorithm="d_rtrl", loss="mse", example_inputs=(x,))
-    np.testing.assert_allclose(np.asarray(learner.model.h.value),
-                               model.h0.detach().expand(B, -1).numpy(), rtol=0, atol=0)
+    np.testing.assert_allclose(
+        np.asarray(learner.model.h.value), model.h0.detach().expand(B, -1).numpy(), rtol=0, atol=0
+    )
     with torch.no_grad():
-        model.h0.add_(1.5)                     # what optimizer.step() does
+        model.h0.add_(1.5)  # what optimizer.step() does
     learner.reset_state(B)
-    np.testing.assert_allclose(np.asarray(learner.model.h.value),
-                               model.h0.detach().expand(B, -1).numpy(), rtol=0, atol=0)
+    np.testing.assert_allclose(
+        np.asarray(learner.model.h.value), model.h0.detach().expand(B, -1).numpy(), rtol=0, atol=0
+    )
 
 
 def test_learnable_h0_from_an_example_state_built_from_the_parameter():
@@ -203,8 +221,9 @@ def test_learnable_h0_through_a_recurrent_weight_is_labelled_approximate():
             h = self.cell(x, h)
             return h, h
 
-    learner = OnlineLearner(RNNWithH0(), algorithm="d_rtrl", loss="mse",
-                            example_inputs=(torch.randn(B, N_IN),))
+    learner = OnlineLearner(
+        RNNWithH0(), algorithm="d_rtrl", loss="mse", example_inputs=(torch.randn(B, N_IN),)
+    )
     msg = learner.show_graph(verbose=False, return_msg=True)
     h0_lines = msg.split("('h0',)", 1)[1].split("\n\n", 1)[0]
     assert "approximate" in h0_lines, msg
@@ -260,8 +279,10 @@ def test_lstm_proj_size_alone_matches_wrapped():
         wrapped.lstm.load_state_dict(alone.state_dict())
         xs, _ = _data(torch.float64)
         ys = torch.randn(T, B, 2, dtype=torch.float64)
-        h, c = torch.zeros(1, B, 2, dtype=torch.float64), torch.zeros(1, B, N_HID,
-                                                                      dtype=torch.float64)
+        h, c = (
+            torch.zeros(1, B, 2, dtype=torch.float64),
+            torch.zeros(1, B, N_HID, dtype=torch.float64),
+        )
         grads = []
         for model, example in ((alone, (xs[0],)), (wrapped, (xs[0], h, c))):
             learner = OnlineLearner(model, algorithm="d_rtrl", loss="mse", example_inputs=example)
@@ -272,8 +293,12 @@ def test_lstm_proj_size_alone_matches_wrapped():
 
 
 def test_lower_layers_of_stacked_torch_rnns_are_labelled_approximate():
-    learner = OnlineLearner(nn.GRU(N_IN, N_HID, num_layers=2), algorithm="d_rtrl", loss="mse",
-                            example_inputs=(torch.randn(B, N_IN),))
+    learner = OnlineLearner(
+        nn.GRU(N_IN, N_HID, num_layers=2),
+        algorithm="d_rtrl",
+        loss="mse",
+        example_inputs=(torch.randn(B, N_IN),),
+    )
     msg = learner.show_graph(verbose=False, return_msg=True)
     notes = learner.model.approximations
     assert set(notes) == {f"{k}_l0" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
@@ -297,7 +322,7 @@ def test_complex_parameters_are_refused_by_name_and_compared_in_full():
         OnlineLearner(ComplexDecay(), algorithm="d_rtrl", example_inputs=example)
     ref = {"lam": torch.tensor([1.0 + 1.0j])}
     report = compare_gradients({"lam": torch.tensor([1.0 - 1.0j])}, ref)
-    assert report.rows[0].rel_error == pytest.approx(2 ** 0.5)   # the imaginary part counts
+    assert report.rows[0].rel_error == pytest.approx(2**0.5)  # the imaginary part counts
 
 
 def test_frozen_initial_state_parameter_is_found_by_value():
@@ -305,8 +330,9 @@ def test_frozen_initial_state_parameter_is_found_by_value():
     model.h0.requires_grad_(False)
     converted = from_torch(model, (torch.randn(B, N_IN),))
     assert converted._bridge.state_params == {("h",): "h0"}
-    np.testing.assert_array_equal(np.asarray(converted.h.value),
-                                  model.h0.detach().expand(B, -1).numpy())
+    np.testing.assert_array_equal(
+        np.asarray(converted.h.value), model.h0.detach().expand(B, -1).numpy()
+    )
 
 
 # ----------------------------------------------------------------------------- fidelity table
@@ -318,8 +344,9 @@ def measure(name, algorithm, dtype):
         model = _model(name, dtype)
         xs, ys = _data(dtype)
         ref = bptt_gradients(model, xs, ys, "mse", state=_bptt_state(model, dtype))
-        learner = OnlineLearner(model, algorithm=algorithm, loss="mse",
-                                example_inputs=_example(model, xs[0], dtype))
+        learner = OnlineLearner(
+            model, algorithm=algorithm, loss="mse", example_inputs=_example(model, xs[0], dtype)
+        )
         learner.run(xs, ys)
         report = compare_gradients({n: p.grad for n, p in model.named_parameters()}, ref.grads)
         return report.worst_rel_error, report.min_cosine
@@ -335,11 +362,22 @@ class _nothing:
 
 if __name__ == "__main__":
     algorithms = ("d_rtrl", "es_d_rtrl", "hybrid")
-    print("| model | " + " | ".join(f"{a} f64 rel. error" for a in algorithms) + " | "
-          + " | ".join(f"{a} f32 min cosine" for a in algorithms) + " |")
+    print(
+        "| model | "
+        + " | ".join(f"{a} f64 rel. error" for a in algorithms)
+        + " | "
+        + " | ".join(f"{a} f32 min cosine" for a in algorithms)
+        + " |"
+    )
     print("|---|" + "---:|" * (2 * len(algorithms)))
     for family in NAMES:
         f64 = [measure(family, a, torch.float64)[0] for a in algorithms]
         f32 = [measure(family, a, torch.float32)[1] for a in algorithms]
-        print(f"| {family} | " + " | ".join(f"{e:.1e}" for e in f64) + " | "
-              + " | ".join(f"{c:.6f}" for c in f32) + " |", flush=True)
+        print(
+            f"| {family} | "
+            + " | ".join(f"{e:.1e}" for e in f64)
+            + " | "
+            + " | ".join(f"{c:.6f}" for c in f32)
+            + " |",
+            flush=True,
+        )

@@ -1,4 +1,5 @@
 """export_step: one-step export, signature split, dynamic batch, and refusals."""
+
 import pytest
 import torch
 from torch import nn
@@ -29,8 +30,9 @@ def test_grucell_signature_split():
     assert step.dynamic_batch and step.batch_size == B
     targets = step.aten_targets()
     assert "aten.linear.default" in targets
-    linear_weights = {n.args[1].name for n in step.graph.nodes
-                      if n.target is torch.ops.aten.linear.default}
+    linear_weights = {
+        n.args[1].name for n in step.graph.nodes if n.target is torch.ops.aten.linear.default
+    }
     assert {step.parameters[w] for w in linear_weights} == {"weight_ih", "weight_hh"}
 
 
@@ -82,16 +84,23 @@ def test_dynamic_batch_false_exports_static():
     assert not step.dynamic_batch
 
 
-@pytest.mark.parametrize("factory, args", [
-    (lambda: nn.RNNCell(4, 5, nonlinearity="relu", bias=False),
-     (torch.randn(B, 4), torch.randn(B, 5))),
-    (lambda: nn.GRUCell(4, 5), (torch.randn(B, 4), torch.randn(B, 5))),
-    (lambda: nn.LSTMCell(4, 5), (torch.randn(B, 4), (torch.randn(B, 5), torch.randn(B, 5)))),
-    (lambda: nn.RNN(4, 5, 2, batch_first=True), (torch.randn(B, 1, 4), torch.randn(2, B, 5))),
-    (lambda: nn.GRU(4, 5, 2, bias=False), (torch.randn(1, B, 4), torch.randn(2, B, 5))),
-    (lambda: nn.LSTM(4, 5, 2),
-     (torch.randn(1, B, 4), (torch.randn(2, B, 5), torch.randn(2, B, 5)))),
-])
+@pytest.mark.parametrize(
+    "factory, args",
+    [
+        (
+            lambda: nn.RNNCell(4, 5, nonlinearity="relu", bias=False),
+            (torch.randn(B, 4), torch.randn(B, 5)),
+        ),
+        (lambda: nn.GRUCell(4, 5), (torch.randn(B, 4), torch.randn(B, 5))),
+        (lambda: nn.LSTMCell(4, 5), (torch.randn(B, 4), (torch.randn(B, 5), torch.randn(B, 5)))),
+        (lambda: nn.RNN(4, 5, 2, batch_first=True), (torch.randn(B, 1, 4), torch.randn(2, B, 5))),
+        (lambda: nn.GRU(4, 5, 2, bias=False), (torch.randn(1, B, 4), torch.randn(2, B, 5))),
+        (
+            lambda: nn.LSTM(4, 5, 2),
+            (torch.randn(1, B, 4), (torch.randn(2, B, 5), torch.randn(2, B, 5))),
+        ),
+    ],
+)
 def test_recurrent_targets_are_all_lowered(factory, args):
     step = export_step(factory(), args)
     for target in {n.target for n in step.graph.nodes if n.op == "call_function"}:
@@ -162,10 +171,13 @@ class _PlainAttributeInPlace(nn.Module):
         return self.trace
 
 
-@pytest.mark.parametrize("model, name", [
-    (_PlainAttributeState(), "mem"),
-    (nn.Sequential(_PlainAttributeInPlace()), "0.trace"),
-])
+@pytest.mark.parametrize(
+    "model, name",
+    [
+        (_PlainAttributeState(), "mem"),
+        (nn.Sequential(_PlainAttributeInPlace()), "0.trace"),
+    ],
+)
 def test_plain_tensor_attribute_state_is_lifted(model, name):
     before = {k: v for k, v in vars(model).items()}
     step = export_step(model, (torch.randn(B, 4),))
@@ -197,8 +209,9 @@ def test_dropout_module_in_train_mode_refused():
 
 def test_rnn_dropout_in_train_mode_refused():
     with pytest.raises(UnsupportedModelError) as info:
-        export_step(nn.GRU(4, 5, num_layers=2, dropout=0.2),
-                    (torch.randn(1, B, 4), torch.zeros(2, B, 5)))
+        export_step(
+            nn.GRU(4, 5, num_layers=2, dropout=0.2), (torch.randn(1, B, 4), torch.zeros(2, B, 5))
+        )
     assert "dropout=0.2" in str(info.value) and "GRU" in str(info.value)
 
 
@@ -239,7 +252,9 @@ def test_forward_failing_eagerly_is_export_error():
 
 
 def test_user_frame_skips_torch_frames():
-    trace = ('File "/home/u/model.py", line 12, in forward\n    h = self.cell(x, h)\n'
-             f'  File "{torch.__file__[:-12]}/nn/modules/rnn.py", line 1, in forward\n    x')
+    trace = (
+        'File "/home/u/model.py", line 12, in forward\n    h = self.cell(x, h)\n'
+        f'  File "{torch.__file__[:-12]}/nn/modules/rnn.py", line 1, in forward\n    x'
+    )
     assert user_frame(trace) == "/home/u/model.py:12 in forward: h = self.cell(x, h)"
     assert user_frame(None) is None

@@ -1,5 +1,6 @@
 """On a CUDA GPU (skipped without one): torch and JAX share the device, DLPack stays zero-copy,
 and online gradients land in `.grad` on the device, equal to the CPU learner's."""
+
 import subprocess
 import sys
 import textwrap
@@ -32,8 +33,12 @@ def _online_grads(device: str, algorithm: str):
     g = torch.Generator().manual_seed(1)
     xs = torch.randn(12, 4, 6, generator=g).to(device)
     ys = torch.randn(12, 4, 3, generator=g).to(device)
-    learner = OnlineLearner(model, algorithm=algorithm, loss="mse",
-                            example_inputs=(xs[0], torch.zeros(4, 16, device=device)))
+    learner = OnlineLearner(
+        model,
+        algorithm=algorithm,
+        loss="mse",
+        example_inputs=(xs[0], torch.zeros(4, 16, device=device)),
+    )
     loss = learner.run(xs, ys)
     return float(loss), {n: p.grad for n, p in model.named_parameters()}
 
@@ -72,7 +77,6 @@ def test_jax_does_not_grab_the_gpu_when_torch_shares_it():
         big = torch.empty(int(0.5 * free1) // 4, dtype=torch.float32, device='cuda')
         print((free0 - free1) / total)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 0.10  # JAX took < 10% of the GPU

@@ -1,4 +1,5 @@
 """OnlineLearner: online gradients of torch models against torch autograd BPTT, and the training API."""
+
 import copy
 import math
 
@@ -8,8 +9,15 @@ import torch
 from torch import nn
 
 from etrace_bridge.bptt import bptt_gradients, compare_gradients
+from etrace_bridge.compare.models import (
+    GRUClassifier,
+    LeakyRNN,
+    LSTMClassifier,
+    initial_state,
+    spike_jax,
+    spike_op,
+)
 from etrace_bridge.learner import OnlineLearner
-from etrace_bridge.compare.models import GRUClassifier, LeakyRNN, LSTMClassifier, initial_state, spike_jax, spike_op
 
 T, B, I, H, O = 7, 3, 5, 6, 2
 
@@ -35,13 +43,21 @@ class LIFLayer(nn.Module):
 
 def _data(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(T, B, I, generator=g, dtype=dtype),
-            torch.randn(T, B, O, generator=g, dtype=dtype))
+    return (
+        torch.randn(T, B, I, generator=g, dtype=dtype),
+        torch.randn(T, B, O, generator=g, dtype=dtype),
+    )
 
 
 def _online_grads(model, xs, ys, example, algorithm="d_rtrl", custom_ops=None, **opts):
-    learner = OnlineLearner(model, algorithm=algorithm, loss="mse", example_inputs=example,
-                            custom_ops=custom_ops, **opts)
+    learner = OnlineLearner(
+        model,
+        algorithm=algorithm,
+        loss="mse",
+        example_inputs=example,
+        custom_ops=custom_ops,
+        **opts,
+    )
     learner.run(xs, ys)
     return learner, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -97,10 +113,12 @@ def test_step_by_step_equals_run_and_grads_accumulate():
     twin = copy.deepcopy(model)
     xs, ys = _data(torch.float32)
     state = initial_state(model, B)
-    a = OnlineLearner(model, algorithm="es_d_rtrl", loss="mse", example_inputs=(xs[0], *state),
-                      decay_or_rank=0.7)
-    b = OnlineLearner(twin, algorithm="es_d_rtrl", loss="mse", example_inputs=(xs[0], *state),
-                      decay_or_rank=0.7)
+    a = OnlineLearner(
+        model, algorithm="es_d_rtrl", loss="mse", example_inputs=(xs[0], *state), decay_or_rank=0.7
+    )
+    b = OnlineLearner(
+        twin, algorithm="es_d_rtrl", loss="mse", example_inputs=(xs[0], *state), decay_or_rank=0.7
+    )
     total = a.run(xs, ys)
     steps = sum(float(b.step(xs[t], ys[t])) for t in range(T))
     assert abs(float(total) - steps) < 1e-4
@@ -108,7 +126,7 @@ def test_step_by_step_equals_run_and_grads_accumulate():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
     first = {n: p.grad.clone() for n, p in model.named_parameters()}
     a.reset_state()
-    a.run(xs, ys)   # same sequence again: .grad accumulates like loss.backward()
+    a.run(xs, ys)  # same sequence again: .grad accumulates like loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2 * first[n], rtol=1e-5, atol=1e-6)
         assert p.grad.dtype == p.dtype and p.grad.device == p.device
@@ -123,7 +141,7 @@ def test_torch_optimizer_trains_online(opt):
     model, teacher = LeakyRNN(I, H, O), LeakyRNN(I, H, O)
     xs, _ = _data(torch.float32)
     state = initial_state(model, B)
-    with torch.no_grad():   # a learnable target: the outputs of another network of the same kind
+    with torch.no_grad():  # a learnable target: the outputs of another network of the same kind
         ys = bptt_gradients(teacher, xs, torch.zeros(T, B, O), "mse", state=state).outputs
     learner = OnlineLearner(model, algorithm="d_rtrl", loss="mse", example_inputs=(xs[0], *state))
     optimizer = opt(model.parameters(), lr=0.05)
@@ -141,14 +159,15 @@ def test_state_dict_resumes_bit_for_bit():
     model = GRUClassifier(I, H, O)
     xs, ys = _data(torch.float32)
     state = initial_state(model, B)
-    learner = OnlineLearner(model, algorithm="es_d_rtrl", loss="mse",
-                            example_inputs=(xs[0], *state))
+    learner = OnlineLearner(
+        model, algorithm="es_d_rtrl", loss="mse", example_inputs=(xs[0], *state)
+    )
     learner.run(xs[:3], ys[:3])
     saved = copy.deepcopy(learner.state_dict())
     model.zero_grad()
     learner.run(xs[3:], ys[3:])
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    learner.run(xs[:2], ys[:2])        # move away, then restore
+    learner.run(xs[:2], ys[:2])  # move away, then restore
     learner.load_state_dict(saved)
     model.zero_grad()
     learner.run(xs[3:], ys[3:])
@@ -162,10 +181,12 @@ def test_torch_loss_module_and_batch_change():
     model = LeakyRNN(I, H, O)
     xs, ys = _data(torch.float32)
     state = initial_state(model, B)
-    by_name = OnlineLearner(copy.deepcopy(model), algorithm="d_rtrl", loss="mse",
-                            example_inputs=(xs[0], *state))
-    by_module = OnlineLearner(model, algorithm="d_rtrl", loss=nn.MSELoss(),
-                              example_inputs=(xs[0], *state))
+    by_name = OnlineLearner(
+        copy.deepcopy(model), algorithm="d_rtrl", loss="mse", example_inputs=(xs[0], *state)
+    )
+    by_module = OnlineLearner(
+        model, algorithm="d_rtrl", loss=nn.MSELoss(), example_inputs=(xs[0], *state)
+    )
     assert abs(float(by_name.run(xs, ys)) - float(by_module.run(xs, ys))) < 1e-5
     with pytest.raises(ValueError, match="reset_state"):
         by_module.run(torch.randn(T, 5, I), torch.randn(T, 5, O))
@@ -176,5 +197,9 @@ def test_torch_loss_module_and_batch_change():
 def test_unknown_algorithm_is_refused():
     model = LeakyRNN(I, H, O)
     with pytest.raises(ValueError, match="unknown algorithm"):
-        OnlineLearner(model, algorithm="rtrl++", loss="mse",
-                      example_inputs=(torch.zeros(B, I), *initial_state(model, B)))
+        OnlineLearner(
+            model,
+            algorithm="rtrl++",
+            loss="mse",
+            example_inputs=(torch.zeros(B, I), *initial_state(model, B)),
+        )

@@ -1,4 +1,5 @@
 """lower(): ATen -> JAX parity per op family, ETP routing of parameter weights, and errors."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,11 +37,28 @@ def primitives(model, args):
     return [e.primitive.name for e in jaxpr.jaxpr.eqns]
 
 
-ACTIVATIONS = [nn.ReLU(), nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Softplus(),
-               nn.Softplus(beta=2.0, threshold=5.0), nn.ELU(), nn.ELU(alpha=0.5), nn.SELU(),
-               nn.LeakyReLU(0.1), nn.Hardtanh(), nn.Hardtanh(-0.5, 2.0), nn.Sigmoid(), nn.Tanh(),
-               nn.Softmax(-1), nn.LogSoftmax(-1), nn.Hardswish(), nn.Hardsigmoid(), nn.Mish(),
-               nn.Softsign()]
+ACTIVATIONS = [
+    nn.ReLU(),
+    nn.GELU(),
+    nn.GELU("tanh"),
+    nn.SiLU(),
+    nn.Softplus(),
+    nn.Softplus(beta=2.0, threshold=5.0),
+    nn.ELU(),
+    nn.ELU(alpha=0.5),
+    nn.SELU(),
+    nn.LeakyReLU(0.1),
+    nn.Hardtanh(),
+    nn.Hardtanh(-0.5, 2.0),
+    nn.Sigmoid(),
+    nn.Tanh(),
+    nn.Softmax(-1),
+    nn.LogSoftmax(-1),
+    nn.Hardswish(),
+    nn.Hardsigmoid(),
+    nn.Mish(),
+    nn.Softsign(),
+]
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=repr)
@@ -57,38 +75,45 @@ def test_activations_match_torch_float64(x64, act):
     assert_close(out, ref, F64_TOL, repr(act))
 
 
-@pytest.mark.parametrize("model, shape", [
-    (nn.Linear(6, 4), (B, 6)),
-    (nn.Linear(6, 4, bias=False), (B, 2, 6)),
-    (nn.LayerNorm(6), (B, 6)),
-    (nn.LayerNorm((2, 6), elementwise_affine=False), (B, 2, 6)),
-    (nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5)).eval(), (B, 6)),
-    (nn.BatchNorm1d(6).eval(), (B, 6)),
-    (nn.Conv1d(4, 6, 3), (B, 4, 9)),
-    (nn.Conv1d(4, 6, 3, stride=2, padding=1, bias=False), (B, 4, 9)),
-    (nn.Conv1d(4, 6, 4, padding="same", dilation=2, groups=2), (B, 4, 9)),
-    (nn.Conv1d(4, 6, 3), (4, 9)),
-    (nn.Conv2d(4, 6, 3), (B, 4, 7, 7)),
-    (nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), groups=2), (B, 4, 7, 7)),
-    (nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4), (B, 4, 7, 7)),
-    (nn.Conv3d(2, 3, 2), (B, 2, 4, 4, 4)),
-    (nn.MaxPool2d(2), (B, 2, 6, 6)),
-    (nn.AvgPool2d(2, stride=1, padding=1), (B, 2, 6, 6)),
-    (nn.AdaptiveAvgPool1d(1), (B, 2, 6)),
-    (nn.Flatten(), (B, 2, 6)),
-], ids=lambda v: repr(v).replace("\n", "") if isinstance(v, nn.Module) else str(v))
+@pytest.mark.parametrize(
+    "model, shape",
+    [
+        (nn.Linear(6, 4), (B, 6)),
+        (nn.Linear(6, 4, bias=False), (B, 2, 6)),
+        (nn.LayerNorm(6), (B, 6)),
+        (nn.LayerNorm((2, 6), elementwise_affine=False), (B, 2, 6)),
+        (nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5)).eval(), (B, 6)),
+        (nn.BatchNorm1d(6).eval(), (B, 6)),
+        (nn.Conv1d(4, 6, 3), (B, 4, 9)),
+        (nn.Conv1d(4, 6, 3, stride=2, padding=1, bias=False), (B, 4, 9)),
+        (nn.Conv1d(4, 6, 4, padding="same", dilation=2, groups=2), (B, 4, 9)),
+        (nn.Conv1d(4, 6, 3), (4, 9)),
+        (nn.Conv2d(4, 6, 3), (B, 4, 7, 7)),
+        (nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), groups=2), (B, 4, 7, 7)),
+        (nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4), (B, 4, 7, 7)),
+        (nn.Conv3d(2, 3, 2), (B, 2, 4, 4, 4)),
+        (nn.MaxPool2d(2), (B, 2, 6, 6)),
+        (nn.AvgPool2d(2, stride=1, padding=1), (B, 2, 6, 6)),
+        (nn.AdaptiveAvgPool1d(1), (B, 2, 6)),
+        (nn.Flatten(), (B, 2, 6)),
+    ],
+    ids=lambda v: repr(v).replace("\n", "") if isinstance(v, nn.Module) else str(v),
+)
 def test_layers_match_torch(model, shape):
     x = torch.randn(*shape)
     out, ref = run_lowered(model, (x,))
     assert_close(out, ref, F32_TOL)
 
 
-@pytest.mark.parametrize("model, shape", [
-    (nn.Linear(6, 4), (B, 6)),
-    (nn.LayerNorm(6), (B, 6)),
-    (nn.Conv1d(4, 6, 3, stride=2, padding=1), (B, 4, 9)),
-    (nn.Conv2d(4, 6, 3, groups=2, padding=1), (B, 4, 6, 6)),
-])
+@pytest.mark.parametrize(
+    "model, shape",
+    [
+        (nn.Linear(6, 4), (B, 6)),
+        (nn.LayerNorm(6), (B, 6)),
+        (nn.Conv1d(4, 6, 3, stride=2, padding=1), (B, 4, 9)),
+        (nn.Conv2d(4, 6, 3, groups=2, padding=1), (B, 4, 6, 6)),
+    ],
+)
 def test_layers_match_torch_float64(x64, model, shape):
     model = model.double()
     out, ref = run_lowered(model, (torch.randn(*shape, dtype=torch.float64),))
@@ -110,7 +135,7 @@ class TensorOps(nn.Module):
         a = x.mean(1, keepdim=True) + x.var(1, keepdim=True) + x.std(1, keepdim=True)
         a = a + x.amax(1, keepdim=True) + x.amin(-1, keepdim=True) + x.sum() + x.max()
         b = torch.clamp(x, -1, 1) + torch.where(x > 0, x, 0.0) + x.abs().sqrt()
-        b = b + torch.rsqrt(x.abs() + 1) + 1 / (x.abs() + 0.5) + x ** 2 + x.pow(3)
+        b = b + torch.rsqrt(x.abs() + 1) + 1 / (x.abs() + 0.5) + x**2 + x.pow(3)
         b = b + torch.exp(x) + torch.log(x.abs() + 1) - x.neg() + 2 - x + torch.reciprocal(x + 9)
         c = torch.cat([x, x], 1)[:, :4] + torch.stack([x, x]).sum(0) + x.chunk(2, 1)[0].repeat(1, 2)
         c = c + x.unbind(0)[0] + x[1] + x[:, 1:2] + x.split([1, 3], 1)[1].sum(1, keepdim=True)
@@ -191,8 +216,10 @@ def test_dtypes_follow_torch_promotion():
 
 def test_parameter_linear_and_conv_use_etp_primitives():
     assert primitives(nn.Linear(4, 3), (torch.randn(B, 4),)).count("etp_matmul") == 1
-    assert primitives(nn.GRUCell(4, 3), (torch.randn(B, 4), torch.randn(B, 3))).count(
-        "etp_matmul") == 2
+    assert (
+        primitives(nn.GRUCell(4, 3), (torch.randn(B, 4), torch.randn(B, 3))).count("etp_matmul")
+        == 2
+    )
     assert primitives(nn.Conv1d(2, 3, 3), (torch.randn(B, 2, 8),)).count("etp_conv") == 1
     assert primitives(nn.Conv2d(2, 3, 3), (torch.randn(B, 2, 5, 5),)).count("etp_conv") == 1
 
@@ -240,10 +267,13 @@ class _FFT(nn.Module):
         return torch.fft.fft(x).real
 
 
-@pytest.mark.parametrize("model, op, code", [
-    (_CumSum(), "aten.cumsum.default", "torch.cumsum(x, 1)"),
-    (_FFT(), "aten._fft_r2c.default", "torch.fft.fft(x)"),
-])
+@pytest.mark.parametrize(
+    "model, op, code",
+    [
+        (_CumSum(), "aten.cumsum.default", "torch.cumsum(x, 1)"),
+        (_FFT(), "aten._fft_r2c.default", "torch.fft.fft(x)"),
+    ],
+)
 def test_unsupported_op_names_op_and_source_line(model, op, code):
     step = export_step(model, (torch.randn(B, 4),))
     with pytest.raises(UnsupportedOpError) as info:
@@ -257,8 +287,9 @@ def test_unsupported_op_names_op_and_source_line(model, op, code):
 def test_custom_ops_can_supply_a_missing_aten_op():
     model = _CumSum()
     x = torch.randn(B, 4)
-    out, ref = run_lowered(model, (x,), custom_ops={
-        "aten::cumsum": lambda x, dim, dtype=None: jnp.cumsum(x, axis=dim)})
+    out, ref = run_lowered(
+        model, (x,), custom_ops={"aten::cumsum": lambda x, dim, dtype=None: jnp.cumsum(x, axis=dim)}
+    )
     assert_close(out, ref, F32_TOL)
 
 

@@ -1,5 +1,6 @@
 """from_torch: step-by-step parity with torch eager (outputs and states), state conventions,
 parameter paths, ETP weights in the jaxpr, batch handling and torch-side sync."""
+
 import brainstate
 import jax
 import jax.numpy as jnp
@@ -10,12 +11,22 @@ from torch import nn
 from etrace_bridge.errors import UnsupportedModelError, UnsupportedOpError
 from etrace_bridge.module import TorchModule, from_torch
 from tests.bridge.bridge_cases import (
-    F32_TOL, F64_TOL, ConvGRU, GRUReadout, LeakyCell, LIFNetwork, StackedLSTM, assert_close, jx)
+    F32_TOL,
+    F64_TOL,
+    ConvGRU,
+    GRUReadout,
+    LeakyCell,
+    LIFNetwork,
+    StackedLSTM,
+    assert_close,
+    jx,
+)
 
 B, T, I, H = 3, 5, 4, 5
 
 
 # ----------------------------------------------------------------------------- custom op
+
 
 @torch.library.custom_op("etrace_test::spike", mutates_args=())
 def spike(x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +133,7 @@ def cell_reference(cell, state):
         if isinstance(cell, nn.LSTMCell):
             return state[0], {("h",): state[0], ("c",): state[1]}
         return state, {("h",): state}
+
     return step
 
 
@@ -158,12 +170,16 @@ def test_lstm_cell_example_with_aliased_h_and_c():
     check_steps(tm, cell_reference(cell, (h0, h0.clone())), inputs(), F32_TOL)
 
 
-@pytest.mark.parametrize("model, shape", [
-    (nn.Linear(I, 3), (B, I)),
-    (nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.GELU()), (B, 2, 9)),
-    (nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=1), nn.SiLU()), (B, 4, 5, 5)),
-    (nn.Sequential(nn.Linear(I, 6), nn.LayerNorm(6), nn.Dropout(0.2), nn.ELU()).eval(), (B, I)),
-], ids=["linear", "conv1d", "conv2d", "layernorm_dropout"])
+@pytest.mark.parametrize(
+    "model, shape",
+    [
+        (nn.Linear(I, 3), (B, I)),
+        (nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.GELU()), (B, 2, 9)),
+        (nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=1), nn.SiLU()), (B, 4, 5, 5)),
+        (nn.Sequential(nn.Linear(I, 6), nn.LayerNorm(6), nn.Dropout(0.2), nn.ELU()).eval(), (B, I)),
+    ],
+    ids=["linear", "conv1d", "conv2d", "layernorm_dropout"],
+)
 def test_stateless_layers_through_from_torch(model, shape):
     xs = [torch.randn(*shape) for _ in range(T)]
     tm = from_torch(model, (xs[0],))
@@ -186,6 +202,7 @@ def rnn_reference(rnn, state):
         tensors = state if lstm else (state,)
         ref = {(k, f"l{i}"): t[i] for k, t in zip(kinds, tensors) for i in range(rnn.num_layers)}
         return out.squeeze(time_axis), ref
+
     return step
 
 
@@ -206,8 +223,15 @@ def run_rnn(cls, layers, batch_first, bias, dtype, tol):
 
 
 @pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM], ids=lambda c: c.__name__)
-@pytest.mark.parametrize("layers, batch_first, bias", [  # every pair of options appears
-    (1, False, True), (1, True, False), (2, False, False), (2, True, True)])
+@pytest.mark.parametrize(
+    "layers, batch_first, bias",
+    [  # every pair of options appears
+        (1, False, True),
+        (1, True, False),
+        (2, False, False),
+        (2, True, True),
+    ],
+)
 def test_rnn_modules_float32(cls, layers, batch_first, bias):
     run_rnn(cls, layers, batch_first, bias, torch.float32, F32_TOL)
 
@@ -227,8 +251,9 @@ def test_rnn_example_with_time_axis_and_state():
 
 
 def test_rnn_relu_nonlinearity():
-    run_rnn(lambda *a, **k: nn.RNN(*a, nonlinearity="relu", **k), 2, False, True,
-            torch.float32, F32_TOL)
+    run_rnn(
+        lambda *a, **k: nn.RNN(*a, nonlinearity="relu", **k), 2, False, True, torch.float32, F32_TOL
+    )
 
 
 def test_lstm_proj_size_converts():
@@ -247,6 +272,7 @@ def explicit_reference(model, state, names):
         nonlocal state
         y, *state = model(x, *state)
         return y, {(n,): s for n, s in zip(names, state)}
+
     return step
 
 
@@ -326,8 +352,9 @@ def test_explicit_state_declaration():
 
     model = StateFirst()
     h0 = torch.zeros(B, H)
-    tm = from_torch(model, (h0, torch.randn(B, I)),
-                    state={"inputs": [0], "outputs": [0], "names": ["memory"]})
+    tm = from_torch(
+        model, (h0, torch.randn(B, I)), state={"inputs": [0], "outputs": [0], "names": ["memory"]}
+    )
     assert set(tm.states(brainstate.HiddenState)) == {("memory",)}
     h = h0
 
@@ -362,6 +389,7 @@ def buffer_reference(model, names):
     def step(x):
         y = model(x)
         return y, {tuple(n.split(".")): model.get_buffer(n).clone() for n in names}
+
     return step
 
 
@@ -395,7 +423,7 @@ def test_custom_op_surrogate_gradient_matches_torch():
 
     def loss(p):
         out, _ = lowered[1](p, {"v": jnp.zeros((B, H))}, jx(x))
-        return jnp.sum(out ** 2)
+        return jnp.sum(out**2)
 
     grads = jax.grad(loss)(params)
     (model(x) ** 2).sum().backward()
@@ -427,8 +455,7 @@ def test_dynamic_batch_for_rnn_and_buffer_state():
     tm = from_torch(model, (torch.randn(B, I),))
     tm.reset_state(6)
     model.lif.v = torch.zeros(6, 6)
-    check_steps(tm, buffer_reference(model, ["lif.v"]), [2 * x for x in inputs(batch=6)],
-                F32_TOL)
+    check_steps(tm, buffer_reference(model, ["lif.v"]), [2 * x for x in inputs(batch=6)], F32_TOL)
 
 
 def test_batch_one_example_is_dynamic():
@@ -514,8 +541,9 @@ def test_float64_model_with_x64_off_refused():
         from_torch(nn.GRUCell(I, H).double(), (torch.randn(B, I, dtype=torch.float64),))
 
 
-@pytest.mark.parametrize("model", [nn.GRU(I, H, bidirectional=True),
-                                   nn.Sequential(nn.Linear(I, H), nn.Dropout(0.1))])
+@pytest.mark.parametrize(
+    "model", [nn.GRU(I, H, bidirectional=True), nn.Sequential(nn.Linear(I, H), nn.Dropout(0.1))]
+)
 def test_refusals_surface_through_from_torch(model):
     with pytest.raises(UnsupportedModelError):
         from_torch(model, (torch.randn(B, I),))

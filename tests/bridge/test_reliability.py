@@ -6,12 +6,11 @@ shape hints, frozen parameters, and the parameter re-import skip (every mutation
 Oracles: torch eager forward / F.cross_entropy / F.mse_loss, torch autograd BPTT
 (`bptt_gradients`), a learner built afresh, a serial run (float32, tolerances per test).
 """
+
 import copy
 import os
 import subprocess
-import sys
 import threading
-import warnings
 
 import numpy as np
 import pytest
@@ -20,28 +19,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from etrace_bridge import OnlineLearner, bptt_gradients
-from etrace_bridge.errors import CheckpointError
-from etrace_bridge.compare.models import (GRUClassifier, LeakyRNN, LSTMClassifier,
-                                          initial_state)
-from etrace_bridge.errors import UnsupportedModelError
-from etrace_bridge.errors import StaleConversionError
-from etrace_bridge.errors import TargetError
+from etrace_bridge.compare.models import GRUClassifier, LeakyRNN, LSTMClassifier, initial_state
+from etrace_bridge.errors import (
+    CheckpointError,
+    StaleConversionError,
+    TargetError,
+    UnsupportedModelError,
+)
 
 T, B, I, H, O = 6, 3, 4, 8, 5
 
 
 def _data(seed=0, batch=B, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(T, batch, I, generator=g, dtype=dtype),
-            torch.randn(T, batch, O, generator=g, dtype=dtype))
+    return (
+        torch.randn(T, batch, I, generator=g, dtype=dtype),
+        torch.randn(T, batch, O, generator=g, dtype=dtype),
+    )
 
 
 def _learner(model, batch=B, **kw):
     kw.setdefault("algorithm", "es_d_rtrl")
     kw.setdefault("loss", "mse")
     dtype = next(model.parameters()).dtype
-    return OnlineLearner(model, example_inputs=(torch.zeros(batch, I, dtype=dtype),
-                                                *initial_state(model, batch)), **kw)
+    return OnlineLearner(
+        model,
+        example_inputs=(torch.zeros(batch, I, dtype=dtype), *initial_state(model, batch)),
+        **kw,
+    )
 
 
 def _gru(seed=0, hidden=H, dtype=torch.float32):
@@ -105,7 +110,7 @@ def test_class_out_of_range_is_refused_like_torch(label):
     labels = torch.zeros(T, B, dtype=torch.long)
     labels[2, 1] = label
     with pytest.raises(IndexError, match=f"Target {label} is out of bounds"):
-        F.cross_entropy(torch.zeros(B, O), labels[2])       # torch refuses it too
+        F.cross_entropy(torch.zeros(B, O), labels[2])  # torch refuses it too
     with pytest.raises(IndexError, match=f"Target {label} is out of bounds"):
         learner.run(xs, labels)
     with pytest.raises(IndexError, match=f"Target {label} is out of bounds"):
@@ -179,8 +184,9 @@ def test_mse_target_that_does_not_broadcast_is_an_error():
 
 def _values(learner):
     sd = learner.state_dict()
-    return {k: v.clone() for k, v in sd["model_states"].items()}, \
-        [t.clone() for t in torch.utils._pytree.tree_leaves(sd["etrace"])]
+    return {k: v.clone() for k, v in sd["model_states"].items()}, [
+        t.clone() for t in torch.utils._pytree.tree_leaves(sd["etrace"])
+    ]
 
 
 def _assert_unchanged(learner, before):
@@ -270,12 +276,12 @@ def test_checkpoint_of_another_batch_size_loads_or_rolls_back():
     b.run(x5, y5)
     before = _values(b)
     broken = copy.deepcopy(saved)
-    broken["etrace"]["count"] = torch.zeros(2)            # a trace that does not fit
+    broken["etrace"]["count"] = torch.zeros(2)  # a trace that does not fit
     with pytest.raises(CheckpointError, match="eligibility traces"):
         b.load_state_dict(broken)
-    _assert_unchanged(b, before)                          # still batch 5, same values
+    _assert_unchanged(b, before)  # still batch 5, same values
     b.run(x5[:1], y5[:1])
-    b.load_state_dict(saved)                              # batch 3: rebuilt and restored
+    b.load_state_dict(saved)  # batch 3: rebuilt and restored
     model.zero_grad()
     twin.zero_grad()
     a.run(xs[3:], ys[3:])
@@ -295,7 +301,7 @@ def test_changed_python_attribute_is_refused():
     model.alpha = 0.1
     with pytest.raises(StaleConversionError, match=r"`alpha` was 0.9 .* now 0.1(.|\n)*re-convert"):
         learner.run(xs, ys)
-    model.alpha = 0.9                                     # undone: runs again
+    model.alpha = 0.9  # undone: runs again
     assert np.isfinite(float(learner.run(xs, ys)))
 
 
@@ -350,7 +356,7 @@ def test_batchnorm_in_train_mode_says_eval():
         net.norm.running_mean.uniform_()
     learner = OnlineLearner(net, loss="mse", example_inputs=(torch.zeros(B, I), torch.zeros(B, H)))
     xs, ys = _data()
-    with torch.no_grad():                                 # buffers are re-read at every step
+    with torch.no_grad():  # buffers are re-read at every step
         net.norm.running_mean.fill_(0.5)
     loss = float(learner.step(xs[0], ys[0]))
     with torch.no_grad():
@@ -379,7 +385,7 @@ def test_one_learner_from_many_threads_loses_no_step():
             start.wait()
             for _ in range(n_steps):
                 shared.step(xs[0], ys[0])
-        except Exception as err:   # pragma: no cover - reported below
+        except Exception as err:  # pragma: no cover - reported below
             errors.append(err)
 
     threads = [threading.Thread(target=work) for _ in range(n_threads)]
@@ -400,7 +406,7 @@ def test_conversions_in_threads_work():
     def build(k):
         try:
             built[k] = _learner(models[k])
-        except Exception as err:   # pragma: no cover - reported below
+        except Exception as err:  # pragma: no cover - reported below
             errors.append(err)
 
     threads = [threading.Thread(target=build, args=(k,)) for k in range(2)]
@@ -411,8 +417,7 @@ def test_conversions_in_threads_work():
     assert not errors, errors
     xs, ys = _data()
     for k in range(2):
-        assert abs(float(built[k].step(xs[0], ys[0])) - _eager_loss(models[k], xs[0], ys[0])) \
-            < 1e-5
+        assert abs(float(built[k].step(xs[0], ys[0])) - _eager_loss(models[k], xs[0], ys[0])) < 1e-5
 
 
 # ----------------------------------------------------------------------------- 6. the app
@@ -425,9 +430,11 @@ def test_measuring_child_ignores_the_working_directory(tmp_path, monkeypatch):
     marker = tmp_path / "imported.txt"
     for name in ("etrace_bridge", "numpy", "torch"):
         (tmp_path / f"{name}.py").write_text(
-            f"open({str(marker)!r}, 'a').write('{name}\\n')\nraise SystemExit(3)\n")
-    code = ("import numpy, torch, etrace_bridge.compare.measure as m; "
-            "print(numpy.__file__, m.__file__)")
+            f"open({str(marker)!r}, 'a').write('{name}\\n')\nraise SystemExit(3)\n"
+        )
+    code = (
+        "import numpy, torch, etrace_bridge.compare.measure as m; print(numpy.__file__, m.__file__)"
+    )
     monkeypatch.chdir(tmp_path)
     # also with the working directory on PYTHONPATH (a relative entry, as people set it)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([".", os.environ.get("PYTHONPATH", "")]))
@@ -435,7 +442,8 @@ def test_measuring_child_ignores_the_working_directory(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
     assert str(tmp_path) not in proc.stdout
-    import etrace_bridge.compare.measure as parent   # the child runs the parent's code
+    import etrace_bridge.compare.measure as parent  # the child runs the parent's code
+
     assert proc.stdout.split()[1] == parent.__file__
 
 
@@ -483,11 +491,14 @@ def test_check_finite_raises_plainly_and_undoes_the_step():
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
 
 
-@pytest.mark.parametrize("x, words", [
-    (torch.zeros(T, B + 2, I), "reset_state(5)"),
-    (torch.zeros(T, B, I + 1), "per-sample shape (5,)"),
-    (torch.zeros(B, I), "rank 2"),
-])
+@pytest.mark.parametrize(
+    "x, words",
+    [
+        (torch.zeros(T, B + 2, I), "reset_state(5)"),
+        (torch.zeros(T, B, I + 1), "per-sample shape (5,)"),
+        (torch.zeros(B, I), "rank 2"),
+    ],
+)
 def test_shape_hint_names_the_mismatch(x, words):
     learner = _learner(_gru())
     with pytest.raises(ValueError) as err:
@@ -544,7 +555,7 @@ def test_parameters_are_never_stale(mutate):
     xs, ys = _data()
     learner.step(xs[0], ys[0])
     learner.reset_state()
-    assert learner._live.imports(learner._live.parameters()) == {}   # the skip is in effect
+    assert learner._live.imports(learner._live.parameters()) == {}  # the skip is in effect
     mutate(model)
     model.zero_grad()
     loss = float(learner.step(xs[0], ys[0]))

@@ -7,10 +7,12 @@ which are `torch.autograd.Function`s). For each: it converts (the conversion che
 torch optimizer lowers the loss. A test skips with the reason when its library is absent.
 Install: `pip install --no-deps` the extra `snn` of pyproject.toml.
 """
+
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import brainstate
 import numpy as np
@@ -24,16 +26,19 @@ from etrace_bridge.arrays import import_tensor
 B, I, H, O = 3, 5, 6, 4
 T_PARITY, T_GRAD = 20, 12
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-F32_SPIKES = 3e-7   # a few float32 roundings at the spikes, accumulated over T_GRAD steps
+F32_SPIKES = 3e-7  # a few float32 roundings at the spikes, accumulated over T_GRAD steps
 # sinabs' SingleSpike returns `.float()` spikes also in a float64 network, and its reset
 # subtracts them from v_mem: the gradient is rounded to float32 at the spikes, in torch itself.
 # BPTT rounds the sum (this step's loss + later steps via the reset) there, D-RTRL only this
 # step's part (the rest travels in the float64 trace), so they agree to float32 rounding there.
 
+
 def _needs(module: str):
-    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
-                              reason=f"{module} is not installed (pip install --no-deps the "
-                                     "`snn` extra of pyproject.toml)")
+    return pytest.mark.skipif(
+        importlib.util.find_spec(module) is None,
+        reason=f"{module} is not installed (pip install --no-deps the "
+        "`snn` extra of pyproject.toml)",
+    )
 
 
 class Case(NamedTuple):
@@ -41,12 +46,12 @@ class Case(NamedTuple):
 
     library: str
     build: Callable
-    exact: tuple[str, ...]           # parameters whose D-RTRL gradient equals BPTT today
-    elementwise: tuple[str, ...]     # learnable decays etc. (exact once core8 lands)
-    output: int | None = None        # the output the loss applies to (tuple outputs)
-    float64: bool = True             # snntorch's surrogates return float32 spikes (`.float()`):
-                                     # a float64 snntorch network fails in torch itself
-    f32_spikes: bool = False         # float32 spikes feed the state (sinabs reset): see F32_SPIKES
+    exact: tuple[str, ...]  # parameters whose D-RTRL gradient equals BPTT today
+    elementwise: tuple[str, ...]  # learnable decays etc. (exact once core8 lands)
+    output: int | None = None  # the output the loss applies to (tuple outputs)
+    float64: bool = True  # snntorch's surrogates return float32 spikes (`.float()`):
+    # a float64 snntorch network fails in torch itself
+    f32_spikes: bool = False  # float32 spikes feed the state (sinabs reset): see F32_SPIKES
 
 
 # ----------------------------------------------------------------------------- models
@@ -79,25 +84,33 @@ def snntorch_sequential():
     """snntorch tutorial 6/7: nn.Sequential with init_hidden=True, output=True on the last."""
     import snntorch as snn
 
-    net = nn.Sequential(nn.Linear(I, H), snn.Leaky(beta=0.9, init_hidden=True),
-                        nn.Linear(H, O), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    net = nn.Sequential(
+        nn.Linear(I, H),
+        snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Linear(H, O),
+        snn.Leaky(beta=0.9, init_hidden=True, output=True),
+    )
     return net, (torch.randn(B, I),)
 
 
 def snntorch_synaptic():
     import snntorch as snn
 
-    net = nn.Sequential(nn.Linear(I, H), snn.Synaptic(alpha=0.9, beta=0.8, learn_alpha=True,
-                                                      learn_beta=True, init_hidden=True,
-                                                      output=True))
+    net = nn.Sequential(
+        nn.Linear(I, H),
+        snn.Synaptic(
+            alpha=0.9, beta=0.8, learn_alpha=True, learn_beta=True, init_hidden=True, output=True
+        ),
+    )
     return net, (torch.randn(B, I),)
 
 
 def snntorch_rleaky():
     import snntorch as snn
 
-    net = nn.Sequential(nn.Linear(I, H), snn.RLeaky(beta=0.9, linear_features=H,
-                                                    init_hidden=True, output=True))
+    net = nn.Sequential(
+        nn.Linear(I, H), snn.RLeaky(beta=0.9, linear_features=H, init_hidden=True, output=True)
+    )
     return net, (torch.randn(B, I),)
 
 
@@ -105,9 +118,11 @@ def spikingjelly_lif(parametric: bool = False):
     """spikingjelly's single-step tutorial: layer.Linear -> LIFNode(ATan, detach_reset)."""
     from spikingjelly.activation_based import layer, neuron, surrogate
 
-    node = (neuron.ParametricLIFNode(surrogate_function=surrogate.ATan(), detach_reset=True)
-            if parametric else
-            neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), detach_reset=True))
+    node = (
+        neuron.ParametricLIFNode(surrogate_function=surrogate.ATan(), detach_reset=True)
+        if parametric
+        else neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), detach_reset=True)
+    )
     return nn.Sequential(layer.Linear(I, H), node), (torch.randn(B, I),)
 
 
@@ -141,32 +156,48 @@ def sinabs_layer(kind: str):
     """sinabs: Linear -> LIF / IAF / LIF with synaptic current; input (batch, time=1, ...)."""
     import sinabs.layers as sl
 
-    neuron = {"lif": lambda: sl.LIF(tau_mem=10.0),
-              "iaf": lambda: sl.IAF(),
-              "syn": lambda: sl.LIF(tau_mem=10.0, tau_syn=5.0, train_alphas=True)}[kind]()
+    neuron = {
+        "lif": lambda: sl.LIF(tau_mem=10.0),
+        "iaf": lambda: sl.IAF(),
+        "syn": lambda: sl.LIF(tau_mem=10.0, tau_syn=5.0, train_alphas=True),
+    }[kind]()
     return nn.Sequential(nn.Linear(I, H), neuron), (torch.randn(B, 1, I),)
 
 
 CASES = {
-    "snntorch-Leaky": Case("snntorch", snntorch_leaky, ("fc2.weight", "fc2.bias"), (),
-                           float64=False),
-    "snntorch-Sequential": Case("snntorch", snntorch_sequential, ("2.weight", "2.bias"), (),
-                                output=0, float64=False),
-    "snntorch-Synaptic": Case("snntorch", snntorch_synaptic, ("0.weight", "0.bias"),
-                              ("1.alpha", "1.beta"), output=0),
+    "snntorch-Leaky": Case(
+        "snntorch", snntorch_leaky, ("fc2.weight", "fc2.bias"), (), float64=False
+    ),
+    "snntorch-Sequential": Case(
+        "snntorch", snntorch_sequential, ("2.weight", "2.bias"), (), output=0, float64=False
+    ),
+    "snntorch-Synaptic": Case(
+        "snntorch", snntorch_synaptic, ("0.weight", "0.bias"), ("1.alpha", "1.beta"), output=0
+    ),
     "snntorch-RLeaky": Case("snntorch", snntorch_rleaky, (), (), output=0, float64=False),
     "spikingjelly-LIFNode": Case("spikingjelly", spikingjelly_lif, ("0.weight", "0.bias"), ()),
-    "spikingjelly-ParametricLIFNode": Case("spikingjelly", lambda: spikingjelly_lif(True),
-                                           ("0.weight", "0.bias"), ("1.w",)),
+    "spikingjelly-ParametricLIFNode": Case(
+        "spikingjelly", lambda: spikingjelly_lif(True), ("0.weight", "0.bias"), ("1.w",)
+    ),
     "norse-LIFCell": Case("norse", norse_lif, ("fc.weight", "fc.bias"), ()),
     "norse-LIFRecurrentCell": Case("norse", norse_recurrent, (), ()),
-    "sinabs-LIF": Case("sinabs", lambda: sinabs_layer("lif"), ("0.weight", "0.bias"),
-                       ("1.tau_mem",), f32_spikes=True),
-    "sinabs-IAF": Case("sinabs", lambda: sinabs_layer("iaf"), ("0.weight", "0.bias"), (),
-                       f32_spikes=True),  # spike_threshold is frozen (requires_grad=False)
-    "sinabs-LIF-train_alphas": Case("sinabs", lambda: sinabs_layer("syn"),
-                                    ("0.weight", "0.bias"),
-                                    ("1.alpha_mem", "1.alpha_syn"), f32_spikes=True),
+    "sinabs-LIF": Case(
+        "sinabs",
+        lambda: sinabs_layer("lif"),
+        ("0.weight", "0.bias"),
+        ("1.tau_mem",),
+        f32_spikes=True,
+    ),
+    "sinabs-IAF": Case(
+        "sinabs", lambda: sinabs_layer("iaf"), ("0.weight", "0.bias"), (), f32_spikes=True
+    ),  # spike_threshold is frozen (requires_grad=False)
+    "sinabs-LIF-train_alphas": Case(
+        "sinabs",
+        lambda: sinabs_layer("syn"),
+        ("0.weight", "0.bias"),
+        ("1.alpha_mem", "1.alpha_syn"),
+        f32_spikes=True,
+    ),
 }
 
 
@@ -199,8 +230,7 @@ def _cast(a, dtype):
 def _sequence(args, steps: int, seed: int = 1, scale: float = 2.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     x = args[0]
-    return (scale * torch.randn((steps, *x.shape), generator=gen, dtype=torch.float64)).to(
-        x.dtype)
+    return (scale * torch.randn((steps, *x.shape), generator=gen, dtype=torch.float64)).to(x.dtype)
 
 
 def _output(y, index):
@@ -224,12 +254,14 @@ def _torch_reference(net, args, xs, index):
 
 def _bptt_step(case: Case):
     """`step(module, x, state) -> (y, state)` for bptt_gradients."""
+
     def step(module, x, state):
         state = state or ()
         out = module(x, *state)
         if state:
             return out[0], tuple(out[1:])
         return _output(out, case.output), state
+
     return step
 
 
@@ -240,14 +272,18 @@ def _sized_state(tm, args):
     layout = tm._bridge.layout
     sized = []
     for i, a in enumerate(args[1:]):
-        leaves = [layout.init[p][0].detach().clone() for p in layout.init
-                  if p[0] == _state_name(tm, i + 1)]
+        leaves = [
+            layout.init[p][0].detach().clone()
+            for p in layout.init
+            if p[0] == _state_name(tm, i + 1)
+        ]
         sized.append(type(a)(*leaves) if hasattr(a, "_fields") else leaves[0])
     return tuple(sized)
 
 
 def _state_name(tm, position):
     import inspect
+
     params = list(inspect.signature(tm.torch_module.forward).parameters)
     return params[position]
 
@@ -282,15 +318,22 @@ def _online_vs_bptt(name):
     case = CASES[name]
     dtype = torch.float64 if case.float64 else torch.float32
     net, args = _build(name, dtype)
-    learner = OnlineLearner(net, algorithm="d_rtrl", loss=_mse_in_target_dtype,
-                            example_inputs=args, output=case.output)
+    learner = OnlineLearner(
+        net, algorithm="d_rtrl", loss=_mse_in_target_dtype, example_inputs=args, output=case.output
+    )
     xs = _sequence(args, T_GRAD)
     y0 = _output(_torch_reference(net, args, xs[:1], case.output)[0], None)
     gen = torch.Generator().manual_seed(2)
     targets = torch.rand((T_GRAD, *y0.shape), generator=gen, dtype=torch.float64).to(dtype)
     start = _sized_state(learner.model, args)
-    ref = bptt_gradients(net, xs, targets, _mse_in_target_dtype,
-                         state=start if start else None, step=_bptt_step(case))
+    ref = bptt_gradients(
+        net,
+        xs,
+        targets,
+        _mse_in_target_dtype,
+        state=start if start else None,
+        step=_bptt_step(case),
+    )
     net.zero_grad(set_to_none=True)
     loss = learner.run(xs, targets)
     online = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
@@ -309,8 +352,9 @@ def test_d_rtrl_equals_bptt_float64(name, x64):
     case = CASES[name]
     for n in case.exact:
         assert float(ref.grads[n].abs().max()) > 0, f"{n}: zero BPTT gradient, test is vacuous"
-    report = compare_gradients({n: online[n] for n in case.exact},
-                               {n: ref.grads[n] for n in case.exact})
+    report = compare_gradients(
+        {n: online[n] for n in case.exact}, {n: ref.grads[n] for n in case.exact}
+    )
     assert report.worst_rel_error <= tol, report.table()
     for n, g in online.items():
         assert torch.isfinite(g).all(), f"{n}: non-finite online gradient"
@@ -332,8 +376,14 @@ def test_es_d_rtrl_training_lowers_the_loss(name):
     shape = _torch_reference(net, args, xs[:1], case.output)[0].shape
     gen = torch.Generator().manual_seed(3)
     targets = (torch.rand((10, *shape), generator=gen) < 0.3).float()
-    learner = OnlineLearner(net, algorithm="es_d_rtrl", loss="mse", example_inputs=args,
-                            output=case.output, decay_or_rank=0.9)
+    learner = OnlineLearner(
+        net,
+        algorithm="es_d_rtrl",
+        loss="mse",
+        example_inputs=args,
+        output=case.output,
+        decay_or_rank=0.9,
+    )
     opt = torch.optim.Adam(net.parameters(), lr=0.05 if case.library == "norse" else 0.02)
     losses = []
     for _ in range(40):
@@ -421,7 +471,7 @@ def test_function_with_its_backward_matches_torch_autograd(x64):
     grads = jax.grad(loss)(params)
     net.v = v0.clone()
     out = net(x)
-    ((out * torch.arange(H)).sum() + (net.v ** 2).sum()).backward()
+    ((out * torch.arange(H)).sum() + (net.v**2).sum()).backward()
     for n, p in net.named_parameters():
         assert float(p.grad.abs().max()) > 0
         np.testing.assert_allclose(np.asarray(grads[n]), p.grad.numpy(), rtol=1e-12, atol=1e-12)
@@ -446,8 +496,7 @@ def test_detach_stops_the_gradient(x64):
     params = {n: import_tensor(p) for n, p in net.named_parameters()}
     g = jax.grad(lambda p: jnp.sum(tm._bridge.lowered(p, {}, import_tensor(x))[0]))(params)
     net(x).sum().backward()
-    np.testing.assert_allclose(np.asarray(g["fc.weight"]), net.fc.weight.grad.numpy(),
-                               rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(g["fc.weight"]), net.fc.weight.grad.numpy(), rtol=1e-12)
 
 
 class _ItemFunction(torch.autograd.Function):
@@ -534,7 +583,7 @@ def test_torch_loss_may_take_the_tuple():
 
     def spike_loss(outputs, target):
         spk, mem = outputs
-        return ((spk - target) ** 2).mean() + 0.01 * (mem ** 2).mean()
+        return ((spk - target) ** 2).mean() + 0.01 * (mem**2).mean()
 
     learner = OnlineLearner(net, algorithm="es_d_rtrl", loss=spike_loss, example_inputs=args)
     xs = _sequence(args, 4)
@@ -560,6 +609,7 @@ def test_snntorch_after_a_users_warm_up_has_finite_exact_gradients():
     learner.run(xs, targets)
     for n, p in net.named_parameters():
         assert torch.isfinite(p.grad).all(), n
-    report = compare_gradients({n: net.get_parameter(n).grad for n in case.exact},
-                               {n: ref.grads[n] for n in case.exact})
+    report = compare_gradients(
+        {n: net.get_parameter(n).grad for n in case.exact}, {n: ref.grads[n] for n in case.exact}
+    )
     assert report.worst_rel_error <= TOL[torch.float32], report.table()

@@ -1,6 +1,7 @@
 """Torch nn.GRU / nn.LSTM (2 layers, one step at a time) through the bridge: every weight traced,
 online gradients aligned with torch autograd BPTT. `python -m tests.bridge.test_torch_rnn_fidelity`
 prints the per-parameter table recorded in docs/fidelity_torch.md."""
+
 import copy
 
 import pytest
@@ -9,11 +10,17 @@ import torch
 from etrace_bridge import OnlineLearner, bptt_gradients, compare_gradients
 
 T, B, I, H = 20, 4, 6, 16
-FACTORIES = {"gru": lambda: torch.nn.GRU(I, H, num_layers=2),
-             "lstm": lambda: torch.nn.LSTM(I, H, num_layers=2)}
+FACTORIES = {
+    "gru": lambda: torch.nn.GRU(I, H, num_layers=2),
+    "lstm": lambda: torch.nn.LSTM(I, H, num_layers=2),
+}
 # measured minimum cosine over all parameters (2026-11-21, float32, seed 0), minus a margin
-MIN_COSINE = {("gru", "d_rtrl"): 0.87, ("gru", "es_d_rtrl"): 0.72,
-              ("lstm", "d_rtrl"): 0.87, ("lstm", "es_d_rtrl"): 0.67}
+MIN_COSINE = {
+    ("gru", "d_rtrl"): 0.87,
+    ("gru", "es_d_rtrl"): 0.72,
+    ("lstm", "d_rtrl"): 0.87,
+    ("lstm", "es_d_rtrl"): 0.67,
+}
 
 
 def measure(kind, algorithm):
@@ -33,7 +40,7 @@ def measure(kind, algorithm):
 def test_torch_rnn_layers_are_traced_and_aligned(kind, algorithm):
     learner, report = measure(kind, algorithm)
     groups = learner.algorithm.graph.hidden_groups
-    assert len(groups) == 2                       # one hidden group per layer
+    assert len(groups) == 2  # one hidden group per layer
     traced = {r.weight_path[0] for r in learner.algorithm.graph.hidden_param_op_relations}
     assert traced == {f"weight_{k}_l{i}" for k in ("ih", "hh") for i in (0, 1)}
     assert report.min_cosine >= MIN_COSINE[(kind, algorithm)], report.table()

@@ -1,4 +1,5 @@
 """The `etrace-compare` command: reports, user models, one-line errors, gradient fidelity."""
+
 import os
 import shutil
 import subprocess
@@ -9,12 +10,23 @@ import pytest
 
 from etrace_bridge.compare.cli import main
 from etrace_bridge.compare.config import CompareConfig
-from etrace_bridge.compare.runs import run_comparison
 from etrace_bridge.compare.report import PLOTS
+from etrace_bridge.compare.runs import run_comparison
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--epochs", "1", "--hidden", "8", "--train-subset", "64", "--test-subset", "32",
-        "--batch-size", "16", "--no-progress"]
+TINY = [
+    "--epochs",
+    "1",
+    "--hidden",
+    "8",
+    "--train-subset",
+    "64",
+    "--test-subset",
+    "32",
+    "--batch-size",
+    "16",
+    "--no-progress",
+]
 LABELS = ("BPTT", "TBPTT(K=10)", "D-RTRL", "ES-D-RTRL")  # the default methods
 
 USER_MODEL = """
@@ -75,14 +87,17 @@ def _table(out: str, title: str) -> list[str]:
     lines = out.splitlines()
     start = lines.index(title)
     end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
-    return lines[start + 3:end]
+    return lines[start + 3 : end]
 
 
 def _assert_one_line_error(rc, err: str):
     """Non-zero exit; besides `[etrace-compare] ...` progress lines, stderr is one error line."""
     assert rc != 0
-    lines = [line for line in err.splitlines()
-             if line.strip() and not line.startswith("[etrace-compare]")]
+    lines = [
+        line
+        for line in err.splitlines()
+        if line.strip() and not line.startswith("[etrace-compare]")
+    ]
     assert len(lines) == 1, err
     assert lines[0].startswith("etrace-compare: error: "), err
     assert "Traceback" not in err
@@ -98,12 +113,29 @@ def test_user_model_file(tmp_path, capsys):
     assert "cell.weight_ih" in out
 
 
-@pytest.mark.parametrize("case", ["model", "task", "method", "missing_file", "import_error",
-                                  "no_factory", "not_exportable", "setting", "window", "decay",
-                                  "budget", "stream_task"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "model",
+        "task",
+        "method",
+        "missing_file",
+        "import_error",
+        "no_factory",
+        "not_exportable",
+        "setting",
+        "window",
+        "decay",
+        "budget",
+        "stream_task",
+    ],
+)
 def test_bad_input_is_one_line_error(case, tmp_path, capsys):
-    files = {"import_error": "import torch\nraise RuntimeError('broken on purpose')\n",
-             "no_factory": "x = 1\n", "not_exportable": NOT_EXPORTABLE}
+    files = {
+        "import_error": "import torch\nraise RuntimeError('broken on purpose')\n",
+        "no_factory": "x = 1\n",
+        "not_exportable": NOT_EXPORTABLE,
+    }
     if case in files:
         (tmp_path / "m.py").write_text(files[case])
     args = {
@@ -123,11 +155,20 @@ def test_bad_input_is_one_line_error(case, tmp_path, capsys):
     rc = main([*args, "--no-memory", *TINY])
     err = capsys.readouterr().err
     _assert_one_line_error(rc, err)
-    expected = {"model": "transformer", "task": "imagenet", "method": "rtrl",
-                "missing_file": "not found", "import_error": "broken on purpose",
-                "no_factory": "factory", "not_exportable": "d_rtrl",
-                "setting": "does not take --delay", "window": "tbptt@0", "decay": "es_d_rtrl@1.5",
-                "budget": "--memory-budget", "stream_task": "--stream"}[case]
+    expected = {
+        "model": "transformer",
+        "task": "imagenet",
+        "method": "rtrl",
+        "missing_file": "not found",
+        "import_error": "broken on purpose",
+        "no_factory": "factory",
+        "not_exportable": "d_rtrl",
+        "setting": "does not take --delay",
+        "window": "tbptt@0",
+        "decay": "es_d_rtrl@1.5",
+        "budget": "--memory-budget",
+        "stream_task": "--stream",
+    }[case]
     assert expected in err
 
 
@@ -139,20 +180,41 @@ def _command():
 def _env():
     """This checkout first on the path: the console script may belong to another checkout."""
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONWARNINGS": "ignore",
-            "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+    return {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else ""),
+    }
 
 
 def test_quick_in_a_real_process_writes_report_tables_and_plots(tmp_path):
     """The console script end to end: the default long-horizon comparison (cue-delay, BPTT,
     TBPTT, D-RTRL, ES-D-RTRL) in every table, report.md and four PNGs."""
     out_dir = tmp_path / "report"
-    run = subprocess.run([*_command(), "--quick", *TINY, "--delay", "12", "--seq-lens", "8,64",
-                          "--out", str(out_dir)],
-                         capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=600)
+    run = subprocess.run(
+        [
+            *_command(),
+            "--quick",
+            *TINY,
+            "--delay",
+            "12",
+            "--seq-lens",
+            "8,64",
+            "--out",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    for title in ("Learning summary", "Peak memory vs sequence length",
-                  "Time per training step vs sequence length"):
+    for title in (
+        "Learning summary",
+        "Peak memory vs sequence length",
+        "Time per training step vs sequence length",
+    ):
         rows = _table(run.stdout, title)
         assert [r.split()[0] for r in rows] == list(LABELS), (title, rows)
         assert not any("n/a" in r for r in rows), rows
@@ -171,22 +233,40 @@ def test_quick_in_a_real_process_writes_report_tables_and_plots(tmp_path):
 
 
 def test_bad_input_in_a_real_process_is_one_line(tmp_path):
-    bad = subprocess.run([sys.executable, "-m", "etrace_bridge", "--model", "nope"],
-                         capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "etrace_bridge", "--model", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+        timeout=300,
+    )
     _assert_one_line_error(bad.returncode, bad.stderr)
     assert "unknown model 'nope'" in bad.stderr
 
 
 def test_d_rtrl_is_exact_for_the_leaky_model():
     """Element-wise recurrence: D-RTRL's online gradient equals BPTT's (whole bridge end to end)."""
-    cfg = CompareConfig(model="leaky", task="digits", methods=("d_rtrl",), hidden=16, epochs=1,
-                        train_subset=64,
-                        test_subset=32, batch_size=16, measure_memory=False,
-                        progress=False).checked()
+    cfg = CompareConfig(
+        model="leaky",
+        task="digits",
+        methods=("d_rtrl",),
+        hidden=16,
+        epochs=1,
+        train_subset=64,
+        test_subset=32,
+        batch_size=16,
+        measure_memory=False,
+        progress=False,
+    ).checked()
     result = run_comparison(cfg, log=lambda msg: None)
     report = result.fidelity["d_rtrl"]
-    assert {r.name for r in report.rows} == {"input.weight", "input.bias", "readout.weight",
-                                             "readout.bias"}
+    assert {r.name for r in report.rows} == {
+        "input.weight",
+        "input.bias",
+        "readout.weight",
+        "readout.bias",
+    }
     assert report.min_cosine > 0.999999, report.table()
     assert report.worst_rel_error < 1e-3, report.table()
 
@@ -194,11 +274,29 @@ def test_d_rtrl_is_exact_for_the_leaky_model():
 def test_task_and_method_flags_reach_the_config():
     from etrace_bridge.compare.cli import build_parser, config_from_args
 
-    args = build_parser().parse_args(["--delay", "30", "--distractors", "2", "--cues", "3",
-                                      "--tbptt-window", "7", "--tbptt-update", "sequence",
-                                      "--methods", "bptt,tbptt@40,es_d_rtrl@0.99,d_rtrl",
-                                      "--decay", "0.95", "--memory-budget", "2048",
-                                      "--stream", "--stream-every", "5"])
+    args = build_parser().parse_args(
+        [
+            "--delay",
+            "30",
+            "--distractors",
+            "2",
+            "--cues",
+            "3",
+            "--tbptt-window",
+            "7",
+            "--tbptt-update",
+            "sequence",
+            "--methods",
+            "bptt,tbptt@40,es_d_rtrl@0.99,d_rtrl",
+            "--decay",
+            "0.95",
+            "--memory-budget",
+            "2048",
+            "--stream",
+            "--stream-every",
+            "5",
+        ]
+    )
     cfg = config_from_args(args)
     assert (cfg.task, cfg.model) == ("cue_delay", "multiscale")
     assert cfg.task_kwargs() == {"delay": 30, "distractors": 2, "n_cues": 3}
@@ -227,9 +325,26 @@ def test_decay_auto_follows_the_horizon():
 
 def test_stream_mode_learns_step_by_step(tmp_path, capsys):
     """--stream: BPTT is reported as not applicable, the others give accuracy over time."""
-    rc = main(["--stream", "--hidden", "4", "--delay", "3", "--batch-size", "4",
-               "--stream-trials", "12", "--stream-every", "5", "--no-progress",
-               "--methods", "bptt,tbptt,d_rtrl", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "--stream",
+            "--hidden",
+            "4",
+            "--delay",
+            "3",
+            "--batch-size",
+            "4",
+            "--stream-trials",
+            "12",
+            "--stream-every",
+            "5",
+            "--no-progress",
+            "--methods",
+            "bptt,tbptt,d_rtrl",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     rows = _table(out, "Stream: accuracy over time")

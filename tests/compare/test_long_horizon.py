@@ -4,6 +4,7 @@ LIF models (D-RTRL exact for both), memory-budget handling, stream mode.
 Oracles: torch autograd BPTT (`bptt_gradients`) in float64; gradients of truncated BPTT with a
 window covering the sequence must equal it to 1e-12, online D-RTRL gradients to 1e-9.
 """
+
 import math
 import warnings
 
@@ -14,12 +15,19 @@ import torch
 from etrace_bridge import OnlineLearner, bptt_gradients, compare_gradients, tbptt_gradients
 from etrace_bridge.bptt import tbptt_windows
 from etrace_bridge.compare.config import CompareConfig
-from etrace_bridge.compare.measure import (
-    OVER_BUDGET_EXIT, measure_memory, parse_child_output, predicted_peak_mb,
-)
 from etrace_bridge.compare.factory import resolve_model
+from etrace_bridge.compare.measure import (
+    OVER_BUDGET_EXIT,
+    measure_memory,
+    parse_child_output,
+    predicted_peak_mb,
+)
 from etrace_bridge.compare.models import (
-    LIFNet, MultiTimescaleLeaky, build_model, initial_state, spike_jax,
+    LIFNet,
+    MultiTimescaleLeaky,
+    build_model,
+    initial_state,
+    spike_jax,
 )
 from etrace_bridge.compare.results import MemoryPoint, MemoryProfile, crossover, memory_fit
 from etrace_bridge.compare.stream import accuracy_curve, stream_data
@@ -30,11 +38,11 @@ B, H = 4, 6
 
 def _task_batch(delay=12, n=B, dtype=torch.float64):
     task = cue_delay(n, 2, delay=delay, seed=3)
-    return (task, torch.from_numpy(task.xs_train).to(dtype),
-            torch.from_numpy(task.ys_train))
+    return (task, torch.from_numpy(task.xs_train).to(dtype), torch.from_numpy(task.ys_train))
 
 
 # ----------------------------------------------------------------------------- task
+
 
 def test_cue_delay_layout():
     task = cue_delay(64, 16, delay=7, n_cues=4, distractors=3, noise=0.5, seed=1)
@@ -44,11 +52,11 @@ def test_cue_delay_layout():
     assert xs.dtype == np.float32 and ys.dtype == np.int64
     cues = ys[-1]
     assert np.all(ys[:-1] == IGNORE_INDEX)
-    np.testing.assert_array_equal(xs[0, :, :4].argmax(-1), cues)     # the cue at step 0 ...
-    assert np.all(xs[0].sum(-1) == 1.0)                              # ... and nothing else
+    np.testing.assert_array_equal(xs[0, :, :4].argmax(-1), cues)  # the cue at step 0 ...
+    assert np.all(xs[0].sum(-1) == 1.0)  # ... and nothing else
     assert np.all(xs[1:8, :, :5] == 0) and xs[1:8, :, 5:].std() > 0.3  # distractors only
     assert np.all(xs[-1, :, 4] == 1) and np.all(xs[-1].sum(-1) == 1)  # go
-    assert np.bincount(cues, minlength=4).tolist() == [16] * 4       # balanced: chance 0.25
+    assert np.bincount(cues, minlength=4).tolist() == [16] * 4  # balanced: chance 0.25
     with pytest.raises(ValueError, match="delay"):
         cue_delay(4, 4, delay=0)
 
@@ -62,13 +70,16 @@ def test_cue_delay_by_name_with_settings():
 
 # ----------------------------------------------------------------------------- models
 
+
 def test_multiscale_time_constants_and_step():
     model = MultiTimescaleLeaky(3, 5, 2)
     tau = -1.0 / torch.log(model.alpha.double())
-    torch.testing.assert_close(tau, torch.logspace(0, 3, 5, dtype=torch.float64), rtol=1e-3,
-                               atol=0)
-    assert {n for n, _ in model.named_parameters()} == {"input.weight", "readout.weight",
-                                                        "readout.bias"}
+    torch.testing.assert_close(tau, torch.logspace(0, 3, 5, dtype=torch.float64), rtol=1e-3, atol=0)
+    assert {n for n, _ in model.named_parameters()} == {
+        "input.weight",
+        "readout.weight",
+        "readout.bias",
+    }
     x, h = torch.randn(4, 3), torch.randn(4, 5)
     y, h1 = model(x, h)
     torch.testing.assert_close(h1, model.alpha * h + torch.tanh(model.input(x)))
@@ -96,9 +107,13 @@ def _online_vs_bptt(name, scale=1.0):
     reference = bptt_gradients(model, xs, ys, "cross_entropy", state=state or None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        learner = OnlineLearner(model, algorithm="d_rtrl", loss="cross_entropy",
-                                example_inputs=(xs[0], *initial_state(model, B)),
-                                custom_ops={"etrace::spike": spike_jax})
+        learner = OnlineLearner(
+            model,
+            algorithm="d_rtrl",
+            loss="cross_entropy",
+            example_inputs=(xs[0], *initial_state(model, B)),
+            custom_ops={"etrace::spike": spike_jax},
+        )
         learner.reset_state(B)
         learner.run(xs, ys)
     online = {n: p.grad for n, p in model.named_parameters()}
@@ -118,6 +133,7 @@ def test_d_rtrl_is_approximate_with_the_leaky_readout(x64):
 
 
 # ----------------------------------------------------------------------------- truncated BPTT
+
 
 @pytest.mark.parametrize("name", ["multiscale", "lif_direct", "gru"])
 def test_tbptt_with_a_window_covering_the_sequence_is_bptt(name):
@@ -170,13 +186,16 @@ def test_tbptt_windows_split_and_restore_buffers():
 
 def test_tbptt_per_window_updates_change_later_windows():
     from etrace_bridge.compare.trainers import TBPTTTrainer
+
     _, xs, ys = _task_batch(delay=8)
     ys = ys.clone()
     ys[3] = ys[-1]  # a loss in the first window too
     torch.manual_seed(0)
     init = build_model("multiscale", xs.shape[-1], 4, n_hidden=H).double()
-    per_window, per_sequence = (TBPTTTrainer(_copy(init), "cross_entropy", 0.1, window=4,
-                                             update=u) for u in ("window", "sequence"))
+    per_window, per_sequence = (
+        TBPTTTrainer(_copy(init), "cross_entropy", 0.1, window=4, update=u)
+        for u in ("window", "sequence")
+    )
     calls = {}
     for name, trainer in (("window", per_window), ("sequence", per_sequence)):
         steps = []
@@ -189,14 +208,17 @@ def test_tbptt_per_window_updates_change_later_windows():
 
 def _copy(model):
     import copy
+
     return copy.deepcopy(model)
 
 
 # ----------------------------------------------------------------------------- memory
 
+
 def test_memory_fit_and_crossover():
-    bptt = MemoryProfile("bptt", sweep=[MemoryPoint(t, 500 + 0.025 * t, 490)
-                                        for t in (100, 1000, 10000)])
+    bptt = MemoryProfile(
+        "bptt", sweep=[MemoryPoint(t, 500 + 0.025 * t, 490) for t in (100, 1000, 10000)]
+    )
     online = MemoryProfile("d_rtrl", sweep=[MemoryPoint(t, 650.0, 640) for t in (100, 1000, 10000)])
     fit = memory_fit(bptt)
     assert fit.fixed_mb == pytest.approx(500) and fit.per_step_kb == pytest.approx(25.6)
@@ -209,11 +231,15 @@ def test_memory_fit_and_crossover():
 def test_over_budget_is_predicted_and_parsed():
     points = [MemoryPoint(1000, 600.0, 500.0)]
     assert predicted_peak_mb(points, 10000) == pytest.approx(1500.0)
-    out = "\n".join([
-        'noise', 'ETRACE_MEMORY {"kind": "task", "peak_mb": 480.0, "hwm_reset": true}',
-        'ETRACE_MEMORY {"kind": "point", "seq_len": 100, "peak_mb": 500.0, "before_mb": 490.0, '
-        '"first_seconds": 0.2, "step_seconds": 0.1, "hwm_reset": true}',
-        'ETRACE_MEMORY {"kind": "over_budget", "seq_len": 1000, "measured": false}'])
+    out = "\n".join(
+        [
+            "noise",
+            'ETRACE_MEMORY {"kind": "task", "peak_mb": 480.0, "hwm_reset": true}',
+            'ETRACE_MEMORY {"kind": "point", "seq_len": 100, "peak_mb": 500.0, "before_mb": 490.0, '
+            '"first_seconds": 0.2, "step_seconds": 0.1, "hwm_reset": true}',
+            'ETRACE_MEMORY {"kind": "over_budget", "seq_len": 1000, "measured": false}',
+        ]
+    )
     profile = parse_child_output("bptt", out)
     assert profile.task_peak_mb == 480.0 and profile.over_budget_from == 1000
     assert [p.seq_len for p in profile.sweep] == [100] and profile.timing[0].step_seconds == 0.1
@@ -221,9 +247,17 @@ def test_over_budget_is_predicted_and_parsed():
 
 def test_bptt_past_the_budget_stops_without_crashing():
     """A real child: the first T fits, BPTT at the second passes the budget -> "over budget"."""
-    cfg = CompareConfig(methods=("bptt",), hidden=256, batch_size=64, n_train=64, n_test=8,
-                        delay=3, seq_lens=(10, 40000), memory_budget=1000.0,
-                        progress=False).checked()
+    cfg = CompareConfig(
+        methods=("bptt",),
+        hidden=256,
+        batch_size=64,
+        n_train=64,
+        n_test=8,
+        delay=3,
+        seq_lens=(10, 40000),
+        memory_budget=1000.0,
+        progress=False,
+    ).checked()
     profile = measure_memory(cfg, resolve_model("multiscale", cfg.hidden), "bptt", timeout=600)
     assert profile.error is None, profile
     assert [p.seq_len for p in profile.sweep] == [10]
@@ -233,12 +267,13 @@ def test_bptt_past_the_budget_stops_without_crashing():
 
 # ----------------------------------------------------------------------------- stream
 
+
 def test_stream_data_is_trials_back_to_back():
     cfg = CompareConfig(batch_size=3, delay=4, stream=True, stream_trials=5).checked()
     task, xs, ys = stream_data(cfg)
     assert xs.shape == (5 * 6, 3, task.n_in) and ys.shape == (30, 3)
     labelled = np.nonzero(ys[:, 0] != IGNORE_INDEX)[0]
-    np.testing.assert_array_equal(labelled, np.arange(5, 30, 6))       # one go step per trial
+    np.testing.assert_array_equal(labelled, np.arange(5, 30, 6))  # one go step per trial
     np.testing.assert_array_equal(xs[labelled - 5, 0, :4].argmax(-1), ys[labelled, 0])  # its cue
 
 

@@ -1,4 +1,5 @@
 """Built-in torch models, the spike custom op and its JAX twin."""
+
 import warnings
 
 import jax
@@ -9,8 +10,15 @@ import torch
 
 from etrace_bridge.bptt import bptt_gradients
 from etrace_bridge.compare.models import (
-    SURROGATE_SCALE, GRUClassifier, LIFNet, LSTMClassifier, LeakyRNN, build_model, initial_state,
-    spike_jax, spike_op,
+    SURROGATE_SCALE,
+    GRUClassifier,
+    LeakyRNN,
+    LIFNet,
+    LSTMClassifier,
+    build_model,
+    initial_state,
+    spike_jax,
+    spike_op,
 )
 
 T, B, N_IN, N_OUT, H = 5, 3, 4, 2, 6
@@ -28,7 +36,9 @@ def test_spike_op_forward_backward_matches_formula():
     assert z.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
     g = torch.linspace(0.5, 2.0, 7, dtype=torch.float64)
     (dx,) = torch.autograd.grad(z, x, g)
-    torch.testing.assert_close(dx, g / (1 + SURROGATE_SCALE * x.detach().abs()) ** 2, rtol=0, atol=0)
+    torch.testing.assert_close(
+        dx, g / (1 + SURROGATE_SCALE * x.detach().abs()) ** 2, rtol=0, atol=0
+    )
     assert torch.ops.etrace.spike.default(x.detach()).tolist() == z.tolist()
 
 
@@ -48,8 +58,9 @@ def test_spike_jax_matches_torch_op(x64):
     np.testing.assert_allclose(np.asarray(g_j), g_t.numpy(), rtol=1e-12, atol=1e-12)
     _, jvp = jax.jvp(spike_jax, (xj,), (jnp.ones_like(xj),))
     np.testing.assert_allclose(np.asarray(jvp), g_t.numpy(), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(spike_jax))(xj[:, None]))[:, 0],
-                               z_t.detach().numpy())
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(jax.vmap(spike_jax))(xj[:, None]))[:, 0], z_t.detach().numpy()
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -84,12 +95,16 @@ def test_lif_dynamics_and_gradient_flow():
     out1 = model(x)
     assert torch.all(model.v == 2.0) and torch.all(model.z == 1.0)
     model(x)
-    assert torch.allclose(model.v, model.decay_mem * 2.0 + 2.0 + model.recurrent.weight.sum(1) - 0.5)
+    assert torch.allclose(
+        model.v, model.decay_mem * 2.0 + 2.0 + model.recurrent.weight.sum(1) - 0.5
+    )
     assert out1.shape == (B, N_OUT)
     with pytest.raises(ValueError, match="reset_state"):
         model(torch.ones(B + 1, N_IN))
     model.reset_state(B)
-    res = bptt_gradients(model, torch.rand(T, B, N_IN), torch.randint(0, 2, (T, B)), "cross_entropy")
+    res = bptt_gradients(
+        model, torch.rand(T, B, N_IN), torch.randint(0, 2, (T, B)), "cross_entropy"
+    )
     assert res.grads["input.weight"].abs().sum() > 0  # surrogate gradient reaches the input layer
     assert res.grads["recurrent.weight"].abs().sum() > 0
     assert torch.all(model.v == 0)  # bptt_gradients leaves the state buffers untouched
@@ -106,7 +121,11 @@ def test_lif_reset_state_follows_dtype():
 def test_leaky_rnn_has_no_recurrent_weight():
     model = LeakyRNN(N_IN, H, N_OUT, alpha=0.5)
     assert {n for n, _ in model.named_parameters()} == {
-        "input.weight", "input.bias", "readout.weight", "readout.bias"}
+        "input.weight",
+        "input.bias",
+        "readout.weight",
+        "readout.bias",
+    }
     x, h = torch.randn(B, N_IN), torch.randn(B, H)
     _, h1 = model(x, h)
     torch.testing.assert_close(h1, 0.5 * h + 0.5 * torch.tanh(model.input(x)))

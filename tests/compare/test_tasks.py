@@ -1,9 +1,15 @@
 """Built-in sequence tasks: shapes, determinism, label sanity."""
+
 import numpy as np
 import pytest
 
 from etrace_bridge.compare.tasks import (
-    IGNORE_INDEX, SequenceTask, delayed_recall, get_task, iterate_minibatches, sequential_digits,
+    IGNORE_INDEX,
+    SequenceTask,
+    delayed_recall,
+    get_task,
+    iterate_minibatches,
+    sequential_digits,
     spiking_dms,
 )
 
@@ -87,7 +93,11 @@ def test_dms_match_label_is_consistent_with_patterns():
 @pytest.mark.parametrize("name", ["digits", "recall", "dms"])
 def test_determinism_by_seed(name):
     kw = {} if name == "digits" else {"n_train": 16, "n_test": 8}
-    a, b, c = get_task(name, seed=5, **kw), get_task(name, seed=5, **kw), get_task(name, seed=6, **kw)
+    a, b, c = (
+        get_task(name, seed=5, **kw),
+        get_task(name, seed=5, **kw),
+        get_task(name, seed=6, **kw),
+    )
     for field in ("xs_train", "ys_train", "xs_test", "ys_test"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     assert not np.array_equal(a.xs_train, c.xs_train)

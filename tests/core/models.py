@@ -20,11 +20,13 @@ ETP uses are keyed ``(weight_path, n)``: the n-th use of that weight in program 
 
 Build models inside the ``x64`` fixture for float64 oracles (dtypes are fixed at construction).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional
 
 import brainstate
 import jax
@@ -35,25 +37,62 @@ from jax import lax
 from etrace_core import nn, ops
 from etrace_core.nn.base import RecurrentModule
 
-Path = Tuple[str, ...]
+Path = tuple[str, ...]
 
 __all__ = [
     # cases and oracles
-    "Case", "Ctx", "CASES", "CASE_BY_NAME", "SKIP_PATH_CASES", "Oracles", "oracles",
-    "oracle_forward", "relation_keys", "unit_of_output", "G", "P",
+    "Case",
+    "Ctx",
+    "CASES",
+    "CASE_BY_NAME",
+    "SKIP_PATH_CASES",
+    "Oracles",
+    "oracles",
+    "oracle_forward",
+    "relation_keys",
+    "unit_of_output",
+    "G",
+    "P",
     # helpers
-    "rand", "uinit", "initialised", "signed_input", "positive_input", "image_input", "pure_step",
-    "hidden_paths", "param_values", "set_random_hidden",
+    "rand",
+    "uinit",
+    "initialised",
+    "signed_input",
+    "positive_input",
+    "image_input",
+    "pure_step",
+    "hidden_paths",
+    "param_values",
+    "set_random_hidden",
     # models
-    "RNNReadout", "TwoLayerGRU", "LSTMReadout", "LIFReadout", "ConvRNN", "CoupledCell",
-    "CondCell", "TiedLeaky", "FusedGateCell", "FanOut", "LeakyReadout", "SkipCell",
-    "PartialFused", "ConvLeaky",
-    "CounterRNN", "FeedForward", "NestedJitLeaky", "SubstepLeaky", "WhileLeaky",
-    "WhileMixInput", "WeightInScan", "ShapeChanging", "ParamWriter",
+    "RNNReadout",
+    "TwoLayerGRU",
+    "LSTMReadout",
+    "LIFReadout",
+    "ConvRNN",
+    "CoupledCell",
+    "CondCell",
+    "TiedLeaky",
+    "FusedGateCell",
+    "FanOut",
+    "LeakyReadout",
+    "SkipCell",
+    "PartialFused",
+    "ConvLeaky",
+    "CounterRNN",
+    "FeedForward",
+    "NestedJitLeaky",
+    "SubstepLeaky",
+    "WhileLeaky",
+    "WhileMixInput",
+    "WeightInScan",
+    "ShapeChanging",
+    "ParamWriter",
 ]
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def rand(key, *shape, scale=1.0, dtype=None):
     """Standard normal draws (numpy: no XLA compilation per new shape)."""
@@ -67,6 +106,7 @@ def uinit(seed, low=-0.6, high=0.6):
 
     def init(shape, dtype=None):
         return jnp.asarray(rng.uniform(low, high, shape), nn.init.resolve_dtype(dtype))
+
     return init
 
 
@@ -74,7 +114,7 @@ def _bshape(batch, *shape):
     return shape if batch is None else (batch,) + shape
 
 
-def param_values(model) -> Dict[Path, Any]:
+def param_values(model) -> dict[Path, Any]:
     return {p: s.value for p, s in model.states(brainstate.ParamState).items()}
 
 
@@ -97,8 +137,9 @@ def pure_step(model):
     flat = tree.to_flat()
 
     def step(values, *args):
-        new_tree = type(tree).from_flat({p: flat[p].replace(value=values.get(p, flat[p].value))
-                                         for p in flat})
+        new_tree = type(tree).from_flat(
+            {p: flat[p].replace(value=values.get(p, flat[p].value)) for p in flat}
+        )
         clone = brainstate.graph.treefy_merge(graphdef, new_tree)
         out = clone(*args)
         return out, {p: s.value for p, s in clone.states().items()}
@@ -111,8 +152,8 @@ class Ctx:
 
     def __init__(self, cut: bool = False, dy: Optional[dict] = None, p: Optional[dict] = None):
         self.cut, self.dy, self.p = cut, dy or {}, p or {}
-        self.count: Dict[Path, int] = {}
-        self.ys: Dict[Tuple[Path, int], Any] = {}
+        self.count: dict[Path, int] = {}
+        self.ys: dict[tuple[Path, int], Any] = {}
 
     def etp(self, path: Path, y):
         n = self.count.get(path, 0)
@@ -134,12 +175,14 @@ class Case:
     name: str
     make: Callable[[Optional[int]], brainstate.nn.Module]
     x: Callable[..., Any]
-    groups: Tuple[frozenset, ...]                  # expected hidden groups (sets of paths)
-    relations: Tuple[Tuple[Path, Tuple[frozenset, ...]], ...]   # (weight, groups reached)
-    untraced: Tuple[Path, ...]                     # parameters with no online-traced use
+    groups: tuple[frozenset, ...]  # expected hidden groups (sets of paths)
+    relations: tuple[tuple[Path, tuple[frozenset, ...]], ...]  # (weight, groups reached)
+    untraced: tuple[Path, ...]  # parameters with no online-traced use
     oracle: Callable
-    full_exact: bool = False   # no weight on the recurrence: the full step Jacobian's group blocks are D
-    hidden_ranges: Dict[str, Tuple[float, float]] = field(default_factory=dict)
+    full_exact: bool = (
+        False  # no weight on the recurrence: the full step Jacobian's group blocks are D
+    )
+    hidden_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def G(*paths) -> frozenset:
@@ -168,6 +211,7 @@ def _readout(params, prefix, x, ctx=None, bias=True):
 
 # ---------------------------------------------------------------------------- 1. vanilla RNN
 
+
 class RNNReadout(brainstate.nn.Module):
     def __init__(self, n_in=3, n_rec=5, n_out=2):
         super().__init__()
@@ -179,12 +223,15 @@ class RNNReadout(brainstate.nn.Module):
 
 
 def _rnn_oracle(params, h, x, ctx):
-    pre = _mm(params, ctx, ("rnn", "W_ih"), x) + _mm(params, ctx, ("rnn", "W_hh"), h[P("rnn.h")], False)
+    pre = _mm(params, ctx, ("rnn", "W_ih"), x) + _mm(
+        params, ctx, ("rnn", "W_hh"), h[P("rnn.h")], False
+    )
     h1 = ctx.hidden(P("rnn.h"), jnp.tanh(pre))
     return _readout(params, ("out",), h1, ctx), {P("rnn.h"): h1}
 
 
 # ---------------------------------------------------------------------------- 2. 2-layer GRU
+
 
 class TwoLayerGRU(brainstate.nn.Module):
     def __init__(self, n_in=3, n_rec=4, n_out=2):
@@ -203,8 +250,8 @@ def _gru(params, ctx, name, h, x):
     gh = _mm(params, ctx, (name, "W_hh"), h)
     H = h.shape[-1]
     r = jax.nn.sigmoid(gi[..., :H] + gh[..., :H])
-    z = jax.nn.sigmoid(gi[..., H:2 * H] + gh[..., H:2 * H])
-    n = jnp.tanh(gi[..., 2 * H:] + r * gh[..., 2 * H:])
+    z = jax.nn.sigmoid(gi[..., H : 2 * H] + gh[..., H : 2 * H])
+    n = jnp.tanh(gi[..., 2 * H :] + r * gh[..., 2 * H :])
     return (1 - z) * n + z * h
 
 
@@ -215,6 +262,7 @@ def _gru2_oracle(params, h, x, ctx):
 
 
 # ---------------------------------------------------------------------------- 3. LSTM
+
 
 class LSTMReadout(brainstate.nn.Module):
     def __init__(self, n_in=3, n_rec=4, n_out=2):
@@ -227,21 +275,34 @@ class LSTMReadout(brainstate.nn.Module):
 
 
 def _lstm_oracle(params, h, x, ctx):
-    gates = _mm(params, ctx, ("lstm", "W_ih"), x) + _mm(params, ctx, ("lstm", "W_hh"), h[P("lstm.h")])
+    gates = _mm(params, ctx, ("lstm", "W_ih"), x) + _mm(
+        params, ctx, ("lstm", "W_hh"), h[P("lstm.h")]
+    )
     H = h[P("lstm.h")].shape[-1]
-    i, f, g, o = (gates[..., k * H:(k + 1) * H] for k in range(4))
-    c = ctx.hidden(P("lstm.c"), jax.nn.sigmoid(f) * h[P("lstm.c")] + jax.nn.sigmoid(i) * jnp.tanh(g))
+    i, f, g, o = (gates[..., k * H : (k + 1) * H] for k in range(4))
+    c = ctx.hidden(
+        P("lstm.c"), jax.nn.sigmoid(f) * h[P("lstm.c")] + jax.nn.sigmoid(i) * jnp.tanh(g)
+    )
     hh = ctx.hidden(P("lstm.h"), jax.nn.sigmoid(o) * jnp.tanh(c))
     return _readout(params, ("out",), hh, ctx), {P("lstm.h"): hh, P("lstm.c"): c}
 
 
 # ---------------------------------------------------------------------------- 4. recurrent LIF
 
+
 class LIFReadout(brainstate.nn.Module):
     def __init__(self, n_in=3, n_rec=5, n_out=2, recurrent=True):
         super().__init__()
-        self.lif = nn.LIF(n_in, n_rec, recurrent=recurrent, beta=0.4, tau_mem=10., tau_adapt=50.,
-                          w_init=uinit(8, -1., 1.5), w_rec_init=uinit(80, -0.5, 0.5))
+        self.lif = nn.LIF(
+            n_in,
+            n_rec,
+            recurrent=recurrent,
+            beta=0.4,
+            tau_mem=10.0,
+            tau_adapt=50.0,
+            w_init=uinit(8, -1.0, 1.5),
+            w_rec_init=uinit(80, -0.5, 0.5),
+        )
         self.out = nn.Linear(n_rec, n_out, w_init=uinit(9), b_init=uinit(90))
 
     def update(self, x):
@@ -249,7 +310,7 @@ class LIFReadout(brainstate.nn.Module):
 
 
 def _lif_oracle(params, h, x, ctx, recurrent=True):
-    alpha, rho, beta, thr = math.exp(-1 / 10.), math.exp(-1 / 50.), 0.4, 1.0
+    alpha, rho, beta, thr = math.exp(-1 / 10.0), math.exp(-1 / 50.0), 0.4, 1.0
     V, a = h[P("lif.V")], h[P("lif.a")]
     s = nn.spike_fn((V - thr - beta * a) / thr)
     cur = _mm(params, ctx, ("lif", "W_in"), x, False)
@@ -263,12 +324,15 @@ def _lif_oracle(params, h, x, ctx, recurrent=True):
 
 # ---------------------------------------------------------------------------- 5. conv -> RNN
 
+
 class ConvRNN(brainstate.nn.Module):
     """Conv2d(1 -> 2, 3x3, SAME) on a (1, 5, 5) image, flattened into a vanilla RNN."""
 
     def __init__(self, n_rec=4, n_out=2, side=5):
         super().__init__()
-        self.conv = nn.Conv2d(1, 2, kernel_size=3, padding='SAME', w_init=uinit(10), b_init=uinit(100))
+        self.conv = nn.Conv2d(
+            1, 2, kernel_size=3, padding="SAME", w_init=uinit(10), b_init=uinit(100)
+        )
         self.rnn = nn.VanillaRNNCell(2 * side * side, n_rec, w_init=uinit(11), b_init=uinit(110))
         self.out = nn.Linear(n_rec, n_out, w_init=uinit(12), b_init=uinit(120))
 
@@ -282,12 +346,15 @@ def _conv_oracle(params, h, x, ctx):
     y = _conv2d(x, params[P("conv.weight")], params[P("conv.bias")])
     y = ctx.etp(P("conv.weight"), y)
     feat = y.reshape(y.shape[:-3] + (-1,))
-    pre = _mm(params, ctx, ("rnn", "W_ih"), feat) + _mm(params, ctx, ("rnn", "W_hh"), h[P("rnn.h")], False)
+    pre = _mm(params, ctx, ("rnn", "W_ih"), feat) + _mm(
+        params, ctx, ("rnn", "W_hh"), h[P("rnn.h")], False
+    )
     h1 = ctx.hidden(P("rnn.h"), jnp.tanh(pre))
     return _readout(params, ("out",), h1, ctx), {P("rnn.h"): h1}
 
 
 # ---------------------------------------------------------------------------- 6. two-state cell
+
 
 class CoupledCell(RecurrentModule):
     """Two states of one unit, coupled element-wise, with a same-step coupling (v' uses u').
@@ -304,7 +371,7 @@ class CoupledCell(RecurrentModule):
         super().__init__((n,))
         self.W_u = nn.Linear(n_in, n, w_init=uinit(13), b_init=uinit(130))
         self.W_v = nn.Linear(n_in, n, bias=False, w_init=uinit(14))
-        self.decay = brainstate.ParamState(jnp.linspace(-1., 1., n, dtype=self.dtype))
+        self.decay = brainstate.ParamState(jnp.linspace(-1.0, 1.0, n, dtype=self.dtype))
 
     def update(self, x):
         d = ops.element_wise(jax.nn.sigmoid, self.decay.value, batch_shape=x.shape[:-1])
@@ -317,8 +384,12 @@ class CoupledCell(RecurrentModule):
 
 
 def _coupled_oracle(params, h, x, ctx):
-    d = ctx.etp(P("decay"), jnp.broadcast_to(jax.nn.sigmoid(params[P("decay")]),
-                                             x.shape[:-1] + params[P("decay")].shape))
+    d = ctx.etp(
+        P("decay"),
+        jnp.broadcast_to(
+            jax.nn.sigmoid(params[P("decay")]), x.shape[:-1] + params[P("decay")].shape
+        ),
+    )
     u, v = h[P("u")], h[P("v")]
     u1 = ctx.hidden(P("u"), d * u + 0.3 * jnp.tanh(v) + _mm(params, ctx, ("W_u",), x))
     v1 = ctx.hidden(P("v"), 0.7 * v + 0.5 * jnp.sin(u1) + _mm(params, ctx, ("W_v",), x, False) * u)
@@ -326,6 +397,7 @@ def _coupled_oracle(params, h, x, ctx):
 
 
 # ---------------------------------------------------------------------------- 7. lax.cond cell
+
 
 class CondCell(RecurrentModule):
     """``h' = cond(sum(x) > 0, 0.9 h + tanh(x W_a + b_a), 0.5 h cos(x W_b) + 0.1)``.
@@ -349,7 +421,7 @@ class CondCell(RecurrentModule):
 
         h = lax.cond(jnp.sum(x) > 0, on, off, self.h.value, x)
         self.h.value = h
-        return 2. * h
+        return 2.0 * h
 
 
 def _cond_oracle(params, h, x, ctx):
@@ -358,10 +430,11 @@ def _cond_oracle(params, h, x, ctx):
     hp = h[P("h")]
     h1 = jnp.where(jnp.sum(x) > 0, 0.9 * hp + jnp.tanh(ya), 0.5 * hp * jnp.cos(yb) + 0.1)
     h1 = ctx.hidden(P("h"), h1)
-    return 2. * h1, {P("h"): h1}
+    return 2.0 * h1, {P("h"): h1}
 
 
 # ---------------------------------------------------------------------------- 8. tied weight
+
 
 class TiedLeaky(brainstate.nn.Module):
     """One ``W`` used by two ETP ops: ``h1' = .9 h1 + tanh(x W)``, ``h2' = .8 h2 + tanh(h1' W)``."""
@@ -395,26 +468,29 @@ def _tied_oracle(params, h, x, ctx):
 
 # ---------------------------------------------------------------------------- 9. fused gates
 
+
 class FusedGateCell(RecurrentModule):
     """One matmul with a torch-layout ``(3H, I)`` weight, sliced into three gates::
 
-        y = x @ W.T + b;  a, c, g = y[:H], y[H:2H], y[2H:]
-        h' = sigmoid(a) * h + (1 - sigmoid(a)) * tanh(c) * sigmoid(g)
+    y = x @ W.T + b;  a, c, g = y[:H], y[H:2H], y[2H:]
+    h' = sigmoid(a) * h + (1 - sigmoid(a)) * tanh(c) * sigmoid(g)
     """
 
     state_names = ("h",)
 
     def __init__(self, n_in=3, n=4):
         super().__init__((n,))
-        self.weight = brainstate.ParamState(uinit(19, -1., 1.)((3 * n, n_in), self.dtype))
+        self.weight = brainstate.ParamState(uinit(19, -1.0, 1.0)((3 * n, n_in), self.dtype))
         self.bias = brainstate.ParamState(uinit(20, -0.3, 0.3)((3 * n,), self.dtype))
         self.n = n
 
     def update(self, x):
         H = self.n
-        y = ops.matmul(x, self.weight.value, self.bias.value, w_layout='oi')
-        a, c, g = y[..., :H], y[..., H:2 * H], y[..., 2 * H:]
-        h = jax.nn.sigmoid(a) * self.h.value + (1 - jax.nn.sigmoid(a)) * jnp.tanh(c) * jax.nn.sigmoid(g)
+        y = ops.matmul(x, self.weight.value, self.bias.value, w_layout="oi")
+        a, c, g = y[..., :H], y[..., H : 2 * H], y[..., 2 * H :]
+        h = jax.nn.sigmoid(a) * self.h.value + (1 - jax.nn.sigmoid(a)) * jnp.tanh(
+            c
+        ) * jax.nn.sigmoid(g)
         self.h.value = h
         return h
 
@@ -422,7 +498,7 @@ class FusedGateCell(RecurrentModule):
 def _fused_oracle(params, h, x, ctx):
     H = h[P("h")].shape[-1]
     y = ctx.etp(P("weight"), x @ params[P("weight")].T + params[P("bias")])
-    a, c, g = y[..., :H], y[..., H:2 * H], y[..., 2 * H:]
+    a, c, g = y[..., :H], y[..., H : 2 * H], y[..., 2 * H :]
     h1 = jax.nn.sigmoid(a) * h[P("h")] + (1 - jax.nn.sigmoid(a)) * jnp.tanh(c) * jax.nn.sigmoid(g)
     h1 = ctx.hidden(P("h"), h1)
     return h1, {P("h"): h1}
@@ -430,10 +506,11 @@ def _fused_oracle(params, h, x, ctx):
 
 # ---------------------------------------------------------------------------- 10. fan-out
 
+
 class FanOut(brainstate.nn.Module):
     """One ETP output feeding two independent groups; a recurrent weight links them::
 
-        y = x W + b;  h1' = 0.9 h1 + y + h2 W_r;  h2' = 0.6 h2 + 0.5 tanh(y)
+    y = x W + b;  h1' = 0.9 h1 + y + h2 W_r;  h2' = 0.6 h2 + 0.5 tanh(y)
     """
 
     def __init__(self, n_in=3, n=4):
@@ -466,12 +543,15 @@ def _fanout_oracle(params, h, x, ctx):
 
 # ---------------------------------------------------------------------------- 11. leaky + readout
 
+
 class LeakyReadout(brainstate.nn.Module):
     """Leaky cell without recurrent weights, then a linear readout (one hidden group)."""
 
     def __init__(self, n_in=3, n=5, n_out=2):
         super().__init__()
-        self.cell = nn.LeakyRNNCell(n_in, n, tau=4., recurrent=False, w_init=uinit(23), b_init=uinit(230))
+        self.cell = nn.LeakyRNNCell(
+            n_in, n, tau=4.0, recurrent=False, w_init=uinit(23), b_init=uinit(230)
+        )
         self.out = nn.Linear(n, n_out, w_init=uinit(24), b_init=uinit(240))
 
     def update(self, x):
@@ -479,12 +559,15 @@ class LeakyReadout(brainstate.nn.Module):
 
 
 def _leaky_oracle(params, h, x, ctx):
-    d = math.exp(-1 / 4.)
-    h1 = ctx.hidden(P("cell.h"), d * h[P("cell.h")] + (1 - d) * jnp.tanh(_mm(params, ctx, ("cell", "W_in"), x)))
+    d = math.exp(-1 / 4.0)
+    h1 = ctx.hidden(
+        P("cell.h"), d * h[P("cell.h")] + (1 - d) * jnp.tanh(_mm(params, ctx, ("cell", "W_in"), x))
+    )
     return _readout(params, ("out",), h1, ctx), {P("cell.h"): h1}
 
 
 # ---------------------------------------------------------------------------- 12. skip path
+
 
 class SkipCell(RecurrentModule):
     """``y = x W + b``; ``h' = 0.9 h + tanh(y)``; output ``h' + y`` (y also skips the state)."""
@@ -510,10 +593,11 @@ def _skip_oracle(params, h, x, ctx):
 
 # ---------------------------------------------------------------------------- 13. partial fan-out
 
+
 class PartialFused(RecurrentModule):
     """One ``(I, 2H)`` matmul: the first half drives ``h``, the second half gates the output::
 
-        y = x W + b;  h' = 0.9 h + tanh(y[:H]);  output = h' * y[H:]
+    y = x W + b;  h' = 0.9 h + tanh(y[:H]);  output = h' * y[H:]
     """
 
     state_names = ("h",)
@@ -525,9 +609,9 @@ class PartialFused(RecurrentModule):
 
     def update(self, x):
         y = self.W(x)
-        h = 0.9 * self.h.value + jnp.tanh(y[..., :self.n])
+        h = 0.9 * self.h.value + jnp.tanh(y[..., : self.n])
         self.h.value = h
-        return h * y[..., self.n:]
+        return h * y[..., self.n :]
 
 
 def _partial_oracle(params, h, x, ctx):
@@ -539,18 +623,19 @@ def _partial_oracle(params, h, x, ctx):
 
 # ---------------------------------------------------------------------------- 14. conv recurrence
 
+
 class ConvLeaky(RecurrentModule):
     """An image-shaped state with convolutional input and recurrent kernels::
 
-        h' = 0.8 h + 0.2 tanh(conv_in(x) + conv_rec(h)),   h: (2, 5, 5) or (B, 2, 5, 5)
+    h' = 0.8 h + 0.2 tanh(conv_in(x) + conv_rec(h)),   h: (2, 5, 5) or (B, 2, 5, 5)
     """
 
     state_names = ("h",)
 
     def __init__(self, side=5):
         super().__init__((2, side, side))
-        self.conv_in = nn.Conv2d(1, 2, 3, padding='SAME', w_init=uinit(27), b_init=uinit(270))
-        self.conv_rec = nn.Conv2d(2, 2, 3, padding='SAME', bias=False, w_init=uinit(28, -0.3, 0.3))
+        self.conv_in = nn.Conv2d(1, 2, 3, padding="SAME", w_init=uinit(27), b_init=uinit(270))
+        self.conv_rec = nn.Conv2d(2, 2, 3, padding="SAME", bias=False, w_init=uinit(28, -0.3, 0.3))
 
     def update(self, x):
         h = 0.8 * self.h.value + 0.2 * jnp.tanh(self.conv_in(x) + self.conv_rec(self.h.value))
@@ -560,21 +645,30 @@ class ConvLeaky(RecurrentModule):
 
 def _conv2d(x, w, b=None):
     xb = x if x.ndim == 4 else x[None]
-    y = lax.conv_general_dilated(xb, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"),
-                                 precision=lax.Precision.HIGHEST)
+    y = lax.conv_general_dilated(
+        xb,
+        w,
+        (1, 1),
+        "SAME",
+        dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        precision=lax.Precision.HIGHEST,
+    )
     if b is not None:
         y = y + b[:, None, None]
     return y if x.ndim == 4 else y[0]
 
 
 def _conv_leaky_oracle(params, h, x, ctx):
-    a = ctx.etp(P("conv_in.weight"), _conv2d(x, params[P("conv_in.weight")], params[P("conv_in.bias")]))
+    a = ctx.etp(
+        P("conv_in.weight"), _conv2d(x, params[P("conv_in.weight")], params[P("conv_in.bias")])
+    )
     r = ctx.etp(P("conv_rec.weight"), _conv2d(h[P("h")], params[P("conv_rec.weight")]))
     h1 = ctx.hidden(P("h"), 0.8 * h[P("h")] + 0.2 * jnp.tanh(a + r))
     return h1, {P("h"): h1}
 
 
 # ---------------------------------------------------------------------------- the case table
+
 
 def positive_input(n):
     """Positive inputs (times `sign`): the sign picks the branch of CondCell."""
@@ -592,84 +686,177 @@ def image_input(batch, sign=1.0):
 
 def initialised(cls, **kw):
     """``make(batch)``: build ``cls(**kw)`` and initialise its states for ``batch``."""
+
     def make(batch):
         model = cls(**kw)
         brainstate.nn.init_all_states(model, batch)
         return model
+
     return make
 
 
 RNN_H = G("rnn.h")
 
 CASES = (
-    Case("rnn", initialised(RNNReadout), signed_input(3),
-         groups=(RNN_H,),
-         relations=((P("rnn.W_ih.weight"), (RNN_H,)), (P("rnn.W_hh.weight"), (RNN_H,))),
-         untraced=(P("out.weight"), P("out.bias")), oracle=_rnn_oracle),
-    Case("gru2", initialised(TwoLayerGRU), signed_input(3),
-         groups=(G("rnn1.h"), G("rnn2.h")),
-         relations=((P("rnn1.W_ih.weight"), (G("rnn1.h"),)), (P("rnn1.W_hh.weight"), (G("rnn1.h"),)),
-                    (P("rnn2.W_ih.weight"), (G("rnn2.h"),)), (P("rnn2.W_hh.weight"), (G("rnn2.h"),))),
-         untraced=(P("out.weight"), P("out.bias")), oracle=_gru2_oracle),
-    Case("lstm", initialised(LSTMReadout), signed_input(3),
-         groups=(G("lstm.h", "lstm.c"),),
-         relations=((P("lstm.W_ih.weight"), (G("lstm.h", "lstm.c"),)),
-                    (P("lstm.W_hh.weight"), (G("lstm.h", "lstm.c"),))),
-         untraced=(P("out.weight"), P("out.bias")), oracle=_lstm_oracle),
-    Case("lif", initialised(LIFReadout), signed_input(3),
-         groups=(G("lif.V", "lif.a"),),
-         relations=((P("lif.W_in.weight"), (G("lif.V", "lif.a"),)),
-                    (P("lif.W_rec.weight"), (G("lif.V", "lif.a"),))),
-         untraced=(P("out.weight"), P("out.bias")), oracle=_lif_oracle,
-         hidden_ranges={"V": (0.6, 1.4), "a": (0.0, 0.5)}),
-    Case("lif_ff", initialised(LIFReadout, recurrent=False), signed_input(3),
-         groups=(G("lif.V", "lif.a"),),
-         relations=((P("lif.W_in.weight"), (G("lif.V", "lif.a"),)),),
-         untraced=(P("out.weight"), P("out.bias")),
-         oracle=lambda p, h, x, ctx: _lif_oracle(p, h, x, ctx, recurrent=False),
-         full_exact=True, hidden_ranges={"V": (0.6, 1.4), "a": (0.0, 0.5)}),
-    Case("conv_rnn", initialised(ConvRNN), image_input,
-         groups=(RNN_H,),
-         relations=((P("rnn.W_ih.weight"), (RNN_H,)), (P("rnn.W_hh.weight"), (RNN_H,))),
-         untraced=(P("conv.weight"), P("conv.bias"), P("out.weight"), P("out.bias")),
-         oracle=_conv_oracle),
-    Case("coupled", initialised(CoupledCell), signed_input(3),
-         groups=(G("u", "v"),),
-         relations=((P("decay"), (G("u", "v"),)), (P("W_u.weight"), (G("u", "v"),)),
-                    (P("W_v.weight"), (G("u", "v"),))),
-         untraced=(), oracle=_coupled_oracle, full_exact=True),
-    Case("cond", initialised(CondCell), positive_input(3),
-         groups=(G("h"),),
-         relations=((P("W_a.weight"), (G("h"),)), (P("W_b.weight"), (G("h"),))),
-         untraced=(), oracle=_cond_oracle, full_exact=True),
-    Case("tied", initialised(TiedLeaky), signed_input(4),
-         groups=(G("h1"), G("h2")),
-         relations=((P("W.weight"), (G("h1"),)), (P("W.weight"), (G("h2"),))),
-         untraced=(P("out.weight"), P("out.bias")), oracle=_tied_oracle),
-    Case("fused", initialised(FusedGateCell), signed_input(3),
-         groups=(G("h"),),
-         relations=((P("weight"), (G("h"),)),),
-         untraced=(), oracle=_fused_oracle, full_exact=True),
-    Case("fanout", initialised(FanOut), signed_input(3),
-         groups=(G("h1"), G("h2")),
-         relations=((P("W.weight"), (G("h1"), G("h2"))), (P("W_r.weight"), (G("h1"),))),
-         untraced=(), oracle=_fanout_oracle),
-    Case("leaky", initialised(LeakyReadout), signed_input(3),
-         groups=(G("cell.h"),),
-         relations=((P("cell.W_in.weight"), (G("cell.h"),)),),
-         untraced=(P("out.weight"), P("out.bias")), oracle=_leaky_oracle, full_exact=True),
-    Case("skip", initialised(SkipCell), signed_input(3),
-         groups=(G("h"),),
-         relations=((P("W.weight"), (G("h"),)),),
-         untraced=(), oracle=_skip_oracle, full_exact=True),
-    Case("partial", initialised(PartialFused), signed_input(3),
-         groups=(G("h"),),
-         relations=((P("W.weight"), (G("h"),)),),
-         untraced=(), oracle=_partial_oracle, full_exact=True),
-    Case("conv_leaky", initialised(ConvLeaky), image_input,
-         groups=(G("h"),),
-         relations=((P("conv_in.weight"), (G("h"),)), (P("conv_rec.weight"), (G("h"),))),
-         untraced=(), oracle=_conv_leaky_oracle),
+    Case(
+        "rnn",
+        initialised(RNNReadout),
+        signed_input(3),
+        groups=(RNN_H,),
+        relations=((P("rnn.W_ih.weight"), (RNN_H,)), (P("rnn.W_hh.weight"), (RNN_H,))),
+        untraced=(P("out.weight"), P("out.bias")),
+        oracle=_rnn_oracle,
+    ),
+    Case(
+        "gru2",
+        initialised(TwoLayerGRU),
+        signed_input(3),
+        groups=(G("rnn1.h"), G("rnn2.h")),
+        relations=(
+            (P("rnn1.W_ih.weight"), (G("rnn1.h"),)),
+            (P("rnn1.W_hh.weight"), (G("rnn1.h"),)),
+            (P("rnn2.W_ih.weight"), (G("rnn2.h"),)),
+            (P("rnn2.W_hh.weight"), (G("rnn2.h"),)),
+        ),
+        untraced=(P("out.weight"), P("out.bias")),
+        oracle=_gru2_oracle,
+    ),
+    Case(
+        "lstm",
+        initialised(LSTMReadout),
+        signed_input(3),
+        groups=(G("lstm.h", "lstm.c"),),
+        relations=(
+            (P("lstm.W_ih.weight"), (G("lstm.h", "lstm.c"),)),
+            (P("lstm.W_hh.weight"), (G("lstm.h", "lstm.c"),)),
+        ),
+        untraced=(P("out.weight"), P("out.bias")),
+        oracle=_lstm_oracle,
+    ),
+    Case(
+        "lif",
+        initialised(LIFReadout),
+        signed_input(3),
+        groups=(G("lif.V", "lif.a"),),
+        relations=(
+            (P("lif.W_in.weight"), (G("lif.V", "lif.a"),)),
+            (P("lif.W_rec.weight"), (G("lif.V", "lif.a"),)),
+        ),
+        untraced=(P("out.weight"), P("out.bias")),
+        oracle=_lif_oracle,
+        hidden_ranges={"V": (0.6, 1.4), "a": (0.0, 0.5)},
+    ),
+    Case(
+        "lif_ff",
+        initialised(LIFReadout, recurrent=False),
+        signed_input(3),
+        groups=(G("lif.V", "lif.a"),),
+        relations=((P("lif.W_in.weight"), (G("lif.V", "lif.a"),)),),
+        untraced=(P("out.weight"), P("out.bias")),
+        oracle=lambda p, h, x, ctx: _lif_oracle(p, h, x, ctx, recurrent=False),
+        full_exact=True,
+        hidden_ranges={"V": (0.6, 1.4), "a": (0.0, 0.5)},
+    ),
+    Case(
+        "conv_rnn",
+        initialised(ConvRNN),
+        image_input,
+        groups=(RNN_H,),
+        relations=((P("rnn.W_ih.weight"), (RNN_H,)), (P("rnn.W_hh.weight"), (RNN_H,))),
+        untraced=(P("conv.weight"), P("conv.bias"), P("out.weight"), P("out.bias")),
+        oracle=_conv_oracle,
+    ),
+    Case(
+        "coupled",
+        initialised(CoupledCell),
+        signed_input(3),
+        groups=(G("u", "v"),),
+        relations=(
+            (P("decay"), (G("u", "v"),)),
+            (P("W_u.weight"), (G("u", "v"),)),
+            (P("W_v.weight"), (G("u", "v"),)),
+        ),
+        untraced=(),
+        oracle=_coupled_oracle,
+        full_exact=True,
+    ),
+    Case(
+        "cond",
+        initialised(CondCell),
+        positive_input(3),
+        groups=(G("h"),),
+        relations=((P("W_a.weight"), (G("h"),)), (P("W_b.weight"), (G("h"),))),
+        untraced=(),
+        oracle=_cond_oracle,
+        full_exact=True,
+    ),
+    Case(
+        "tied",
+        initialised(TiedLeaky),
+        signed_input(4),
+        groups=(G("h1"), G("h2")),
+        relations=((P("W.weight"), (G("h1"),)), (P("W.weight"), (G("h2"),))),
+        untraced=(P("out.weight"), P("out.bias")),
+        oracle=_tied_oracle,
+    ),
+    Case(
+        "fused",
+        initialised(FusedGateCell),
+        signed_input(3),
+        groups=(G("h"),),
+        relations=((P("weight"), (G("h"),)),),
+        untraced=(),
+        oracle=_fused_oracle,
+        full_exact=True,
+    ),
+    Case(
+        "fanout",
+        initialised(FanOut),
+        signed_input(3),
+        groups=(G("h1"), G("h2")),
+        relations=((P("W.weight"), (G("h1"), G("h2"))), (P("W_r.weight"), (G("h1"),))),
+        untraced=(),
+        oracle=_fanout_oracle,
+    ),
+    Case(
+        "leaky",
+        initialised(LeakyReadout),
+        signed_input(3),
+        groups=(G("cell.h"),),
+        relations=((P("cell.W_in.weight"), (G("cell.h"),)),),
+        untraced=(P("out.weight"), P("out.bias")),
+        oracle=_leaky_oracle,
+        full_exact=True,
+    ),
+    Case(
+        "skip",
+        initialised(SkipCell),
+        signed_input(3),
+        groups=(G("h"),),
+        relations=((P("W.weight"), (G("h"),)),),
+        untraced=(),
+        oracle=_skip_oracle,
+        full_exact=True,
+    ),
+    Case(
+        "partial",
+        initialised(PartialFused),
+        signed_input(3),
+        groups=(G("h"),),
+        relations=((P("W.weight"), (G("h"),)),),
+        untraced=(),
+        oracle=_partial_oracle,
+        full_exact=True,
+    ),
+    Case(
+        "conv_leaky",
+        initialised(ConvLeaky),
+        image_input,
+        groups=(G("h"),),
+        relations=((P("conv_in.weight"), (G("h"),)), (P("conv_rec.weight"), (G("h"),))),
+        untraced=(),
+        oracle=_conv_leaky_oracle,
+    ),
 )
 
 # cases whose relation outputs also reach the model output by a path that avoids hidden states
@@ -679,6 +866,7 @@ CASE_BY_NAME = {c.name: c for c in CASES}
 
 
 # ---------------------------------------------------------------------------- special models
+
 
 class CounterRNN(brainstate.nn.Module):
     """A vanilla RNN with a non-hidden ``ShortTermState`` step counter and a readout."""
@@ -690,7 +878,7 @@ class CounterRNN(brainstate.nn.Module):
         self.count = brainstate.ShortTermState(jnp.zeros(()))
 
     def update(self, x):
-        self.count.value = self.count.value + 1.
+        self.count.value = self.count.value + 1.0
         return self.out(self.rnn(x))
 
 
@@ -744,8 +932,9 @@ class SubstepLeaky(RecurrentModule):
 
     def update(self, x):
         y = self.W(x)
-        h = lax.fori_loop(0, self.substeps, lambda i, h: h + 0.25 * (-h + jnp.tanh(y + h)),
-                          self.h.value)
+        h = lax.fori_loop(
+            0, self.substeps, lambda i, h: h + 0.25 * (-h + jnp.tanh(y + h)), self.h.value
+        )
         self.h.value = h
         return h
 
@@ -864,10 +1053,12 @@ def unit_of_output(varshape, n_out_cols, col_to_unit):
 
 # ---------------------------------------------------------------------------- oracles
 
+
 def relation_keys(graph):
     """Per relation, its oracle key ``(weight_path, n)``: the n-th ETP use of that weight."""
     from etrace_core.compiler.relations import etp_operands
     from etrace_core.ops import is_etp_primitive
+
     minfo = graph.module_info
     path_of = {v: p for p, v in minfo.param_invars.items()}
     counts, key_of = {}, {}
@@ -893,13 +1084,13 @@ def oracle_forward(case, params, h_prev, x):
 
 class Oracles(NamedTuple):
     outputs: Any
-    h_new: Dict[Path, Any]
-    ys: Dict[Tuple[Path, int], Any]          # every ETP output, by (weight path, use)
-    dh_dh_cut: Dict[Path, Dict[Path, Any]]   # [dst][src]: varshape + varshape, ETP outputs fixed
-    dh_dh_full: Optional[dict]                # [dst][src]: the full step Jacobian (full_exact cases)
-    dh_dy: Dict[Path, Dict[Any, Any]]        # [dst][etp key]: varshape + y shape, others fixed
-    dL_dh: Dict[Path, Any]                   # L = sum(outputs * cot), h^t perturbed where made
-    dL_dx: Any                               # same-step dL/dx
+    h_new: dict[Path, Any]
+    ys: dict[tuple[Path, int], Any]  # every ETP output, by (weight path, use)
+    dh_dh_cut: dict[Path, dict[Path, Any]]  # [dst][src]: varshape + varshape, ETP outputs fixed
+    dh_dh_full: Optional[dict]  # [dst][src]: the full step Jacobian (full_exact cases)
+    dh_dy: dict[Path, dict[Any, Any]]  # [dst][etp key]: varshape + y shape, others fixed
+    dL_dh: dict[Path, Any]  # L = sum(outputs * cot), h^t perturbed where made
+    dL_dx: Any  # same-step dL/dx
 
 
 def oracles(case, params, h_prev, x, cot, keys=None) -> Oracles:
@@ -915,10 +1106,15 @@ def oracles(case, params, h_prev, x, cot, keys=None) -> Oracles:
     def run(params, h_prev, x, cot):
         out, h_new, _ = oracle_forward(case, params, h_prev, x)
         cut = jax.jacfwd(lambda h: case.oracle(params, h, x, Ctx(cut=True))[1])(h_prev)
-        full = (jax.jacfwd(lambda h: case.oracle(params, h, x, Ctx())[1])(h_prev)
-                if case.full_exact else None)
+        full = (
+            jax.jacfwd(lambda h: case.oracle(params, h, x, Ctx())[1])(h_prev)
+            if case.full_exact
+            else None
+        )
         dy0 = {k: jnp.zeros_like(ys[k]) for k in keys}
-        dh_dy = jax.jacobian(lambda dy: case.oracle(params, h_prev, x, Ctx(cut=True, dy=dy))[1])(dy0)
+        dh_dy = jax.jacobian(lambda dy: case.oracle(params, h_prev, x, Ctx(cut=True, dy=dy))[1])(
+            dy0
+        )
 
         def loss(p, x):
             return jnp.sum(case.oracle(params, h_prev, x, Ctx(p=p))[0] * cot)

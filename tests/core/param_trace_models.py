@@ -4,6 +4,7 @@ Each is written the way the published model is written: per-unit or shared param
 with plain ``jnp`` element-wise ops (decays, gains, separate biases), or small parameters behind
 a position-mixing op (a conv kernel before a dense layer, a weight before an RMS norm).
 """
+
 from __future__ import annotations
 
 import brainstate
@@ -19,12 +20,12 @@ I, H, O = 3, 4, 2
 
 def _param(seed, shape, low, high):
     rng = np.random.default_rng(seed)
-    return brainstate.ParamState(jnp.asarray(rng.uniform(low, high, shape),
-                                             jnp.result_type(float)))
+    return brainstate.ParamState(jnp.asarray(rng.uniform(low, high, shape), jnp.result_type(float)))
 
 
 class _Cell(brainstate.nn.Module):
     """Hidden states named in `state_names`, shaped (H,) or (batch, H)."""
+
     state_names = ("h",)
 
     def init_state(self, batch_size=None, **kw):
@@ -52,7 +53,7 @@ class IndRNN(_Cell):
 class LeakyTau(_Cell):
     """Leaky integrator with a learnable time constant, per unit or one shared scalar::
 
-        d = exp(-dt / exp(log_tau));  h = d * h + (1 - d) * tanh(x W + b)
+    d = exp(-dt / exp(log_tau));  h = d * h + (1 - d) * tanh(x W + b)
     """
 
     def __init__(self, shared=False, seed=0):
@@ -87,9 +88,10 @@ class MinGRU(_Cell):
 class RealLRU(_Cell):
     """Linear Recurrent Unit (Orvieto et al. 2023), its complex state as two real states::
 
-        lambda = exp(-exp(nu) + i exp(theta)),  h = lambda h + exp(gamma) (B x),
-        y = Re(C h) + D x
+    lambda = exp(-exp(nu) + i exp(theta)),  h = lambda h + exp(gamma) (B x),
+    y = Re(C h) + D x
     """
+
     state_names = ("h_re", "h_im")
 
     def __init__(self, seed=0):
@@ -120,7 +122,7 @@ class ConvLeaky(_Cell):
 
     def __init__(self, side=4, seed=0):
         super().__init__()
-        self.conv = nn.Conv2d(1, 2, kernel_size=3, padding='SAME', key=seed)
+        self.conv = nn.Conv2d(1, 2, kernel_size=3, padding="SAME", key=seed)
         self.W = nn.Linear(2 * side * side, H, key=seed + 1)
         self.out = nn.Linear(H, O, key=seed + 2)
 
@@ -145,7 +147,7 @@ class NormLeaky(_Cell):
 
     def update(self, x):
         y = self.W(x)
-        y = y / jnp.sqrt(jnp.mean(y ** 2, axis=-1, keepdims=True) + 1e-3)
+        y = y / jnp.sqrt(jnp.mean(y**2, axis=-1, keepdims=True) + 1e-3)
         h = 0.8 * self.h.value + jnp.tanh(self.g.value * y + self.b.value)
         self.h.value = h
         return self.out(h)
@@ -154,8 +156,9 @@ class NormLeaky(_Cell):
 class LIFDecay(_Cell):
     """Adaptive LIF with a learnable per-unit membrane decay ``alpha = sigmoid(alpha_logit)``::
 
-        s = spike(V - 0.5 - 0.4 a);  V = alpha V + 5 (1 - alpha) x W - s;  a = 0.95 a + s
+    s = spike(V - 0.5 - 0.4 a);  V = alpha V + 5 (1 - alpha) x W - s;  a = 0.95 a + s
     """
+
     state_names = ("V", "a")
 
     def __init__(self, seed=0):
@@ -180,8 +183,9 @@ def heaviside_vjp(x):
     return (x > 0).astype(x.dtype)
 
 
-heaviside_vjp.defvjp(lambda x: (heaviside_vjp(x), x),
-                     lambda x, g: (g / (10 * jnp.abs(x) + 1) ** 2,))
+heaviside_vjp.defvjp(
+    lambda x: (heaviside_vjp(x), x), lambda x, g: (g / (10 * jnp.abs(x) + 1) ** 2,)
+)
 
 
 class LIFCustomVjp(_Cell):
@@ -190,6 +194,7 @@ class LIFCustomVjp(_Cell):
 
         V = alpha V + 5 (1 - alpha) x W - 0.3 a;  s = spike(V - 0.5);  a = rho a + s
     """
+
     state_names = ("V", "a")
 
     def __init__(self, seed=0):
@@ -209,6 +214,16 @@ class LIFCustomVjp(_Cell):
         return self.out(s)
 
 
-__all__ = ["I", "H", "O", "LIFCustomVjp", "IndRNN", "LeakyTau", "MinGRU", "RealLRU", "ConvLeaky",
-           "NormLeaky",
-           "LIFDecay"]
+__all__ = [
+    "I",
+    "H",
+    "O",
+    "LIFCustomVjp",
+    "IndRNN",
+    "LeakyTau",
+    "MinGRU",
+    "RealLRU",
+    "ConvLeaky",
+    "NormLeaky",
+    "LIFDecay",
+]

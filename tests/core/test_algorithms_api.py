@@ -1,4 +1,5 @@
 """The algorithms' API: batching, float32, state handling, bad input, and the digits example."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,8 +14,17 @@ import pytest
 import etrace_core
 from etrace_core import NotCompiledError
 
-from .test_algorithms_exact import (ALGOS, GRUNet, assert_grads_close, hand_reference,
-                                    make_algo, mse, param_values, per_step_grads, sequence)
+from .test_algorithms_exact import (
+    ALGOS,
+    GRUNet,
+    assert_grads_close,
+    hand_reference,
+    make_algo,
+    mse,
+    param_values,
+    per_step_grads,
+    sequence,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 B = 3
@@ -38,6 +48,7 @@ def fresh_grads(params, batch, xs, ys, algo_name="d_rtrl"):
 
 
 # ============================================================================ batching, dtypes
+
 
 @pytest.mark.parametrize("algo_name", list(ALGOS))
 def test_batch_gradient_is_sum_of_per_sample_gradients(x64, algo_name):
@@ -76,24 +87,33 @@ def test_float32_d_rtrl_close_to_bptt():
 
 # ============================================================================ not ready
 
+
 def test_calls_before_compile_graph_and_compile_graph_creates_traces():
     model, algo, xs, ys = gru_setup()
-    for call in (lambda: algo(xs[0]), algo.init_etrace_state, algo.trace_sizes,
-                 lambda: etrace_core.run_online(algo, mse, xs, ys),
-                 lambda: algo.get_etrace_of(("rnn", "W_hh", "weight"))):
+    for call in (
+        lambda: algo(xs[0]),
+        algo.init_etrace_state,
+        algo.trace_sizes,
+        lambda: etrace_core.run_online(algo, mse, xs, ys),
+        lambda: algo.get_etrace_of(("rnn", "W_hh", "weight")),
+    ):
         with pytest.raises(NotCompiledError, match="compile_graph"):
             call()
     assert not algo.is_compiled
-    algo.compile_graph(xs[0])     # braintrace semantics: also creates (zero) traces
+    algo.compile_graph(xs[0])  # braintrace semantics: also creates (zero) traces
     assert algo.is_compiled
-    assert all(float(jnp.max(jnp.abs(t))) == 0.0
-               for t in jax.tree.leaves(algo.get_etrace_of(("rnn", "W_hh", "weight"))))
+    assert all(
+        float(jnp.max(jnp.abs(t))) == 0.0
+        for t in jax.tree.leaves(algo.get_etrace_of(("rnn", "W_hh", "weight")))
+    )
     assert algo(xs[0]).shape == (B, 3)
     assert int(algo.running_index.value) == 1
-    algo.init_etrace_state()      # still zeroes them
+    algo.init_etrace_state()  # still zeroes them
     assert int(algo.running_index.value) == 0
-    assert all(float(jnp.max(jnp.abs(t))) == 0.0
-               for t in jax.tree.leaves(algo.get_etrace_of(("rnn", "W_hh", "weight"))))
+    assert all(
+        float(jnp.max(jnp.abs(t))) == 0.0
+        for t in jax.tree.leaves(algo.get_etrace_of(("rnn", "W_hh", "weight")))
+    )
 
 
 def test_get_etrace_of_and_show_graph():
@@ -103,12 +123,13 @@ def test_get_etrace_of_and_show_graph():
     (tr,) = algo.get_etrace_of(("rnn", "W_hh", "weight")).values()
     assert tr["eps"].shape == (B, 5 + 1, 15, 1)
     with pytest.raises(KeyError, match="no eligibility trace"):
-        algo.get_etrace_of(("out", "weight"))       # a readout: not online-traced
+        algo.get_etrace_of(("out", "weight"))  # a readout: not online-traced
     msg = algo.show_graph(verbose=False, return_msg=True)
     assert "param-dim trace" in msg and "('out', 'weight')" in msg
 
 
 # ============================================================================ batch size, states
+
 
 def test_batch_size_change_is_a_clear_value_error():
     model, algo, xs, ys = gru_setup()
@@ -137,7 +158,7 @@ def test_auto_reinit_recompiles_for_a_new_batch_size():
         xb, yb = sequence(batch, 4, seed=batch)
         res = etrace_core.run_online(algo, mse, xb, yb)
         assert algo.trace_sizes()["rel1_group0"] == batch * (5 + 1) * 15
-        assert int(algo.etrace.value["count"]) == 4        # re-initialised traces
+        assert int(algo.etrace.value["count"]) == 4  # re-initialised traces
         assert_grads_close(res.grads, fresh_grads(params, batch, xb, yb), 1e-6)
     # also when the first call at the new size is the per-step grad path (inside a transform)
     brainstate.nn.reset_all_states(model, batch_size=4)
@@ -154,28 +175,28 @@ def test_replaced_states_are_followed():
     algo.compile_graph(xs[0])
     algo.init_etrace_state()
     etrace_core.run_online(algo, mse, xs, ys)
-    brainstate.nn.init_all_states(model, batch_size=B)          # new, zero hidden states
+    brainstate.nn.init_all_states(model, batch_size=B)  # new, zero hidden states
     algo.init_etrace_state()
     res = etrace_core.run_online(algo, mse, xs, ys, return_outputs=True)
     assert res.outputs.shape == (xs.shape[0], B, 3)
-    assert float(jnp.max(jnp.abs(model.rnn.h.value))) > 0      # the model's state advanced
+    assert float(jnp.max(jnp.abs(model.rnn.h.value))) > 0  # the model's state advanced
     assert_grads_close(res.grads, fresh_grads(param_values(model), B, xs, ys), 1e-6)
 
 
 # ============================================================================ bad values
 
+
 def test_check_finite_names_the_weight():
     model, algo, xs, ys = gru_setup(check_finite=True)
     algo.compile_graph(xs[0])
     algo.init_etrace_state()
-    bad = xs.at[1, 0, 0].set(jnp.nan)        # a NaN input poisons W_ih's trace first
+    bad = xs.at[1, 0, 0].set(jnp.nan)  # a NaN input poisons W_ih's trace first
     with pytest.raises(Exception, match=r"non-finite.*\('rnn', 'W_ih', 'weight'\)"):
         jax.block_until_ready(etrace_core.run_online(algo, mse, bad, ys).grads)
     # a NaN planted in a trace, per-step path
     algo.init_etrace_state()
     value = algo.etrace.value
-    key = next(k for k in value["traces"]
-               if k in algo.get_etrace_of(("rnn", "W_hh", "weight")))
+    key = next(k for k in value["traces"] if k in algo.get_etrace_of(("rnn", "W_hh", "weight")))
     value["traces"][key]["eps"] = value["traces"][key]["eps"].at[0, 0, 0, 0].set(jnp.nan)
     algo.etrace.value = value
     with pytest.raises(Exception, match=r"non-finite.*\('rnn', 'W_hh', 'weight'\)"):
@@ -210,14 +231,26 @@ def test_run_online_rejects_multi_step_vjp():
 
 @pytest.mark.parametrize("cls", [etrace_core.ES_D_RTRL, etrace_core.HybridDimVjpAlgorithm])
 def test_decay_or_rank(cls):
-    for bad, err, msg in [(1.0, ValueError, r"\[0, 1\)"), (-0.1, ValueError, r"\[0, 1\)"),
-                          (1.5, ValueError, r"\[0, 1\)"), (0, ValueError, "rank must be >= 1"),
-                          (-2, ValueError, "rank must be >= 1"), (True, TypeError, "bool"),
-                          (float("nan"), ValueError, r"\[0, 1\)")]:
+    for bad, err, msg in [
+        (1.0, ValueError, r"\[0, 1\)"),
+        (-0.1, ValueError, r"\[0, 1\)"),
+        (1.5, ValueError, r"\[0, 1\)"),
+        (0, ValueError, "rank must be >= 1"),
+        (-2, ValueError, "rank must be >= 1"),
+        (True, TypeError, "bool"),
+        (float("nan"), ValueError, r"\[0, 1\)"),
+    ]:
         with pytest.raises(err, match=msg):
             cls(GRUNet(), decay_or_rank=bad)
-    for good, alpha in [(0.0, 0.0), (0.95, 0.95), (1, 0.0), (3, 0.5), (9, 0.8),
-                        (np.float32(0.5), 0.5), (np.int64(3), 0.5)]:
+    for good, alpha in [
+        (0.0, 0.0),
+        (0.95, 0.95),
+        (1, 0.0),
+        (3, 0.5),
+        (9, 0.8),
+        (np.float32(0.5), 0.5),
+        (np.int64(3), 0.5),
+    ]:
         assert cls(GRUNet(), decay_or_rank=good).decay == pytest.approx(alpha)
 
 
@@ -227,22 +260,25 @@ def test_hybrid_mode_validation():
     with pytest.raises(ValueError, match=r"not online-traced.*W_hx.*traced weights"):
         algo.compile_graph(xs[0])
     algo = etrace_core.HybridDimVjpAlgorithm(model, mode={("out", "weight"): "param"})
-    with pytest.raises(ValueError, match="not online-traced"):      # a readout
+    with pytest.raises(ValueError, match="not online-traced"):  # a readout
         algo.compile_graph(xs[0])
     with pytest.raises(ValueError, match="'param' or 'io'"):
         etrace_core.HybridDimVjpAlgorithm(model, mode={("rnn", "W_hh", "weight"): "full"})
     algo = etrace_core.HybridDimVjpAlgorithm(model, mode={("rnn", "W_hh", "weight"): "io"})
     algo.compile_graph(xs[0])
-    kinds = dict(zip([r.weight_path for r in algo.graph.hidden_param_op_relations],
-                     algo._plan.kinds))
+    kinds = dict(
+        zip([r.weight_path for r in algo.graph.hidden_param_op_relations], algo._plan.kinds)
+    )
     assert kinds == {("rnn", "W_ih", "weight"): "param", ("rnn", "W_hh", "weight"): "io"}
 
 
 # ============================================================================ the digits example
 
+
 def _load_example():
-    spec = importlib.util.spec_from_file_location("digits_online",
-                                                  ROOT / "examples" / "digits_online.py")
+    spec = importlib.util.spec_from_file_location(
+        "digits_online", ROOT / "examples" / "digits_online.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -253,6 +289,6 @@ def test_digits_example_learns_above_chance():
     ex = _load_example()
     hist = ex.train("d_rtrl", epochs=1, max_train=480, verbose=False)
     assert len(hist["test_acc"]) == 2
-    assert hist["test_acc"][0] < 0.2               # chance is 0.1
+    assert hist["test_acc"][0] < 0.2  # chance is 0.1
     assert hist["test_acc"][-1] > 0.25, hist
     assert np.isfinite(hist["train_loss"][-1])

@@ -17,6 +17,7 @@ Weights that are not online-traced (readouts without state) must match BPTT exac
 
 Also here: trace sizes (D-RTRL O(B |theta|), ES-D-RTRL O(B (I + O))) against exact formulas.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,6 +41,7 @@ DECAY = 0.9
 
 # ============================================================================ models
 
+
 class Net(brainstate.nn.Module):
     """Layers applied in sequence."""
 
@@ -62,8 +64,17 @@ def lstm():
 
 
 def _lif():
-    return nn.LIF(I, H, recurrent=True, tau_mem=5.0, tau_adapt=30.0, beta=0.2,
-                  w_init=nn.init.normal(1.2), w_rec_init=nn.init.normal(0.4), key=0)
+    return nn.LIF(
+        I,
+        H,
+        recurrent=True,
+        tau_mem=5.0,
+        tau_adapt=30.0,
+        beta=0.2,
+        w_init=nn.init.normal(1.2),
+        w_rec_init=nn.init.normal(0.4),
+        key=0,
+    )
 
 
 def lif_rec():
@@ -75,8 +86,11 @@ def lif_rate():
 
 
 def stack_leaky():
-    return Net(nn.LeakyRNNCell(I, H, tau=4.0, key=0), nn.LeakyRNNCell(H, H, tau=4.0, key=1),
-               nn.Linear(H, O, key=2))
+    return Net(
+        nn.LeakyRNNCell(I, H, tau=4.0, key=0),
+        nn.LeakyRNNCell(H, H, tau=4.0, key=1),
+        nn.Linear(H, O, key=2),
+    )
 
 
 def stack_gru():
@@ -101,8 +115,13 @@ INPUT_SCALE = {"lif_rec": 2.0, "lif_rate": 2.0}
 
 def hybrid(model, **kw):
     """Hybrid with param-dim traces for the first layer's input weight, io-dim for the rest."""
-    return etrace_core.HybridDimVjpAlgorithm(model, decay_or_rank=DECAY, max_param_dim_size=0,
-                                             mode={first_input_weight(model): "param"}, **kw)
+    return etrace_core.HybridDimVjpAlgorithm(
+        model,
+        decay_or_rank=DECAY,
+        max_param_dim_size=0,
+        mode={first_input_weight(model): "param"},
+        **kw,
+    )
 
 
 def first_input_weight(model):
@@ -146,6 +165,7 @@ BOUNDS = {
 
 # ============================================================================ measurement
 
+
 def cosine(a, b):
     a, b = np.ravel(np.asarray(a)), np.ravel(np.asarray(b))
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
@@ -175,16 +195,23 @@ def measure(name, algos=tuple(ALGOS)):
         traced = {r.weight_path for r in algo.graph.hidden_param_op_relations}
         traced |= {r.bias_path for r in algo.graph.hidden_param_op_relations if r.bias_path}
         grads = etrace_core.run_online(algo, mse, xs, ys).grads
-        out[algo_name] = {p: (cosine(grads[p], ref[p]), norm_rel_err(grads[p], ref[p]),
-                              p in traced, rel_err(grads[p], ref[p]))
-                          for p in sorted(ref, key=str)}
-        out[algo_name]["_kinds"] = dict(zip([r.weight_path for r in
-                                             algo.graph.hidden_param_op_relations],
-                                            algo._plan.kinds))
+        out[algo_name] = {
+            p: (
+                cosine(grads[p], ref[p]),
+                norm_rel_err(grads[p], ref[p]),
+                p in traced,
+                rel_err(grads[p], ref[p]),
+            )
+            for p in sorted(ref, key=str)
+        }
+        out[algo_name]["_kinds"] = dict(
+            zip([r.weight_path for r in algo.graph.hidden_param_op_relations], algo._plan.kinds)
+        )
     return out
 
 
 # ============================================================================ tests
+
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fidelity_lower_bounds(x64, name):
@@ -199,7 +226,7 @@ def test_fidelity_lower_bounds(x64, name):
             if traced:
                 assert cos >= min_cos, f"{name}/{algo_name} {p}: cosine {cos:.4f} < {min_cos}"
                 assert rel <= max_rel, f"{name}/{algo_name} {p}: rel err {rel:.4f} > {max_rel}"
-            else:   # here only stateless readouts are untraced: same-step gradient = BPTT
+            else:  # here only stateless readouts are untraced: same-step gradient = BPTT
                 assert maxrel <= 1e-10, f"{name}/{algo_name} {p}: readout not exact ({maxrel})"
 
 
@@ -221,8 +248,10 @@ def test_stateful_readout_weight_is_exact_but_the_layer_below_is_not(x64):
 
 # ---------------------------------------------------------------- trace sizes
 
-@pytest.mark.parametrize("cell, S, gates", [(nn.GRUCell, 1, 3), (nn.LSTMCell, 2, 4)],
-                         ids=["gru", "lstm"])
+
+@pytest.mark.parametrize(
+    "cell, S, gates", [(nn.GRUCell, 1, 3), (nn.LSTMCell, 2, 4)], ids=["gru", "lstm"]
+)
 @pytest.mark.parametrize("batch", [None, 3])
 def test_trace_sizes_match_formulas(cell, S, gates, batch):
     n_in, n_hid = 5, 7
@@ -241,21 +270,24 @@ def test_trace_sizes_match_formulas(cell, S, gates, batch):
             (tr,) = traces[w].values()
             O = gates * n_hid
             b = () if batch is None else (batch,)
-            if algo_name == "param":    # (B, I+1, O, S): one per weight (and bias) element
+            if algo_name == "param":  # (B, I+1, O, S): one per weight (and bias) element
                 assert tr["eps"].shape == b + (fan_in + 1, O, S)
-            else:                       # x: (B, I+1), f: (B, O, S)
+            else:  # x: (B, I+1), f: (B, O, S)
                 assert tr["x"].shape == b + (fan_in + 1,)
                 assert tr["f"].shape == b + (O, S)
     O = gates * n_hid
     # D-RTRL: B * S * (|W| + |b|) per weight: O(B |theta|)
     assert sorted(sizes["param"].values()) == sorted(
-        [lead * S * (n_in + 1) * O, lead * S * (n_hid + 1) * O])
+        [lead * S * (n_in + 1) * O, lead * S * (n_hid + 1) * O]
+    )
     # ES-D-RTRL: B * ((I + 1) + O * S) per weight: O(B (I + O))
     assert sorted(sizes["io"].values()) == sorted(
-        [lead * ((n_in + 1) + O * S), lead * ((n_hid + 1) + O * S)])
+        [lead * ((n_in + 1) + O * S), lead * ((n_hid + 1) + O * S)]
+    )
 
 
 # ============================================================================ table
+
 
 def table(names=tuple(MODELS)):
     lines = []
@@ -263,10 +295,14 @@ def table(names=tuple(MODELS)):
         result = measure(name)
         lines.append(f"\n### `{name}`: {MODELS[name][1]}\n")
         kinds = {a: r.pop("_kinds") for a, r in result.items()}
-        lines.append("hybrid trace kinds: " + ", ".join(
-            f"`{'.'.join(map(str, p))}`: {k}" for p, k in kinds["hybrid"].items()) + "\n")
-        lines.append("| weight | traced | " + " | ".join(
-            f"{a} cos | {a} rel.err" for a in result) + " |")
+        lines.append(
+            "hybrid trace kinds: "
+            + ", ".join(f"`{'.'.join(map(str, p))}`: {k}" for p, k in kinds["hybrid"].items())
+            + "\n"
+        )
+        lines.append(
+            "| weight | traced | " + " | ".join(f"{a} cos | {a} rel.err" for a in result) + " |"
+        )
         lines.append("|---|---|" + "---|---|" * len(result))
         first = next(iter(result.values()))
         for p in first:
@@ -274,12 +310,17 @@ def table(names=tuple(MODELS)):
             for a in result:
                 cos, rel, _, _ = result[a][p]
                 cells += [f"{cos:.4f}", f"{rel:.3f}"]
-            lines.append(f"| `{'.'.join(map(str, p))}` | {'yes' if first[p][2] else 'no'} | "
-                         + " | ".join(cells) + " |")
+            lines.append(
+                f"| `{'.'.join(map(str, p))}` | {'yes' if first[p][2] else 'no'} | "
+                + " | ".join(cells)
+                + " |"
+            )
         for a in result:
             traced = [v for v in result[a].values() if v[2]]
-            lines.append(f"\n{a}: min cos {min(v[0] for v in traced):.4f}, "
-                         f"max rel.err {max(v[1] for v in traced):.3f}")
+            lines.append(
+                f"\n{a}: min cos {min(v[0] for v in traced):.4f}, "
+                f"max rel.err {max(v[1] for v in traced):.3f}"
+            )
     return "\n".join(lines)
 
 
@@ -290,8 +331,10 @@ def suggested_bounds(names=tuple(MODELS)):
         for a, r in measure(name).items():
             r.pop("_kinds")
             traced = [v for v in r.values() if v[2]]
-            out[(name, a)] = (math.floor((min(v[0] for v in traced) - 0.03) * 100) / 100,
-                              math.ceil((max(v[1] for v in traced) + 0.05) * 100) / 100)
+            out[(name, a)] = (
+                math.floor((min(v[0] for v in traced) - 0.03) * 100) / 100,
+                math.ceil((max(v[1] for v in traced) + 0.05) * 100) / 100,
+            )
     return out
 
 

@@ -22,6 +22,7 @@ Claims tested:
 - (Batch = sum of per-sample gradients, float32, bad input: test_algorithms_api.py; the
   approximate regime: test_algorithms_approx.py.)
 """
+
 from __future__ import annotations
 
 import math
@@ -48,6 +49,7 @@ ALGOS = {
 
 # ============================================================================ helpers
 
+
 def mse(y, t):
     return jnp.sum((y - t) ** 2)
 
@@ -73,26 +75,31 @@ def param_values(model):
 
 
 def state_values(model):
-    return {p: s.value for p, s in model.states().items()
-            if not isinstance(s, brainstate.ParamState)}
+    return {
+        p: s.value for p, s in model.states().items() if not isinstance(s, brainstate.ParamState)
+    }
 
 
 def sequence(batch, T, n_in=I, n_out=O, seed=0, scale=1.0):
     shape = (T, n_in) if batch is None else (T, batch, n_in)
     xs = scale * jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.result_type(float))
-    ys = jax.random.normal(jax.random.PRNGKey(seed + 1), shape[:-1] + (n_out,),
-                           jnp.result_type(float))
+    ys = jax.random.normal(
+        jax.random.PRNGKey(seed + 1), shape[:-1] + (n_out,), jnp.result_type(float)
+    )
     return xs, ys
 
 
 def hand_bptt(step, params, h0, xs, ys, loss=mse):
     """(loss, grads) of sum_t loss(step(params, h^{t-1}, x^t)[0], y^t), by jax.grad."""
+
     def total(params):
         def body(h, xy):
             out, h = step(params, h, xy[0])
             return h, loss(out, xy[1])
+
         _, losses = jax.lax.scan(body, h0, (xs, ys))
         return jnp.sum(losses)
+
     return jax.value_and_grad(total)(params)
 
 
@@ -104,7 +111,8 @@ def pure_model_step(model):
     def step(params, others, x):
         vals = {**others, **params}
         clone = brainstate.graph.treefy_merge(
-            graphdef, type(tree).from_flat({p: flat[p].replace(value=vals[p]) for p in flat}))
+            graphdef, type(tree).from_flat({p: flat[p].replace(value=vals[p]) for p in flat})
+        )
         out = clone(x)
         new = {p: s.value for p, s in clone.states().items() if p in others}
         return out, new
@@ -114,8 +122,7 @@ def pure_model_step(model):
 
 def bptt_grads(model, xs, ys, loss=mse):
     """Generic BPTT of the model as it is now (parameters and states are not modified)."""
-    return hand_bptt(pure_model_step(model), param_values(model), state_values(model), xs, ys,
-                     loss)
+    return hand_bptt(pure_model_step(model), param_values(model), state_values(model), xs, ys, loss)
 
 
 def make_algo(name, model, x0, **kw):
@@ -128,8 +135,7 @@ def make_algo(name, model, x0, **kw):
 def per_step_grads(algo, xs, ys, loss=mse):
     """Sum over t of brainstate.transform.grad(loss(algo(x^t), y^t)) (jitted step)."""
     params = algo.model.states(brainstate.ParamState)
-    f = brainstate.transform.jit(
-        brainstate.transform.grad(lambda x, y: loss(algo(x), y), params))
+    f = brainstate.transform.jit(brainstate.transform.grad(lambda x, y: loss(algo(x), y), params))
     total = None
     for t in range(xs.shape[0]):
         g = f(xs[t], ys[t])
@@ -147,7 +153,7 @@ def window_grads(algo, xs, ys, sizes, loss=mse):
     f = brainstate.transform.jit(brainstate.transform.grad(chunk_loss, params))
     total, t = None, 0
     for k in sizes:
-        g = f(xs[t:t + k], ys[t:t + k])
+        g = f(xs[t : t + k], ys[t : t + k])
         total = g if total is None else jax.tree.map(jnp.add, total, g)
         t += k
     assert t == xs.shape[0]
@@ -155,6 +161,7 @@ def window_grads(algo, xs, ys, sizes, loss=mse):
 
 
 # ============================================================================ models
+
 
 def _linear(params, prefix, x):
     y = x @ params[prefix + ("weight",)]
@@ -164,6 +171,7 @@ def _linear(params, prefix, x):
 
 class LeakyNet(brainstate.nn.Module):
     """Leaky rate cell without recurrent weights + Linear readout."""
+
     tau = 4.0
 
     def __init__(self):
@@ -183,6 +191,7 @@ def leaky_step(params, h, x):
 
 class LIFNet(brainstate.nn.Module):
     """Adaptive LIF without recurrent weights (two states V, a per neuron) + Linear readout."""
+
     kw = dict(tau_mem=4.0, tau_adapt=20.0, beta=0.3, threshold=1.0)
 
     def __init__(self):
@@ -248,6 +257,7 @@ def two_state_step(params, h, x):
 
 class RateReadoutNet(brainstate.nn.Module):
     """A single leaky rate readout on the input (element-wise recurrence r' = d r + (1-d) x W)."""
+
     tau = 3.0
 
     def __init__(self):
@@ -281,8 +291,9 @@ def build(cls, batch):
 def randomize_hidden(model, seed=0):
     """Non-zero initial hidden states: exactness must not rely on starting from zero."""
     for i, st in enumerate(model.states(brainstate.HiddenState).values()):
-        st.value = jax.random.uniform(jax.random.PRNGKey(100 * seed + i), st.value.shape,
-                                      st.value.dtype, -0.5, 0.5)
+        st.value = jax.random.uniform(
+            jax.random.PRNGKey(100 * seed + i), st.value.shape, st.value.dtype, -0.5, 0.5
+        )
 
 
 def hand_reference(name, batch, T, seed=0):
@@ -295,6 +306,7 @@ def hand_reference(name, batch, T, seed=0):
 
 
 # ============================================================================ tests
+
 
 def test_generic_bptt_reference_matches_hand_written(x64):
     """The generic reference (used for GRU/LSTM) agrees with a hand-written step."""
@@ -350,6 +362,7 @@ def test_hybrid_picks_param_dim_for_small_weights_and_is_exact(x64):
 
 # ---------------------------------------------------------------- untraced weights
 
+
 class PlainWeights(brainstate.nn.Module):
     """A leaky cell whose gain weight `g` is used with plain jnp (not an ETP op), an ETP readout
     and a plain-jnp readout `R` (+ `c`)."""
@@ -360,7 +373,8 @@ class PlainWeights(brainstate.nn.Module):
         self.g = brainstate.ParamState(jnp.linspace(0.5, 1.5, H))
         self.out = nn.Linear(H, O, key=1)
         self.R = brainstate.ParamState(
-            0.3 * jax.random.normal(jax.random.PRNGKey(7), (H, O), jnp.result_type(float)))
+            0.3 * jax.random.normal(jax.random.PRNGKey(7), (H, O), jnp.result_type(float))
+        )
         self.c = brainstate.ParamState(jnp.full((O,), 0.1))
 
     def init_state(self, batch_size=None, **kw):
@@ -369,7 +383,7 @@ class PlainWeights(brainstate.nn.Module):
 
     def update(self, x):
         h = self.cell(x)
-        m = 0.5 * self.m.value + jnp.tanh(self.g.value * h)    # g: plain jnp, reaches a state
+        m = 0.5 * self.m.value + jnp.tanh(self.g.value * h)  # g: plain jnp, reaches a state
         self.m.value = m
         return self.out(m) + m @ self.R.value + self.c.value
 
@@ -412,15 +426,17 @@ def test_untraced_weights_get_exact_same_step_gradient(x64):
         traced = {r.weight_path for r in algo.graph.hidden_param_op_relations}
         assert traced == {("cell", "W_in", "weight")}, name
         assert {r.path: r.kind for r in algo.executor.param_trace_relations} == {
-            ("g",): "elementwise"}
+            ("g",): "elementwise"
+        }
         got = etrace_core.run_online(algo, mse, xs, ys).grads
         for p in untraced:
             assert float(jnp.max(jnp.abs(got[p]))) > 0, f"{name}: {p} got a zero gradient"
         assert_grads_close(got, same, paths=untraced)
-        assert_grads_close(got, bptt, paths=untraced + [("g",)])   # readouts: same-step = BPTT
+        assert_grads_close(got, bptt, paths=untraced + [("g",)])  # readouts: same-step = BPTT
 
 
 # ---------------------------------------------------------------- multi-step windows
+
 
 class GRUNet(brainstate.nn.Module):
     def __init__(self):
@@ -447,13 +463,16 @@ WINDOW_ALGOS = {
     "es_d_rtrl": lambda m, **kw: etrace_core.ES_D_RTRL(m, decay_or_rank=0.7, **kw),
     # a mixed hybrid: param-dim for the input weight, io-dim for the recurrent one
     "hybrid": lambda m, **kw: etrace_core.HybridDimVjpAlgorithm(
-        m, decay_or_rank=0.7, mode={("rnn", "W_hh", "weight"): "io"}, **kw),
+        m, decay_or_rank=0.7, mode={("rnn", "W_hh", "weight"): "io"}, **kw
+    ),
 }
 
 
-@pytest.mark.parametrize("cls, algo_names", [(GRUNet, ["d_rtrl", "es_d_rtrl", "hybrid"]),
-                                             (LSTMNet, ["d_rtrl", "es_d_rtrl"])],
-                         ids=["gru", "lstm"])
+@pytest.mark.parametrize(
+    "cls, algo_names",
+    [(GRUNet, ["d_rtrl", "es_d_rtrl", "hybrid"]), (LSTMNet, ["d_rtrl", "es_d_rtrl"])],
+    ids=["gru", "lstm"],
+)
 def test_one_window_over_the_sequence_is_bptt(x64, cls, algo_names):
     """vjp_method='multi-step', one MultiStepData window of all T steps: every algorithm gives
     the BPTT gradient, also with recurrent weights."""
@@ -485,6 +504,7 @@ def test_windows_of_any_size_are_exact_for_element_wise_models(x64, sizes):
 
 
 # ---------------------------------------------------------------- single-step chunks, ES-D-RTRL
+
 
 def test_chunks_equal_stepping_and_count_time_steps(x64, algo_name="es_d_rtrl"):
     """vjp_method='single-step' on MultiStepData chunks of any sizes = the per-step online

@@ -3,6 +3,7 @@
 The numbers (D, df, dL/dh) are checked against hand-written oracles in ``test_executor.py``;
 here every model of ``tests/core/models.py`` has its expected structure asserted explicitly.
 """
+
 import brainstate
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,10 @@ def group_sets(graph):
 
 def relation_summary(graph):
     """Sorted (weight path, [sorted paths of each reached group])."""
-    return sorted((r.weight_path, [tuple(sorted(g.hidden_paths)) for g in r.hidden_groups])
-                  for r in graph.hidden_param_op_relations)
+    return sorted(
+        (r.weight_path, [tuple(sorted(g.hidden_paths)) for g in r.hidden_groups])
+        for r in graph.hidden_param_op_relations
+    )
 
 
 def expected_relations(case):
@@ -41,6 +44,7 @@ def expected_relations(case):
 
 
 # ---------------------------------------------------------------------------- structure per model
+
 
 @pytest.mark.parametrize("batch", BATCHES, ids=["unbatched", "batched"])
 @pytest.mark.parametrize("name", [c.name for c in M.CASES])
@@ -85,8 +89,12 @@ def test_structure(name, batch):
         else:
             assert r.x is r.eqn.invars[0]
         bias = r.weight_path[:-1] + ("bias",)
-        assert r.bias_path == (bias if bias in dict(model.states(brainstate.ParamState).items())
-                               and r.primitive.name != "etp_elemwise" else None)
+        assert r.bias_path == (
+            bias
+            if bias in dict(model.states(brainstate.ParamState).items())
+            and r.primitive.name != "etp_elemwise"
+            else None
+        )
 
     # parameters that are not online-traced
     traced = {p for r in graph.hidden_param_op_relations for p in (r.weight_path, r.bias_path) if p}
@@ -100,8 +108,11 @@ def test_structure(name, batch):
 def test_relation_primitives_and_maps():
     _, g = compiled(M.CASE_BY_NAME["coupled"], 2)
     prims = {r.weight_path: r.primitive.name for r in g.hidden_param_op_relations}
-    assert prims == {("decay",): "etp_elemwise", ("W_u", "weight"): "etp_matmul",
-                     ("W_v", "weight"): "etp_matmul"}
+    assert prims == {
+        ("decay",): "etp_elemwise",
+        ("W_u", "weight"): "etp_matmul",
+        ("W_v", "weight"): "etp_matmul",
+    }
     decay = next(r for r in g.hidden_param_op_relations if r.weight_path == ("decay",))
     # elemwise canonical output: batch_shape + (w.size,), unit b*n + j
     np.testing.assert_array_equal(decay.y_to_hidden[0], np.arange(8).reshape(2, 4))
@@ -119,8 +130,11 @@ def test_hidden_to_hidden_relation_has_previous_state_as_x():
         for batch in BATCHES:
             _, graph = compiled(M.CASE_BY_NAME[name], batch)
             minfo = graph.module_info
-            (rel,) = [r for r in graph.hidden_param_op_relations
-                      if r.weight_path == (layer, "W_hh", "weight")]
+            (rel,) = [
+                r
+                for r in graph.hidden_param_op_relations
+                if r.weight_path == (layer, "W_hh", "weight")
+            ]
             assert rel.x is minfo.state_invars[(layer, "h")]
     _, graph = compiled(M.CASE_BY_NAME["fanout"], 2)
     (rel,) = [r for r in graph.hidden_param_op_relations if r.weight_path == ("W_r", "weight")]
@@ -148,26 +162,34 @@ def test_conv_weight_reaching_hidden_through_a_dense_matmul_gets_a_dense_trace()
     ex.compile_graph(M.CASE_BY_NAME["conv_rnn"].x(None))
     dense = {r.path: r for r in ex.param_trace_relations}
     assert set(dense) == {("conv", "weight"), ("conv", "bias")}
-    assert all(r.kind == "dense" and [g.index for g in r.hidden_groups] == [0]
-               for r in dense.values())
+    assert all(
+        r.kind == "dense" and [g.index for g in r.hidden_groups] == [0] for r in dense.values()
+    )
     msg = ex.show_graph(verbose=False, return_msg=True)
-    assert ("  ('conv', 'weight') (18 elements) via etp_conv then etp_matmul -> hidden group 0: dense trace, "
-            "72 elements, memory") in msg
+    assert (
+        "  ('conv', 'weight') (18 elements) via etp_conv then etp_matmul -> hidden group 0: dense trace, "
+        "72 elements, memory"
+    ) in msg
 
     ex = ec.ETraceVjpGraphExecutor(model, dense_trace_budget=0)
     ex.compile_graph(M.CASE_BY_NAME["conv_rnn"].x(None))
     assert ex.param_trace_relations == ()
     msg = ex.show_graph(verbose=False, return_msg=True)
-    assert ("('conv', 'weight'): approximate: same-step gradient: its value reaches hidden "
-            "group(s) [0] through etp_conv then etp_matmul, which mixes positions; a dense trace dh/dtheta "
-            "would hold 72 elements") in msg
+    assert (
+        "('conv', 'weight'): approximate: same-step gradient: its value reaches hidden "
+        "group(s) [0] through etp_conv then etp_matmul, which mixes positions; a dense trace dh/dtheta "
+        "would hold 72 elements"
+    ) in msg
 
 
 def test_cond_both_branches_analysed():
     model, graph = compiled(M.CASE_BY_NAME["cond"], None)
     names = [e.primitive.name for e in graph.module_info.jaxpr.eqns]
     assert "cond" not in names and "select_n" in names
-    assert {r.weight_path for r in graph.hidden_param_op_relations} == {("W_a", "weight"), ("W_b", "weight")}
+    assert {r.weight_path for r in graph.hidden_param_op_relations} == {
+        ("W_a", "weight"),
+        ("W_b", "weight"),
+    }
     # the same graph whichever branch the example input takes
     graph2 = ec.compile_etrace_graph(model, M.CASE_BY_NAME["cond"].x(None, sign=-1.0))
     assert relation_summary(graph2) == relation_summary(graph)
@@ -222,18 +244,22 @@ def test_approximate_relation_is_noted():
     assert len(rel.approximations) == 1 and "cumsum" in rel.approximations[0]
     msg = ex.show_graph(verbose=False, return_msg=True)
     assert "approximate: part of the output reaches hidden states through cumsum" in msg
-    assert ("('B', 'weight'): approximate: same-step gradient: its value reaches hidden "
-            "group(s) [0] through etp_matmul then cumsum") in msg
+    assert (
+        "('B', 'weight'): approximate: same-step gradient: its value reaches hidden "
+        "group(s) [0] through etp_matmul then cumsum"
+    ) in msg
     # within the budget both get dense traces, which follow the cumsum paths (A's relation,
     # which drops them, is replaced)
     ex = ec.ETraceVjpGraphExecutor(model)
     ex.compile_graph(jnp.ones(3))
     assert ex.graph.hidden_param_op_relations == ()
     assert {r.path: r.kind for r in ex.param_trace_relations} == {
-        (n, k): "dense" for n in "AB" for k in ("weight", "bias")}
+        (n, k): "dense" for n in "AB" for k in ("weight", "bias")
+    }
     msg = ex.show_graph(verbose=False, return_msg=True)
-    assert ("  ('B', 'weight') (12 elements) via etp_matmul then cumsum -> hidden group 0: "
-            "dense trace") in msg
+    assert (
+        "  ('B', 'weight') (12 elements) via etp_matmul then cumsum -> hidden group 0: dense trace"
+    ) in msg
     assert "approximate" not in msg
 
 
@@ -263,8 +289,10 @@ def test_broadcast_into_several_units_is_dropped_with_the_reason():
     # within the (default) budget the weight gets a dense trace instead
     ex = ec.ETraceVjpGraphExecutor(model)
     ex.compile_graph(jnp.ones((2, 4)))
-    assert {r.path: r.kind for r in ex.param_trace_relations} == {("W", "weight"): "dense",
-                                                                   ("W", "bias"): "elementwise"}
+    assert {r.path: r.kind for r in ex.param_trace_relations} == {
+        ("W", "weight"): "dense",
+        ("W", "bias"): "elementwise",
+    }
 
 
 def test_hidden_state_moving_between_units_is_refused():
@@ -282,26 +310,39 @@ def test_hidden_state_moving_between_units_is_refused():
 
     model = Rolling()
     brainstate.nn.init_all_states(model)
-    with pytest.raises(CompilationError, match=r"\('h',\) reaches hidden state \('h',\).*between units"):
+    with pytest.raises(
+        CompilationError, match=r"\('h',\) reaches hidden state \('h',\).*between units"
+    ):
         ec.compile_etrace_graph(model, jnp.ones(3))
 
 
 # ---------------------------------------------------------------------------- graph object & API
 
+
 def test_etrace_graph_fields_and_alias():
     model, graph = compiled(M.CASE_BY_NAME["lstm"], None)
     assert ec.CompiledGraph is ec.ETraceGraph
     assert isinstance(graph, ec.ETraceGraph)
-    assert list(graph.dict().keys()) == ["module_info", "hidden_groups", "hid_path_to_group",
-                                         "hidden_param_op_relations", "hidden_perturb"]
+    assert list(graph.dict().keys()) == [
+        "module_info",
+        "hidden_groups",
+        "hid_path_to_group",
+        "hidden_param_op_relations",
+        "hidden_perturb",
+    ]
     assert graph.dict()["hidden_groups"] is graph.hidden_groups
     minfo = graph.module_info
     assert isinstance(minfo, ec.ModuleInfo)
     assert minfo.num_args == 1 and minfo.num_outputs == 1
     assert set(minfo.hidden_paths) == {("lstm", "h"), ("lstm", "c")}
-    assert set(minfo.param_paths) == {("lstm", "W_ih", "weight"), ("lstm", "W_ih", "bias"),
-                                      ("lstm", "W_hh", "weight"), ("lstm", "W_hh", "bias"),
-                                      ("out", "weight"), ("out", "bias")}
+    assert set(minfo.param_paths) == {
+        ("lstm", "W_ih", "weight"),
+        ("lstm", "W_ih", "bias"),
+        ("lstm", "W_hh", "weight"),
+        ("lstm", "W_hh", "bias"),
+        ("out", "weight"),
+        ("out", "bias"),
+    }
     assert minfo.other_paths == ()
     assert len(minfo.jaxpr.invars) == minfo.num_args + len(minfo.state_paths)
     assert len(minfo.jaxpr.outvars) == minfo.num_outputs + len(minfo.written_paths)
@@ -338,11 +379,15 @@ def test_from_minfo_variants_agree():
     pb = ec.add_hidden_perturbation_in_module(model, x)
     assert isinstance(pa, ec.HiddenPerturbation)
     assert pa.perturb_paths == pb.perturb_paths
-    assert [a.shape for a in pa.perturb_avals] == [a.shape for a in pb.perturb_avals] == [(2, 4)] * 2
+    assert (
+        [a.shape for a in pa.perturb_avals] == [a.shape for a in pb.perturb_avals] == [(2, 4)] * 2
+    )
 
     graph = ec.compile_etrace_graph(model, x)
     assert [g.hidden_paths for g in graph.hidden_groups] == [g.hidden_paths for g in groups_a]
-    assert [r.weight_path for r in graph.hidden_param_op_relations] == [r.weight_path for r in rels_a]
+    assert [r.weight_path for r in graph.hidden_param_op_relations] == [
+        r.weight_path for r in rels_a
+    ]
     assert graph.hidden_perturb.perturb_paths == pa.perturb_paths
 
 
@@ -357,12 +402,15 @@ def test_perturbed_jaxpr_with_zero_perturbation_is_the_step():
     closed = pert.perturbed_jaxpr(minfo)
     values = minfo.state_values()
     ins = jax.tree.leaves((x,)) + [values[p] for p in minfo.state_paths]
-    outs = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *ins, *[zeros[p] for p in pert.perturb_paths])
+    outs = jax.core.eval_jaxpr(
+        closed.jaxpr, closed.consts, *ins, *[zeros[p] for p in pert.perturb_paths]
+    )
     expected = model(x)
     np.testing.assert_allclose(outs[0], expected, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- show_graph & pictures
+
 
 def counter_executor():
     model = M.CounterRNN()
@@ -381,12 +429,18 @@ def test_show_graph_text(capsys):
     assert "  Group 0: [('rnn', 'h')]  (num_state=1, varshape=(4,))" in lines
     assert "Dynamic (non-hidden) states:" in lines
     assert "  Dynamic state 0: ('count',)" in lines
-    assert any(l.startswith("  Weight 0: ('rnn', 'W_ih', 'weight') + bias ('rnn', 'W_ih', 'bias')")
-               and l.endswith("-> hidden group 0") for l in lines)
+    assert any(
+        l.startswith("  Weight 0: ('rnn', 'W_ih', 'weight') + bias ('rnn', 'W_ih', 'bias')")
+        and l.endswith("-> hidden group 0")
+        for l in lines
+    )
     assert "  Weight 1: ('rnn', 'W_hh', 'weight') via etp_matmul -> hidden group 0" in lines
     assert "Weights not online-traced (they get their exact same-step gradient):" in lines
     for p in ("('out', 'weight')", "('out', 'bias')"):
-        assert f"  {p}: its output reaches no hidden state (e.g. a readout): same-step gradient" in lines
+        assert (
+            f"  {p}: its output reaches no hidden state (e.g. a readout): same-step gradient"
+            in lines
+        )
     # order: groups, dynamic states, online weights, untraced weights
     idx = [msg.index(s) for s in ("Hidden groups", "Dynamic", "Online-traced", "not online-traced")]
     assert idx == sorted(idx)
@@ -402,7 +456,10 @@ def test_show_graph_multi_group_relation():
     ex = ec.ETraceVjpGraphExecutor(model)
     ex.compile_graph(M.CASE_BY_NAME["fanout"].x(None))
     msg = ex.show_graph(verbose=False, return_msg=True)
-    assert "Weight 0: ('W', 'weight') + bias ('W', 'bias') via etp_matmul -> hidden groups [0, 1]" in msg
+    assert (
+        "Weight 0: ('W', 'weight') + bias ('W', 'bias') via etp_matmul -> hidden groups [0, 1]"
+        in msg
+    )
     assert "Dynamic" not in msg and "not online-traced" not in msg
 
 
@@ -425,6 +482,7 @@ def test_plot_graph_writes_png(tmp_path):
 
 
 # ---------------------------------------------------------------------------- bad input
+
 
 def test_model_without_hidden_state_warns_and_still_trains():
     model = M.FeedForward()
@@ -454,13 +512,18 @@ def test_model_without_hidden_state_warns_and_still_trains():
 
 
 def test_hidden_state_changing_shape_is_refused():
-    with pytest.raises(CompilationError, match=r"HiddenState \('h',\) changes from float32\[3\] "
-                                                r"to float32\[2, 3\]"):
+    with pytest.raises(
+        CompilationError,
+        match=r"HiddenState \('h',\) changes from float32\[3\] "
+        r"to float32\[2, 3\]",
+    ):
         ec.compile_etrace_graph(M.ShapeChanging(), jnp.ones(3))
 
 
 def test_param_written_in_step_is_refused():
-    with pytest.raises(CompilationError, match=r"ParamState \('W', 'bias'\) is written inside the step"):
+    with pytest.raises(
+        CompilationError, match=r"ParamState \('W', 'bias'\) is written inside the step"
+    ):
         ec.compile_etrace_graph(M.ParamWriter(), jnp.ones(3))
 
 
@@ -505,17 +568,29 @@ def test_weight_inside_a_loop_is_refused_with_its_path():
 
 # ---------------------------------------------------------------------------- the tutorial example
 
+
 def test_graph_tutorial_example_runs(tmp_path):
     import pathlib
     import subprocess
     import sys
+
     script = pathlib.Path(__file__).resolve().parents[2] / "examples" / "graph_tutorial.py"
     import os
-    root = str(script.parents[1])   # this checkout's packages, not an installed copy
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    proc = subprocess.run([sys.executable, str(script), "--plot", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env)
+
+    root = str(script.parents[1])  # this checkout's packages, not an installed copy
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), "--plot", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for line in [
@@ -535,7 +610,9 @@ def test_graph_tutorial_example_runs(tmp_path):
         "hidden_perturb",
     ]:
         assert line in out.splitlines(), line
-    assert "relation 0: weight ('rnn', 'W_ih', 'weight') (bias ('rnn', 'W_ih', 'bias')), " \
-           "primitive etp_matmul, groups [0]" in out
+    assert (
+        "relation 0: weight ('rnn', 'W_ih', 'weight') (bias ('rnn', 'W_ih', 'bias')), "
+        "primitive etp_matmul, groups [0]" in out
+    )
     for name in ("graph.png", "graph_gru.png", "graph_conv.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

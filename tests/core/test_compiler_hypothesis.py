@@ -1,10 +1,11 @@
 """Random stacks of layers without recurrent weights: groups, relations, and D against the full
 step Jacobian (exact for these: no weight sits on any h^{t-1} -> h^t path within a group)."""
+
 import brainstate
 import jax
-import jax.numpy as jnp
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import etrace_core as ec
 from etrace_core import nn
@@ -25,16 +26,20 @@ class Stack(brainstate.nn.Module):
         for i, (kind, linear, size) in enumerate(layers):
             s = seed * 10 + i
             if linear:
-                setattr(self, f"l{i}", nn.Linear(n, n + 1, w_init=M.uinit(s), b_init=M.uinit(s + 5)))
+                setattr(
+                    self, f"l{i}", nn.Linear(n, n + 1, w_init=M.uinit(s), b_init=M.uinit(s + 5))
+                )
                 n = n + 1
             if kind == "leaky":
-                cell = nn.LeakyRNNCell(n, size, tau=3., recurrent=False, w_init=M.uinit(s + 1),
-                                       b_init=M.uinit(s + 2))
+                cell = nn.LeakyRNNCell(
+                    n, size, tau=3.0, recurrent=False, w_init=M.uinit(s + 1), b_init=M.uinit(s + 2)
+                )
             elif kind == "lif":
-                cell = nn.LIF(n, size, beta=0.3, tau_mem=8., tau_adapt=30.,
-                              w_init=M.uinit(s + 3, -1., 1.5))
+                cell = nn.LIF(
+                    n, size, beta=0.3, tau_mem=8.0, tau_adapt=30.0, w_init=M.uinit(s + 3, -1.0, 1.5)
+                )
             else:
-                cell = nn.LeakyRateReadout(n, size, tau=4., w_init=M.uinit(s + 4))
+                cell = nn.LeakyRateReadout(n, size, tau=4.0, w_init=M.uinit(s + 4))
             setattr(self, f"c{i}", cell)
             self.kinds.append((kind, linear))
             n = size
@@ -51,35 +56,55 @@ layer = st.tuples(st.sampled_from(["leaky", "lif", "readout"]), st.booleans(), s
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n_in=st.integers(1, 4), layers=st.lists(layer, min_size=1, max_size=3),
-       batch=st.sampled_from([None, 1, 3]), seed=st.integers(0, 50))
+@given(
+    n_in=st.integers(1, 4),
+    layers=st.lists(layer, min_size=1, max_size=3),
+    batch=st.sampled_from([None, 1, 3]),
+    seed=st.integers(0, 50),
+)
 def test_random_stack_groups_relations_and_D(n_in, layers, batch, seed):
     with x64_enabled():
         model = Stack(n_in, layers, seed)
         brainstate.nn.init_all_states(model, batch)
-        M.set_random_hidden(model, key=seed, overrides={"V": (0.6, 1.4), "a": (0., 0.5)})
+        M.set_random_hidden(model, key=seed, overrides={"V": (0.6, 1.4), "a": (0.0, 0.5)})
         x = M.rand(seed, *((batch,) if batch else ()), n_in)
         ex = ec.ETraceVjpGraphExecutor(model)
         ex.compile_graph(x)
         graph = ex.graph
 
         # one group per cell, with the cell's states
-        expected = {frozenset((f"c{i}", s) for s in STATE_NAMES[kind])
-                    for i, (kind, _, _) in enumerate(layers)}
+        expected = {
+            frozenset((f"c{i}", s) for s in STATE_NAMES[kind])
+            for i, (kind, _, _) in enumerate(layers)
+        }
         assert len(graph.hidden_groups) == len(layers)
         assert {frozenset(g.hidden_paths) for g in graph.hidden_groups} == expected
         for g in graph.hidden_groups:
-            assert g.varshape == ((batch,) if batch else ()) + (layers[int(g.hidden_paths[0][0][1:])][2],)
+            assert g.varshape == ((batch,) if batch else ()) + (
+                layers[int(g.hidden_paths[0][0][1:])][2],
+            )
 
         # each cell's input weight reaches its own group only; the Linears in between none
-        in_weight = {"leaky": ("W_in", "weight"), "lif": ("W_in", "weight"), "readout": ("W", "weight")}
-        got = sorted((r.weight_path, tuple(tuple(sorted(g.hidden_paths)) for g in r.hidden_groups))
-                     for r in graph.hidden_param_op_relations)
-        want = sorted(((f"c{i}",) + in_weight[kind],
-                       (tuple(sorted((f"c{i}", s) for s in STATE_NAMES[kind])),))
-                      for i, (kind, _, _) in enumerate(layers))
+        in_weight = {
+            "leaky": ("W_in", "weight"),
+            "lif": ("W_in", "weight"),
+            "readout": ("W", "weight"),
+        }
+        got = sorted(
+            (r.weight_path, tuple(tuple(sorted(g.hidden_paths)) for g in r.hidden_groups))
+            for r in graph.hidden_param_op_relations
+        )
+        want = sorted(
+            (
+                (f"c{i}",) + in_weight[kind],
+                (tuple(sorted((f"c{i}", s) for s in STATE_NAMES[kind])),),
+            )
+            for i, (kind, _, _) in enumerate(layers)
+        )
         assert got == want
-        traced = {p for r in graph.hidden_param_op_relations for p in (r.weight_path, r.bias_path) if p}
+        traced = {
+            p for r in graph.hidden_param_op_relations for p in (r.weight_path, r.bias_path) if p
+        }
         params = set(model.states(brainstate.ParamState).keys())
         assert {p for p in params - traced} == {p for p in params if p[0].startswith("l")}
 
@@ -99,6 +124,10 @@ def test_random_stack_groups_relations_and_D(n_in, layers, batch, seed):
             for s, dst in enumerate(g.hidden_paths):
                 for s2, src in enumerate(g.hidden_paths):
                     block = np.asarray(J[dst][src]).reshape(g.size, g.size)
-                    np.testing.assert_allclose(np.asarray(D[..., s, s2]).reshape(-1), np.diag(block),
-                                               rtol=1e-10, atol=1e-10)
+                    np.testing.assert_allclose(
+                        np.asarray(D[..., s, s2]).reshape(-1),
+                        np.diag(block),
+                        rtol=1e-10,
+                        atol=1e-10,
+                    )
                     assert np.abs(block - np.diag(np.diag(block))).max(initial=0) == 0

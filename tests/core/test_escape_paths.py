@@ -1,5 +1,6 @@
 """Outputs read from values computed from h^{t-1} before the state is stored (e.g. spikes of the
 membrane before its reset): D-RTRL stays exact (float64, against jax.grad BPTT)."""
+
 import brainstate
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ def _bptt(params, xs, ys):
             v = pre - 0.5 * z
             out = out + _loss((jnp.tanh(pre) + z) @ pv[("wo",)], ys[t])
         return out
+
     return jax.grad(total)(params)
 
 
@@ -69,8 +71,10 @@ def test_d_rtrl_exact_when_output_reads_pre_reset_values(x64, mode):
             grads = g if grads is None else {k: grads[k] + g[k] for k in g}
     else:
         g1 = brainstate.transform.grad(
-            lambda: _loss(algo(ec.MultiStepData(xs[:3])), ys[:3]), params)()
+            lambda: _loss(algo(ec.MultiStepData(xs[:3])), ys[:3]), params
+        )()
         g2 = brainstate.transform.grad(
-            lambda: _loss(algo(ec.MultiStepData(xs[3:])), ys[3:]), params)()
+            lambda: _loss(algo(ec.MultiStepData(xs[3:])), ys[3:]), params
+        )()
         grads = {k: g1[k] + g2[k] for k in g1}
     assert _rel(grads, ref) <= 1e-10

@@ -8,6 +8,7 @@ For every model of ``tests/core/models.py`` (batched and unbatched) one solve is
 - canonical X (``X @ W_canon`` reproduces the op output);
 - dL/dh^t (perturbation where h^t is produced), direct gradients, input gradients.
 """
+
 import brainstate
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ BATCHES = [None, 2]
 
 
 # ---------------------------------------------------------------------------- set-up
+
 
 def setup(case, batch, sign=1.0, seed=0):
     model = case.make(batch)
@@ -55,6 +57,7 @@ def w_canon(rel, params):
 
 # ---------------------------------------------------------------------------- checks
 
+
 def check_D(graph, Ds, J, cut=True):
     """Ds equal the per-unit blocks of J; everything else in J is zero (cross-group: if cut)."""
     groups = graph.hidden_groups
@@ -65,8 +68,12 @@ def check_D(graph, Ds, J, cut=True):
         for s, dst in enumerate(g.hidden_paths):
             for s2, src in enumerate(g.hidden_paths):
                 block = np.asarray(J[dst][src]).reshape(n, n)
-                np.testing.assert_allclose(np.asarray(D[..., s, s2]).reshape(n), np.diag(block),
-                                           **TOL, err_msg=f"D[{dst} <- {src}]")
+                np.testing.assert_allclose(
+                    np.asarray(D[..., s, s2]).reshape(n),
+                    np.diag(block),
+                    **TOL,
+                    err_msg=f"D[{dst} <- {src}]",
+                )
                 off = block - np.diag(np.diag(block))
                 assert np.abs(off).max(initial=0) == 0, f"{dst} <- {src} mixes units"
     if cut:
@@ -76,8 +83,9 @@ def check_D(graph, Ds, J, cut=True):
                     continue
                 for dst in g.hidden_paths:
                     for src in h.hidden_paths:
-                        assert np.abs(np.asarray(J[dst][src])).max(initial=0) == 0, \
+                        assert np.abs(np.asarray(J[dst][src])).max(initial=0) == 0, (
                             f"cut step has a path {src} -> {dst} across groups"
+                        )
 
 
 def check_df(graph, dfs, ys, dh_dy):
@@ -86,7 +94,9 @@ def check_df(graph, dfs, ys, dh_dy):
     all_paths = [p for g in graph.hidden_groups for p in g.hidden_paths]
     for k, rel in enumerate(graph.hidden_param_op_relations):
         y = ys[keys[k]]
-        pos = np.asarray(rule_for(rel.primitive).y_canon(rel.params, np.arange(y.size).reshape(y.shape)))
+        pos = np.asarray(
+            rule_for(rel.primitive).y_canon(rel.params, np.arange(y.size).reshape(y.shape))
+        )
         reached = set()
         for gi, g in enumerate(rel.hidden_groups):
             m = np.asarray(rel.y_to_hidden[gi])
@@ -96,18 +106,25 @@ def check_df(graph, dfs, ys, dh_dy):
             for s, path in enumerate(g.hidden_paths):
                 reached.add(path)
                 Jf = np.asarray(dh_dy[path][keys[k]]).reshape(g.size, y.size)
-                expected = np.where(m >= 0, Jf[np.clip(m, 0, None), pos], 0.)
-                np.testing.assert_allclose(df[..., s], expected, **TOL,
-                                           err_msg=f"df of relation {k} ({rel.weight_path}) -> {path}")
+                expected = np.where(m >= 0, Jf[np.clip(m, 0, None), pos], 0.0)
+                np.testing.assert_allclose(
+                    df[..., s],
+                    expected,
+                    **TOL,
+                    err_msg=f"df of relation {k} ({rel.weight_path}) -> {path}",
+                )
                 rest = Jf.copy()
-                rest[m[m >= 0], pos[m >= 0]] = 0.
-                assert np.abs(rest).max(initial=0) == 0, \
+                rest[m[m >= 0], pos[m >= 0]] = 0.0
+                assert np.abs(rest).max(initial=0) == 0, (
                     f"relation {k} reaches {path} at positions y_to_hidden does not name"
+                )
         for path in set(all_paths) - reached:
-            assert np.abs(np.asarray(dh_dy[path][keys[k]])).max(initial=0) == 0, \
+            assert np.abs(np.asarray(dh_dy[path][keys[k]])).max(initial=0) == 0, (
                 f"relation {k} ({rel.weight_path}) reaches {path} but lists no such group"
-    assert set(dfs) == {(k, g.index) for k, r in enumerate(graph.hidden_param_op_relations)
-                        for g in r.hidden_groups}
+            )
+    assert set(dfs) == {
+        (k, g.index) for k, r in enumerate(graph.hidden_param_op_relations) for g in r.hidden_groups
+    }
 
 
 def check_xs(graph, xs, params, ys):
@@ -120,7 +137,7 @@ def check_xs(graph, xs, params, ys):
         Y = rule_for(rel.primitive).y_canon(rel.params, ys[keys[k]])
         np.testing.assert_allclose(X @ W, Y, **TOL, err_msg=f"X of relation {k}")
         if rel.bias_path is not None:
-            np.testing.assert_array_equal(X[..., -1], 1.)
+            np.testing.assert_array_equal(X[..., -1], 1.0)
 
 
 def run_all_checks(case, batch, sign=1.0):
@@ -168,7 +185,9 @@ def run_all_checks(case, batch, sign=1.0):
     for p in set(case.untraced) - own:
         np.testing.assert_allclose(direct[p], exact[p], **TOL, err_msg=f"direct grad {p}")
     if case.name not in M.SKIP_PATH_CASES:
-        traced = {p for r in graph.hidden_param_op_relations for p in (r.weight_path, r.bias_path) if p}
+        traced = {
+            p for r in graph.hidden_param_op_relations for p in (r.weight_path, r.bias_path) if p
+        }
         traced |= own
         for p in traced:
             assert np.abs(np.asarray(direct[p])).max() == 0, f"{p} has a direct gradient"
@@ -176,6 +195,7 @@ def run_all_checks(case, batch, sign=1.0):
 
 
 # ---------------------------------------------------------------------------- oracle tests
+
 
 @pytest.mark.parametrize("batch", BATCHES, ids=["unbatched", "batched"])
 @pytest.mark.parametrize("name", [c.name for c in M.CASES])
@@ -221,7 +241,9 @@ def test_conv_recurrence_y_to_hidden(x64):
     case = M.CASE_BY_NAME["conv_leaky"]
     for batch in BATCHES:
         graph = ec.compile_etrace_graph(case.make(batch), case.x(batch))
-        units = np.arange(2 * 2 * 25 if batch else 2 * 25).reshape(((2,) if batch else ()) + (2, 5, 5))
+        units = np.arange(2 * 2 * 25 if batch else 2 * 25).reshape(
+            ((2,) if batch else ()) + (2, 5, 5)
+        )
         expected = np.moveaxis(units, -3, -1)
         for rel in graph.hidden_param_op_relations:
             np.testing.assert_array_equal(rel.y_to_hidden[0], expected)
@@ -234,7 +256,9 @@ def test_fused_gate_y_to_hidden(x64):
         model = case.make(batch)
         graph = ec.compile_etrace_graph(model, case.x(batch))
         (rel,) = graph.hidden_param_op_relations
-        np.testing.assert_array_equal(rel.y_to_hidden[0], M.unit_of_output(varshape, 12, lambda o: o % 4))
+        np.testing.assert_array_equal(
+            rel.y_to_hidden[0], M.unit_of_output(varshape, 12, lambda o: o % 4)
+        )
 
 
 def test_rnn_y_to_hidden_is_identity(x64):
@@ -255,15 +279,23 @@ CONTROL_FLOW = [
 ]
 
 
-@pytest.mark.parametrize("cls, oracle", CONTROL_FLOW,
-                         ids=["nested_jit", "fori_scan", "while", "while_mixing_input"])
+@pytest.mark.parametrize(
+    "cls, oracle", CONTROL_FLOW, ids=["nested_jit", "fori_scan", "while", "while_mixing_input"]
+)
 def test_control_flow_steps(x64, cls, oracle):
     """Nested jit inlined; weight-free scan / while loops that produce the hidden state work
     (a while loop has no reverse-mode rule in JAX: its VJP is assembled from JVPs), and a
     position-mixing while loop on the input still gives the exact dL/dx."""
-    case = M.Case(cls.__name__, M.initialised(cls), M.signed_input(3), groups=(M.G("h"),),
-                  relations=((M.P("W.weight"), (M.G("h"),)),), untraced=(), oracle=oracle,
-                  full_exact=True)
+    case = M.Case(
+        cls.__name__,
+        M.initialised(cls),
+        M.signed_input(3),
+        groups=(M.G("h"),),
+        relations=((M.P("W.weight"), (M.G("h"),)),),
+        untraced=(),
+        oracle=oracle,
+        full_exact=True,
+    )
     graph = ec.compile_etrace_graph(case.make(None), case.x(None))
     assert [r.weight_path for r in graph.hidden_param_op_relations] == [("W", "weight")]
     for batch in BATCHES:
@@ -277,6 +309,7 @@ def test_control_flow_steps(x64, cls, oracle):
 
 
 # ---------------------------------------------------------------------------- multi-step data
+
 
 @pytest.mark.parametrize("name", ["lstm", "lif"])
 def test_multi_step_equals_stepping(x64, name):
@@ -308,6 +341,7 @@ def test_multi_step_equals_stepping(x64, name):
 
 
 # ---------------------------------------------------------------------------- purity, state access
+
 
 def test_solvers_are_pure(x64):
     case = M.CASE_BY_NAME["lstm"]
@@ -350,8 +384,15 @@ def test_states_and_paths():
     brainstate.nn.init_all_states(model)
     ex = ec.ETraceVjpGraphExecutor(model)
     ex.compile_graph(jnp.ones(3))
-    expected = {("rnn", "h"), ("rnn", "W_ih", "weight"), ("rnn", "W_ih", "bias"),
-                ("rnn", "W_hh", "weight"), ("out", "weight"), ("out", "bias"), ("count",)}
+    expected = {
+        ("rnn", "h"),
+        ("rnn", "W_ih", "weight"),
+        ("rnn", "W_ih", "bias"),
+        ("rnn", "W_hh", "weight"),
+        ("out", "weight"),
+        ("out", "bias"),
+        ("count",),
+    }
     assert set(ex.states.keys()) == expected
     assert ex.path_to_states is ex.states
     assert ex.path_to_states[("rnn", "h")] is model.rnn.h
@@ -361,7 +402,7 @@ def test_states_and_paths():
     out, hidden, others, _, _ = ex.solve_h2w_h2h_jacobian(jnp.ones(3))
     assert set(hidden) == {("rnn", "h")}
     assert set(others) == {("count",)}
-    np.testing.assert_allclose(others[("count",)], 1.)
+    np.testing.assert_allclose(others[("count",)], 1.0)
 
 
 def test_executor_rejects_non_modules():
@@ -402,14 +443,15 @@ def test_multi_step_residuals_are_bptt_inside_the_window(x64):
 
     def unrolled(pv, h0):
         vals = {**values, **pv, **h0}
-        total = 0.
+        total = 0.0
         for t in range(3):
             out, vals = step(vals, xs[t])
             total = total + jnp.sum(out * cots[t])
         return total
 
-    g_p, g_h = jax.grad(unrolled, argnums=(0, 1))({p: values[p] for p in params},
-                                                 {p: values[p] for p in hidden})
+    g_p, g_h = jax.grad(unrolled, argnums=(0, 1))(
+        {p: values[p] for p in params}, {p: values[p] for p in hidden}
+    )
     for p in params:
         np.testing.assert_allclose(dparams[p], g_p[p], **TOL, err_msg=str(p))
     for p in hidden:

@@ -1,4 +1,5 @@
 """Layers of etrace_core.nn: forward formulas, torch equivalence, states, gradients, jaxpr shape."""
+
 import math
 
 import brainstate
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from etrace_core import nn
 
@@ -16,6 +18,7 @@ TIGHT = dict(rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def rand(key, *shape, scale=1.0):
     return scale * jax.random.normal(jax.random.PRNGKey(key), shape, dtype=jnp.result_type(float))
@@ -63,6 +66,7 @@ def flat_eqns(jaxpr):
 
 # ---------------------------------------------------------------- names and init
 
+
 def test_valina_alias_is_same_class():
     assert nn.ValinaRNNCell is nn.VanillaRNNCell
 
@@ -71,15 +75,24 @@ def test_state_paths_one_param_state_per_tensor():
     cell = nn.GRUCell(3, 4)
     brainstate.nn.init_all_states(cell)
     assert set(cell.states().keys()) == {
-        ('W_ih', 'weight'), ('W_ih', 'bias'), ('W_hh', 'weight'), ('W_hh', 'bias'), ('h',)}
+        ("W_ih", "weight"),
+        ("W_ih", "bias"),
+        ("W_hh", "weight"),
+        ("W_hh", "bias"),
+        ("h",),
+    }
     assert isinstance(cell.h, brainstate.HiddenState)
     assert all(isinstance(s, brainstate.ParamState) for s in params_of(cell).values())
     assert cell.W_ih.weight.value.shape == (3, 12)
     assert cell.W_hh.weight.value.shape == (4, 12)
-    assert set(params_of(nn.VanillaRNNCell(3, 4))) == {('W_ih', 'weight'), ('W_ih', 'bias'), ('W_hh', 'weight')}
-    assert set(params_of(nn.LIF(3, 4))) == {('W_in', 'weight')}
-    assert set(params_of(nn.LIF(3, 4, recurrent=True))) == {('W_in', 'weight'), ('W_rec', 'weight')}
-    assert set(params_of(nn.LeakyRateReadout(3, 4))) == {('W', 'weight')}
+    assert set(params_of(nn.VanillaRNNCell(3, 4))) == {
+        ("W_ih", "weight"),
+        ("W_ih", "bias"),
+        ("W_hh", "weight"),
+    }
+    assert set(params_of(nn.LIF(3, 4))) == {("W_in", "weight")}
+    assert set(params_of(nn.LIF(3, 4, recurrent=True))) == {("W_in", "weight"), ("W_rec", "weight")}
+    assert set(params_of(nn.LeakyRateReadout(3, 4))) == {("W", "weight")}
 
 
 def test_key_makes_init_deterministic():
@@ -108,7 +121,7 @@ def test_custom_initialisers_and_arrays():
     np.testing.assert_array_equal(lin.bias.value, np.zeros(2))
     lin = nn.Linear(2, 2, w_init=jnp.eye(2), bias=False)
     assert lin.bias is None
-    np.testing.assert_array_equal(lin(jnp.array([1., 2.])), [1., 2.])
+    np.testing.assert_array_equal(lin(jnp.array([1.0, 2.0])), [1.0, 2.0])
     with pytest.raises(ValueError):
         nn.Linear(2, 3, w_init=jnp.eye(2))
 
@@ -130,16 +143,16 @@ def test_dtype_float64_under_x64(x64):
 # ---------------------------------------------------------------- states
 
 STATEFUL = [
-    (lambda: nn.VanillaRNNCell(3, 5), ('h',)),
-    (lambda: nn.GRUCell(3, 5), ('h',)),
-    (lambda: nn.LSTMCell(3, 5), ('h', 'c')),
-    (lambda: nn.LeakyRNNCell(3, 5), ('h',)),
-    (lambda: nn.LIF(3, 5, recurrent=True), ('V', 'a')),
-    (lambda: nn.LeakyRateReadout(3, 5), ('r',)),
+    (lambda: nn.VanillaRNNCell(3, 5), ("h",)),
+    (lambda: nn.GRUCell(3, 5), ("h",)),
+    (lambda: nn.LSTMCell(3, 5), ("h", "c")),
+    (lambda: nn.LeakyRNNCell(3, 5), ("h",)),
+    (lambda: nn.LIF(3, 5, recurrent=True), ("V", "a")),
+    (lambda: nn.LeakyRateReadout(3, 5), ("r",)),
 ]
 
 
-@pytest.mark.parametrize('make, names', STATEFUL)
+@pytest.mark.parametrize("make, names", STATEFUL)
 def test_init_reset_state_shapes_and_batched_inputs(make, names):
     model = make()
     brainstate.nn.init_all_states(model)
@@ -176,24 +189,29 @@ def test_batched_equals_per_sample():
 
 # ---------------------------------------------------------------- forward vs formula
 
+
 @settings(max_examples=10, deadline=None)
-@given(n_in=st.integers(1, 6), n_out=st.integers(1, 6), batch=st.sampled_from([(), (2,), (2, 3)]),
-       bias=st.booleans())
+@given(
+    n_in=st.integers(1, 6),
+    n_out=st.integers(1, 6),
+    batch=st.sampled_from([(), (2,), (2, 3)]),
+    bias=st.booleans(),
+)
 def test_linear_matches_formula(n_in, n_out, batch, bias):
     lin = nn.Linear(n_in, n_out, bias=bias, key=n_in * 7 + n_out)
     x = rand(0, *batch, n_in)
-    expected = x @ lin.weight.value + (lin.bias.value if bias else 0.)
+    expected = x @ lin.weight.value + (lin.bias.value if bias else 0.0)
     np.testing.assert_allclose(lin(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def _leaky_ref(p, h, x, decay, recurrent):
-    drive = x @ p[('W_in', 'weight')] + p[('W_in', 'bias')]
+    drive = x @ p[("W_in", "weight")] + p[("W_in", "bias")]
     if recurrent:
-        drive = drive + h @ p[('W_hh', 'weight')]
+        drive = drive + h @ p[("W_hh", "weight")]
     return decay * h + (1 - decay) * jnp.tanh(drive)
 
 
-@pytest.mark.parametrize('recurrent', [False, True])
+@pytest.mark.parametrize("recurrent", [False, True])
 def test_leaky_rnn_matches_formula(x64, recurrent):
     cell = nn.LeakyRNNCell(3, 4, tau=4.0, recurrent=recurrent, key=0)
     brainstate.nn.init_all_states(cell, 2)
@@ -218,9 +236,9 @@ def test_leaky_rate_readout_matches_formula(x64):
 
 def _lif_ref(p, V, a, x, *, alpha, rho, beta, thr, recurrent, detach_reset):
     s = nn.spike_fn((V - thr - beta * a) / thr)
-    current = x @ p[('W_in', 'weight')]
+    current = x @ p[("W_in", "weight")]
     if recurrent:
-        current = current + s @ p[('W_rec', 'weight')]
+        current = current + s @ p[("W_rec", "weight")]
     reset = jax.lax.stop_gradient(s) if detach_reset else s
     V = alpha * V + (1 - alpha) * current - thr * reset
     a = rho * a + s
@@ -235,21 +253,31 @@ LIF_CONFIGS = [
 
 
 def _lif(cfg, key=0):
-    return nn.LIF(3, 4, tau_mem=10., tau_adapt=50., threshold=0.8, dt=1.0, key=key,
-                  w_init=nn.init.uniform(0., 4.), w_rec_init=nn.init.uniform(-1., 1.), **cfg)
+    return nn.LIF(
+        3,
+        4,
+        tau_mem=10.0,
+        tau_adapt=50.0,
+        threshold=0.8,
+        dt=1.0,
+        key=key,
+        w_init=nn.init.uniform(0.0, 4.0),
+        w_rec_init=nn.init.uniform(-1.0, 1.0),
+        **cfg,
+    )
 
 
 def _lif_kwargs(cfg):
-    return dict(alpha=math.exp(-1 / 10.), rho=math.exp(-1 / 50.), thr=0.8, **cfg)
+    return dict(alpha=math.exp(-1 / 10.0), rho=math.exp(-1 / 50.0), thr=0.8, **cfg)
 
 
-@pytest.mark.parametrize('cfg', LIF_CONFIGS)
+@pytest.mark.parametrize("cfg", LIF_CONFIGS)
 def test_lif_matches_formula(x64, cfg):
     lif = _lif(cfg)
     brainstate.nn.init_all_states(lif, 2)
     p = param_values(lif)
     V, a = jnp.zeros((2, 4)), jnp.zeros((2, 4))
-    n_spikes = 0.
+    n_spikes = 0.0
     for t in range(6):
         x = jnp.abs(rand(t, 2, 3))
         out, V, a = _lif_ref(p, V, a, x, **_lif_kwargs(cfg))
@@ -262,24 +290,28 @@ def test_lif_matches_formula(x64, cfg):
 
 # ---------------------------------------------------------------- torch equivalence
 
+
 def _torch_cell(kind, n_in, n_out):
     torch.manual_seed(0)
-    return {'rnn': torch.nn.RNNCell, 'gru': torch.nn.GRUCell, 'lstm': torch.nn.LSTMCell}[kind](
-        n_in, n_out).double()
+    return {"rnn": torch.nn.RNNCell, "gru": torch.nn.GRUCell, "lstm": torch.nn.LSTMCell}[kind](
+        n_in, n_out
+    ).double()
 
 
 def _copy_torch_cell(kind, tc, cell):
-    values = {('W_ih', 'weight'): t2j(tc.weight_ih).T, ('W_hh', 'weight'): t2j(tc.weight_hh).T}
-    if kind == 'rnn':
-        values[('W_ih', 'bias')] = t2j(tc.bias_ih + tc.bias_hh)
+    values = {("W_ih", "weight"): t2j(tc.weight_ih).T, ("W_hh", "weight"): t2j(tc.weight_hh).T}
+    if kind == "rnn":
+        values[("W_ih", "bias")] = t2j(tc.bias_ih + tc.bias_hh)
     else:
-        values[('W_ih', 'bias')] = t2j(tc.bias_ih)
-        values[('W_hh', 'bias')] = t2j(tc.bias_hh)
+        values[("W_ih", "bias")] = t2j(tc.bias_ih)
+        values[("W_hh", "bias")] = t2j(tc.bias_hh)
     set_values(cell, values)
 
 
-@pytest.mark.parametrize('kind, cls', [('rnn', nn.VanillaRNNCell), ('gru', nn.GRUCell), ('lstm', nn.LSTMCell)])
-@pytest.mark.parametrize('batch', [None, 3])
+@pytest.mark.parametrize(
+    "kind, cls", [("rnn", nn.VanillaRNNCell), ("gru", nn.GRUCell), ("lstm", nn.LSTMCell)]
+)
+@pytest.mark.parametrize("batch", [None, 3])
 def test_cells_match_torch(x64, kind, cls, batch):
     n_in, n_out = 5, 4
     tc = _torch_cell(kind, n_in, n_out)
@@ -292,41 +324,47 @@ def test_cells_match_torch(x64, kind, cls, batch):
     h = torch.randn(*lead, n_out, generator=g, dtype=torch.float64)
     c = torch.randn(*lead, n_out, generator=g, dtype=torch.float64)
     cell.h.value = t2j(h)
-    if kind == 'lstm':
+    if kind == "lstm":
         cell.c.value = t2j(c)
     with torch.no_grad():
         for _ in range(3):
             x = torch.randn(*lead, n_in, generator=g, dtype=torch.float64)
-            if kind == 'lstm':
+            if kind == "lstm":
                 h, c = tc(x, (h, c))
             else:
                 h = tc(x, h)
             np.testing.assert_allclose(cell(t2j(x)), h.numpy(), **TIGHT)
-            if kind == 'lstm':
+            if kind == "lstm":
                 np.testing.assert_allclose(cell.c.value, c.numpy(), **TIGHT)
 
 
 CONV_CASES = [
-    dict(stride=1, padding='SAME', dilation=1, groups=1),
+    dict(stride=1, padding="SAME", dilation=1, groups=1),
     dict(stride=2, padding=1, dilation=1, groups=1),
-    dict(stride=1, padding='VALID', dilation=2, groups=2),
+    dict(stride=1, padding="VALID", dilation=2, groups=2),
     dict(stride=(2, 1), padding=(1, 2), dilation=1, groups=1),
 ]
 
 
-@pytest.mark.parametrize('dims', [1, 2])
-@pytest.mark.parametrize('case', CONV_CASES)
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_matches_torch(x64, dims, case):
     case = dict(case)
-    if dims == 1 and isinstance(case['stride'], tuple):
-        case.update(stride=case['stride'][0], padding=case['padding'][0])
-    torch_padding = case['padding'].lower() if isinstance(case['padding'], str) else case['padding']
+    if dims == 1 and isinstance(case["stride"], tuple):
+        case.update(stride=case["stride"][0], padding=case["padding"][0])
+    torch_padding = case["padding"].lower() if isinstance(case["padding"], str) else case["padding"]
     tconv = (torch.nn.Conv1d if dims == 1 else torch.nn.Conv2d)(
-        4, 6, 3, stride=case['stride'], padding=torch_padding, dilation=case['dilation'],
-        groups=case['groups']).double()
+        4,
+        6,
+        3,
+        stride=case["stride"],
+        padding=torch_padding,
+        dilation=case["dilation"],
+        groups=case["groups"],
+    ).double()
     conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(4, 6, 3, **case)
     assert conv.weight.value.shape == tuple(tconv.weight.shape)
-    set_values(conv, {('weight',): t2j(tconv.weight), ('bias',): t2j(tconv.bias)})
+    set_values(conv, {("weight",): t2j(tconv.weight), ("bias",): t2j(tconv.bias)})
     x = torch.randn(2, 4, *([9] * dims), dtype=torch.float64)
     with torch.no_grad():
         expected = tconv(x).numpy()
@@ -334,10 +372,10 @@ def test_conv_matches_torch(x64, dims, case):
     np.testing.assert_allclose(conv(t2j(x[0])), expected[0], **TIGHT)
 
 
-@pytest.mark.filterwarnings('ignore:Using padding=.same. with even kernel')
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 def test_conv_without_bias(x64):
-    tconv = torch.nn.Conv2d(2, 3, (3, 2), padding='same', bias=False).double()
-    conv = nn.Conv2d(2, 3, (3, 2), padding='same', bias=False)
+    tconv = torch.nn.Conv2d(2, 3, (3, 2), padding="same", bias=False).double()
+    conv = nn.Conv2d(2, 3, (3, 2), padding="same", bias=False)
     assert conv.bias is None
     conv.weight.value = t2j(tconv.weight)
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
@@ -347,9 +385,10 @@ def test_conv_without_bias(x64):
 
 # ---------------------------------------------------------------- gradients
 
+
 def _gru_ref(p, h, x):
-    gi = x @ p[('W_ih', 'weight')] + p[('W_ih', 'bias')]
-    gh = h @ p[('W_hh', 'weight')] + p[('W_hh', 'bias')]
+    gi = x @ p[("W_ih", "weight")] + p[("W_ih", "bias")]
+    gh = h @ p[("W_hh", "weight")] + p[("W_hh", "bias")]
     gi_r, gi_z, gi_n = jnp.split(gi, 3, axis=-1)
     gh_r, gh_z, gh_n = jnp.split(gh, 3, axis=-1)
     r, z = jax.nn.sigmoid(gi_r + gh_r), jax.nn.sigmoid(gi_z + gh_z)
@@ -381,7 +420,7 @@ def test_gru_grad_matches_reference(x64):
     xs = [rand(t, 2, 3) for t in range(3)]
 
     def ref_loss(p):
-        h, total = jnp.zeros((2, 4)), 0.
+        h, total = jnp.zeros((2, 4)), 0.0
         for x in xs:
             h = _gru_ref(p, h, x)
             total = total + jnp.sum(jnp.sin(h))
@@ -390,14 +429,14 @@ def test_gru_grad_matches_reference(x64):
     _check_grads(cell, 2, xs, ref_loss)
 
 
-@pytest.mark.parametrize('cfg', LIF_CONFIGS)
+@pytest.mark.parametrize("cfg", LIF_CONFIGS)
 def test_lif_grad_matches_reference(x64, cfg):
     lif = _lif(cfg)
     brainstate.nn.init_all_states(lif)
     xs = [jnp.abs(rand(t, 3)) for t in range(6)]
 
     def ref_loss(p):
-        V, a, total = jnp.zeros(4), jnp.zeros(4), 0.
+        V, a, total = jnp.zeros(4), jnp.zeros(4), 0.0
         for x in xs:
             out, V, a = _lif_ref(p, V, a, x, **_lif_kwargs(cfg))
             total = total + jnp.sum(jnp.sin(out))
@@ -417,16 +456,19 @@ def test_lif_detach_reset_changes_gradient(x64):
             brainstate.nn.reset_all_states(lif)
             return sum(jnp.sum(lif(x)) for x in xs)
 
-        grads.append(brainstate.transform.grad(loss, grad_states=params_of(lif))()[('W_in', 'weight')])
+        grads.append(
+            brainstate.transform.grad(loss, grad_states=params_of(lif))()[("W_in", "weight")]
+        )
     assert not np.allclose(grads[0], grads[1])
 
 
 # ---------------------------------------------------------------- surrogates
 
+
 def test_spike_fn_forward_is_heaviside():
-    x = jnp.array([-2., -1e-6, 0., 1e-6, 3.])
-    np.testing.assert_array_equal(nn.spike_fn(x), [0., 0., 0., 1., 1.])
-    np.testing.assert_array_equal(nn.sigmoid_surrogate(x), [0., 0., 0., 1., 1.])
+    x = jnp.array([-2.0, -1e-6, 0.0, 1e-6, 3.0])
+    np.testing.assert_array_equal(nn.spike_fn(x), [0.0, 0.0, 0.0, 1.0, 1.0])
+    np.testing.assert_array_equal(nn.sigmoid_surrogate(x), [0.0, 0.0, 0.0, 1.0, 1.0])
     assert nn.spike_fn(x).dtype == x.dtype
 
 
@@ -434,14 +476,18 @@ def test_spike_fn_forward_is_heaviside():
 @given(x=st.floats(-5, 5), alpha=st.floats(0.5, 20))
 def test_spike_fn_derivative_is_fast_sigmoid(x, alpha):
     x = jnp.float32(x)
-    np.testing.assert_allclose(jax.grad(nn.spike_fn)(x, alpha), 1 / (alpha * abs(x) + 1) ** 2, rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.grad(nn.spike_fn)(x, alpha), 1 / (alpha * abs(x) + 1) ** 2, rtol=1e-5
+    )
     s = jax.nn.sigmoid(alpha * x)
-    np.testing.assert_allclose(jax.grad(nn.sigmoid_surrogate)(x, alpha), alpha * s * (1 - s), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        jax.grad(nn.sigmoid_surrogate)(x, alpha), alpha * s * (1 - s), rtol=1e-4, atol=1e-7
+    )
 
 
 def test_spike_fn_default_alpha_and_modes_agree():
-    x = jnp.linspace(-1., 1., 7)
-    expected = jnp.diag(1 / (10. * jnp.abs(x) + 1) ** 2)
+    x = jnp.linspace(-1.0, 1.0, 7)
+    expected = jnp.diag(1 / (10.0 * jnp.abs(x) + 1) ** 2)
     np.testing.assert_allclose(jax.jacfwd(nn.spike_fn)(x), expected, rtol=1e-6)
     np.testing.assert_allclose(jax.jacrev(nn.spike_fn)(x), expected, rtol=1e-6)
     _, tangent = jax.jvp(nn.spike_fn, (x,), (jnp.ones_like(x),))
@@ -450,19 +496,23 @@ def test_spike_fn_default_alpha_and_modes_agree():
 
 # ---------------------------------------------------------------- structure for the online compiler
 
+
 def _param_vars(jaxpr, values, model):
     """Input vars of ``jaxpr`` (traced from ``pure_step``) that hold ParamStates."""
     params = params_of(model)
     return {v for v, path in zip(jaxpr.invars, sorted(values)) if path in params}
 
 
-@pytest.mark.parametrize('make, x, n_ops', [
-    (lambda: nn.GRUCell(3, 4), jnp.ones((2, 3)), 2),
-    (lambda: nn.LSTMCell(3, 4), jnp.ones(3), 2),
-    (lambda: nn.VanillaRNNCell(3, 4), jnp.ones(3), 2),
-    (lambda: nn.LIF(3, 4, recurrent=True, beta=0.2), jnp.ones(3), 2),
-    (lambda: nn.LeakyRateReadout(3, 4), jnp.ones(3), 1),
-])
+@pytest.mark.parametrize(
+    "make, x, n_ops",
+    [
+        (lambda: nn.GRUCell(3, 4), jnp.ones((2, 3)), 2),
+        (lambda: nn.LSTMCell(3, 4), jnp.ones(3), 2),
+        (lambda: nn.VanillaRNNCell(3, 4), jnp.ones(3), 2),
+        (lambda: nn.LIF(3, 4, recurrent=True, beta=0.2), jnp.ones(3), 2),
+        (lambda: nn.LeakyRateReadout(3, 4), jnp.ones(3), 1),
+    ],
+)
 def test_weights_only_reach_etp_matmul(make, x, n_ops):
     model = make()
     brainstate.nn.init_all_states(model, *x.shape[:-1])
@@ -470,28 +520,31 @@ def test_weights_only_reach_etp_matmul(make, x, n_ops):
     closed = jax.make_jaxpr(step)(values, x)
     eqns = list(flat_eqns(closed.jaxpr))
     names = [e.primitive.name for e in eqns]
-    assert names.count('etp_matmul') == n_ops
-    assert 'dot_general' not in names
+    assert names.count("etp_matmul") == n_ops
+    assert "dot_general" not in names
     weights = _param_vars(closed.jaxpr, values, model)
     assert len(weights) == len(params_of(model))
     for eqn in closed.jaxpr.eqns:
         if any(v in weights for v in eqn.invars if isinstance(v, jcore.Var)):
-            assert eqn.primitive.name == 'etp_matmul'
+            assert eqn.primitive.name == "etp_matmul"
 
 
 def test_conv_uses_etp_conv():
     conv = nn.Conv2d(2, 3, 3)
     step, values = pure_step(conv)
-    names = [e.primitive.name for e in flat_eqns(jax.make_jaxpr(step)(values, jnp.ones((1, 2, 5, 5))).jaxpr)]
-    assert names.count('etp_conv') == 1
-    assert 'conv_general_dilated' not in names
+    names = [
+        e.primitive.name
+        for e in flat_eqns(jax.make_jaxpr(step)(values, jnp.ones((1, 2, 5, 5))).jaxpr)
+    ]
+    assert names.count("etp_conv") == 1
+    assert "conv_general_dilated" not in names
 
 
 def _state_jacobian(model, names, n):
     """``{(out, in): d out'/d in}`` over the named hidden states of an unbatched model, each (n, n)."""
     brainstate.nn.init_all_states(model)
     step, values = pure_step(model)
-    x = jnp.abs(rand(7, model.in_size[0])) * 2.
+    x = jnp.abs(rand(7, model.in_size[0])) * 2.0
     paths = [(name,) for name in names]
 
     def next_states(hidden):
@@ -509,19 +562,20 @@ def _is_block_diagonal_per_unit(jac, n):
     return all(np.all(block[off] == 0) for block in jac.values())
 
 
-@pytest.mark.parametrize('beta', [0.0, 0.4])
+@pytest.mark.parametrize("beta", [0.0, 0.4])
 def test_lif_without_recurrence_is_element_wise_per_neuron(x64, beta):
     n = 5
-    lif = nn.LIF(3, n, beta=beta, threshold=1.0, key=0, w_init=nn.init.uniform(0., 2.))
-    jac = _state_jacobian(lif, ('V', 'a'), n)
+    lif = nn.LIF(3, n, beta=beta, threshold=1.0, key=0, w_init=nn.init.uniform(0.0, 2.0))
+    jac = _state_jacobian(lif, ("V", "a"), n)
     assert _is_block_diagonal_per_unit(jac, n)
-    assert all(np.any(np.diag(jac[(p, p)]) != 0) for p in (('V',), ('a',)))
+    assert all(np.any(np.diag(jac[(p, p)]) != 0) for p in (("V",), ("a",)))
 
-    rec = nn.LIF(3, n, beta=beta, recurrent=True, key=0, w_init=nn.init.uniform(0., 2.))
-    assert not _is_block_diagonal_per_unit(_state_jacobian(rec, ('V', 'a'), n), n)
+    rec = nn.LIF(3, n, beta=beta, recurrent=True, key=0, w_init=nn.init.uniform(0.0, 2.0))
+    assert not _is_block_diagonal_per_unit(_state_jacobian(rec, ("V", "a"), n), n)
 
 
 def test_leaky_rnn_without_recurrence_is_element_wise(x64):
-    assert _is_block_diagonal_per_unit(_state_jacobian(nn.LeakyRNNCell(3, 4, key=0), ('h',), 4), 4)
+    assert _is_block_diagonal_per_unit(_state_jacobian(nn.LeakyRNNCell(3, 4, key=0), ("h",), 4), 4)
     assert not _is_block_diagonal_per_unit(
-        _state_jacobian(nn.LeakyRNNCell(3, 4, recurrent=True, key=0), ('h',), 4), 4)
+        _state_jacobian(nn.LeakyRNNCell(3, 4, recurrent=True, key=0), ("h",), 4), 4
+    )

@@ -1,4 +1,5 @@
 """ETP ops: forward against references (torch for conv), AD, vmap, jit, and the canonical identity."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax import lax
 
-from etrace_core.ops import (ETP_PRIMITIVES, OpRule, conv, element_wise, etp_conv_p,
-                             etp_elemwise_p, etp_matmul_p, is_etp_primitive, matmul, rule_for)
+from etrace_core.ops import (
+    ETP_PRIMITIVES,
+    OpRule,
+    conv,
+    element_wise,
+    etp_conv_p,
+    etp_elemwise_p,
+    etp_matmul_p,
+    is_etp_primitive,
+    matmul,
+    rule_for,
+)
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 
@@ -35,6 +46,7 @@ ELEM_FNS = {"exp": jnp.exp, "softplus": jax.nn.softplus, "spike": spike}
 
 
 # ---------------------------------------------------------------- references
+
 
 def ref_matmul(x, w, b=None, w_layout="io"):
     y = x @ (w if w_layout == "io" else w.T)
@@ -69,8 +81,9 @@ def ref_conv(x, w, b=None, stride=1, padding="SAME", dilation=1, groups=1):
     strides, dil = _tup(stride, n), _tup(dilation, n)
     pads = _pads(padding, xb.shape[2:], w.shape[2:], strides, dil)
     dn = ("NCH", "OIH", "NCH") if n == 1 else ("NCHW", "OIHW", "NCHW")
-    y = lax.conv_general_dilated(xb, w, strides, pads, rhs_dilation=dil, dimension_numbers=dn,
-                                 feature_group_count=groups)
+    y = lax.conv_general_dilated(
+        xb, w, strides, pads, rhs_dilation=dil, dimension_numbers=dn, feature_group_count=groups
+    )
     if b is not None:
         y = y + b.reshape((-1,) + (1,) * n)
     return y if batched else y[0]
@@ -100,6 +113,7 @@ def ref_elem(fn, w, batch_shape=()):
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def _etp_eqn(f, *args):
     eqns = [e for e in jax.make_jaxpr(f)(*args).eqns if is_etp_primitive(e.primitive)]
@@ -147,6 +161,7 @@ def _stack(fn, n):
 
 # ---------------------------------------------------------------- matmul
 
+
 def _mm_args(rng, lead, i, o, layout, bias):
     x = _normal(rng, *lead, i)
     w = _normal(rng, i, o) if layout == "io" else _normal(rng, o, i)
@@ -154,9 +169,17 @@ def _mm_args(rng, lead, i, o, layout, bias):
     return x, w, b
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(lead=st.lists(st.integers(1, 4), max_size=3), i=st.integers(1, 6), o=st.integers(1, 6),
-       layout=st.sampled_from(["io", "oi"]), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    lead=st.lists(st.integers(1, 4), max_size=3),
+    i=st.integers(1, 6),
+    o=st.integers(1, 6),
+    layout=st.sampled_from(["io", "oi"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_matmul_identity_random_shapes(x64, lead, i, o, layout, bias, seed):
     rng = np.random.default_rng(seed)
     x, w, b = _mm_args(rng, tuple(lead), i, o, layout, bias)
@@ -175,9 +198,13 @@ def test_matmul_forward_grad_identity(x64, lead, layout, bias):
     check_identity(lambda x, w, b: matmul(x, w, b, w_layout=layout), x, w, b, rng)
 
     args = (x, w) if b is None else (x, w, b)
-    loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a))))
-    got = jax.grad(loss(lambda *a: matmul(*a, w_layout=layout)), argnums=tuple(range(len(args))))(*args)
-    want = jax.grad(loss(lambda *a: ref_matmul(*a, w_layout=layout)), argnums=tuple(range(len(args))))(*args)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    got = jax.grad(loss(lambda *a: matmul(*a, w_layout=layout)), argnums=tuple(range(len(args))))(
+        *args
+    )
+    want = jax.grad(
+        loss(lambda *a: ref_matmul(*a, w_layout=layout)), argnums=tuple(range(len(args)))
+    )(*args)
     for g1, g2 in zip(got, want):
         np.testing.assert_allclose(g1, g2, **TOL)
 
@@ -204,16 +231,16 @@ def test_matmul_second_order(x64):
 def test_matmul_vmap(x64, layout):
     rng = np.random.default_rng(2)
     n = 3
-    xs = _normal(rng, 2, n, 4)             # mapped axis 1
+    xs = _normal(rng, 2, n, 4)  # mapped axis 1
     ws = _normal(rng, n, 4, 5) if layout == "io" else _normal(rng, n, 5, 4)
-    ws = jnp.moveaxis(ws, 0, 2)            # mapped axis 2
+    ws = jnp.moveaxis(ws, 0, 2)  # mapped axis 2
     b = _normal(rng, 5)
     x0, w0 = xs[:, 0], ws[..., 0]
     f = lambda x, w: matmul(x, w, b, w_layout=layout)
 
     got = jax.vmap(f, in_axes=(1, None))(xs, w0)
     np.testing.assert_allclose(got, _stack(lambda i: f(xs[:, i], w0), n), **TOL)
-    eqn = _etp_eqn(jax.vmap(f, in_axes=(1, None)), xs, w0)   # x-only vmap stays one ETP op
+    eqn = _etp_eqn(jax.vmap(f, in_axes=(1, None)), xs, w0)  # x-only vmap stays one ETP op
     assert eqn.primitive is etp_matmul_p
 
     got = jax.vmap(f, in_axes=(None, 2))(x0, ws)
@@ -224,9 +251,11 @@ def test_matmul_vmap(x64, layout):
 
     bs = _normal(rng, n, 5)
     got = jax.vmap(lambda b: matmul(x0, w0, b, w_layout=layout))(bs)
-    np.testing.assert_allclose(got, _stack(lambda i: matmul(x0, w0, bs[i], w_layout=layout), n), **TOL)
+    np.testing.assert_allclose(
+        got, _stack(lambda i: matmul(x0, w0, bs[i], w_layout=layout), n), **TOL
+    )
 
-    xv = _normal(rng, n, 4)                # unbatched x (I,) under vmap
+    xv = _normal(rng, n, 4)  # unbatched x (I,) under vmap
     got = jax.vmap(f, in_axes=(0, None))(xv, w0)
     np.testing.assert_allclose(got, _stack(lambda i: f(xv[i], w0), n), **TOL)
 
@@ -238,7 +267,9 @@ def test_matmul_float32():
     b = jnp.asarray(rng.standard_normal(4), jnp.float32)
     y = jax.jit(lambda x, w, b: matmul(x, w, b, w_layout="oi"))(x, w, b)
     assert y.dtype == jnp.float32
-    np.testing.assert_allclose(y, np.asarray(x) @ np.asarray(w).T + np.asarray(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        y, np.asarray(x) @ np.asarray(w).T + np.asarray(b), rtol=1e-5, atol=1e-5
+    )
     gw = jax.grad(lambda w: matmul(x, w, b, w_layout="oi").sum())(w)
     assert gw.dtype == jnp.float32
     np.testing.assert_allclose(gw, np.broadcast_to(np.asarray(x).sum(0), (4, 3)), rtol=1e-5)
@@ -311,7 +342,7 @@ def test_conv_grad_jvp_jit(x64, case):
     x, w, b = _conv_args(rng, n, batched, groups, bias)
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     args = (x, w, b)
-    loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a))))
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
     got = jax.grad(loss(lambda *a: conv(*a, **kw)), argnums=(0, 1, 2))(*args)
     want = jax.grad(loss(lambda *a: ref_conv(*a, **kw)), argnums=(0, 1, 2))(*args)
     for g1, g2 in zip(got, want):
@@ -332,8 +363,8 @@ def test_conv_vmap(x64, batched):
     n_map = 3
     kw = dict(stride=2, padding=1, groups=2)
     x, w, b = _conv_args(rng, 2, batched, 2, True)
-    xs = jnp.stack([x + i for i in range(n_map)], axis=1)          # mapped axis 1
-    ws = jnp.stack([w * (i + 1) for i in range(n_map)], axis=-1)   # mapped axis last
+    xs = jnp.stack([x + i for i in range(n_map)], axis=1)  # mapped axis 1
+    ws = jnp.stack([w * (i + 1) for i in range(n_map)], axis=-1)  # mapped axis last
     f = lambda x, w: conv(x, w, b, **kw)
 
     got = jax.vmap(f, in_axes=(1, None))(xs, w)
@@ -353,12 +384,19 @@ def test_conv_float32_and_params():
     w = jnp.asarray(rng.standard_normal((6, 2, 3)), jnp.float32)
     y = jax.jit(lambda x, w: conv(x, w, stride=2, padding=1, groups=2))(x, w)
     assert y.dtype == jnp.float32
-    want = F.conv1d(torch.from_numpy(np.array(x)), torch.from_numpy(np.array(w)),
-                    stride=2, padding=1, groups=2).numpy()
+    want = F.conv1d(
+        torch.from_numpy(np.array(x)), torch.from_numpy(np.array(w)), stride=2, padding=1, groups=2
+    ).numpy()
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
     eqn = _etp_eqn(lambda x, w: conv(x, w, stride=2, padding=1, groups=2), x, w)
-    assert eqn.params == dict(window_strides=(2,), padding=((1, 1),), rhs_dilation=(1,),
-                              feature_group_count=2, has_bias=False, batched=True)
+    assert eqn.params == dict(
+        window_strides=(2,),
+        padding=((1, 1),),
+        rhs_dilation=(1,),
+        feature_group_count=2,
+        has_bias=False,
+        batched=True,
+    )
     hash(tuple(eqn.params.items()))
 
 
@@ -384,6 +422,7 @@ def test_conv_bad_inputs():
 
 # ---------------------------------------------------------------- element_wise
 
+
 @pytest.mark.parametrize("name", list(ELEM_FNS))
 @pytest.mark.parametrize("batch_shape", [(), (4,)])
 @pytest.mark.parametrize("w_shape", [(3,), (2, 3)])
@@ -405,9 +444,10 @@ def test_elemwise_forward_grad_identity(x64, name, batch_shape, w_shape):
     assert db is None
     np.testing.assert_allclose(dw, expected, **TOL)
 
-    loss = lambda f: (lambda w: jnp.sum(jnp.sin(f(w)) * g))
-    np.testing.assert_allclose(jax.grad(loss(op))(w),
-                               jax.grad(loss(lambda w: ref_elem(fn, w, batch_shape)))(w), **TOL)
+    loss = lambda f: lambda w: jnp.sum(jnp.sin(f(w)) * g)
+    np.testing.assert_allclose(
+        jax.grad(loss(op))(w), jax.grad(loss(lambda w: ref_elem(fn, w, batch_shape)))(w), **TOL
+    )
     t = _normal(rng, *w_shape)
     _, t1 = jax.jvp(op, (w,), (t,))
     _, t2 = jax.jvp(lambda w: ref_elem(fn, w, batch_shape), (w,), (t,))
@@ -445,6 +485,7 @@ def test_elemwise_bad_inputs():
 
 
 # ---------------------------------------------------------------- rules
+
 
 def test_rule_lookup():
     assert ETP_PRIMITIVES == (etp_matmul_p, etp_conv_p, etp_elemwise_p)

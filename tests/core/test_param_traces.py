@@ -20,6 +20,7 @@ from random non-zero hidden states. Claims:
   weight.
 - ES-D-RTRL and hybrid train each model: the loss falls over 50 Adam steps (float32).
 """
+
 from __future__ import annotations
 
 import brainstate
@@ -31,49 +32,139 @@ import pytest
 import etrace_core
 from tests.core import models as M
 from tests.core import param_trace_models as PM
-from tests.core.test_algorithms_exact import (assert_grads_close, bptt_grads, mse,
-                                              per_step_grads, pure_model_step, rel_err,
-                                              state_values, window_grads)
+from tests.core.test_algorithms_exact import (
+    assert_grads_close,
+    bptt_grads,
+    mse,
+    per_step_grads,
+    pure_model_step,
+    rel_err,
+    state_values,
+    window_grads,
+)
 
 B, T = 3, 6
 
 # name -> (model factory, input shape per sample, {parameter: how it is traced})
 ETP, ELEM, DENSE, READOUT = "etp", "elementwise", "dense", "readout"
 MODELS = {
-    "indrnn": (PM.IndRNN, (PM.I,), {("W", "weight"): ETP, ("u",): ELEM, ("b",): ELEM,
-                                    ("out", "weight"): READOUT, ("out", "bias"): READOUT}),
-    "leaky_tau": (PM.LeakyTau, (PM.I,), {("W", "weight"): ETP, ("W", "bias"): ETP,
-                                         ("log_tau",): ELEM, ("out", "weight"): READOUT,
-                                         ("out", "bias"): READOUT}),
-    "leaky_shared_tau": (lambda: PM.LeakyTau(shared=True), (PM.I,),
-                         {("W", "weight"): ETP, ("W", "bias"): ETP, ("log_tau",): ELEM,
-                          ("out", "weight"): READOUT, ("out", "bias"): READOUT}),
-    "min_gru": (PM.MinGRU, (PM.I,), {("W_z", "weight"): ETP, ("W_z", "bias"): ETP,
-                                     ("W_h", "weight"): ETP, ("W_h", "bias"): ETP,
-                                     ("out", "weight"): READOUT, ("out", "bias"): READOUT}),
-    "real_lru": (PM.RealLRU, (PM.I,), {("nu",): ELEM, ("theta",): ELEM, ("gamma",): ELEM,
-                                       ("B_re", "weight"): ETP, ("B_im", "weight"): ETP,
-                                       ("C_re",): READOUT, ("C_im",): READOUT,
-                                       ("D",): READOUT}),
-    "conv_leaky": (PM.ConvLeaky, (1, 4, 4), {("conv", "weight"): DENSE, ("conv", "bias"): DENSE,
-                                             ("W", "weight"): ETP, ("W", "bias"): ETP,
-                                             ("out", "weight"): READOUT,
-                                             ("out", "bias"): READOUT}),
-    "norm_leaky": (PM.NormLeaky, (PM.I,), {("W", "weight"): DENSE, ("g",): ELEM, ("b",): ELEM,
-                                           ("out", "weight"): READOUT,
-                                           ("out", "bias"): READOUT}),
-    "lif_decay": (PM.LIFDecay, (PM.I,), {("W", "weight"): ETP, ("alpha_logit",): ELEM,
-                                         ("out", "weight"): READOUT, ("out", "bias"): READOUT}),
-    "lif_custom_vjp": (PM.LIFCustomVjp, (PM.I,), {("W", "weight"): ETP, ("alpha_logit",): ELEM,
-                                                  ("rho",): ELEM, ("out", "weight"): READOUT,
-                                                  ("out", "bias"): READOUT}),
+    "indrnn": (
+        PM.IndRNN,
+        (PM.I,),
+        {
+            ("W", "weight"): ETP,
+            ("u",): ELEM,
+            ("b",): ELEM,
+            ("out", "weight"): READOUT,
+            ("out", "bias"): READOUT,
+        },
+    ),
+    "leaky_tau": (
+        PM.LeakyTau,
+        (PM.I,),
+        {
+            ("W", "weight"): ETP,
+            ("W", "bias"): ETP,
+            ("log_tau",): ELEM,
+            ("out", "weight"): READOUT,
+            ("out", "bias"): READOUT,
+        },
+    ),
+    "leaky_shared_tau": (
+        lambda: PM.LeakyTau(shared=True),
+        (PM.I,),
+        {
+            ("W", "weight"): ETP,
+            ("W", "bias"): ETP,
+            ("log_tau",): ELEM,
+            ("out", "weight"): READOUT,
+            ("out", "bias"): READOUT,
+        },
+    ),
+    "min_gru": (
+        PM.MinGRU,
+        (PM.I,),
+        {
+            ("W_z", "weight"): ETP,
+            ("W_z", "bias"): ETP,
+            ("W_h", "weight"): ETP,
+            ("W_h", "bias"): ETP,
+            ("out", "weight"): READOUT,
+            ("out", "bias"): READOUT,
+        },
+    ),
+    "real_lru": (
+        PM.RealLRU,
+        (PM.I,),
+        {
+            ("nu",): ELEM,
+            ("theta",): ELEM,
+            ("gamma",): ELEM,
+            ("B_re", "weight"): ETP,
+            ("B_im", "weight"): ETP,
+            ("C_re",): READOUT,
+            ("C_im",): READOUT,
+            ("D",): READOUT,
+        },
+    ),
+    "conv_leaky": (
+        PM.ConvLeaky,
+        (1, 4, 4),
+        {
+            ("conv", "weight"): DENSE,
+            ("conv", "bias"): DENSE,
+            ("W", "weight"): ETP,
+            ("W", "bias"): ETP,
+            ("out", "weight"): READOUT,
+            ("out", "bias"): READOUT,
+        },
+    ),
+    "norm_leaky": (
+        PM.NormLeaky,
+        (PM.I,),
+        {
+            ("W", "weight"): DENSE,
+            ("g",): ELEM,
+            ("b",): ELEM,
+            ("out", "weight"): READOUT,
+            ("out", "bias"): READOUT,
+        },
+    ),
+    "lif_decay": (
+        PM.LIFDecay,
+        (PM.I,),
+        {
+            ("W", "weight"): ETP,
+            ("alpha_logit",): ELEM,
+            ("out", "weight"): READOUT,
+            ("out", "bias"): READOUT,
+        },
+    ),
+    "lif_custom_vjp": (
+        PM.LIFCustomVjp,
+        (PM.I,),
+        {
+            ("W", "weight"): ETP,
+            ("alpha_logit",): ELEM,
+            ("rho",): ELEM,
+            ("out", "weight"): READOUT,
+            ("out", "bias"): READOUT,
+        },
+    ),
     # the seed tutorial's ConvRNN: its recurrent weight makes the RNN's traces approximate
-    "seed_conv_rnn": (M.ConvRNN, (1, 5, 5), {("conv", "weight"): DENSE, ("conv", "bias"): DENSE,
-                                             ("rnn", "W_ih", "weight"): ETP,
-                                             ("rnn", "W_ih", "bias"): ETP,
-                                             ("rnn", "W_hh", "weight"): ETP,
-                                             ("out", "weight"): READOUT,
-                                             ("out", "bias"): READOUT}),
+    "seed_conv_rnn": (
+        M.ConvRNN,
+        (1, 5, 5),
+        {
+            ("conv", "weight"): DENSE,
+            ("conv", "bias"): DENSE,
+            ("rnn", "W_ih", "weight"): ETP,
+            ("rnn", "W_ih", "bias"): ETP,
+            ("rnn", "W_hh", "weight"): ETP,
+            ("out", "weight"): READOUT,
+            ("out", "bias"): READOUT,
+        },
+    ),
 }
 EXACT_MODELS = [name for name in MODELS if name != "seed_conv_rnn"]
 
@@ -112,6 +203,7 @@ def own_traced(algo):
 
 # ---------------------------------------------------------------- exactness (float64)
 
+
 @pytest.mark.parametrize("batch", [None, B], ids=["unbatched", "batched"])
 @pytest.mark.parametrize("name", EXACT_MODELS)
 def test_d_rtrl_is_exact_for_every_parameter(x64, name, batch):
@@ -126,7 +218,7 @@ def test_d_rtrl_is_exact_for_every_parameter(x64, name, batch):
         got = etrace_core.run_online(algo, mse, xs, ys).grads
         if algo_name == "d_rtrl":
             assert_grads_close(got, ref)
-        else:   # io-dim traces for ETP weights are approximate; the param traces are not
+        else:  # io-dim traces for ETP weights are approximate; the param traces are not
             assert_grads_close(got, ref, paths=[p for p, k in kinds.items() if k != ETP])
 
 
@@ -167,12 +259,14 @@ def test_over_budget_parameter_keeps_its_same_step_gradient(x64):
     init = state_values(model)
     _, ref = bptt_grads(model, xs, ys)
     algo = fresh_algo("d_rtrl", model, xs[0], init, dense_trace_budget=30)
-    assert own_traced(algo) == {("conv", "bias"): DENSE}        # 12 elements fit, 216 do not
+    assert own_traced(algo) == {("conv", "bias"): DENSE}  # 12 elements fit, 216 do not
     msg = algo.show_graph(verbose=False, return_msg=True)
-    assert ("  ('conv', 'weight'): approximate: same-step gradient: its value reaches hidden "
-            "group(s) [0] through etp_conv then etp_matmul, which mixes positions; a dense trace "
-            "dh/dtheta would hold 216 elements (dense_trace_budget=30; raise it to at least 216 "
-            "to trace this parameter)") in msg.splitlines()
+    assert (
+        "  ('conv', 'weight'): approximate: same-step gradient: its value reaches hidden "
+        "group(s) [0] through etp_conv then etp_matmul, which mixes positions; a dense trace "
+        "dh/dtheta would hold 216 elements (dense_trace_budget=30; raise it to at least 216 "
+        "to trace this parameter)"
+    ) in msg.splitlines()
     got = etrace_core.run_online(algo, mse, xs, ys).grads
 
     step = pure_model_step(model)
@@ -183,12 +277,13 @@ def test_over_budget_parameter_keeps_its_same_step_gradient(x64):
         g = grad_t(params, h, xs[t], ys[t])
         same = g if same is None else jax.tree.map(jnp.add, same, g)
         h = step(params, h, xs[t])[1]
-    assert rel_err(same[("conv", "weight")], ref[("conv", "weight")]) > 1e-3   # not vacuous
+    assert rel_err(same[("conv", "weight")], ref[("conv", "weight")]) > 1e-3  # not vacuous
     assert_grads_close(got, same, paths=[("conv", "weight")])
     assert_grads_close(got, ref, paths=[("conv", "bias"), ("W", "weight")])
 
 
 # ---------------------------------------------------------------- show_graph
+
 
 def _expected_line(path, kind, size):
     if kind == ELEM:
@@ -235,16 +330,20 @@ def test_seed_conv_rnn_shows_the_kernel_in_the_rnn_group():
     algo = etrace_core.D_RTRL(model)
     algo.compile_graph(case.x(2))
     algo.init_etrace_state()
-    assert {r.path: (r.kind, [g.index for g in r.hidden_groups])
-            for r in algo.executor.param_trace_relations} == {
-        ("conv", "weight"): (DENSE, [0]), ("conv", "bias"): (DENSE, [0])}
+    assert {
+        r.path: (r.kind, [g.index for g in r.hidden_groups])
+        for r in algo.executor.param_trace_relations
+    } == {("conv", "weight"): (DENSE, [0]), ("conv", "bias"): (DENSE, [0])}
     lines = algo.show_graph(verbose=False, return_msg=True).splitlines()
     kernel = next(i for i, l in enumerate(lines) if l.startswith("  ('conv', 'weight') (18 "))
-    assert lines[kernel].endswith("MiB") and "-> hidden group 0: dense trace, 144 elements" \
-        in lines[kernel]
+    assert (
+        lines[kernel].endswith("MiB")
+        and "-> hidden group 0: dense trace, 144 elements" in lines[kernel]
+    )
     assert lines[kernel + 1].startswith(
         "      approximate: hidden group 0's recurrence also runs through etp_matmul (weight "
-        "('rnn', 'W_hh', 'weight'))")
+        "('rnn', 'W_hh', 'weight'))"
+    )
     w_ih = next(i for i, l in enumerate(lines) if l.startswith("  Weight 0: ('rnn', 'W_ih'"))
     assert lines[w_ih + 1].startswith("      approximate: hidden group 0's recurrence")
     w_hh = next(i for i, l in enumerate(lines) if l.startswith("  Weight 1: ('rnn', 'W_hh'"))
@@ -253,6 +352,7 @@ def test_seed_conv_rnn_shows_the_kernel_in_the_rnn_group():
 
 
 # ---------------------------------------------------------------- training (float32)
+
 
 class Adam:
     """Adam on {path: value} dicts (the gradients run_online returns)."""
@@ -264,10 +364,10 @@ class Adam:
         self.t += 1
         new = {}
         for p, g in grads.items():
-            self.m[p] = self.b1 * self.m.get(p, 0.) + (1 - self.b1) * g
-            self.v[p] = self.b2 * self.v.get(p, 0.) + (1 - self.b2) * g * g
-            m_hat = self.m[p] / (1 - self.b1 ** self.t)
-            v_hat = self.v[p] / (1 - self.b2 ** self.t)
+            self.m[p] = self.b1 * self.m.get(p, 0.0) + (1 - self.b1) * g
+            self.v[p] = self.b2 * self.v.get(p, 0.0) + (1 - self.b2) * g * g
+            m_hat = self.m[p] / (1 - self.b1**self.t)
+            v_hat = self.v[p] / (1 - self.b2**self.t)
             new[p] = params[p] - self.lr * m_hat / (jnp.sqrt(v_hat) + self.eps)
         return new
 
@@ -294,7 +394,7 @@ def train(name, algo_name, steps=50):
     init = state_values(student)
     rng = np.random.default_rng(5)
     params_t = {p: s.value for p, s in teacher.states(brainstate.ParamState).items()}
-    for p, v in params_t.items():   # a teacher with perturbed parameters
+    for p, v in params_t.items():  # a teacher with perturbed parameters
         params_t[p] = v + jnp.asarray(0.5 * rng.standard_normal(v.shape), v.dtype)
     xs = jnp.concatenate([xs, xs[::-1]])
 
@@ -343,6 +443,8 @@ def test_relation_weight_with_another_untraced_use_is_noted():
     (rel,) = algo.graph.hidden_param_op_relations
     assert rel.approximations == (
         "('W', 'weight') is also used through dot_general, which reaches hidden states outside "
-        "its traced relation; that path is not in the trace",)
-    assert "      approximate: ('W', 'weight') is also used through dot_general" in \
-        algo.show_graph(verbose=False, return_msg=True)
+        "its traced relation; that path is not in the trace",
+    )
+    assert "      approximate: ('W', 'weight') is also used through dot_general" in algo.show_graph(
+        verbose=False, return_msg=True
+    )

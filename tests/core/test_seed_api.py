@@ -3,6 +3,7 @@
 Oracles: jax.grad through the unrolled steps (BPTT) in float64, relative/absolute error <= 1e-10
 unless stated; jax.lax convolution; plain jnp formulas for layer outputs.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,11 +45,13 @@ def _online_grads(algo, xs, ys=None):
 
 
 def _max_abs(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in
-               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 # ============================================================== item 5: pytree-valued states
+
 
 class DictCell(brainstate.nn.Module):
     """The issue's cell: ``ParamState({'weight': W, 'bias': b})`` used as
@@ -59,12 +62,16 @@ class DictCell(brainstate.nn.Module):
         super().__init__()
         k = jax.random.split(jax.random.PRNGKey(0), 2)
         self.recurrent = recurrent
-        self.p = brainstate.ParamState({'weight': 0.4 * jax.random.normal(k[0], (4, 4)),
-                                        'bias': 0.1 * jax.random.normal(k[1], (4,))})
+        self.p = brainstate.ParamState(
+            {
+                "weight": 0.4 * jax.random.normal(k[0], (4, 4)),
+                "bias": 0.1 * jax.random.normal(k[1], (4,)),
+            }
+        )
         self.h = brainstate.HiddenState(h0)
 
     def update(self, x):
-        w, b = self.p.value['weight'], self.p.value['bias']
+        w, b = self.p.value["weight"], self.p.value["bias"]
         if self.recurrent:
             h = jnp.tanh(etrace_core.matmul(self.h.value, w, b) + x)
         else:
@@ -75,13 +82,17 @@ class DictCell(brainstate.nn.Module):
 
 def _dict_bptt(recurrent, p, h0, xs):
     def loss(p):
-        h, total = h0, 0.
+        h, total = h0, 0.0
         for x in xs:
-            pre = (h @ p['weight'] + p['bias'] + x) if recurrent else \
-                (0.5 * h + x @ p['weight'] + p['bias'])
+            pre = (
+                (h @ p["weight"] + p["bias"] + x)
+                if recurrent
+                else (0.5 * h + x @ p["weight"] + p["bias"])
+            )
             h = jnp.tanh(pre)
-            total = total + jnp.sum(h ** 2)
+            total = total + jnp.sum(h**2)
         return total
+
     return jax.grad(loss)(p)
 
 
@@ -92,38 +103,40 @@ def test_dict_param_state_cell_drtrl_equals_bptt(x64, recurrent, T):
     xs = jax.random.normal(jax.random.PRNGKey(5), (T, 1, 4))
     p0 = cell.p.value
     algo = etrace_core.D_RTRL(cell)
-    algo.compile_graph(xs[0])             # compiles ("changes from [4, 4] to [1, 4]" before)
-    got = _online_grads(algo, xs)[('p',)]
-    assert isinstance(got, dict) and set(got) == {'weight', 'bias'}
+    algo.compile_graph(xs[0])  # compiles ("changes from [4, 4] to [1, 4]" before)
+    got = _online_grads(algo, xs)[("p",)]
+    assert isinstance(got, dict) and set(got) == {"weight", "bias"}
     ref = _dict_bptt(recurrent, p0, h0, xs)
     for k in ref:
         assert got[k].dtype == jnp.float64
         np.testing.assert_allclose(got[k], ref[k], rtol=TOL, atol=TOL)
     # the state keeps its dict value; the graph names its leaves
-    assert set(cell.p.value) == {'weight', 'bias'}
+    assert set(cell.p.value) == {"weight", "bias"}
     (rel,) = algo.graph.hidden_param_op_relations
-    assert rel.trainable_paths == {'weight': ('p', 'weight'), 'bias': ('p', 'bias')}
-    assert rel.connected_hidden_paths == (('h',),)
-    traces = algo.get_etrace_of(cell.p)     # by ParamState
-    assert traces and traces == algo.get_etrace_of(('p',))
+    assert rel.trainable_paths == {"weight": ("p", "weight"), "bias": ("p", "bias")}
+    assert rel.connected_hidden_paths == (("h",),)
+    traces = algo.get_etrace_of(cell.p)  # by ParamState
+    assert traces and traces == algo.get_etrace_of(("p",))
 
 
 def test_dict_short_term_state_and_dict_element_wise_param(x64):
     """A dict-valued ShortTermState written every step, and a dict ParamState whose entries are
     a matmul weight and an element-wise decay: D-RTRL = BPTT for both entries."""
+
     class Cell(brainstate.nn.Module):
         def __init__(self):
             super().__init__()
-            self.p = brainstate.ParamState({'w': 0.3 * jnp.ones((3, 2)),
-                                            'decay': jnp.array([0.2, 0.6])})
+            self.p = brainstate.ParamState(
+                {"w": 0.3 * jnp.ones((3, 2)), "decay": jnp.array([0.2, 0.6])}
+            )
             self.h = brainstate.HiddenState(jnp.zeros((1, 2)))
-            self.log = brainstate.ShortTermState({'n': jnp.zeros(()), 'last': jnp.zeros((1, 2))})
+            self.log = brainstate.ShortTermState({"n": jnp.zeros(()), "last": jnp.zeros((1, 2))})
 
         def update(self, x):
-            d = etrace_core.element_wise(self.p.value['decay'], weight_fn=jax.nn.sigmoid)
-            h = d * self.h.value + jnp.tanh(etrace_core.matmul(x, self.p.value['w']))
+            d = etrace_core.element_wise(self.p.value["decay"], weight_fn=jax.nn.sigmoid)
+            h = d * self.h.value + jnp.tanh(etrace_core.matmul(x, self.p.value["w"]))
             self.h.value = h
-            self.log.value = {'n': self.log.value['n'] + 1, 'last': h}
+            self.log.value = {"n": self.log.value["n"] + 1, "last": h}
             return h
 
     cell = Cell()
@@ -131,15 +144,15 @@ def test_dict_short_term_state_and_dict_element_wise_param(x64):
     xs = jax.random.normal(jax.random.PRNGKey(3), (4, 1, 3))
     algo = etrace_core.D_RTRL(cell)
     algo.compile_graph(xs[0])
-    got = _online_grads(algo, xs)[('p',)]
-    assert float(cell.log.value['n']) == 4.0
-    np.testing.assert_allclose(cell.log.value['last'], cell.h.value)
+    got = _online_grads(algo, xs)[("p",)]
+    assert float(cell.log.value["n"]) == 4.0
+    np.testing.assert_allclose(cell.log.value["last"], cell.h.value)
 
     def loss(p):
-        h, total = jnp.zeros((1, 2)), 0.
+        h, total = jnp.zeros((1, 2)), 0.0
         for x in xs:
-            h = jax.nn.sigmoid(p['decay']) * h + jnp.tanh(x @ p['w'])
-            total = total + jnp.sum(h ** 2)
+            h = jax.nn.sigmoid(p["decay"]) * h + jnp.tanh(x @ p["w"])
+            total = total + jnp.sum(h**2)
         return total
 
     ref = jax.grad(loss)(p0)
@@ -149,18 +162,20 @@ def test_dict_short_term_state_and_dict_element_wise_param(x64):
 
 # ============================================================== item 1 and 4: compile semantics
 
+
 class LeakyNet(brainstate.nn.Module):
     def __init__(self):
         super().__init__()
-        self.rnn = nn.LeakyRNNCell(3, 4, tau=4., key=0)
+        self.rnn = nn.LeakyRNNCell(3, 4, tau=4.0, key=0)
         self.out = nn.Linear(4, 2, key=1)
 
     def update(self, x):
         return self.out(self.rnn(x))
 
 
-@pytest.mark.parametrize("cls", [etrace_core.D_RTRL, etrace_core.ES_D_RTRL,
-                                 etrace_core.HybridDimVjpAlgorithm])
+@pytest.mark.parametrize(
+    "cls", [etrace_core.D_RTRL, etrace_core.ES_D_RTRL, etrace_core.HybridDimVjpAlgorithm]
+)
 def test_compile_graph_creates_traces(cls):
     model = LeakyNet()
     brainstate.nn.init_all_states(model, batch_size=2)
@@ -173,7 +188,7 @@ def test_compile_graph_creates_traces(cls):
     assert int(algo.running_index.value) == 1
     assert algo.graph_executor is algo.executor
     assert set(algo.param_states) == set(model.states(brainstate.ParamState))
-    assert set(algo.hidden_states) == {('rnn', 'h')}
+    assert set(algo.hidden_states) == {("rnn", "h")}
 
 
 def test_compile_one_call_matches_manual_setup(x64):
@@ -184,26 +199,28 @@ def test_compile_one_call_matches_manual_setup(x64):
     manual.compile_graph(xs[0])
     manual.init_etrace_state()
     model = LeakyNet()
-    learner = etrace_core.compile(model, 'pp_prop', xs[0], batch_size=2, decay_or_rank=0.5)
+    learner = etrace_core.compile(model, "pp_prop", xs[0], batch_size=2, decay_or_rank=0.5)
     assert isinstance(learner, etrace_core.IODimVjpAlgorithm) and learner.is_compiled
     assert learner.decay == 0.5
     assert _max_abs(_online_grads(learner, xs), _online_grads(manual, xs)) == 0.0
-    for name, cls in [('D_RTRL', etrace_core.ParamDimVjpAlgorithm),
-                      ('es_d_rtrl', etrace_core.IODimVjpAlgorithm),
-                      (etrace_core.HybridDimVjpAlgorithm, etrace_core.HybridDimVjpAlgorithm)]:
+    for name, cls in [
+        ("D_RTRL", etrace_core.ParamDimVjpAlgorithm),
+        ("es_d_rtrl", etrace_core.IODimVjpAlgorithm),
+        (etrace_core.HybridDimVjpAlgorithm, etrace_core.HybridDimVjpAlgorithm),
+    ]:
         assert type(etrace_core.compile(LeakyNet(), name, xs[0], batch_size=2)) is cls
 
 
 def test_compile_errors():
     x = jnp.ones((2, 3))
     with pytest.raises(ValueError, match="unknown algorithm name 'rtrl'"):
-        etrace_core.compile(LeakyNet(), 'rtrl', x)
+        etrace_core.compile(LeakyNet(), "rtrl", x)
     with pytest.raises(etrace_core.NotSupportedError, match="'eprop' is not implemented"):
-        etrace_core.compile(LeakyNet(), 'eprop', x)
+        etrace_core.compile(LeakyNet(), "eprop", x)
     with pytest.raises(etrace_core.NotSupportedError, match="vmap=True"):
-        etrace_core.compile(LeakyNet(), 'd_rtrl', x, batch_size=2, vmap=True)
+        etrace_core.compile(LeakyNet(), "d_rtrl", x, batch_size=2, vmap=True)
     with pytest.raises(ValueError, match="at least one example input"):
-        etrace_core.compile(LeakyNet(), 'd_rtrl')
+        etrace_core.compile(LeakyNet(), "d_rtrl")
     assert issubclass(etrace_core.NotSupportedError, NotImplementedError)
 
     class Plain(brainstate.nn.Module):
@@ -217,7 +234,7 @@ def test_compile_errors():
             return self.h.value
 
     with pytest.raises(etrace_core.CompilationError, match="no trainable weight"):
-        etrace_core.compile(Plain(), 'd_rtrl', x)
+        etrace_core.compile(Plain(), "d_rtrl", x)
 
 
 def test_trace_dtype_and_fast_solve(x64):
@@ -244,16 +261,17 @@ def test_compile_etrace_graph_without_perturbation():
 
 # ============================================================== item 3: brainunit quantities
 
+
 class UnitLIF(brainstate.nn.Module):
     """A LIF layer written as brainstate's spiking models are: V in mV, tau and dt in ms, the
     input weight in mV, threshold and rest potential in mV."""
 
     def __init__(self, n_in, n):
         super().__init__()
-        w = jax.random.uniform(jax.random.PRNGKey(3), (n_in, n), minval=0., maxval=4.)
+        w = jax.random.uniform(jax.random.PRNGKey(3), (n_in, n), minval=0.0, maxval=4.0)
         self.W = brainstate.ParamState(w * u.mV)
-        self.tau, self.dt = 10. * u.ms, 1. * u.ms
-        self.V_th, self.V_rest = 1. * u.mV, 0. * u.mV
+        self.tau, self.dt = 10.0 * u.ms, 1.0 * u.ms
+        self.V_th, self.V_rest = 1.0 * u.mV, 0.0 * u.mV
         self.n = n
 
     def init_state(self, batch_size=None, **kwargs):
@@ -262,7 +280,7 @@ class UnitLIF(brainstate.nn.Module):
     def update(self, x):
         V = self.V.value
         s = surrogate.spike_fn((V - self.V_th) / self.V_th)
-        current = etrace_core.matmul(x, self.W.value)                  # mV
+        current = etrace_core.matmul(x, self.W.value)  # mV
         V = V + self.dt / self.tau * (self.V_rest - V + current) - s * self.V_th
         self.V.value = V
         return surrogate.spike_fn((V - self.V_th) / self.V_th)
@@ -271,12 +289,13 @@ class UnitLIF(brainstate.nn.Module):
 def _unit_lif_bptt(W, xs, ys):
     def loss(w):
         W = w * u.mV
-        V, total = jnp.zeros((xs.shape[1], W.shape[1])) * u.mV, 0.
+        V, total = jnp.zeros((xs.shape[1], W.shape[1])) * u.mV, 0.0
         for x, y in zip(xs, ys):
             s = surrogate.spike_fn((V - 1 * u.mV) / (1 * u.mV))
             V = V + (1 * u.ms) / (10 * u.ms) * (0 * u.mV - V + x @ W) - s * (1 * u.mV)
             total = total + jnp.sum((surrogate.spike_fn((V - 1 * u.mV) / (1 * u.mV)) - y) ** 2)
         return total
+
     return jax.grad(loss)(W)
 
 
@@ -285,8 +304,8 @@ def test_units_lif_drtrl_equals_bptt_and_trains_online(x64):
     ys = jax.random.uniform(jax.random.PRNGKey(2), (8, 2, 4))
     model = UnitLIF(3, 4)
     W0 = model.W.value
-    learner = etrace_core.compile(model, 'd_rtrl', xs[0], batch_size=2)
-    g = _online_grads(learner, xs, ys)[('W',)]
+    learner = etrace_core.compile(model, "d_rtrl", xs[0], batch_size=2)
+    g = _online_grads(learner, xs, ys)[("W",)]
     assert isinstance(model.V.value, u.Quantity) and model.V.value.unit == u.mV
     assert u.get_mantissa(g).dtype == jnp.float64
     ref = _unit_lif_bptt(W0.mantissa, xs, ys)
@@ -303,7 +322,7 @@ def test_units_lif_drtrl_equals_bptt_and_trains_online(x64):
     for _ in range(15):
         model.reset_state(batch_size=2)
         learner.init_etrace_state()
-        grad = _online_grads(learner, xs, ys)[('W',)]
+        grad = _online_grads(learner, xs, ys)[("W",)]
         model.W.value = model.W.value - 0.5 * grad
     assert model.W.value.unit == u.mV
     assert seq_loss() < before
@@ -311,16 +330,17 @@ def test_units_lif_drtrl_equals_bptt_and_trains_online(x64):
 
 def test_units_through_ops_and_element_wise():
     x = jnp.ones((2, 3)) * u.mV
-    w = jnp.full((3, 4), 2.) * u.mS
+    w = jnp.full((3, 4), 2.0) * u.mS
     y = etrace_core.matmul(x, w, bias=jnp.ones(4) * u.uA)
-    assert y.unit == u.uA and np.allclose(y.mantissa, 7.)
+    assert y.unit == u.uA and np.allclose(y.mantissa, 7.0)
     with pytest.raises(u.UnitMismatchError):
         etrace_core.matmul(x, w, jnp.ones(4))
-    tau = etrace_core.element_wise(jnp.full((3,), 2.) * u.ms)
-    assert tau.unit == u.ms and np.allclose(tau.mantissa, 2.)
+    tau = etrace_core.element_wise(jnp.full((3,), 2.0) * u.ms)
+    assert tau.unit == u.ms and np.allclose(tau.mantissa, 2.0)
 
 
 # ============================================================== item 4: op forms
+
 
 def test_matmul_bias_keyword_and_weight_fn_gradients(x64):
     """``matmul(x, w, bias=b, weight_fn=f)`` = x @ f(w) + b; D-RTRL through it = BPTT."""
@@ -349,18 +369,18 @@ def test_matmul_bias_keyword_and_weight_fn_gradients(x64):
         got = _online_grads(algo, xs)
 
         def loss(w, b):
-            h, total = jnp.zeros((2, 4)), 0.
+            h, total = jnp.zeros((2, 4)), 0.0
             for x in xs:
                 h = jnp.tanh(0.7 * h + x @ fn(w) + b)
-                total = total + jnp.sum(h ** 2)
+                total = total + jnp.sum(h**2)
             return total
 
         rw, rb = jax.grad(loss, argnums=(0, 1))(w0, b0)
-        np.testing.assert_allclose(got[('w',)], rw, rtol=TOL, atol=TOL)
-        np.testing.assert_allclose(got[('b',)], rb, rtol=TOL, atol=TOL)
-        if fn is masked:   # masked-out weights get exactly zero gradient
-            assert float(jnp.max(jnp.abs(jnp.where(mask == 0, got[('w',)], 0.)))) == 0.0
-            assert float(jnp.max(jnp.abs(got[('w',)]))) > 1e-3
+        np.testing.assert_allclose(got[("w",)], rw, rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(got[("b",)], rb, rtol=TOL, atol=TOL)
+        if fn is masked:  # masked-out weights get exactly zero gradient
+            assert float(jnp.max(jnp.abs(jnp.where(mask == 0, got[("w",)], 0.0)))) == 0.0
+            assert float(jnp.max(jnp.abs(got[("w",)]))) > 1e-3
     with pytest.raises(ValueError, match="pass the bias once"):
         etrace_core.matmul(xs[0], w0, b0, bias=b0)
     with pytest.raises(ValueError, match="keep w's shape"):
@@ -382,27 +402,32 @@ def test_conv_strides_keyword_and_3d(dims):
     x = jax.random.normal(k[0], (2, 3) + (7,) * dims)
     w = jax.random.normal(k[1], (4, 3) + (3,) * dims)
     b = jax.random.normal(k[2], (4,))
-    y = etrace_core.conv(x, w, bias=b, strides=2, padding='VALID')
-    spec = {1: ("NCH", "OIH", "NCH"), 2: ("NCHW", "OIHW", "NCHW"),
-            3: ("NCDHW", "OIDHW", "NCDHW")}[dims]
-    ref = jax.lax.conv_general_dilated(x, w, (2,) * dims, 'VALID', dimension_numbers=spec)
+    y = etrace_core.conv(x, w, bias=b, strides=2, padding="VALID")
+    spec = {1: ("NCH", "OIH", "NCH"), 2: ("NCHW", "OIHW", "NCHW"), 3: ("NCDHW", "OIDHW", "NCDHW")}[
+        dims
+    ]
+    ref = jax.lax.conv_general_dilated(x, w, (2,) * dims, "VALID", dimension_numbers=spec)
     ref = ref + b.reshape((-1,) + (1,) * dims)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
 # ============================================================== item 2: constructor forms
 
+
 def test_linear_constructor_forms():
-    w, b = jnp.arange(6.).reshape(2, 3), jnp.array([1., 2., 3.])
-    x = jnp.array([[1., -1.]])
-    for lin in (nn.Linear(2, 3, w, b), nn.Linear(in_size=2, out_size=3, w_init=w, b_init=b),
-                nn.Linear((5, 2), (3,), lambda shape: w, lambda shape: b)):
+    w, b = jnp.arange(6.0).reshape(2, 3), jnp.array([1.0, 2.0, 3.0])
+    x = jnp.array([[1.0, -1.0]])
+    for lin in (
+        nn.Linear(2, 3, w, b),
+        nn.Linear(in_size=2, out_size=3, w_init=w, b_init=b),
+        nn.Linear((5, 2), (3,), lambda shape: w, lambda shape: b),
+    ):
         np.testing.assert_allclose(lin(x), x @ w + b)
         assert lin.in_size[-1] == 2 and lin.out_size == (3,)
     no_bias = nn.Linear(2, 3, w, None)
     assert no_bias.bias is None
     np.testing.assert_allclose(no_bias(x), x @ w)
-    mask = jnp.array([[1., 0., 1.], [0., 1., 1.]])
+    mask = jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
     masked = nn.Linear(2, 3, w, b, mask)
     np.testing.assert_allclose(masked(x), x @ (w * mask) + b)
     g = jax.grad(lambda W: jnp.sum(etrace_core.matmul(x, W, weight_fn=masked._masked)))(w)
@@ -412,10 +437,11 @@ def test_linear_constructor_forms():
 def test_rnn_cell_constructor_forms():
     one = lambda shape: jnp.full(shape, 0.1)
     state = lambda shape: jnp.full(shape, 0.5)
-    v = nn.VanillaRNNCell(3, 4, state, one, one, 'relu')       # braintrace's positional order
+    v = nn.VanillaRNNCell(3, 4, state, one, one, "relu")  # braintrace's positional order
     g = nn.GRUCell(3, 4, one, one, state, jax.nn.relu)
-    l_ = nn.LSTMCell(in_size=3, out_size=4, w_init=one, b_init=one, state_init=state,
-                     activation='sigmoid')
+    l_ = nn.LSTMCell(
+        in_size=3, out_size=4, w_init=one, b_init=one, state_init=state, activation="sigmoid"
+    )
     for cell in (v, g, l_):
         cell.init_state(batch_size=2)
         assert cell.in_size == (3,) and cell.out_size == (4,)
@@ -423,22 +449,23 @@ def test_rnn_cell_constructor_forms():
         assert float(cell.W_ih.weight.value[0, 0]) == pytest.approx(0.1)
     x = jnp.ones((2, 3))
     h = jnp.full((2, 4), 0.5)
-    np.testing.assert_allclose(v(x), jax.nn.relu(x @ jnp.full((3, 4), .1) + .1 + h @ jnp.full((4, 4), .1)),
-                               rtol=1e-6)
-    gi = x @ jnp.full((3, 12), .1) + .1
-    gh = h @ jnp.full((4, 12), .1) + .1
+    np.testing.assert_allclose(
+        v(x), jax.nn.relu(x @ jnp.full((3, 4), 0.1) + 0.1 + h @ jnp.full((4, 4), 0.1)), rtol=1e-6
+    )
+    gi = x @ jnp.full((3, 12), 0.1) + 0.1
+    gh = h @ jnp.full((4, 12), 0.1) + 0.1
     r = jax.nn.sigmoid(gi[:, :4] + gh[:, :4])
     z = jax.nn.sigmoid(gi[:, 4:8] + gh[:, 4:8])
     n = jax.nn.relu(gi[:, 8:] + r * gh[:, 8:])
     np.testing.assert_allclose(g(x), (1 - z) * n + z * h, rtol=1e-6)
     c = jnp.full((2, 4), 0.5)
-    gates = x @ jnp.full((3, 16), .1) + .1 + h @ jnp.full((4, 16), .1) + .1
+    gates = x @ jnp.full((3, 16), 0.1) + 0.1 + h @ jnp.full((4, 16), 0.1) + 0.1
     i, f, gg, o = jnp.split(gates, 4, axis=-1)
     c2 = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jax.nn.sigmoid(gg)
     np.testing.assert_allclose(l_(x), jax.nn.sigmoid(o) * jax.nn.sigmoid(c2), rtol=1e-6)
     nb = nn.GRUCell(3, 4, one, None)
     assert nb.W_ih.bias is None and nb.W_hh.bias is None
-    leaky = nn.LeakyRNNCell(in_size=(3,), out_size=(4,), tau=2.)
+    leaky = nn.LeakyRNNCell(in_size=(3,), out_size=(4,), tau=2.0)
     assert leaky.num_in == 3 and leaky.num_out == 4
 
 
@@ -446,29 +473,43 @@ def test_braintools_initialisers():
     init = pytest.importorskip("braintools").init
     lin = nn.Linear(3, 4, init.Constant(0.5), init.ZeroInit())
     np.testing.assert_allclose(lin.weight.value, 0.5)
-    np.testing.assert_allclose(lin.bias.value, 0.)
-    for w_init in (init.KaimingNormal(), init.VarianceScaling(1.0, 'fan_in', 'normal'),
-                   init.XavierNormal(), init.Orthogonal()):
+    np.testing.assert_allclose(lin.bias.value, 0.0)
+    for w_init in (
+        init.KaimingNormal(),
+        init.VarianceScaling(1.0, "fan_in", "normal"),
+        init.XavierNormal(),
+        init.Orthogonal(),
+    ):
         cell = nn.GRUCell(3, 5, w_init, init.ZeroInit())
         assert cell.W_ih.weight.value.shape == (3, 15)
         assert cell.W_ih.weight.value.dtype == jnp.result_type(float)
         assert float(jnp.std(cell.W_ih.weight.value)) > 0
-    cell = nn.ValinaRNNCell(3, 4, state_init=init.Constant(1.0), w_init=init.Constant(0.5),
-                            b_init=init.Constant(0.1))
+    cell = nn.ValinaRNNCell(
+        3, 4, state_init=init.Constant(1.0), w_init=init.Constant(0.5), b_init=init.Constant(0.1)
+    )
     cell.init_state(batch_size=8)
     assert cell.h.value.shape == (8, 4) and jnp.allclose(cell.h.value, 1.0)
-    lstm = nn.LSTMCell(in_size=3, out_size=4, w_init=init.KaimingNormal(), activation='tanh')
+    lstm = nn.LSTMCell(in_size=3, out_size=4, w_init=init.KaimingNormal(), activation="tanh")
     lstm.init_state(batch_size=2)
     assert lstm(jnp.ones((2, 3))).shape == (2, 4)
 
 
 # ============================================================== item 6: x64 across imports
 
+
 def _run(code: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
     env.pop("JAX_ENABLE_X64", None)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("package", ["etrace_core", "etrace_bridge"])
@@ -477,9 +518,9 @@ def test_import_keeps_x64(package, enable_first):
     enable = "jax.config.update('jax_enable_x64', True)"
     code = f"""
         import jax
-        {enable if enable_first else ''}
+        {enable if enable_first else ""}
         import {package}
-        {'' if enable_first else enable}
+        {"" if enable_first else enable}
         import brainstate, jax.numpy as jnp
         assert jax.config.read('jax_enable_x64') is True, 'x64 lost'
         assert jnp.ones(2).dtype == jnp.float64
@@ -502,9 +543,9 @@ def test_bridge_converts_float64_torch_model_after_either_import_order(enable_fi
     enable = "jax.config.update('jax_enable_x64', True)"
     r = _run(f"""
         import jax
-        {enable if enable_first else ''}
+        {enable if enable_first else ""}
         import etrace_bridge
-        {'' if enable_first else enable}
+        {"" if enable_first else enable}
         import numpy as np, torch, jax.numpy as jnp
         torch.manual_seed(0)
         cell = torch.nn.RNNCell(3, 4).double()
@@ -521,6 +562,7 @@ def test_bridge_converts_float64_torch_model_after_either_import_order(enable_fi
 
 
 # ============================================================== item 4: new layers
+
 
 def _rand(*shape, seed=0):
     return jax.random.normal(jax.random.PRNGKey(seed), shape)
@@ -545,7 +587,7 @@ def test_gated_cells_equations_and_online_step():
             z = jax.nn.sigmoid(lin(cell.W_z, jnp.concatenate([x, h], -1)))
             ref = (1 - z) * h + z * lin(cell.W_x, x)
         np.testing.assert_allclose(cell(x), ref, rtol=1e-5, atol=1e-6)
-        learner = etrace_core.compile(cell, 'd_rtrl', x, batch_size=2)
+        learner = etrace_core.compile(cell, "d_rtrl", x, batch_size=2)
         grads = _online_grads(learner, x[None])
         assert set(grads) == set(cell.states(brainstate.ParamState))
 
@@ -559,28 +601,28 @@ def test_lru_cell_matches_complex_recurrence(x64):
     B = cell.B_re.weight.value + 1j * cell.B_im.weight.value
     C = cell.C_re.weight.value + 1j * cell.C_im.weight.value
     h = jnp.zeros((2, 5), complex)
-    learner = etrace_core.compile(cell, 'd_rtrl', xs[0], batch_size=2)
+    learner = etrace_core.compile(cell, "d_rtrl", xs[0], batch_size=2)
     for x in xs:
         h = lam * h + gamma * (x @ B)
         ref = (h @ C).real + x * cell.D.value
         np.testing.assert_allclose(learner(x), ref, rtol=1e-10, atol=1e-12)
     traced = {r.weight_path for r in learner.graph.hidden_param_op_relations}
-    assert {('B_re', 'weight'), ('B_im', 'weight')} <= traced
+    assert {("B_re", "weight"), ("B_im", "weight")} <= traced
     grads = _online_grads(learner, xs[:1])
     assert set(grads) == set(cell.states(brainstate.ParamState))
 
 
 def test_linear_variants_and_embedding(x64):
     x = _rand(2, 3)
-    sign = jnp.array([1., -1., 1., -1.])
+    sign = jnp.array([1.0, -1.0, 1.0, -1.0])
     s = nn.SignedWLinear(3, 4, w_sign=sign, key=0)
     np.testing.assert_allclose(s(x), x @ (jnp.abs(s.weight.value) * sign))
     ws = nn.ScaledWSLinear(3, 4, key=0)
-    ref = x @ brainstate.nn.weight_standardization(ws.weight.value['weight'], 1e-4, None)
-    np.testing.assert_allclose(ws(x), ref * ws.weight.value['gain'] + ws.weight.value['bias'])
+    ref = x @ brainstate.nn.weight_standardization(ws.weight.value["weight"], 1e-4, None)
+    np.testing.assert_allclose(ws(x), ref * ws.weight.value["gain"] + ws.weight.value["bias"])
     lora = nn.LoRA(3, 2, 4, key=0)
     p = lora.weight.value
-    np.testing.assert_allclose(lora(x), x @ p['lora_a'] @ p['lora_b'] / 2)
+    np.testing.assert_allclose(lora(x), x @ p["lora_a"] @ p["lora_b"] / 2)
     emb = nn.Embedding(6, 3, key=0)
     idx = jnp.array([[0, 5], [2, 2]])
     np.testing.assert_allclose(emb(idx), emb.weight.value[idx])
@@ -605,13 +647,13 @@ def test_linear_variants_and_embedding(x64):
     xs = _rand(5, 2, 3, seed=4)
     learner = etrace_core.D_RTRL(net)
     learner.compile_graph(xs[0])
-    got = _online_grads(learner, xs)[('inp', 'weight')]
+    got = _online_grads(learner, xs)[("inp", "weight")]
 
     def loss(w):
-        h, total = jnp.zeros((2, 4)), 0.
+        h, total = jnp.zeros((2, 4)), 0.0
         for x in xs:
             h = jnp.tanh(0.8 * h + x @ (jnp.abs(w) * sign))
-            total = total + jnp.sum(h ** 2)
+            total = total + jnp.sum(h**2)
         return total
 
     np.testing.assert_allclose(got, jax.grad(loss)(w0), rtol=TOL, atol=TOL)

@@ -5,6 +5,7 @@ sequences split into several chunks, into chunks of one step (prime T) and into 
 Oracle: the sum over t of brainstate.transform.grad of the loss of `algo(x^t)` (one jitted step
 at a time, no chunking), float64, relative tolerance 1e-12; D-RTRL also against hand-written
 BPTT (exact for these element-wise models)."""
+
 from __future__ import annotations
 
 import brainstate
@@ -23,7 +24,7 @@ from .test_algorithms_exact import (
 )
 
 
-@pytest.mark.parametrize("T", [40, 37, 12])     # chunks of 20 (x2), of 1 (prime), one of 12
+@pytest.mark.parametrize("T", [40, 37, 12])  # chunks of 20 (x2), of 1 (prime), one of 12
 @pytest.mark.parametrize("algo_name", ["es_d_rtrl", "d_rtrl"])
 def test_run_online_equals_per_step_gradients(x64, algo_name, T):
     model, xs, ys, loss, ref = hand_reference("lif", 3, T=T, seed=2)
