@@ -26,7 +26,8 @@ class Linear(brainstate.nn.Module):
 
     The product goes through :func:`etrace_core.ops.matmul`, which is how the online-learning
     compiler recognises ``weight`` (and ``bias``) as trainable ETP weights. Inputs are
-    ``(in_size,)`` or ``(..., in_size)``. Defaults follow torch: both tensors ~ U(-1/sqrt(in), 1/sqrt(in)).
+    ``(in_size,)`` or ``(..., in_size)``. Defaults follow torch: both tensors
+    ~ U(-1/sqrt(in), 1/sqrt(in)).
 
     Constructor forms of braintrace/brainstate work too: ``Linear(in_size, out_size, w_init,
     b_init, w_mask)`` positionally or by keyword, sizes as ints or tuples (the last entry counts
