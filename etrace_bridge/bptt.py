@@ -51,6 +51,21 @@ class BPTTResult(NamedTuple):
 # ----------------------------------------------------------------------------- BPTT
 
 
+def _prepare(module, xs, targets, loss, state, step):
+    """Inputs and targets on the module's device, the loss function, and the step convention
+    with its start state (shared by full and truncated BPTT)."""
+    xs = torch.as_tensor(xs)
+    dtype, device = param_like(module, xs)
+    xs = xs.to(device)
+    if targets is not None and not isinstance(targets, (list, tuple)):
+        targets = torch.as_tensor(targets).to(device)
+    if targets is None or len(targets) != xs.shape[0]:
+        raise ValueError(f"need one target entry per time step ({xs.shape[0]})")
+    if step is None:
+        step, state = torch_step(module, state, xs.shape[1], dtype, device)
+    return xs, targets, device, resolve_loss(loss), step, state
+
+
 def bptt_gradients(
     module: nn.Module,
     xs,
@@ -74,16 +89,7 @@ def bptt_gradients(
     and spikingjelly memories (`etrace_bridge.state_slots`), which are put back after.
     Parameters the loss does not reach get zero gradients.
     """
-    xs = torch.as_tensor(xs)
-    dtype, device = param_like(module, xs)
-    xs = xs.to(device)
-    if targets is not None and not isinstance(targets, (list, tuple)):
-        targets = torch.as_tensor(targets).to(device)
-    if targets is None or len(targets) != xs.shape[0]:
-        raise ValueError(f"need one target entry per time step ({xs.shape[0]})")
-    loss_fn = resolve_loss(loss)
-    if step is None:
-        step, state = torch_step(module, state, xs.shape[1], dtype, device)
+    xs, targets, device, loss_fn, step, state = _prepare(module, xs, targets, loss, state, step)
 
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     outputs = []
@@ -174,16 +180,7 @@ def tbptt_windows(
     if int(window) < 1:
         raise ValueError(f"window must be a positive number of steps, got {window}")
     window = int(window)
-    xs = torch.as_tensor(xs)
-    dtype, device = param_like(module, xs)
-    xs = xs.to(device)
-    if targets is not None and not isinstance(targets, (list, tuple)):
-        targets = torch.as_tensor(targets).to(device)
-    if targets is None or len(targets) != xs.shape[0]:
-        raise ValueError(f"need one target entry per time step ({xs.shape[0]})")
-    loss_fn = resolve_loss(loss)
-    if step is None:
-        step, state = torch_step(module, state, xs.shape[1], dtype, device)
+    xs, targets, device, loss_fn, step, state = _prepare(module, xs, targets, loss, state, step)
     with swapped_slots(module) as slots:
         for start in range(0, xs.shape[0], window):
             stop = min(start + window, xs.shape[0])
