@@ -110,7 +110,7 @@ def learner_case(cache_dir: str = "") -> dict[str, Any]:
     st = _Stages()
     st.wrap(torch.export, "export", "torch.export")
     st.wrap(torch.export.ExportedProgram, "run_decompositions", "run_decompositions")
-    st.wrap(ex, "_trial_run", "eager trial run (export checks)")
+    st.wrap(ex, "_eager_call", "eager trial run (state slots, export checks)")
     st.wrap(md, "lower", "lowering (ATen -> JAX)")
     st.wrap(base.ETraceAlgorithm, "compile_graph", "compile_graph (trace graph)")
     st.wrap(base.ETraceAlgorithm, "init_etrace_state", "init_etrace_state")

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from benchmarks import __main__ as bench_main
-from benchmarks import algorithms, bridge, common
+from benchmarks import algorithms, bridge, cold_start, common, compile_depth, trace_memory
 from benchmarks.memory import peak_rss
 
 
@@ -85,10 +85,11 @@ def test_bridge_step_speed_smoke():
 def test_main_writes_json(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "pin_threads", lambda: True)
     fake = {"goals": [common.Goal("g", 1.0, 2.0).as_dict()]}
-    monkeypatch.setattr(algorithms, "run", lambda **kw: dict(fake))
-    monkeypatch.setattr(bridge, "run", lambda **kw: dict(fake))
+    sets = (algorithms, bridge, compile_depth, trace_memory, cold_start)
+    for module in sets:
+        monkeypatch.setattr(module, "run", lambda **kw: dict(fake))
     out = tmp_path / "r.json"
     assert bench_main.main(["--quick", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["machine"]["cores"] >= 1 and data["versions"]["jax"]
-    assert [g["status"] for g in data["goals"]] == ["PASS", "PASS"]
+    assert [g["status"] for g in data["goals"]] == ["PASS"] * len(sets)

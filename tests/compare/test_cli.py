@@ -55,30 +55,21 @@ NOT_EXPORTABLE = """
 import torch
 from torch import nn
 
-class Clip(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clamp(-1, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-class ClippedRNN(nn.Module):
+class BiGRU(nn.Module):   # reads future inputs: no step-by-step form (refused by name)
     def __init__(self, n_in, n_out):
         super().__init__()
-        self.inp = nn.Linear(n_in, 8)
-        self.readout = nn.Linear(8, n_out)
+        self.gru = nn.GRU(n_in, 8, bidirectional=True)
+        self.readout = nn.Linear(16, n_out)
 
     def initial_state(self, batch_size):
-        return (torch.zeros(batch_size, 8),)
+        return (torch.zeros(2, batch_size, 8),)
 
     def forward(self, x, h):
-        h = Clip.apply(0.5 * h + self.inp(x))
-        return self.readout(h), h
+        y, h = self.gru(x.unsqueeze(0), h)
+        return self.readout(y[0]), h
 
 def factory(n_in, n_out):
-    return ClippedRNN(n_in, n_out)
+    return BiGRU(n_in, n_out)
 """
 
 
