@@ -11,6 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from etrace_bridge.conventions import required_positional
+
 from .config import CompareConfig, CompareError, is_file_spec, one_line, torch_dtype
 from .models import MODEL_NAMES, build_model, initial_state
 from .tasks import SequenceTask
@@ -117,14 +119,8 @@ def zero_state(model: nn.Module, batch: int) -> tuple[torch.Tensor, ...]:
 
 
 def _state_arguments(model: nn.Module) -> int:
-    import inspect
-
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return 0
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return max(0, sum(p.kind in kinds and p.default is p.empty for p in params) - 1)
+    """State arguments of `forward(x, *state)`: its required positional arguments after `x`."""
+    return max(0, required_positional(model) - 1)
 
 
 def torch_outputs(model: nn.Module, xs: torch.Tensor) -> torch.Tensor:
