@@ -33,6 +33,7 @@ from etrace_bridge.state_slots import ABSENT, Slot, discover_slots
 
 __all__ = ["ExportedStep", "export_step", "decomposition_table", "user_frame"]
 
+aten = torch.ops.aten
 _LIFT_PREFIX = "inner."
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _BRIDGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -162,6 +163,7 @@ def _export_step(module, example_inputs, dynamic_batch, batch_axes) -> ExportedS
             f"torch.export captured {type(module).__name__}, but decomposing it to core ATen "
             f"failed: {err}. Simplify the offending operation or open an issue with this message."
         ) from err
+    _fold_fused_cell_biases(program.graph_module.graph)
     _refuse_graph(program, module)
     _refuse_lost_backward(with_autograd, program, module)
     _refuse_new_state(program, args, lifted, module)
@@ -173,6 +175,60 @@ def _export_step(module, example_inputs, dynamic_batch, batch_axes) -> ExportedS
         batch_size=batch,
         functions=functions,
     )
+
+
+_FUSED_CELLS = (aten._thnn_fused_gru_cell.default, aten._thnn_fused_lstm_cell.default)
+
+
+def _fold_fused_cell_biases(graph: torch.fx.Graph) -> None:
+    """Give CUDA's fused GRU/LSTM cells the graph CPU export gives them.
+
+    On CUDA `nn.GRUCell`/`nn.LSTMCell` export as `mm(x, W.T)` + `_thnn_fused_*_cell(gates, ...,
+    b_ih, b_hh)`, the biases added inside the kernel; on CPU as `linear(x, W, b)`. The online
+    compiler traces a bias inside a matmul with the matmul (io-dim in ES-D-RTRL) and a separate
+    bias with its own trace, so without this fold the same model would learn with different
+    gradients on the two devices. Each bias moves into the bias-less matmul that computes its
+    gates (rewritten as `linear(x, W, b)`) when that matmul feeds only the cell.
+    """
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _FUSED_CELLS:
+            continue
+        args = list(node.args) + [None] * (5 - len(node.args))
+        for gates_at, bias_at in ((0, 3), (1, 4)):
+            gates, bias = args[gates_at], args[bias_at]
+            if not (isinstance(bias, torch.fx.Node) and bias.op == "placeholder"):
+                continue
+            operands = _biasless_linear(gates) if isinstance(gates, torch.fx.Node) else None
+            if operands is not None:
+                old = gates.args[1]
+                gates.target = aten.linear.default
+                gates.args = (*operands, bias)
+                gates.kwargs = {}
+                args[bias_at] = None
+                if old is not operands[1] and not old.users:
+                    graph.erase_node(old)  # the transpose `mm` took
+        node.args = tuple(args)
+    graph.lint()
+
+
+def _biasless_linear(gates: torch.fx.Node) -> tuple | None:
+    """`(x, W)` when `gates` is `linear(x, W)` or `mm(x, W.T)` used once, W a graph input."""
+    if len(gates.users) != 1 or gates.kwargs:
+        return None
+    if gates.target == aten.linear.default:
+        if len(gates.args) == 2 or gates.args[2] is None:
+            return gates.args[0], gates.args[1]
+        return None
+    if gates.target != aten.mm.default:
+        return None
+    x, w_t = gates.args
+    is_transpose = isinstance(w_t, torch.fx.Node) and (
+        w_t.target == aten.t.default
+        or (w_t.target == aten.permute.default and list(w_t.args[1]) == [1, 0])
+    )
+    if not is_transpose or w_t.args[0].op != "placeholder":
+        return None
+    return x, w_t.args[0]
 
 
 def _custom_ops_with_autograd(program) -> dict:

@@ -258,3 +258,28 @@ def test_user_frame_skips_torch_frames():
     )
     assert user_frame(trace) == "/home/u/model.py:12 in forward: h = self.cell(x, h)"
     assert user_frame(None) is None
+
+
+def test_fused_cell_biases_fold_into_their_gate_matmuls():
+    """CUDA exports GRUCell/LSTMCell as bias-less `linear` + `_thnn_fused_*_cell(..., b_ih,
+    b_hh)`; the fold gives them CPU's `linear(x, W, b)` so both devices learn alike (ES-D-RTRL
+    traces a bias inside a matmul differently from a separate one). Runs without a GPU."""
+    from etrace_bridge.export import _fold_fused_cell_biases
+
+    aten = torch.ops.aten
+    for cell in (aten._thnn_fused_gru_cell.default, aten._thnn_fused_lstm_cell.default):
+        g = torch.fx.Graph()
+        x, h, w_ih, w_hh, b_ih, b_hh = (
+            g.placeholder(n) for n in ("x", "h", "w_ih", "w_hh", "b_ih", "b_hh")
+        )
+        # the graph CUDA export gives (`mm(x, W.T)`), and a bias-less linear
+        ig = g.call_function(
+            aten.mm.default, (x, g.call_function(aten.permute.default, (w_ih, [1, 0])))
+        )
+        hg = g.call_function(aten.linear.default, (h, w_hh))
+        out = g.call_function(cell, (ig, hg, h, b_ih, b_hh))
+        g.output(out)
+        _fold_fused_cell_biases(g)
+        assert ig.target == hg.target == aten.linear.default
+        assert ig.args == (x, w_ih, b_ih) and hg.args == (h, w_hh, b_hh)
+        assert out.args == (ig, hg, h, None, None)
