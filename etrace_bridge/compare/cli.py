@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_METHODS,
         help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default "
         f"{','.join(DEFAULT_METHODS)}); variants tbptt@K (window K), "
-        "es_d_rtrl@DECAY, hybrid@DECAY",
+        "es_d_rtrl@DECAY, hybrid@DECAY; an online method with +wK learns in windows of K "
+        "steps (exact BPTT inside a window, traces across): d_rtrl+w4, es_d_rtrl@0.99+w2, "
+        "+w1 = one step of exact backprop + traces",
     )
     p.add_argument(
         "--quick",
