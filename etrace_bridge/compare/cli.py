@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="multiscale (leaky units, time constants 1-1000 steps; the default for "
         "cue_delay), gru (the default for the other tasks), "
-        "lstm, lif (spiking, leaky readout), lif_direct (spiking, memoryless "
-        "readout), leaky (one 10-step time constant), or path/to/file.py:factory",
+        "gru2 (two stacked nn.GRUCell layers), lstm, lif (spiking, leaky "
+        "readout), lif_direct (spiking, memoryless readout), leaky (one 10-step time "
+        "constant), or path/to/file.py:factory",
     )
     p.add_argument(
         "--task",

@@ -2,7 +2,8 @@
 
 Oracle: torch autograd BPTT (`bptt_gradients`), float64, worst relative error <= 1e-10:
 - a torch `nn.GRUCell` + `nn.Linear` (recurrent weights, where single-step online gradients are
-  approximate) with window = T, for D-RTRL, ES-D-RTRL and hybrid;
+  approximate) with window = T, for D-RTRL, ES-D-RTRL and hybrid; two stacked `nn.GRUCell`s
+  with window = T (ES-D-RTRL);
 - D-RTRL on a leaky cell without recurrent weights (element-wise: exact for every window) with
   window 3 on T = 7 (the last window shorter) and window 1.
 """
@@ -13,7 +14,12 @@ import pytest
 import torch
 
 from etrace_bridge.bptt import bptt_gradients, compare_gradients
-from etrace_bridge.compare.models import GRUClassifier, LeakyRNN, initial_state
+from etrace_bridge.compare.models import (
+    GRUClassifier,
+    LeakyRNN,
+    StackedGRUClassifier,
+    initial_state,
+)
 from etrace_bridge.learner import OnlineLearner
 
 T, B, I, H, O = 7, 3, 5, 6, 2
@@ -55,6 +61,14 @@ def _check(model, algorithm, window, **opts):
 def test_gru_window_of_the_sequence_is_torch_bptt(x64, algorithm, opts):
     torch.manual_seed(0)
     _check(GRUClassifier(I, H, O).double(), algorithm, T, **opts)
+
+
+def test_stacked_gru_window_of_the_sequence_is_torch_bptt(x64):
+    """Two stacked nn.GRUCell layers (layer 1 feeding layer 2's memory)."""
+    torch.manual_seed(0)
+    learner, _, _ = _check(StackedGRUClassifier(I, H, O).double(), "es_d_rtrl", T)
+    traced = {r.weight_path for r in learner.algorithm.graph.hidden_param_op_relations}
+    assert {("cell1", "weight_hh"), ("cell2", "weight_ih")} <= traced, traced
 
 
 def test_d_rtrl_windows_on_element_wise_model_are_bptt(x64):
