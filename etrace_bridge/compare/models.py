@@ -245,13 +245,13 @@ class LIFNet(nn.Module):
 _BUILDERS = {
     "multiscale": MultiTimescaleLeaky,
     "gru": GRUClassifier,
-    "gru2": StackedGRUClassifier,
     "lstm": LSTMClassifier,
     "lif": LIFNet,
     "leaky": LeakyRNN,
     "lif_direct": lambda n_in, n_hidden, n_out, **kw: LIFNet(
         n_in, n_hidden, n_out, **{"tau_out": None, **kw}
     ),
+    "gru2": StackedGRUClassifier,
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
