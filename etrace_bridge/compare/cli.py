@@ -3,6 +3,7 @@
     etrace-compare --quick --out etrace-report          # the long-horizon story, fast
     etrace-compare --out docs/compare-report            # the same, full size (T up to 50,000)
     etrace-compare --task digits --methods bptt,d_rtrl,es_d_rtrl,hybrid   # GRU, T = 8
+    etrace-compare --task digits --methods bptt,d_rtrl+w2,es_d_rtrl+w4   # online + windows
     etrace-compare --stream --stream-every 10           # one long stream, no resets
     etrace-compare --model lif_direct --delay 50 --methods bptt,tbptt@60,d_rtrl
     etrace-compare --model my_model.py:factory --epochs 5
