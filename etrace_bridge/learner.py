@@ -40,6 +40,12 @@ class OnlineLearner:
     the step. A model returning several outputs (snntorch `output=True`: `(spk, mem)`) needs
     `output=i`, the output the loss applies to, unless `loss` is a torch callable that takes
     the whole tuple.
+
+    `window=K` learns in windows of K steps inside `run`: exact BPTT through each window, the
+    eligibility traces carrying the gradient across windows (the algorithm runs with
+    ``vjp_method='multi-step'``; K = T is BPTT, K = 1 one step of exact backprop + traces; a
+    last window shorter than K when K does not divide T). `vjp_method='multi-step'` without
+    `window` makes each `run` call one window. `step` is a window of one step.
     """
 
     def __init__(
@@ -54,8 +60,10 @@ class OnlineLearner:
         dynamic_batch: bool = True,
         output: Optional[int] = None,
         check_finite: bool = False,
+        window: Optional[int] = None,
         **algorithm_options,
     ):
+        self.window = _window_option(window, algorithm_options)
         self.torch_module = module
         _refuse_complex_parameters(module)
         self.model: TorchModule = from_torch(
@@ -87,6 +95,12 @@ class OnlineLearner:
 
     def step(self, x_t, target_t) -> torch.Tensor:
         """One online step; returns the loss and accumulates gradients into `p.grad`."""
+        if self.window is not None and self.window > 1:
+            raise ValueError(
+                f"step() runs one time step, but this learner learns in windows of "
+                f"{self.window} steps: pass the window's steps to run(xs, targets), or build "
+                "the learner with window=1"
+            )
         return self._run(
             x_t,
             _inputs_to_jax(x_t, step=True),
@@ -105,7 +119,9 @@ class OnlineLearner:
             self._ensure_batch(args, sequence)
             check_targets(self._loss_name, self._output_shape(), ys, leading=1)
             undo = self._undo_point() if self._finite.strict else None
-            result = etrace_core.run_online(self.algorithm, self.loss_fn, args, ys)
+            result = etrace_core.run_online(
+                self.algorithm, self.loss_fn, args, ys, window=self.window
+            )
             loss = torch.from_numpy(np.array(result.loss))
             grads = _torch_grads(result.grads, params)
             problem = self._finite.check(
@@ -202,6 +218,21 @@ class OnlineLearner:
         if verbose:
             print(msg)
         return msg if return_msg else None
+
+
+def _window_option(window, options: dict) -> Optional[int]:
+    """Check `window` and set the algorithm's `vjp_method` to match (in `options`)."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not hasattr(window, "__index__") or int(window) < 1:
+        raise ValueError(f"window must be a positive number of time steps, got {window!r}")
+    method = options.setdefault("vjp_method", "multi-step")
+    if method != "multi-step":
+        raise ValueError(
+            f"window={window} learns with exact BPTT inside windows, which needs "
+            f"vjp_method='multi-step', not {method!r} (leave vjp_method out)"
+        )
+    return int(window)
 
 
 def _refuse_complex_parameters(module: torch.nn.Module) -> None:

@@ -3,6 +3,7 @@
     etrace-compare --quick --out etrace-report          # the long-horizon story, fast
     etrace-compare --out docs/compare-report            # the same, full size (T up to 50,000)
     etrace-compare --task digits --methods bptt,d_rtrl,es_d_rtrl,hybrid   # GRU, T = 8
+    etrace-compare --task digits --methods bptt,d_rtrl+w2,es_d_rtrl+w4   # online + windows
     etrace-compare --stream --stream-every 10           # one long stream, no resets
     etrace-compare --model lif_direct --delay 50 --methods bptt,tbptt@60,d_rtrl
     etrace-compare --model my_model.py:factory --epochs 5
@@ -93,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="multiscale (leaky units, time constants 1-1000 steps; the default for "
         "cue_delay), gru (the default for the other tasks), "
-        "lstm, lif (spiking, leaky readout), lif_direct (spiking, memoryless "
-        "readout), leaky (one 10-step time constant), or path/to/file.py:factory",
+        "gru2 (two stacked nn.GRUCell layers), lstm, lif (spiking, leaky "
+        "readout), lif_direct (spiking, memoryless readout), leaky (one 10-step time "
+        "constant), or path/to/file.py:factory",
     )
     p.add_argument(
         "--task",
@@ -109,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_METHODS,
         help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default "
         f"{','.join(DEFAULT_METHODS)}); variants tbptt@K (window K), "
-        "es_d_rtrl@DECAY, hybrid@DECAY",
+        "es_d_rtrl@DECAY, hybrid@DECAY; an online method with +wK learns in windows of K "
+        "steps (exact BPTT inside a window, traces across): d_rtrl+w4, es_d_rtrl@0.99+w2, "
+        "+w1 = one step of exact backprop + traces",
     )
     p.add_argument(
         "--quick",

@@ -17,7 +17,9 @@ from .tasks import TASK_NAMES, TASK_SETTINGS
 ONLINE_METHODS = ALGORITHM_NAMES
 # bptt: torch BPTT; tbptt: torch truncated BPTT (window K, state detached between windows);
 # the rest are etrace's online algorithms. `name@value` is a variant: tbptt@K (window),
-# es_d_rtrl@0.99 / hybrid@0.99 (trace decay).
+# es_d_rtrl@0.99 / hybrid@0.99 (trace decay). An online method ending in `+wK` learns in windows
+# of K steps (exact BPTT inside a window, traces across windows): d_rtrl+w4, es_d_rtrl@0.99+w2;
+# `+w1` is one step of exact backprop + traces.
 METHODS = ("bptt", "tbptt", *ONLINE_METHODS)
 DEFAULT_METHODS = ("bptt", "tbptt", "d_rtrl", "es_d_rtrl")
 TORCH_METHODS = ("bptt", "tbptt")
@@ -33,15 +35,25 @@ TASK_FLAGS = {
 }
 
 
+WINDOW_MARK = "+w"
+VARIANTS_HELP = "tbptt@K, es_d_rtrl@DECAY, hybrid@DECAY, and +wK on an online method"
+
+
 def method_base(method: str) -> str:
-    """'tbptt@20' -> 'tbptt'."""
-    return method.partition("@")[0]
+    """'tbptt@20' -> 'tbptt', 'es_d_rtrl@0.99+w4' -> 'es_d_rtrl'."""
+    return method.partition(WINDOW_MARK)[0].partition("@")[0]
 
 
 def method_option(method: str) -> float | None:
-    """'tbptt@20' -> 20.0, 'es_d_rtrl@0.99' -> 0.99, 'bptt' -> None."""
-    _, at, value = method.partition("@")
+    """'tbptt@20' -> 20.0, 'es_d_rtrl@0.99' -> 0.99, 'es_d_rtrl@0.99+w4' -> 0.99, 'bptt' -> None."""
+    _, at, value = method.partition(WINDOW_MARK)[0].partition("@")
     return float(value) if at else None
+
+
+def method_window(method: str) -> int | None:
+    """The online window of a variant: 'd_rtrl+w4' -> 4, 'd_rtrl' -> None."""
+    _, mark, value = method.partition(WINDOW_MARK)
+    return int(value) if mark else None
 
 
 def is_online(method: str) -> bool:
@@ -176,19 +188,25 @@ class CompareConfig:
 
 
 def _check_method(m: str) -> None:
-    base, at, value = m.partition("@")
+    head, mark, window = m.partition(WINDOW_MARK)
+    base, at, value = head.partition("@")
     if base not in METHODS:
         raise CompareError(
             f"unknown method {m!r}; expected one of {', '.join(METHODS)} "
-            "(variants: tbptt@K, es_d_rtrl@DECAY, hybrid@DECAY)"
+            f"(variants: {VARIANTS_HELP})"
         )
+    if mark:
+        if base in TORCH_METHODS:
+            raise CompareError(
+                f"{m!r}: +wK (online windows) applies to the online methods "
+                f"{', '.join(ONLINE_METHODS)}; truncated BPTT's window is tbptt@K"
+            )
+        if not (window.isdigit() and int(window) >= 1):
+            raise CompareError(f"{m!r}: the online window +wK needs a positive integer K")
     if not at:
         return
     if base not in _VARIANT_OPTION:
-        raise CompareError(
-            f"method {base} takes no @option (got {m!r}); variants: tbptt@K, "
-            "es_d_rtrl@DECAY, hybrid@DECAY"
-        )
+        raise CompareError(f"method {base} takes no @option (got {m!r}); variants: {VARIANTS_HELP}")
     try:
         number = float(value)
     except ValueError:

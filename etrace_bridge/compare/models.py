@@ -2,8 +2,9 @@
 
 State conventions (see `etrace_bridge.bptt`):
 
-- `GRUClassifier`, `LSTMClassifier`, `LeakyRNN`, `MultiTimescaleLeaky`: explicit state,
-  `forward(x, *state) -> (y, *new_state)`; `initial_state` gives the zero state.
+- `GRUClassifier`, `StackedGRUClassifier`, `LSTMClassifier`, `LeakyRNN`,
+  `MultiTimescaleLeaky`: explicit state, `forward(x, *state) -> (y, *new_state)`;
+  `initial_state` gives the zero state.
 - `LIFNet`: state in registered (non-persistent) buffers of shape `(B, H)`, sized
   by `reset_state(batch_size)` and updated in `forward` by plain attribute
   assignment (`self.v = v_new`). `torch.export` records that as a buffer mutation
@@ -31,6 +32,7 @@ __all__ = [
     "spike_op",
     "spike_jax",
     "GRUClassifier",
+    "StackedGRUClassifier",
     "LSTMClassifier",
     "LeakyRNN",
     "MultiTimescaleLeaky",
@@ -95,6 +97,24 @@ class GRUClassifier(nn.Module):
     def forward(self, x, h):
         h = self.cell(x, h)
         return self.readout(h), h
+
+
+class StackedGRUClassifier(nn.Module):
+    """Two stacked `nn.GRUCell` layers with a linear readout of the second;
+    `forward(x, h1, h2) -> (logits, h1, h2)`. Layer 1's weights reach the output through layer
+    2's memory: a path through time that single-step traces drop (windows `+wK` keep it inside
+    a window)."""
+
+    def __init__(self, n_in: int, n_hidden: int, n_out: int):
+        super().__init__()
+        self.cell1 = nn.GRUCell(n_in, n_hidden)
+        self.cell2 = nn.GRUCell(n_hidden, n_hidden)
+        self.readout = nn.Linear(n_hidden, n_out)
+
+    def forward(self, x, h1, h2):
+        h1 = self.cell1(x, h1)
+        h2 = self.cell2(h1, h2)
+        return self.readout(h2), h1, h2
 
 
 class LSTMClassifier(nn.Module):
@@ -231,6 +251,7 @@ _BUILDERS = {
     "lif_direct": lambda n_in, n_hidden, n_out, **kw: LIFNet(
         n_in, n_hidden, n_out, **{"tau_out": None, **kw}
     ),
+    "gru2": StackedGRUClassifier,
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
@@ -251,7 +272,9 @@ def initial_state(model: nn.Module, batch_size: int) -> tuple[torch.Tensor, ...]
     if hasattr(model, "reset_state"):
         model.reset_state(batch_size)
         return ()
-    if isinstance(model, (GRUClassifier, LSTMClassifier)):
+    if isinstance(model, StackedGRUClassifier):
+        hidden, n_state = model.cell1.hidden_size, 2
+    elif isinstance(model, (GRUClassifier, LSTMClassifier)):
         hidden, n_state = model.cell.hidden_size, 2 if isinstance(model, LSTMClassifier) else 1
     elif isinstance(model, (LeakyRNN, MultiTimescaleLeaky)):
         hidden, n_state = model.input.out_features, 1

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import is_online, method_base, method_option
+from .config import is_online, method_base, method_option, method_window
 from .results import ComparisonResult
 
 __all__ = [
@@ -68,6 +68,9 @@ def _label(result: ComparisonResult, method: str) -> str:
             else (int(option) if option else result.config.tbptt_window)
         )
         return f"{name}(K={window})"
+    window = method_window(method)
+    if window is not None:
+        name = f"{name} + window {window}"
     if method in result.decays:
         return f"{name} (decay {result.decays[method]:.3g})"
     return name
@@ -366,9 +369,10 @@ def options_table(result: ComparisonResult) -> Table:
         ),
         (
             "all online",
-            "windows (vjp_method='multi-step')",
-            "not offered: OnlineLearner.run steps one time step at a time and etrace_core's "
-            "run_online refuses a multi-step executor",
+            "window K (d_rtrl+wK, es_d_rtrl@DECAY+wK; OnlineLearner(window=K))",
+            "exact BPTT inside windows of K steps, the traces carry the gradient across "
+            "windows: K = T is BPTT, +w1 one step of exact backprop + traces; the memory of "
+            "K steps of BPTT on top of the traces",
         ),
     ]
     return Table(
@@ -376,7 +380,7 @@ def options_table(result: ComparisonResult) -> Table:
         ("algorithm", "option", "why"),
         rows,
         "Variants to measure side by side: --methods bptt,tbptt@10,tbptt@"
-        f"{horizon + 1},d_rtrl,es_d_rtrl@0.9,es_d_rtrl",
+        f"{horizon + 1},d_rtrl,es_d_rtrl@0.9,es_d_rtrl,es_d_rtrl+w10",
     )
 
 

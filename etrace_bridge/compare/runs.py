@@ -92,8 +92,8 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] = print) ->
         xs0, ys0 = first_minibatch(task, cfg, dtype)
         trainers, setup = build_trainers(cfg, init, task, xs0, log)
         for method, trainer in trainers.items():
-            if method_base(method) == "hybrid":
-                result.notes.append(hybrid_choice(trainer))
+            if method_base(method) == "hybrid" and hybrid_choice(trainer) not in result.notes:
+                result.notes.append(hybrid_choice(trainer))  # once for all hybrid variants
         result.fidelity = gradient_fidelity(init, trainers, xs0, ys0, task_loss(task), setup)
         for method, trainer in trainers.items():
             result.runs[method] = train_method(trainer, task, cfg, setup[method])

@@ -7,7 +7,14 @@ from torch import nn
 
 from etrace_bridge.bptt import bptt_gradients, tbptt_windows
 
-from .config import CompareConfig, CompareError, method_base, method_option, one_line
+from .config import (
+    CompareConfig,
+    CompareError,
+    method_base,
+    method_option,
+    method_window,
+    one_line,
+)
 from .data import task_loss
 from .factory import zero_state
 from .models import spike_jax
@@ -109,12 +116,15 @@ class OnlineTrainer:
         example_x: torch.Tensor,
         decay: float,
         algorithm: str | None = None,
+        window: int | None = None,
     ):
         from etrace_bridge.learner import OnlineLearner
 
         algorithm = algorithm or method
         self.method, self.model, self.decay = method, model, decay
         options = {} if algorithm == "d_rtrl" else {"decay_or_rank": decay}
+        if window is not None:
+            options["window"] = window
         state = zero_state(model, example_x.shape[0])
         try:
             self.learner = OnlineLearner(
@@ -212,4 +222,5 @@ def make_trainer(
         example_x,
         trace_decay(method, task, cfg),
         algorithm=base,
+        window=method_window(method),
     )

@@ -15,6 +15,7 @@ from etrace_core.executor.step import jacobian_step, vjp_step
 from . import online
 from .base import ETraceAlgorithm, _advance
 from .online import add_grads
+from .windows import check_window, drive_windows
 
 
 class OnlineResult(NamedTuple):
@@ -24,36 +25,55 @@ class OnlineResult(NamedTuple):
 
 
 def run_online(
-    algo: ETraceAlgorithm, loss_fn: Callable, xs, targets, *, return_outputs: bool = False
+    algo: ETraceAlgorithm,
+    loss_fn: Callable,
+    xs,
+    targets,
+    *,
+    return_outputs: bool = False,
+    window: Optional[int] = None,
 ) -> OnlineResult:
     """Run `algo` over time-major inputs `xs` (an array or a tuple of step arguments, each with a
     leading time axis) against `targets`, with `loss_fn(output, target) -> scalar`.
+
+    With ``vjp_method='multi-step'`` the sequence is processed in windows of `window` steps
+    (the last one shorter when `window` does not divide T; None: one window of all T steps):
+    exact BPTT inside each window, eligibility traces across windows (see `windows`). A
+    single-step algorithm takes no `window`.
 
     The model's states and traces advance by T steps; parameters are not changed.
     """
     states = algo._check_ready()
     if algo.executor.is_multi_step_vjp:
+        window = None if window is None else check_window(window)
+    elif window is not None:
         raise ValueError(
-            "run_online steps one time step at a time; for windows of exact BPTT "
-            "call the algorithm on MultiStepData under brainstate.transform.grad"
+            f"window={window!r} needs an algorithm built with vjp_method='multi-step' "
+            f"({type(algo).__name__} here uses 'single-step', one time step at a time)"
         )
     params, rest = algo._split_values(states)
     drivers = algo._drivers
-    key = (loss_fn, return_outputs)
+    key = (loss_fn, return_outputs, window, algo.executor.is_multi_step_vjp)
     if key not in drivers:
-        # the traces are donated: the call replaces them, so XLA may update them in place
-        # instead of holding the old and the new copy (D-RTRL's trace is B x |theta|)
-        drivers[key] = jax.jit(
-            partial(
-                _drive,
+        out_tree = algo.graph.module_info.out_tree
+        if algo.executor.is_multi_step_vjp:
+            drive = partial(
+                drive_windows,
                 algo._plan,
-                algo.graph.module_info.out_tree,
+                algo.executor,
+                out_tree,
                 loss_fn,
                 algo.check_finite,
                 return_outputs,
-            ),
-            donate_argnums=(2,),
-        )
+                window,
+            )
+        else:
+            drive = partial(
+                _drive, algo._plan, out_tree, loss_fn, algo.check_finite, return_outputs
+            )
+        # the traces are donated: the call replaces them, so XLA may update them in place
+        # instead of holding the old and the new copy (D-RTRL's trace is B x |theta|)
+        drivers[key] = jax.jit(drive, donate_argnums=(2,))
     args = xs if isinstance(xs, tuple) else (xs,)
     loss, grads, outs, rest, etrace = drivers[key](params, rest, algo.etrace.value, args, targets)
     algo._write(

@@ -22,7 +22,7 @@ from etrace_bridge.compare.models import (
 )
 
 T, B, N_IN, N_OUT, H = 5, 3, 4, 2, 6
-NAMES = ["gru", "lstm", "lif", "leaky"]
+NAMES = ["gru", "lstm", "lif", "leaky", "gru2"]
 
 
 def _points():

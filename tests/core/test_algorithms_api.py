@@ -220,15 +220,6 @@ def test_unknown_vjp_method():
         etrace_core.D_RTRL(GRUNet(), vjp_method="bptt")
 
 
-def test_run_online_rejects_multi_step_vjp():
-    model, _, xs, ys = gru_setup()
-    algo = etrace_core.ES_D_RTRL(model, vjp_method="multi-step")
-    algo.compile_graph(xs[0])
-    algo.init_etrace_state()
-    with pytest.raises(ValueError, match="MultiStepData"):
-        etrace_core.run_online(algo, mse, xs, ys)
-
-
 @pytest.mark.parametrize("cls", [etrace_core.ES_D_RTRL, etrace_core.HybridDimVjpAlgorithm])
 def test_decay_or_rank(cls):
     for bad, err, msg in [
