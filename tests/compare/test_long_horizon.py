@@ -6,6 +6,7 @@ window covering the sequence must equal it to 1e-12, online D-RTRL gradients to 
 """
 
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -263,6 +264,32 @@ def test_bptt_past_the_budget_stops_without_crashing():
     assert [p.seq_len for p in profile.sweep] == [10]
     assert profile.over_budget_from == 40000
     assert OVER_BUDGET_EXIT != 0
+
+
+def test_memory_child_killed_by_a_signal_is_run_once_more(monkeypatch, tmp_path):
+    """A child that dies by a signal gets one fresh retry; a second death is reported."""
+    import etrace_bridge.compare.measure as measure
+
+    marker = tmp_path / "ran"
+    point = '{"kind": "point", "seq_len": 10, "peak_mb": 1.0, "before_mb": 1.0, '
+    point += '"first_seconds": 0.1, "step_seconds": 0.1, "hwm_reset": true}'
+    body = (
+        "import os, pathlib, signal, sys; m = pathlib.Path({m!r}); first = not m.exists(); "
+        "m.touch(); sys.stdin.read(); "
+        "os.kill(os.getpid(), signal.SIGABRT) if first or {always} else "
+        "print({mark!r} + {point!r})"
+    )
+    cfg = CompareConfig(methods=("bptt",), progress=False).checked()
+    factory = resolve_model("multiscale", cfg.hidden)
+    for always, expect_error in ((False, False), (True, True)):
+        marker.unlink(missing_ok=True)
+        code = body.format(m=str(marker), always=always, mark=measure._MARK, point=point)
+        monkeypatch.setattr(measure, "child_command", lambda _, c=code: [sys.executable, "-c", c])
+        profile = measure.measure_memory(cfg, factory, "bptt")
+        if expect_error:
+            assert "killed by signal 6" in profile.error and "(twice)" in profile.error
+        else:
+            assert profile.error is None and [p.seq_len for p in profile.sweep] == [10]
 
 
 # ----------------------------------------------------------------------------- stream
