@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import brainstate
 import jax
 import numpy as np
 import torch
@@ -118,7 +119,7 @@ def _to_torch(x, device=None):
     """A JAX/numpy step input as a torch tensor on the module's device (DLPack keeps a GPU
     array on the GPU)."""
     if isinstance(x, jax.Array):
-        x = to_torch(x, copy=True)
+        x = to_torch(x).clone()  # a torch-side copy (JAX's own copy compiles a program)
     elif isinstance(x, np.ndarray):
         x = torch.from_numpy(np.array(x))
     else:
@@ -127,18 +128,29 @@ def _to_torch(x, device=None):
 
 
 def _jax_run(tm, inputs: list[tuple]) -> list[dict]:
-    """The converted steps from the module's start state; hidden states put back after."""
+    """The converted steps from the module's start state, all in one compiled program (one
+    XLA compile instead of one per operation and shape); hidden states put back after."""
     b = tm._bridge
-    records = []
-    with tm.states_kept():
-        tm.init_state()
-        for xs in inputs:
-            y = tm.update(*_import(xs))
+    imported = [_import(xs) for xs in inputs]
+    leaves, tree = jax.tree.flatten(imported)
+    dynamic = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+
+    def steps(arrays):
+        given = list(leaves)
+        for i, x in zip(dynamic, arrays):
+            given[i] = x
+        records = []
+        for xs in jax.tree.unflatten(tree, given):
+            y = tm.update(*xs)
             record = _flatten("output", y)
             record.update({f"state {'.'.join(p)}": tm._read_hidden(p) for p in b.layout.init})
             record.update({f"state {name}": tm._state(p).value for p, name in b.buffer_states})
             records.append(record)
-    return records
+        return records
+
+    with tm.states_kept():
+        tm.init_state()
+        return brainstate.transform.jit(steps)([leaves[i] for i in dynamic])
 
 
 def _compare(step: int, what: str, ref, got) -> Mismatch | None:
