@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from etrace_bridge.arrays import import_tensor, to_torch, x64_enabled
 from etrace_bridge.errors import ConversionCheckError
+from etrace_bridge.shared_programs import call_jaxpr
 from etrace_bridge.state_slots import all_slots, swapped_slots
 
 __all__ = ["check_conversion", "Mismatch", "TOLERANCE"]
@@ -129,7 +130,8 @@ def _to_torch(x, device=None):
 
 def _jax_run(tm, inputs: list[tuple]) -> list[dict]:
     """The converted steps from the module's start state, all in one compiled program (one
-    XLA compile instead of one per operation and shape); hidden states put back after."""
+    XLA compile instead of one per operation and shape, shared by conversions of the same
+    structure: `etrace_bridge.shared_programs`); hidden states put back after."""
     b = tm._bridge
     imported = [_import(xs) for xs in inputs]
     leaves, tree = jax.tree.flatten(imported)
@@ -148,9 +150,16 @@ def _jax_run(tm, inputs: list[tuple]) -> list[dict]:
             records.append(record)
         return records
 
+    arrays = [leaves[i] for i in dynamic]
     with tm.states_kept():
         tm.init_state()
-        return brainstate.transform.jit(steps)([leaves[i] for i in dynamic])
+        fn = brainstate.transform.StatefulFunction(steps)
+        fn.make_jaxpr(arrays)
+        closed = fn.get_jaxpr(arrays)
+        values = [st.value for st in fn.get_states(arrays)]
+        out_tree = jax.tree_util.treedef_children(fn.get_out_treedef(arrays))[0]
+        flat = call_jaxpr(closed, *jax.tree.leaves(arrays), *jax.tree.leaves(values))
+    return jax.tree.unflatten(out_tree, flat[: out_tree.num_leaves])
 
 
 def _compare(step: int, what: str, ref, got) -> Mismatch | None:

