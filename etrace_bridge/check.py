@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import brainstate
 import jax
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from etrace_bridge.arrays import import_tensor, to_torch, x64_enabled
 from etrace_bridge.errors import ConversionCheckError
+from etrace_bridge.shared_programs import call_jaxpr
 from etrace_bridge.state_slots import all_slots, swapped_slots
 
 __all__ = ["check_conversion", "Mismatch", "TOLERANCE"]
@@ -118,7 +120,7 @@ def _to_torch(x, device=None):
     """A JAX/numpy step input as a torch tensor on the module's device (DLPack keeps a GPU
     array on the GPU)."""
     if isinstance(x, jax.Array):
-        x = to_torch(x, copy=True)
+        x = to_torch(x).clone()  # a torch-side copy (JAX's own copy compiles a program)
     elif isinstance(x, np.ndarray):
         x = torch.from_numpy(np.array(x))
     else:
@@ -127,18 +129,37 @@ def _to_torch(x, device=None):
 
 
 def _jax_run(tm, inputs: list[tuple]) -> list[dict]:
-    """The converted steps from the module's start state; hidden states put back after."""
+    """The converted steps from the module's start state, all in one compiled program (one
+    XLA compile instead of one per operation and shape, shared by conversions of the same
+    structure: `etrace_bridge.shared_programs`); hidden states put back after."""
     b = tm._bridge
-    records = []
-    with tm.states_kept():
-        tm.init_state()
-        for xs in inputs:
-            y = tm.update(*_import(xs))
+    imported = [_import(xs) for xs in inputs]
+    leaves, tree = jax.tree.flatten(imported)
+    dynamic = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+
+    def steps(arrays):
+        given = list(leaves)
+        for i, x in zip(dynamic, arrays):
+            given[i] = x
+        records = []
+        for xs in jax.tree.unflatten(tree, given):
+            y = tm.update(*xs)
             record = _flatten("output", y)
             record.update({f"state {'.'.join(p)}": tm._read_hidden(p) for p in b.layout.init})
             record.update({f"state {name}": tm._state(p).value for p, name in b.buffer_states})
             records.append(record)
-    return records
+        return records
+
+    arrays = [leaves[i] for i in dynamic]
+    with tm.states_kept():
+        tm.init_state()
+        fn = brainstate.transform.StatefulFunction(steps)
+        fn.make_jaxpr(arrays)
+        closed = fn.get_jaxpr(arrays)
+        values = [st.value for st in fn.get_states(arrays)]
+        out_tree = jax.tree_util.treedef_children(fn.get_out_treedef(arrays))[0]
+        flat = call_jaxpr(closed, *jax.tree.leaves(arrays), *jax.tree.leaves(values))
+    return jax.tree.unflatten(out_tree, flat[: out_tree.num_leaves])
 
 
 def _compare(step: int, what: str, ref, got) -> Mismatch | None:

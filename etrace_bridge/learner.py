@@ -78,7 +78,7 @@ class OnlineLearner:
             _jax_loss(loss, self.model, self._example, custom_ops),
             loss,
             output,
-            _output_shapes(self.model, self._example),
+            _output_shapes(self.algorithm.graph.module_info),
         )
         self._loss_name = loss if isinstance(loss, str) else None
         self._lock = threading.RLock()  # one step at a time (see docs/limitations.md)
@@ -246,14 +246,16 @@ def _refuse_complex_parameters(module: torch.nn.Module) -> None:
         )
 
 
-def _output_shapes(model: TorchModule, example) -> Any:
-    """The output's shape, or a list of shapes for a tuple output (one eager step; states put
-    back)."""
-    with model.states_kept():
-        out = model.update(*example)
+def _output_shapes(info) -> Any:
+    """The output's shape, or a list of shapes for a tuple output, from the compiled step graph
+    (`etrace_core`'s module info: no step is run, nothing is compiled)."""
+    out = jax.tree.unflatten(
+        info.out_tree, [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in info.output_vars]
+    )
+    shape = lambda a: tuple(a.shape)
     if isinstance(out, (tuple, list)):
-        return [jax.tree.map(jnp.shape, o) for o in out]
-    return jax.tree.map(jnp.shape, out)
+        return [jax.tree.map(shape, o) for o in out]
+    return jax.tree.map(shape, out)
 
 
 def select_output(loss_fn: Callable, loss: Any, output: Optional[int], shapes) -> Callable:

@@ -27,6 +27,7 @@ class _Compiled:
 
     def __init__(self, plan=None, example=None):
         self.plan, self.example, self.drivers = plan, example, {}
+        self.states = None  # the model's states by path at the last full walk (_check_ready)
 
 
 class ETraceState(brainstate.ShortTermState):
@@ -66,7 +67,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         # one (per hidden group, block-diagonal), so the flag is kept for compatibility only
         self.fast_solve = bool(fast_solve)
         self.trace_dtype = None if trace_dtype is None else jnp.dtype(trace_dtype)
-        self.running_index = brainstate.LongTermState(jnp.zeros((), jnp.int32))
+        self.running_index = brainstate.LongTermState(jax.device_put(np.zeros((), np.int32)))
         self.etrace = None
         self._compiled = _Compiled()
 
@@ -150,12 +151,14 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def init_etrace_state(self, *args, **kwargs) -> None:
         """Create zero traces for the current hidden-state shapes."""
         plan = self._require_plan()
-        traces = online.init_traces(plan)
-        if self.trace_dtype is not None:
-            traces = jax.tree.map(lambda t: t.astype(self.trace_dtype), traces)
-        value = {"traces": traces, "count": jnp.zeros((), _float_dtype())}
+        shapes = jax.eval_shape(lambda: online.init_traces(plan))
+        dtype = self.trace_dtype
+        traces = jax.tree.map(
+            lambda s: np.zeros(s.shape, s.dtype if dtype is None else dtype), shapes
+        )
+        value = {"traces": traces, "count": np.zeros((), _float_dtype())}
         value = _committed(value, self.model)
-        self.running_index.value = jnp.zeros((), jnp.int32)
+        self.running_index.value = _committed(np.zeros((), np.int32), self.model)
         if self.etrace is None:
             self.etrace = ETraceState(value)
         else:  # keep the State object (a new one made inside a transformation would leak)
@@ -164,7 +167,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def reset_state(self, *args, **kwargs) -> None:
         """Zero the traces (the model's own states are reset by the model)."""
         if self.etrace is not None:
-            zeros = jax.tree.map(jnp.zeros_like, self.etrace.value)
+            zeros = jax.tree.map(lambda x: np.zeros(jnp.shape(x), x.dtype), self.etrace.value)
             self.etrace.value = _committed(zeros, self.model)
 
     def get_etrace_of(self, weight) -> dict[str, Any]:
@@ -245,14 +248,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         # States are read and written by path at every step (`init_state` and
         # `brainstate.nn.init_all_states` may replace the State objects): check that the
         # model's current states still exist and keep the shapes the graph was compiled for.
-        current = self.model.states()
-        held = self.graph.module_info.retrieved_model_states
-        missing = [p for p in held if p not in current]
-        if missing:
-            raise ValueError(
-                f"the model no longer has the states {missing} it was compiled "
-                "with; call compile_graph(x) and init_etrace_state() again"
-            )
+        current = self._current_states()
         hidden_now = read_leaves(
             current,
             self.graph.module_info.leaf_refs or {},
@@ -273,6 +269,29 @@ class ETraceAlgorithm(brainstate.nn.Module):
                         "compile_graph(x) and init_etrace_state() again, or construct the "
                         "algorithm with auto_reinit=True"
                     )
+        return current
+
+    def _current_states(self):
+        """The model's states by path, as `model.states()` gives them.
+
+        The full walk of the module tree costs more than a streaming step's own Python, so the
+        last walk is kept and re-used while every state in it is still the object found at its
+        path (a few attribute look-ups). A State replaced or removed (`init_state`, a new
+        submodule) fails that check and the tree is walked again; states added elsewhere are
+        not read by the compiled step.
+        """
+        held = self.graph.module_info.retrieved_model_states
+        known = self._compiled.states
+        if known is not None and known[0] is held and _still_at_paths(self.model, known[1]):
+            return known[1]
+        current = self.model.states()
+        missing = [p for p in held if p not in current]
+        if missing:
+            raise ValueError(
+                f"the model no longer has the states {missing} it was compiled "
+                "with; call compile_graph(x) and init_etrace_state() again"
+            )
+        self._compiled.states = (held, current)
         return current
 
     def _example_for(self, hidden_shape):
@@ -319,6 +338,25 @@ class ETraceAlgorithm(brainstate.nn.Module):
         )
         self._write(new_values, etrace, states)
         return jax.tree.unflatten(self.graph.module_info.out_tree, outs)
+
+
+def _still_at_paths(root, states) -> bool:
+    """Whether each State of `states` ({path: State}) is still the object at its path under
+    `root` (module attributes, list/tuple items and dict entries, as brainstate's graph walk
+    names them). Anything unexpected answers False, and the caller walks the tree again."""
+    try:
+        for path, st in states.items():
+            node = root
+            for key in path:
+                if isinstance(node, (list, tuple, dict)):
+                    node = node[key]
+                else:
+                    node = vars(node)[key]
+            if node is not st:
+                return False
+    except (KeyError, IndexError, TypeError):
+        return False
+    return True
 
 
 def _float_dtype():
@@ -524,11 +562,12 @@ def _committed(tree, model):
 
     A jitted step returns committed arrays; fresh `jnp.zeros` are not. Feeding the step both
     kinds in turn would compile it twice (the cache keys on commitment), so traces are
-    committed from the start.
+    committed from the start. NumPy leaves are transferred as they are (no compiled fill op).
     """
     leaves = [s.value for s in model.states(brainstate.ParamState).values()]
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves([leaves, tree])):
-        return tree  # inside a transformation (auto_reinit): placement is the caller's
+        # inside a transformation (auto_reinit): placement is the caller's
+        return jax.tree.map(jnp.asarray, tree)
     arrays = [x for x in jax.tree.leaves(leaves) if isinstance(x, jax.Array)]
     device = next(iter(arrays[0].devices())) if arrays else jax.devices()[0]
     return jax.device_put(tree, device)

@@ -19,6 +19,7 @@ from jax.extend import core as jcore
 
 from etrace_core.ops import etp_elemwise_p, etp_matmul_p, is_etp_primitive
 
+from . import relabel_numpy
 from .jaxpr_tools import RELABEL, is_elementwise_eqn
 from .positions import MANY, NONE, _operand_role
 
@@ -107,19 +108,22 @@ def _replay(eqn, maps, stop, static):
     for i, v in enumerate(eqn.invars):
         role = _operand_role(eqn, i)
         if role == "fill":
-            operands.append(jnp.int32(NONE))
+            operands.append(np.int32(NONE))
         elif role == "index":
             value = v.val if isinstance(v, jcore.Literal) else static.get(v)
             if value is None:
                 return None
             operands.append(value)
         else:
-            operands.append(jnp.asarray(_get(v, maps, stop), jnp.int32))
+            operands.append(np.asarray(_get(v, maps, stop), np.int32))
     params = dict(eqn.params)
     if eqn.primitive.name == "gather":
         params["fill_value"] = NONE
-    try:
-        outs = eqn.primitive.bind(*operands, **params)
+    outs = relabel_numpy.replay(eqn.primitive.name, params, operands)
+    if outs is not None:
+        return outs
+    try:  # not covered by the NumPy versions: the JAX op itself (one compile)
+        outs = eqn.primitive.bind(*[jnp.asarray(x) for x in operands], **params)
     except Exception:  # noqa: BLE001 - an op we cannot replay on origins is treated as mixing
         return None
     outs = list(outs) if eqn.primitive.multiple_results else [outs]

@@ -18,6 +18,7 @@ from jax.extend import core as jcore
 
 from etrace_core.ops import is_etp_primitive
 
+from . import relabel_numpy
 from .jaxpr_tools import RELABEL, bind_eqn, is_elementwise_eqn, read_var
 
 NONE, MANY = -1, -2
@@ -245,11 +246,13 @@ def _replay(primitive, params, spec):
     params = dict(params)
     if primitive.name == "gather":
         params["fill_value"] = NONE
-    try:
-        outs = primitive.bind(*[jnp.asarray(x) for x in ids], **params)
-    except Exception:  # noqa: BLE001 - an op we cannot replay on ids is treated as mixing
-        return None
-    outs = list(outs) if primitive.multiple_results else [outs]
+    outs = relabel_numpy.replay(primitive.name, params, ids)
+    if outs is None:  # not covered by the NumPy versions: the JAX op itself (one compile)
+        try:
+            outs = primitive.bind(*[jnp.asarray(x) for x in ids], **params)
+        except Exception:  # noqa: BLE001 - an op we cannot replay on ids is treated as mixing
+            return None
+        outs = list(outs) if primitive.multiple_results else [outs]
     tables = []
     for out_ids in outs:
         flat = np.asarray(out_ids).reshape(-1)

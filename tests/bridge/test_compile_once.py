@@ -83,3 +83,30 @@ def test_step_compiles_once():
         for t in range(1, 5):
             learner.step(xs[t], ys[t])
     assert [n for n in names if "_drive" in n] == []
+
+
+def test_construction_compiles_one_program_not_one_per_op():
+    """Building a learner compiles the conversion self-check as one program, and nothing else
+    (no eager op-by-op JAX work: each eager op and shape is an XLA compile of its own); the first
+    run compiles the sequence program. A fresh model size, so no earlier test cached an op."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.GRUCell(5, 7)
+            self.readout = nn.Linear(7, 3)
+
+        def forward(self, x, h):
+            h = self.cell(x, h)
+            return self.readout(h), h
+
+    torch.manual_seed(0)
+    xs, ys = torch.randn(4, 2, 5), torch.randn(4, 2, 3)
+    with _compilations() as names:
+        learner = OnlineLearner(
+            Net(), algorithm="es_d_rtrl", loss="mse", example_inputs=(xs[0], torch.zeros(2, 7))
+        )
+        built = list(names)
+        learner.run(xs, ys)
+    assert len(built) <= 1, built  # 0 when a conversion of this structure ran before
+    assert [n for n in names[len(built) :] if "_drive" not in n] == []

@@ -183,6 +183,34 @@ def test_replaced_states_are_followed():
     assert_grads_close(res.grads, fresh_grads(param_values(model), B, xs, ys), 1e-6)
 
 
+def test_state_replaced_by_hand_or_removed_between_steps_is_seen():
+    """The states found by the last walk of the model are re-used while each is still the object
+    at its path; a State assigned by hand, a swapped submodule or a removed state is seen at the
+    next call (no stale State is stepped)."""
+    model, algo, xs, ys = gru_setup()
+    algo.compile_graph(xs[0])
+    algo.init_etrace_state()
+    etrace_core.run_online(algo, mse, xs, ys)  # walks the model and keeps its states
+    old = model.rnn.h
+    model.rnn.h = brainstate.HiddenState(jnp.zeros_like(old.value))  # a new object, same path
+    algo.init_etrace_state()
+    res = etrace_core.run_online(algo, mse, xs, ys)
+    assert float(jnp.max(jnp.abs(model.rnn.h.value))) > 0  # the new State advanced
+    assert_grads_close(res.grads, fresh_grads(param_values(model), B, xs, ys), 1e-6)
+    before = np.asarray(old.value)
+    algo(xs[0])
+    np.testing.assert_array_equal(np.asarray(old.value), before)  # the old one is left alone
+    # a whole submodule swapped: its new states are stepped
+    readout = GRUNet().out
+    model.out = readout
+    algo(xs[0])
+    assert algo._check_ready()[("out", "weight")] is readout.weight
+    # a state removed: the clear error, not a stale read
+    del model.rnn.h
+    with pytest.raises(ValueError, match="no longer has the states"):
+        etrace_core.run_online(algo, mse, xs, ys)
+
+
 # ============================================================================ bad values
 
 
