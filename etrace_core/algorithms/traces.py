@@ -33,6 +33,10 @@ def gather_units(conn: Connection, per_unit):
     return padded[index]
 
 
+GRAD_STATIC_MAX = 256  # up to this many leading indices the gradient's slabs are sliced statically
+GRAD_GROUP = 16  # leading (batch) indices whose trace slabs one fusion of the D-RTRL gradient reads
+
+
 class ParamDimTrace:
     """D-RTRL: eps[l, i, o, s] = sum_s' D[o, s, s'] eps[l, i, o, s'] + df[l, o, s] X[l, i]."""
 
@@ -57,22 +61,40 @@ class ParamDimTrace:
 
     @staticmethod
     def grad(trace, delta_y, count, decay):
-        # sum over the leading axes L of sum_s eps * delta, one leading index at a time: each
-        # iteration reads one contiguous (I, O, S) slab of the trace and adds into an (I, O)
-        # accumulator that XLA updates in place, so no trace-sized temporary exists (the
-        # product eps * delta over all of L followed by a sum would be a whole extra copy of
-        # the trace; an einsum, a transposed copy; a reduction over L, a strided read).
+        # sum over the leading axes L of sum_s eps * delta, as element-wise sums over groups of
+        # GRAD_GROUP leading indices: each group is one fusion that reads GRAD_GROUP contiguous
+        # (I, O, S) slabs of the trace side by side and adds into an (I, O) accumulator, so the
+        # trace is read once and the accumulator once per group (one slab at a time read and
+        # wrote the accumulator per slab: more traffic than the trace itself; the product
+        # eps * delta over all of L followed by a sum would be a trace-sized temporary; an
+        # einsum, a transposed copy; a reduction over L, a strided reduce loop).
         eps = trace["eps"]
         I, O, S = eps.shape[-3:]
         e = eps.reshape((-1, I, O, S))
         d = delta_y.reshape((-1, O, S)).astype(eps.dtype)
+        N, k = e.shape[0], GRAD_GROUP
 
-        def add_one(n, acc):
-            en = lax.dynamic_index_in_dim(e, n, keepdims=False)
-            dn = lax.dynamic_index_in_dim(d, n, keepdims=False)
-            return acc + sum(en[..., s] * dn[None, :, s] for s in range(S))
+        def group(es, ds):
+            return sum(es[j][..., s] * ds[j][None, :, s] for j in range(len(es)) for s in range(S))
 
-        return lax.fori_loop(0, e.shape[0], add_one, jnp.zeros((I, O), eps.dtype))
+        acc = jnp.zeros((I, O), eps.dtype)
+        if N <= GRAD_STATIC_MAX:  # static slabs: plain offsets, no per-element index math
+            for n in range(0, N, k):
+                acc = acc + group(e[n : n + k], d[n : n + k])
+            return acc
+        full = N // k
+
+        def add_group(n, acc):
+            # one dynamic slab per index (a slice of k slabs would be copied out first)
+            idx = [n * k + j for j in range(k)]
+            es = [lax.dynamic_index_in_dim(e, i, keepdims=False) for i in idx]
+            ds = [lax.dynamic_index_in_dim(d, i, keepdims=False) for i in idx]
+            return acc + group(es, ds)
+
+        acc = lax.fori_loop(0, full, add_group, acc)
+        if N - full * k:
+            acc = acc + group(e[full * k :], d[full * k :])
+        return acc
 
     @staticmethod
     def size(trace) -> int:

@@ -1,6 +1,7 @@
 """The sequence driver contracts io-dim gradient factors per chunk of steps (one GEMM per chunk)
-and sums D-RTRL gradients slab by slab: both must give the per-step gradients exactly, for
-sequences split into several chunks, into chunks of one step (prime T) and into one chunk.
+and sums D-RTRL gradients over groups of batch slabs: both must give the per-step gradients
+exactly, for sequences split into several chunks, into chunks of one step (prime T) and into
+one chunk.
 
 Oracle: the sum over t of brainstate.transform.grad of the loss of `algo(x^t)` (one jitted step
 at a time, no chunking), float64, relative tolerance 1e-12; D-RTRL also against hand-written
