@@ -6,7 +6,7 @@ from .activations import get_activation
 from .base import RecurrentModule
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
-from .gated import LRUCell, MGUCell, MiniGRU, MinimalRNNCell
+from .gated import CFNCell, LRUCell, MGUCell, MiniGRU, MiniLSTM, MinimalRNNCell
 from .lif import LIF
 from .linear import Linear
 from .linear_variants import LoRA, ScaledWSLinear, SignedWLinear
@@ -35,6 +35,8 @@ __all__ = [
     "MGUCell",
     "MinimalRNNCell",
     "MiniGRU",
+    "MiniLSTM",
+    "CFNCell",
     "LRUCell",
     "LIF",
     "LeakyRateReadout",

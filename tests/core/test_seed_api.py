@@ -215,8 +215,8 @@ def test_compile_errors():
     x = jnp.ones((2, 3))
     with pytest.raises(ValueError, match="unknown algorithm name 'rtrl'"):
         etrace_core.compile(LeakyNet(), "rtrl", x)
-    with pytest.raises(etrace_core.NotSupportedError, match="'eprop' is not implemented"):
-        etrace_core.compile(LeakyNet(), "eprop", x)
+    with pytest.raises(etrace_core.NotSupportedError, match="'uoro' is not implemented"):
+        etrace_core.compile(LeakyNet(), "uoro", x)
     with pytest.raises(etrace_core.NotSupportedError, match="vmap=True"):
         etrace_core.compile(LeakyNet(), "d_rtrl", x, batch_size=2, vmap=True)
     with pytest.raises(ValueError, match="at least one example input"):
@@ -570,7 +570,14 @@ def _rand(*shape, seed=0):
 
 def test_gated_cells_equations_and_online_step():
     x = _rand(2, 3)
-    for cell in (nn.MGUCell(3, 4, key=0), nn.MinimalRNNCell(3, 4, key=0), nn.MiniGRU(3, 4, key=0)):
+    cells = (
+        nn.MGUCell(3, 4, key=0),
+        nn.MinimalRNNCell(3, 4, key=0),
+        nn.MiniGRU(3, 4, key=0),
+        nn.MiniLSTM(3, 4, key=0),
+        nn.CFNCell(3, 4, activation="relu", key=0),
+    )
+    for cell in cells:
         brainstate.nn.init_all_states(cell, batch_size=2)
         cell.h.value = _rand(2, 4, seed=1)
         h = cell.h.value
@@ -583,9 +590,17 @@ def test_gated_cells_equations_and_online_step():
             z = lin(cell.phi, x)
             g = jax.nn.sigmoid(lin(cell.W_u, jnp.concatenate([z, h], -1)))
             ref = g * h + (1 - g) * z
-        else:
+        elif isinstance(cell, nn.MiniGRU):
             z = jax.nn.sigmoid(lin(cell.W_z, jnp.concatenate([x, h], -1)))
             ref = (1 - z) * h + z * lin(cell.W_x, x)
+        elif isinstance(cell, nn.MiniLSTM):
+            f = jax.nn.sigmoid(lin(cell.W_f, jnp.concatenate([x, h], -1)))
+            i = jax.nn.sigmoid(lin(cell.W_i, jnp.concatenate([x, h], -1)))
+            ref = f * h + i * lin(cell.W_x, x)
+        else:  # CFN, relu
+            f = jax.nn.sigmoid(lin(cell.Wf, jnp.concatenate([x, h], -1)))
+            i = jax.nn.sigmoid(lin(cell.Wi, jnp.concatenate([x, h], -1)))
+            ref = f * jax.nn.relu(h) + i * jax.nn.relu(lin(cell.Wh, x))
         np.testing.assert_allclose(cell(x), ref, rtol=1e-5, atol=1e-6)
         learner = etrace_core.compile(cell, "d_rtrl", x, batch_size=2)
         grads = _online_grads(learner, x[None])
