@@ -51,7 +51,7 @@ with keep_x64():  # brainstate's import switches jax_enable_x64 off: keep the us
         SingleStepData,
         VjpResiduals,
     )
-    from .ops import conv, element_wise, matmul
+    from .ops import conv, element_wise, matmul, sparse_matmul
 
 # braintrace's names for the same classes (aliases)
 ETraceVjpAlgorithm = ETraceAlgorithm
@@ -64,6 +64,7 @@ __all__ = [
     "matmul",
     "conv",
     "element_wise",
+    "sparse_matmul",
     "compile",
     "ETraceGraph",
     "CompiledGraph",

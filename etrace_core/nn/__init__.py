@@ -12,6 +12,7 @@ from .linear import Linear
 from .linear_variants import LoRA, ScaledWSLinear, SignedWLinear
 from .readout import LeakyRateReadout
 from .rnn import GRUCell, LeakyRNNCell, LSTMCell, ValinaRNNCell, VanillaRNNCell
+from .sparse import SparseLinear
 from .surrogate import sigmoid_surrogate, spike_fn
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "SignedWLinear",
     "ScaledWSLinear",
     "LoRA",
+    "SparseLinear",
     "Embedding",
     "Conv1d",
     "Conv2d",
