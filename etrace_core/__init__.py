@@ -51,7 +51,7 @@ with keep_x64():  # brainstate's import switches jax_enable_x64 off: keep the us
         SingleStepData,
         VjpResiduals,
     )
-    from .ops import conv, element_wise, matmul, sparse_matmul
+    from .ops import conv, element_wise, grouped_matmul, matmul, sparse_matmul
 
 # braintrace's names for the same classes (aliases)
 ETraceVjpAlgorithm = ETraceAlgorithm
@@ -65,6 +65,7 @@ __all__ = [
     "conv",
     "element_wise",
     "sparse_matmul",
+    "grouped_matmul",
     "compile",
     "ETraceGraph",
     "CompiledGraph",

@@ -7,6 +7,7 @@ from .base import RecurrentModule
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .gated import CFNCell, LRUCell, MGUCell, MiniGRU, MiniLSTM, MinimalRNNCell
+from .grouped import GroupedLinear
 from .lif import LIF
 from .linear import Linear
 from .linear_variants import LoRA, ScaledWSLinear, SignedWLinear
@@ -25,6 +26,7 @@ __all__ = [
     "ScaledWSLinear",
     "LoRA",
     "SparseLinear",
+    "GroupedLinear",
     "Embedding",
     "Conv1d",
     "Conv2d",

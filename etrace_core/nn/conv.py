@@ -8,6 +8,7 @@ import brainstate
 import jax.numpy as jnp
 
 from etrace_core import ops
+from etrace_core.ops.conv import normalise_padding
 
 from .init import DEFAULT, Initializer, Key, fan_in_uniform, make_param, resolve_dtype, split_key
 
@@ -25,10 +26,42 @@ def _tuple(value: IntOrTuple, n: int, what: str) -> tuple:
     return value
 
 
-def _padding(padding):
+def _padding(padding, n: int):
+    """``'SAME'``/``'VALID'``, an int, or per spatial dim an int or a ``(lo, hi)`` pair (one
+    entry is used for every dim); checked here so a bad value fails at construction."""
     if isinstance(padding, str):
-        return padding.upper()
-    return padding if isinstance(padding, int) else tuple(int(p) for p in padding)
+        mode = padding.upper()
+        if mode not in ("SAME", "VALID"):
+            raise ValueError(f"padding string must be 'SAME' or 'VALID', got {padding!r}")
+        return mode
+    if isinstance(padding, int):
+        return padding
+    items = tuple(padding)
+    if n == 1 and len(items) == 2 and all(isinstance(p, int) for p in items):
+        items = (items,)  # one spatial dim: (lo, hi) is its pair
+    if len(items) == 1:
+        items = items * n
+    if len(items) != n:
+        raise ValueError(
+            f"padding needs one entry (an int or a (lo, hi) pair) per spatial dim ({n}), "
+            f"got {padding!r}"
+        )
+    out = []
+    for p in items:
+        pair = (p, p) if isinstance(p, int) else tuple(p)
+        if len(pair) != 2 or not all(isinstance(v, int) and v >= 0 for v in pair):
+            raise ValueError(f"padding entries must be ints >= 0 or (lo, hi) pairs, got {p!r}")
+        out.append(pair)
+    return tuple(out)
+
+
+def _out_spatial(in_sizes, kernel, stride, padding, dilation):
+    """Output spatial sizes of a convolution (``padding`` as normalised by ``_padding``)."""
+    pads = normalise_padding(padding, in_sizes, kernel, stride, dilation)
+    return tuple(
+        (size + lo + hi - ((k - 1) * d + 1)) // s + 1
+        for size, k, s, d, (lo, hi) in zip(in_sizes, kernel, stride, dilation, pads)
+    )
 
 
 class _ConvNd(brainstate.nn.Module):
@@ -93,7 +126,7 @@ class _ConvNd(brainstate.nn.Module):
         self.out_channels = out_channels
         self.kernel_size = _tuple(kernel_size, n, "kernel_size")
         self.stride = _tuple(stride, n, "stride")
-        self.padding = _padding(padding)
+        self.padding = _padding(padding, n)
         self.dilation = _tuple(dilation, n, "dilation")
         self.groups = groups
         dtype = resolve_dtype(dtype)
@@ -103,10 +136,21 @@ class _ConvNd(brainstate.nn.Module):
         self.weight = make_param(w_init, w_shape, dtype, w_key, default)
         has_bias = bias and b_init is not None
         self.bias = make_param(b_init, (out_channels,), dtype, b_key, default) if has_bias else None
+        if self.channel_last:
+            spatial = _out_spatial(
+                in_size[:-1], self.kernel_size, self.stride, self.padding, self.dilation
+            )
+            self.out_size = spatial + (out_channels,)
 
     def update(self, x):
         bias = None if self.bias is None else self.bias.value
         if self.channel_last:  # (B, *S, C) -> (B, C, *S) and back: index relabelling only
+            n = self.num_spatial_dims
+            if x.ndim not in (n + 1, n + 2) or tuple(x.shape[-(n + 1) :]) != self.in_size:
+                raise ValueError(
+                    f"{type(self).__name__}: x must have shape (B, *in_size) or in_size with "
+                    f"in_size={self.in_size} (channels last), got {tuple(x.shape)}"
+                )
             axis = x.ndim - self.num_spatial_dims - 1
             x = jnp.moveaxis(x, -1, axis)
         y = ops.conv(

@@ -75,7 +75,7 @@ def _same_pads(in_sizes, k_sizes, strides, dilations):
     return tuple(pads)
 
 
-def _normalise_padding(padding, in_sizes, k_sizes, strides, dilations):
+def normalise_padding(padding, in_sizes, k_sizes, strides, dilations):
     n = len(in_sizes)
     if isinstance(padding, str):
         mode = padding.upper()
@@ -212,7 +212,7 @@ def _conv(x, w, b, stride, padding, dilation, groups):
     strides = _int_tuple(stride, n, "stride")
     dilations = _int_tuple(dilation, n, "dilation")
     in_sizes, k_sizes = x.shape[x.ndim - n :], w.shape[2:]
-    pads = _normalise_padding(padding, in_sizes, k_sizes, strides, dilations)
+    pads = normalise_padding(padding, in_sizes, k_sizes, strides, dilations)
     for size, k, s, d, (lo, hi) in zip(in_sizes, k_sizes, strides, dilations, pads):
         if size + lo + hi < (k - 1) * d + 1:
             raise ValueError(

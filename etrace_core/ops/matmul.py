@@ -25,13 +25,13 @@ __all__ = [
 _LAYOUTS = ("io", "oi")
 
 
-def _reference(x, w, *b, w_layout, has_bias, weight_fn=None):
+def _reference(x, w, *b, w_layout, has_bias, weight_fn=None, b_shape=None):
     """Plain jnp implementation; impl, abstract eval and lowering all derive from it."""
     if weight_fn is not None:
         w = weight_fn(w)
     y = jnp.matmul(x, w if w_layout == "io" else w.T)
     if has_bias:
-        y = y + b[0]
+        y = y + (b[0] if b_shape is None else b[0].reshape(-1))
     return y
 
 
@@ -69,22 +69,22 @@ def _check(x, w_shape, b, w_layout):
 etp_matmul_p = primitive_from_reference("etp_matmul", _reference)
 
 
-def _jvp_x(dx, x, w, *b, w_layout, has_bias, weight_fn=None):
+def _jvp_x(dx, x, w, *b, w_layout, has_bias, weight_fn=None, b_shape=None):
     y = _reference(dx, w, w_layout=w_layout, has_bias=False, weight_fn=weight_fn)
     return y.astype(jnp.result_type(x, w, *b))
 
 
-def _jvp_w(dw, x, w, *b, w_layout, has_bias, weight_fn=None):
+def _jvp_w(dw, x, w, *b, w_layout, has_bias, weight_fn=None, b_shape=None):
     if weight_fn is not None:
         _, dw = jax.jvp(weight_fn, (w,), (dw,))
     y = _reference(x, dw, w_layout=w_layout, has_bias=False)
     return y.astype(jnp.result_type(x, w, *b))
 
 
-def _jvp_b(db, x, w, b, *, w_layout, has_bias, weight_fn=None):
+def _jvp_b(db, x, w, b, *, w_layout, has_bias, weight_fn=None, b_shape=None):
     o = _io_sizes(_matrix_shape(w, weight_fn), w_layout)[1]
     shape = jnp.shape(x)[:-1] + (o,)
-    return jnp.broadcast_to(db, shape).astype(jnp.result_type(x, w, b))
+    return jnp.broadcast_to(db.reshape(-1), shape).astype(jnp.result_type(x, w, b))
 
 
 def _jvp(primals, tangents, **params):
@@ -104,14 +104,18 @@ def _jvp(primals, tangents, **params):
 ad.primitive_jvps[etp_matmul_p] = _jvp
 
 
-def _batch(args, dims, *, w_layout, has_bias, weight_fn=None):
+def _batch(args, dims, *, w_layout, has_bias, weight_fn=None, b_shape=None):
     """vmap: a mapped x only stays one primitive (extra leading dim); else the jnp reference."""
     x_dim, *rest = dims
     if all(d is None for d in rest):
         x = jnp.moveaxis(args[0], x_dim, 0)
         extra = {} if weight_fn is None else {"weight_fn": weight_fn}
+        if b_shape is not None:
+            extra["b_shape"] = b_shape
         return etp_matmul_p.bind(x, *args[1:], w_layout=w_layout, has_bias=has_bias, **extra), 0
-    fn = lambda *a: _reference(*a, w_layout=w_layout, has_bias=has_bias, weight_fn=weight_fn)
+    fn = lambda *a: _reference(
+        *a, w_layout=w_layout, has_bias=has_bias, weight_fn=weight_fn, b_shape=b_shape
+    )
     return jax.vmap(fn, in_axes=tuple(dims))(*args), 0
 
 
@@ -144,16 +148,19 @@ def matmul(x, w, b=None, *, w_layout="io", bias=None, weight_fn=None):
     return bind_matmul(x, w, b, w_layout, fn)
 
 
-def bind_matmul(x, w, b, w_layout, fn):
+def bind_matmul(x, w, b, w_layout, fn, flat_bias=False):
     """``x @ fn(w) (+ b)`` as one ``etp_matmul`` with ``w`` the traced operand; ``fn`` (an
     ``ElementFn`` or None) may map ``w`` to a matrix of another shape (a sparse weight's
-    stored values to its dense matrix), the gradient is pulled back through it."""
+    stored values to its dense matrix), the gradient is pulled back through it.
+    ``flat_bias``: ``b`` may have any shape with ``O`` elements (flattened in the product)."""
     (x, w), unit = strip(x, w)
     b = None if b is None else jnp.asarray(strip_bias(b, unit))
     x, w = jnp.asarray(x), jnp.asarray(w)
-    _check(x, _matrix_shape(w, fn), b, w_layout)
-    operands = (x, w) if b is None else (x, w, b)
     extra = {} if fn is None else {"weight_fn": fn}  # plain matmuls keep their two params
+    if flat_bias and b is not None and b.ndim != 1:
+        extra["b_shape"] = tuple(b.shape)
+    _check(x, _matrix_shape(w, fn), None if b is None else b.reshape(-1), w_layout)
+    operands = (x, w) if b is None else (x, w, b)
     y = etp_matmul_p.bind(*operands, w_layout=w_layout, has_bias=b is not None, **extra)
     return with_unit(y, unit)
 
@@ -181,4 +188,7 @@ def io_to_params(params, w, M):
     dw = M[:i] if layout == "io" else M[:i].T
     if fn is not None:  # M is the gradient w.r.t. weight_fn(w): pull it back to w
         dw = jax.vjp(fn, w)[1](dw.astype(jnp.result_type(w)))[0]
-    return dw, (M[i] if has_bias else None)
+    if not has_bias:
+        return dw, None
+    b_shape = params.get("b_shape")
+    return dw, (M[i] if b_shape is None else M[i].reshape(b_shape))

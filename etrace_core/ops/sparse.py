@@ -14,7 +14,6 @@ import brainunit as u
 import jax.numpy as jnp
 import numpy as np
 
-from etrace_core.compiler.errors import NotSupportedError
 from etrace_core.ops.elementwise import ElementFn
 from etrace_core.ops.matmul import bind_matmul
 
@@ -75,6 +74,8 @@ def pattern_of(sparse_mat) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         rows, cols = (major, minor) if kind == "CSR" else (minor, major)
     else:
         if nnz >= 2**24:
+            from etrace_core.compiler.errors import NotSupportedError  # (compiler imports ops)
+
             raise NotSupportedError(
                 f"sparse_matmul: a {type(sparse_mat).__name__} with {nnz} stored values is "
                 "only read through todense() up to 2**24 values; convert it to CSR"
@@ -102,6 +103,8 @@ def sparse_matmul(x, weight, *, sparse_mat, bias=None, weight_fn=None, bias_fn=N
     it to the bias before the call: the bias then gets its exact gradient through autodiff).
     """
     if bias_fn is not None:
+        from etrace_core.compiler.errors import NotSupportedError  # (compiler imports ops)
+
         raise NotSupportedError(
             "sparse_matmul(bias_fn=...) is not supported by etrace; pass bias=bias_fn(b)"
         )
