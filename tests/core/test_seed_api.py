@@ -411,6 +411,69 @@ def test_conv_strides_keyword_and_3d(dims):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "numbers",
+    [("NWC", "WIO", "NWC"), ("NCW", "WIO", "NCW"), ("NWC", "OIW", "NWC"), ("NHWC", "HWIO", "NHWC")],
+)
+def test_conv_dimension_numbers_drtrl_equals_bptt(x64, numbers):
+    """lax-style layouts: channels-last data is moved around the op, a channels-last kernel is
+    read in place (still the traced operand); D-RTRL = BPTT on a leaky conv cell."""
+    n = len(numbers[0]) - 2
+    k = jax.random.split(jax.random.PRNGKey(1), 3)
+    c_in, c_out, size = 2, 3, 5
+    spatial = (size,) * n
+    kernel_shape = (
+        (3,) * n + (c_in, c_out) if numbers[1].endswith("IO") else (c_out, c_in) + (3,) * n
+    )
+    w0 = 0.3 * jax.random.normal(k[0], kernel_shape)
+    b0 = 0.1 * jax.random.normal(k[1], (c_out,))
+    last = numbers[0].endswith("C")
+    x_shape = (2,) + (spatial + (c_in,) if last else (c_in,) + spatial)
+    h_shape = (2,) + (spatial + (c_out,) if last else (c_out,) + spatial)
+    xs = jax.random.normal(k[2], (3,) + x_shape)
+
+    def ref_conv(x, w, b):
+        y = jax.lax.conv_general_dilated(x, w, (1,) * n, "SAME", dimension_numbers=numbers)
+        return y + (b if last else b.reshape((-1,) + (1,) * n))
+
+    np.testing.assert_allclose(
+        etrace_core.conv(xs[0], w0, b0, padding="SAME", dimension_numbers=numbers),
+        ref_conv(xs[0], w0, b0),
+        rtol=TOL,
+        atol=TOL,
+    )
+
+    class Net(brainstate.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = brainstate.ParamState(w0), brainstate.ParamState(b0)
+            self.h = brainstate.HiddenState(jnp.zeros(h_shape))
+
+        def update(self, x):
+            drive = etrace_core.conv(
+                x, self.w.value, self.b.value, padding="SAME", dimension_numbers=numbers
+            )
+            self.h.value = jnp.tanh(0.6 * self.h.value + drive)
+            return self.h.value
+
+    learner = etrace_core.D_RTRL(Net())
+    learner.compile_graph(xs[0])
+    assert {r.weight_path for r in learner.graph.hidden_param_op_relations} == {("w",)}
+    got = _online_grads(learner, xs)
+
+    def loss(p):
+        h, total = jnp.zeros(h_shape), 0.0
+        for x in xs:
+            h = jnp.tanh(0.6 * h + ref_conv(x, p[("w",)], p[("b",)]))
+            total = total + jnp.sum(h**2)
+        return total
+
+    want = jax.grad(loss)({("w",): w0, ("b",): b0})
+    assert _max_abs(got, want) < TOL
+    with pytest.raises(etrace_core.NotSupportedError, match="dimension_numbers"):
+        etrace_core.conv(xs[0], w0, dimension_numbers=("NWC", "WOI", "NCW"))
+
+
 # ============================================================== item 2: constructor forms
 
 
