@@ -22,7 +22,7 @@ from jax.interpreters import ad, batching
 from etrace_core.ops.primitive import primitive_from_reference
 from etrace_core.ops.units import strip, strip_bias, with_unit
 
-__all__ = ["conv", "etp_conv_p", "x_canon", "y_canon", "io_to_params"]
+__all__ = ["conv", "bind_conv", "etp_conv_p", "x_canon", "y_canon", "io_to_params"]
 
 _DIMENSION_NUMBERS = {
     1: ("NCH", "OIH", "NCH"),
@@ -56,8 +56,12 @@ def _reference(
     has_bias,
     batched,
     w_layout="oi",
+    weight_fn=None,
+    b_shape=None,
 ):
     """Plain lax implementation; impl, abstract eval and lowering all derive from it."""
+    if weight_fn is not None:
+        w = weight_fn(w)
     w = torch_kernel(w, w_layout)
     dtype = jnp.result_type(x, w)
     xb = x if batched else x[None]
@@ -139,6 +143,10 @@ def _jvp_x(dx, x, w, *b, **params):
 
 
 def _jvp_w(dw, x, w, *b, **params):
+    fn = params.get("weight_fn")
+    if fn is not None:  # the tangent of fn(w), then the op on it without fn
+        _, dw = jax.jvp(fn, (w,), (dw,))
+        params = {**params, "weight_fn": None}
     y = _reference(x, dw, **_no_bias(params))
     return y.astype(jnp.result_type(x, w, *b))
 
@@ -222,9 +230,9 @@ def conv(
     if channels_last:  # (B, *S, C) -> (B, C, *S) and back: relabelling only
         x = jnp.asarray(x)
         axis = x.ndim - (jnp.ndim(w) - 2) - 1
-        y = _conv(jnp.moveaxis(x, -1, axis), w, b, stride, padding, dilation, groups, w_layout)
+        y = bind_conv(jnp.moveaxis(x, -1, axis), w, b, stride, padding, dilation, groups, w_layout)
         return with_unit(jnp.moveaxis(y, axis, -1), unit)
-    return with_unit(_conv(x, w, b, stride, padding, dilation, groups, w_layout), unit)
+    return with_unit(bind_conv(x, w, b, stride, padding, dilation, groups, w_layout), unit)
 
 
 def _layouts(dimension_numbers, n):
@@ -255,9 +263,17 @@ def _layouts(dimension_numbers, n):
     return lhs[-1] == "C" and lhs[1] != "C", "oi" if rhs[:2] == "OI" else "io"
 
 
-def _conv(x, w, b, stride, padding, dilation, groups, w_layout="oi"):
+def bind_conv(
+    x, w, b, stride, padding, dilation, groups, w_layout="oi", weight_fn=None, flat_bias=False
+):
+    """The checked ``etp_conv`` bind. ``weight_fn`` (an ``ElementFn`` keeping ``w``'s shape) is
+    applied to the kernel inside the op (``w`` stays the traced operand); ``flat_bias``: ``b``
+    may have any shape with ``C_out`` elements (e.g. brainstate's ``(1, ..., 1, C_out)``)."""
     x, w = jnp.asarray(x), jnp.asarray(w)
     b = None if b is None else jnp.asarray(b)
+    b_shape = None
+    if flat_bias and b is not None and b.ndim != 1:
+        b_shape, b = tuple(b.shape), b
     w_stored = w
     w = jax.ShapeDtypeStruct(torch_kernel_shape(w.shape, w_layout), w.dtype)  # checks only
     if w.ndim not in (3, 4, 5):
@@ -284,7 +300,7 @@ def _conv(x, w, b, stride, padding, dilation, groups, w_layout="oi"):
             f"({c_out}, {c_in // groups}, ...) for x with C_in={c_in} and "
             f"groups={groups}, got w of shape {w.shape}"
         )
-    if b is not None and b.shape != (c_out,):
+    if b is not None and (b.shape if b_shape is None else (b.size,)) != (c_out,):
         raise ValueError(f"conv: b must have shape (C_out,) = ({c_out},), got {b.shape}")
     strides = _int_tuple(stride, n, "stride")
     dilations = _int_tuple(dilation, n, "dilation")
@@ -298,6 +314,10 @@ def _conv(x, w, b, stride, padding, dilation, groups, w_layout="oi"):
             )
     operands = (x, w_stored) if b is None else (x, w_stored, b)
     extra = {} if w_layout == "oi" else {"w_layout": w_layout}  # torch layout: no extra param
+    if weight_fn is not None:
+        extra["weight_fn"] = weight_fn
+    if b_shape is not None:
+        extra["b_shape"] = b_shape
     return etp_conv_p.bind(
         *operands,
         window_strides=strides,
@@ -356,4 +376,10 @@ def io_to_params(params, w, M):
     if layout == "io":  # back to (*K, C_in/groups, C_out)
         n = len(t_shape) - 2
         dw = jnp.transpose(dw, tuple(range(2, n + 2)) + (1, 0))
-    return dw, (M[i] if has_bias else None)
+    fn = params.get("weight_fn")
+    if fn is not None:  # dw is the gradient w.r.t. fn(w): pull it back to w
+        dw = jax.vjp(fn, w)[1](dw.astype(jnp.result_type(w)))[0]
+    if not has_bias:
+        return dw, None
+    b_shape = params.get("b_shape")
+    return dw, (M[i] if b_shape is None else M[i].reshape(b_shape))

@@ -737,16 +737,69 @@ def test_linear_variants_and_embedding(x64):
     np.testing.assert_allclose(got, jax.grad(loss)(w0), rtol=TOL, atol=TOL)
 
 
-def test_conv_layer_channels_last_form():
-    """brainstate's ``Conv2d(in_size=(H, W, C), out_channels, kernel_size)`` equals the
-    channels-first layer with the same weights on transposed data."""
+def test_conv_layer_channels_last_form(x64):
+    """brainstate's ``Conv2d(in_size=(H, W, C), out_channels, kernel_size)`` with its parameter
+    layout (dict ParamState, kernel (*K, C_in, C_out), bias (1, 1, C_out)) equals lax's
+    channels-last convolution; a masked kernel is traced: D-RTRL = BPTT on a leaky conv cell."""
     x = _rand(2, 6, 5, 3)
-    last = nn.Conv2d(in_size=(6, 5, 3), out_channels=4, kernel_size=3, stride=(2, 1), key=0)
-    first = nn.Conv2d(3, 4, 3, stride=(2, 1), key=0)
-    assert last.in_channels == 3 and last.in_size == (6, 5, 3)
-    ref = jnp.moveaxis(first(jnp.moveaxis(x, -1, 1)), 1, -1)
-    np.testing.assert_allclose(last(x), ref, rtol=1e-6)
-    assert last(x[0]).shape == (3, 5, 4)
-    assert nn.Conv1d(in_size=(10, 3), out_channels=2, kernel_size=3, b_init=None).bias is None
+    layer = nn.Conv2d(
+        in_size=(6, 5, 3), out_channels=4, kernel_size=3, stride=(2, 1), b_init=jnp.ones, key=0
+    )
+    p = layer.weight.value
+    assert layer.kernel_shape == p["weight"].shape == (3, 3, 3, 4)
+    assert p["bias"].shape == (1, 1, 4) and layer.bias is None
+    ref = jax.lax.conv_general_dilated(
+        x, p["weight"], (2, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_allclose(layer(x), ref + p["bias"], rtol=TOL, atol=TOL)
+    assert layer.out_size == (3, 5, 4) and layer(x).shape[1:] == layer.out_size
+    assert layer(x[0]).shape == (3, 5, 4)
+    assert "bias" not in nn.Conv1d(in_size=(10, 3), out_channels=2, kernel_size=3).weight.value
+    pad = nn.Conv2d(in_size=(6, 5, 3), out_channels=2, kernel_size=3, padding=[(1, 1), (0, 2)])
+    assert pad.out_size == (6, 5, 2) and pad(x).shape == (2, 6, 5, 2)
     with pytest.raises(ValueError, match="in_size"):
         nn.Conv2d(in_size=(6, 3), out_channels=4, kernel_size=3)
+    with pytest.raises(ValueError, match="'SAME' or 'VALID'"):
+        nn.Conv2d(in_size=(6, 5, 3), out_channels=4, kernel_size=3, padding="FULL")
+    with pytest.raises(ValueError, match="one entry"):
+        nn.Conv2d(in_size=(6, 5, 3), out_channels=4, kernel_size=3, padding=[(1, 1)] * 3)
+    with pytest.raises(ValueError, match=r"in_size=\(6, 5, 3\)"):
+        layer(_rand(2, 7, 5, 3))
+    first = nn.Conv2d(3, 4, 3, key=0)
+    assert first.kernel_shape == first.weight.value.shape == (4, 3, 3, 3)
+
+    mask = (jnp.arange(3 * 3 * 4).reshape(3, 3, 4) % 3 != 0).astype(float)
+
+    class Net(brainstate.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(
+                in_size=(5, 3), out_channels=4, kernel_size=3, b_init=jnp.ones, w_mask=mask, key=1
+            )
+            self.h = brainstate.HiddenState(jnp.zeros((2, 5, 4)))
+
+        def update(self, x):
+            self.h.value = jnp.tanh(0.6 * self.h.value + self.conv(x))
+            return self.h.value
+
+    net = Net()
+    xs = _rand(4, 2, 5, 3, seed=3)
+    learner = etrace_core.D_RTRL(net)
+    learner.compile_graph(xs[0])
+    traced = {r.weight_path for r in learner.graph.hidden_param_op_relations}
+    assert traced == {("conv", "weight", "weight")}
+    got = _online_grads(learner, xs)[("conv", "weight")]
+
+    def loss(q):
+        h, total = jnp.zeros((2, 5, 4)), 0.0
+        for xt in xs:
+            y = jax.lax.conv_general_dilated(
+                xt, q["weight"] * mask, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+            )
+            h = jnp.tanh(0.6 * h + y + q["bias"])
+            total = total + jnp.sum(h**2)
+        return total
+
+    want = jax.grad(loss)(net.conv.weight.value)
+    assert _max_abs(got, want) < TOL
+    assert float(jnp.max(jnp.abs(got["weight"] * (1 - mask)))) == 0.0
