@@ -109,6 +109,10 @@ class _ConvNd(brainstate.nn.Module):
     ):
         super().__init__(name=name)
         n = self.num_spatial_dims
+        if isinstance(in_channels, (tuple, list)):  # brainstate's positional Conv(in_size, ...)
+            if in_size is not None:
+                raise ValueError("give in_size once (positionally or as in_size=)")
+            in_channels, in_size = None, in_channels
         self.channel_last = in_size is not None
         if in_size is not None:
             in_size = tuple(in_size) if isinstance(in_size, (tuple, list)) else (in_size,)
