@@ -474,6 +474,33 @@ def test_conv_dimension_numbers_drtrl_equals_bptt(x64, numbers):
         etrace_core.conv(xs[0], w0, dimension_numbers=("NWC", "WOI", "NCW"))
 
 
+def test_conv_channels_last_kernel_grouped_canonical_gradient(x64):
+    """A grouped conv with a ``(*K, C_in/g, C_out)`` kernel: the canonical-form gradient
+    ``io_to_params(sum X^T G)`` equals ``jax.vjp`` of the op (kernel and bias, float64)."""
+    import importlib
+
+    conv_mod = importlib.import_module("etrace_core.ops.conv")
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(k[0], (2, 4, 6, 5))
+    w = jax.random.normal(k[1], (3, 3, 2, 6))
+    b = jax.random.normal(k[2], (6,))
+    dn = ("NCHW", "HWIO", "NCHW")
+    f = lambda w, b: etrace_core.conv(x, w, b, padding="SAME", groups=2, dimension_numbers=dn)
+    ref = jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2
+    )
+    np.testing.assert_allclose(f(w, b), ref + b[:, None, None], rtol=TOL, atol=TOL)
+    ct = jax.random.normal(k[3], ref.shape)
+    gw, gb = jax.vjp(f, w, b)[1](ct)
+    eqn = next(e for e in jax.make_jaxpr(f)(w, b).jaxpr.eqns if e.primitive is conv_mod.etp_conv_p)
+    X = conv_mod.x_canon(eqn.params, x, w)
+    X = jnp.concatenate([X, jnp.ones(X.shape[:-1] + (1,))], -1)
+    M = jnp.einsum("...i,...o->io", X, conv_mod.y_canon(eqn.params, ct))
+    dw, db = conv_mod.io_to_params(eqn.params, w, M)
+    np.testing.assert_allclose(dw, gw, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(db, gb, rtol=TOL, atol=TOL)
+
+
 # ============================================================== item 2: constructor forms
 
 
