@@ -159,7 +159,8 @@ def bind_matmul(x, w, b, w_layout, fn, flat_bias=False):
     extra = {} if fn is None else {"weight_fn": fn}  # plain matmuls keep their two params
     if flat_bias and b is not None and b.ndim != 1:
         extra["b_shape"] = tuple(b.shape)
-    _check(x, _matrix_shape(w, fn), None if b is None else b.reshape(-1), w_layout)
+    flat = b if (b is None or not flat_bias) else b.reshape(-1)  # only flat_bias reshapes
+    _check(x, _matrix_shape(w, fn), flat, w_layout)
     operands = (x, w) if b is None else (x, w, b)
     y = etp_matmul_p.bind(*operands, w_layout=w_layout, has_bias=b is not None, **extra)
     return with_unit(y, unit)
