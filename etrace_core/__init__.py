@@ -13,10 +13,13 @@ with keep_x64():  # brainstate's import switches jax_enable_x64 off: keep the us
     from .algorithms import (
         D_RTRL,
         ES_D_RTRL,
+        EProp,
         ETraceAlgorithm,
         HybridDimVjpAlgorithm,
         IODimVjpAlgorithm,
         OnlineResult,
+        OSTLFeedforward,
+        OSTLRecurrent,
         ParamDimVjpAlgorithm,
         pp_prop,
         run_online,
@@ -48,7 +51,7 @@ with keep_x64():  # brainstate's import switches jax_enable_x64 off: keep the us
         SingleStepData,
         VjpResiduals,
     )
-    from .ops import conv, element_wise, matmul
+    from .ops import conv, element_wise, grouped_matmul, matmul, sparse_matmul
 
 # braintrace's names for the same classes (aliases)
 ETraceVjpAlgorithm = ETraceAlgorithm
@@ -61,6 +64,8 @@ __all__ = [
     "matmul",
     "conv",
     "element_wise",
+    "sparse_matmul",
+    "grouped_matmul",
     "compile",
     "ETraceGraph",
     "CompiledGraph",
@@ -87,6 +92,9 @@ __all__ = [
     "ETraceAlgorithm",
     "ETraceVjpAlgorithm",
     "ParamDimVjpAlgorithm",
+    "EProp",
+    "OSTLRecurrent",
+    "OSTLFeedforward",
     "D_RTRL",
     "IODimVjpAlgorithm",
     "ES_D_RTRL",

@@ -12,9 +12,12 @@ import brainstate
 
 from .algorithms import (
     D_RTRL,
+    EProp,
     ETraceAlgorithm,
     HybridDimVjpAlgorithm,
     IODimVjpAlgorithm,
+    OSTLFeedforward,
+    OSTLRecurrent,
     ParamDimVjpAlgorithm,
 )
 from .compiler.errors import CompilationError, NotSupportedError
@@ -29,14 +32,14 @@ ALGORITHM_NAMES = {
     "esd_rtrl": IODimVjpAlgorithm,
     "io_dim": IODimVjpAlgorithm,
     "hybrid": HybridDimVjpAlgorithm,
+    "eprop": EProp,
+    "e_prop": EProp,
+    "ostl_recurrent": OSTLRecurrent,
+    "ostl_feedforward": OSTLFeedforward,
 }
 
 # braintrace algorithms etrace does not implement: named so the error says so
 _NOT_IMPLEMENTED = (
-    "eprop",
-    "e_prop",
-    "ostl_recurrent",
-    "ostl_feedforward",
     "uoro",
     "three_factor",
     "dni",

@@ -1,6 +1,7 @@
 """Online learning algorithms over a compiled eligibility-trace graph."""
 
 from .base import ETraceAlgorithm, ETraceState
+from .eprop import EProp, OSTLFeedforward, OSTLRecurrent
 from .hybrid import HybridDimVjpAlgorithm
 from .io_dim import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from .param_dim import D_RTRL, ParamDimVjpAlgorithm
@@ -15,6 +16,9 @@ __all__ = [
     "ES_D_RTRL",
     "pp_prop",
     "HybridDimVjpAlgorithm",
+    "EProp",
+    "OSTLRecurrent",
+    "OSTLFeedforward",
     "OnlineResult",
     "run_online",
 ]

@@ -107,7 +107,9 @@ class ETraceAlgorithm(brainstate.nn.Module):
         them again (e.g. before a new sequence)."""
         self.executor.compile_graph(*args)
         self._compiled = _Compiled(
-            plan=online.make_plan(self.executor.spec, self.trace_kinds(), self.decay),
+            plan=online.make_plan(
+                self.executor.spec, self.trace_kinds(), self.decay, self.learning_rule()
+            ),
             example=data.single_step_example(args),
         )
         self.init_etrace_state()
@@ -145,6 +147,11 @@ class ETraceAlgorithm(brainstate.nn.Module):
 
     def trace_kinds(self) -> Sequence[str]:
         raise NotImplementedError
+
+    def learning_rule(self) -> online.LearningRule:
+        """How trace gradients are formed (called once the graph is compiled); the exact
+        rule ``dL/dh^t . trace^t`` unless a subclass says otherwise (e-prop)."""
+        return online.LearningRule()
 
     # -- traces -------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,20 @@ from .traces import TRACE_KINDS, Connection, gather_units
 Path = tuple[str, ...]
 
 
+class LearningRule(NamedTuple):
+    """How a trace gradient is formed from the traces and dL/dh (e-prop's two options).
+
+    ``kappa > 0``: gradients use the low-pass filtered trace ``e_bar = kappa e_bar + e``
+    (kept beside each trace under ``filtered_key``) instead of the trace ``e`` itself.
+    ``feedback``: per hidden group a fixed ``(width, width)`` matrix ``B``; the learning signal
+    is then ``B``-projected ``dL/dh``, L2-normalised over the group's last (unit) axis, instead
+    of ``dL/dh`` (random feedback). The defaults leave the exact rule unchanged.
+    """
+
+    kappa: float = 0.0
+    feedback: Optional[tuple[Any, ...]] = None
+
+
 class TracePlan(NamedTuple):
     """Which trace rule each relation uses, and how its outputs map onto hidden units."""
 
@@ -25,15 +39,33 @@ class TracePlan(NamedTuple):
     kinds: tuple[str, ...]  # per relation: 'param' or 'io'
     connections: tuple[Connection, ...]
     decay: float  # io-dim decay alpha (unused by param-dim)
+    rule: LearningRule = LearningRule()
 
 
-def make_plan(spec: StepSpec, kinds: Sequence[str], decay: float) -> TracePlan:
+def make_plan(
+    spec: StepSpec, kinds: Sequence[str], decay: float, rule: Optional[LearningRule] = None
+) -> TracePlan:
     conns = []
     for k, rel in enumerate(spec.graph.hidden_param_op_relations):
         for slot, g in enumerate(rel.hidden_groups):
             unit = np.asarray(rel.y_to_hidden[slot])
             conns.append(Connection(k, slot, g.index, unit, rel.is_identity_map(slot), g.size))
-    return TracePlan(spec, tuple(kinds), tuple(conns), float(decay))
+    return TracePlan(spec, tuple(kinds), tuple(conns), float(decay), rule or LearningRule())
+
+
+FILTERED = "filtered:"
+
+
+def filtered_key(key: str) -> str:
+    """The key of the low-pass filtered copy of trace `key` (``LearningRule.kappa > 0``)."""
+    return FILTERED + key
+
+
+def _grad_view(plan: TracePlan, traces):
+    """The traces the gradient contracts with: the filtered ones when ``kappa > 0``."""
+    if plan.rule.kappa <= 0.0:
+        return traces
+    return {k: traces[filtered_key(k)] for k in traces if not k.startswith(FILTERED)}
 
 
 def trace_key(conn: Connection) -> str:
@@ -60,6 +92,8 @@ def init_traces(plan: TracePlan) -> dict[str, Any]:
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
         traces[trace_key(conn)] = kind.init(X_shape, y_shape, rel.y.aval.dtype)
     traces.update(param_traces.init(plan.spec))
+    if plan.rule.kappa > 0.0:
+        traces.update({filtered_key(k): jax.tree.map(jnp.zeros_like, t) for k, t in traces.items()})
     return traces
 
 
@@ -76,6 +110,16 @@ def update_traces(plan: TracePlan, traces, jac: StepJacobians):
         )
     if plan.spec.param_traces:
         new.update(param_traces.update(plan.spec, traces, jac.Ds, jac.Js))
+    kappa = plan.rule.kappa
+    if kappa > 0.0:
+        new.update(
+            {
+                filtered_key(k): jax.tree.map(
+                    lambda old, e: kappa * old + e.astype(old.dtype), traces[filtered_key(k)], t
+                )
+                for k, t in list(new.items())
+            }
+        )
     return new
 
 
@@ -93,8 +137,18 @@ def partial_hidden_grads(plan: TracePlan, dh: dict[Path, Any], Ms) -> list[Any]:
         if Ms is not None and g.num_state > 1:
             M = Ms[g.index].reshape(-1, g.num_state, g.num_state)
             delta = _solve_transposed(M, delta)
+        if plan.rule.feedback is not None:
+            delta = _random_feedback(plan.rule.feedback[g.index], delta, g.varshape)
         out.append(delta)
     return out
+
+
+def _random_feedback(B, delta, varshape):
+    """``B``-projection of the unit-axis L2-normalised signal (per state and leading index)."""
+    s = delta.reshape(tuple(varshape) + delta.shape[-1:])
+    norm = jnp.sqrt(jnp.sum(jnp.square(s), axis=-2, keepdims=True))
+    s = jnp.einsum("...lj,lk->...kj", s / (norm + 1e-8), B.astype(s.dtype))
+    return s.reshape(delta.shape)
 
 
 def _solve_transposed(M, b):
@@ -122,6 +176,7 @@ def trace_grads_canonical(plan: TracePlan, traces, count, deltas) -> dict[int, A
     """{relation index: its trace gradient M in canonical (I[+1], O) space}, plus
     {param_traces.grad_key(k): gradient of parameter trace k, in the parameter's shape}."""
     per_rel: dict[int, Any] = {}
+    traces = _grad_view(plan, traces)
     for conn in plan.connections:
         delta_y = gather_units(conn, deltas[conn.group])
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
@@ -138,6 +193,7 @@ def trace_grad_parts(plan: TracePlan, traces, count, deltas):
     {relation: M} for the rest, as ``trace_grads_canonical``)."""
     factors: dict[int, Any] = {}
     per_rel: dict[int, Any] = {}
+    traces = _grad_view(plan, traces)
     for c, conn in enumerate(plan.connections):
         delta_y = gather_units(conn, deltas[conn.group])
         kind = TRACE_KINDS[plan.kinds[conn.rel]]

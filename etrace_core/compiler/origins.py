@@ -80,7 +80,7 @@ def _push(eqn, maps, stop, static):
         if any(np.any(_get(v, maps, stop) != NONE) for v in (x, w)):
             return None
         b = _get(eqn.invars[2], maps, stop)  # only the bias carries the source: y = c + b
-        return [np.broadcast_to(b, _shape(eqn.outvars[0]))]
+        return [np.broadcast_to(b.reshape(-1), _shape(eqn.outvars[0]))]  # (flattened bias)
     if is_etp_primitive(prim):
         return None
     if is_elementwise_eqn(eqn):

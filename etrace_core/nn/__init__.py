@@ -6,12 +6,14 @@ from .activations import get_activation
 from .base import RecurrentModule
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
-from .gated import LRUCell, MGUCell, MiniGRU, MinimalRNNCell
+from .gated import CFNCell, LRUCell, MGUCell, MiniGRU, MiniLSTM, MinimalRNNCell
+from .grouped import GroupedLinear
 from .lif import LIF
 from .linear import Linear
 from .linear_variants import LoRA, ScaledWSLinear, SignedWLinear
 from .readout import LeakyRateReadout
 from .rnn import GRUCell, LeakyRNNCell, LSTMCell, ValinaRNNCell, VanillaRNNCell
+from .sparse import SparseLinear
 from .surrogate import sigmoid_surrogate, spike_fn
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "SignedWLinear",
     "ScaledWSLinear",
     "LoRA",
+    "SparseLinear",
+    "GroupedLinear",
     "Embedding",
     "Conv1d",
     "Conv2d",
@@ -35,6 +39,8 @@ __all__ = [
     "MGUCell",
     "MinimalRNNCell",
     "MiniGRU",
+    "MiniLSTM",
+    "CFNCell",
     "LRUCell",
     "LIF",
     "LeakyRateReadout",

@@ -7,9 +7,12 @@ from typing import Optional
 import brainstate
 import jax.numpy as jnp
 
-from etrace_core import ops
+from etrace_core.ops.conv import bind_conv, normalise_padding
+from etrace_core.ops.elementwise import ElementFn
+from etrace_core.ops.units import strip, strip_bias, with_unit
 
 from .init import DEFAULT, Initializer, Key, fan_in_uniform, make_param, resolve_dtype, split_key
+from .linear import WeightMask
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
 
@@ -25,10 +28,42 @@ def _tuple(value: IntOrTuple, n: int, what: str) -> tuple:
     return value
 
 
-def _padding(padding):
+def _padding(padding, n: int):
+    """``'SAME'``/``'VALID'``, an int, or per spatial dim an int or a ``(lo, hi)`` pair (one
+    entry is used for every dim); checked here so a bad value fails at construction."""
     if isinstance(padding, str):
-        return padding.upper()
-    return padding if isinstance(padding, int) else tuple(int(p) for p in padding)
+        mode = padding.upper()
+        if mode not in ("SAME", "VALID"):
+            raise ValueError(f"padding string must be 'SAME' or 'VALID', got {padding!r}")
+        return mode
+    if isinstance(padding, int):
+        return padding
+    items = tuple(padding)
+    if n == 1 and len(items) == 2 and all(isinstance(p, int) for p in items):
+        items = (items,)  # one spatial dim: (lo, hi) is its pair
+    if len(items) == 1:
+        items = items * n
+    if len(items) != n:
+        raise ValueError(
+            f"padding needs one entry (an int or a (lo, hi) pair) per spatial dim ({n}), "
+            f"got {padding!r}"
+        )
+    out = []
+    for p in items:
+        pair = (p, p) if isinstance(p, int) else tuple(p)
+        if len(pair) != 2 or not all(isinstance(v, int) and v >= 0 for v in pair):
+            raise ValueError(f"padding entries must be ints >= 0 or (lo, hi) pairs, got {p!r}")
+        out.append(pair)
+    return tuple(out)
+
+
+def _out_spatial(in_sizes, kernel, stride, padding, dilation):
+    """Output spatial sizes of a convolution (``padding`` as normalised by ``_padding``)."""
+    pads = normalise_padding(padding, in_sizes, kernel, stride, dilation)
+    return tuple(
+        (size + lo + hi - ((k - 1) * d + 1)) // s + 1
+        for size, k, s, d, (lo, hi) in zip(in_sizes, kernel, stride, dilation, pads)
+    )
 
 
 class _ConvNd(brainstate.nn.Module):
@@ -37,11 +72,17 @@ class _ConvNd(brainstate.nn.Module):
     ``weight`` has torch's layout ``(C_out, C_in/groups, *K)`` and ``bias`` shape ``(C_out,)``;
     both go through :func:`etrace_core.ops.conv`. Defaults follow torch:
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with ``fan_in = C_in/groups * prod(K)``.
-    ``padding`` is ``'SAME'``, ``'VALID'`` (either case), an int or a tuple of ints.
+    ``padding`` is ``'SAME'``, ``'VALID'`` (either case), an int, or per spatial dim an int or
+    a ``(lo, hi)`` pair. ``kernel_shape`` is the stored kernel's shape; ``w_mask`` (broadcast to
+    it, or a callable giving it from that shape) multiplies the kernel inside the op, so the
+    kernel stays the traced parameter and masked entries get zero gradient.
 
-    brainstate's channels-last form is accepted too: ``Conv2d(in_size=(H, W, C), out_channels,
-    kernel_size, ...)`` takes and returns ``(B, *S, C)`` / ``(*S, C)`` arrays (``rhs_dilation=``
-    for ``dilation``, ``b_init=None`` for no bias); the weight keeps torch's layout.
+    brainstate's channels-last form, with brainstate's (and braintrace's) parameter layout:
+    ``Conv2d(in_size=(H, W, C), out_channels, kernel_size, ...)`` takes and returns
+    ``(B, *S, C)`` / ``(*S, C)`` arrays; ``weight`` is one dict ParamState with ``'weight'``
+    ``(*K, C_in/groups, C_out)`` (read in place by the op) and, when ``b_init`` is given,
+    ``'bias'`` ``(1, ..., 1, C_out)`` (brainstate's default is no bias); ``rhs_dilation=`` for
+    ``dilation``; ``out_size`` is ``(*S_out, C_out)``.
     """
 
     num_spatial_dims: int = 0
@@ -61,12 +102,17 @@ class _ConvNd(brainstate.nn.Module):
         b_init: Optional[Initializer] = DEFAULT,
         in_size=None,
         rhs_dilation: Optional[IntOrTuple] = None,
+        w_mask=None,
         dtype=None,
         key: Key = None,
         name: Optional[str] = None,
     ):
         super().__init__(name=name)
         n = self.num_spatial_dims
+        if isinstance(in_channels, (tuple, list)):  # brainstate's positional Conv(in_size, ...)
+            if in_size is not None:
+                raise ValueError("give in_size once (positionally or as in_size=)")
+            in_channels, in_size = None, in_channels
         self.channel_last = in_size is not None
         if in_size is not None:
             in_size = tuple(in_size) if isinstance(in_size, (tuple, list)) else (in_size,)
@@ -93,32 +139,78 @@ class _ConvNd(brainstate.nn.Module):
         self.out_channels = out_channels
         self.kernel_size = _tuple(kernel_size, n, "kernel_size")
         self.stride = _tuple(stride, n, "stride")
-        self.padding = _padding(padding)
+        self.padding = _padding(padding, n)
         self.dilation = _tuple(dilation, n, "dilation")
         self.groups = groups
         dtype = resolve_dtype(dtype)
         w_key, b_key = split_key(key, 2)
         default = fan_in_uniform(in_channels // groups * math.prod(self.kernel_size))
-        w_shape = (out_channels, in_channels // groups) + self.kernel_size
-        self.weight = make_param(w_init, w_shape, dtype, w_key, default)
-        has_bias = bias and b_init is not None
-        self.bias = make_param(b_init, (out_channels,), dtype, b_key, default) if has_bias else None
+        if self.channel_last:  # brainstate's parameters: one dict, kernel (*K, C_in/g, C_out)
+            self.kernel_shape = self.kernel_size + (in_channels // groups, out_channels)
+            params = {"weight": make_param(w_init, self.kernel_shape, dtype, w_key, default).value}
+            if bias and b_init is not None and b_init is not DEFAULT:  # brainstate: no bias
+                b_shape = (1,) * n + (out_channels,)
+                params["bias"] = make_param(b_init, b_shape, dtype, b_key, default).value
+            self.weight, self.bias = brainstate.ParamState(params), None
+            spatial = _out_spatial(
+                in_size[:-1], self.kernel_size, self.stride, self.padding, self.dilation
+            )
+            self.out_size = spatial + (out_channels,)
+        else:
+            self.kernel_shape = (out_channels, in_channels // groups) + self.kernel_size
+            self.weight = make_param(w_init, self.kernel_shape, dtype, w_key, default)
+            has_bias = bias and b_init is not None
+            self.bias = (
+                make_param(b_init, (out_channels,), dtype, b_key, default) if has_bias else None
+            )
+        if callable(w_mask):  # brainstate: a mask initialiser, called with the kernel's shape
+            w_mask = w_mask(self.kernel_shape)
+        self.w_mask = (
+            None if w_mask is None else jnp.broadcast_to(jnp.asarray(w_mask), self.kernel_shape)
+        )
+        # one function object per layer: the op's static parameter stays the same across calls
+        self._masked = None if w_mask is None else ElementFn(WeightMask(self.w_mask))
 
     def update(self, x):
         bias = None if self.bias is None else self.bias.value
         if self.channel_last:  # (B, *S, C) -> (B, C, *S) and back: index relabelling only
+            n = self.num_spatial_dims
+            if x.ndim not in (n + 1, n + 2) or tuple(x.shape[-(n + 1) :]) != self.in_size:
+                raise ValueError(
+                    f"{type(self).__name__}: x must have shape (B, *in_size) or in_size with "
+                    f"in_size={self.in_size} (channels last), got {tuple(x.shape)}"
+                )
             axis = x.ndim - self.num_spatial_dims - 1
-            x = jnp.moveaxis(x, -1, axis)
-        y = ops.conv(
+            params = self.weight.value
+            (xm, w), unit = strip(jnp.moveaxis(x, -1, axis), params["weight"])
+            b = params.get("bias")
+            b = None if b is None else strip_bias(b, unit)
+            y = bind_conv(
+                xm,
+                w,
+                b,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                w_layout="io",
+                weight_fn=self._masked,
+                flat_bias=True,
+            )
+            return with_unit(jnp.moveaxis(y, axis, -1), unit)
+        (x, w), unit = strip(x, self.weight.value)
+        bias = None if bias is None else strip_bias(bias, unit)
+        y = bind_conv(
             x,
-            self.weight.value,
+            w,
             bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            weight_fn=self._masked,
         )
-        return jnp.moveaxis(y, axis, -1) if self.channel_last else y
+        return with_unit(y, unit)
 
 
 class Conv1d(_ConvNd):

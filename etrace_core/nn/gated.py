@@ -1,4 +1,5 @@
-"""More recurrent cells of braintrace's layer set: MGU, MinimalRNN, MiniGRU and LRU.
+"""More recurrent cells of braintrace's layer set: MGU, MinimalRNN, MiniGRU, MiniLSTM, CFN
+and LRU.
 
 Same equations as braintrace's cells, built on etrace's ``Linear`` (separate ``weight`` and
 ``bias`` ParamStates) and element-wise ETP weights; defaults follow etrace's torch-style
@@ -21,7 +22,7 @@ from .base import RecurrentModule
 from .init import DEFAULT, Initializer, Key, feature_size, make_param, split_key
 from .linear import Linear
 
-__all__ = ["MGUCell", "MinimalRNNCell", "MiniGRU", "LRUCell"]
+__all__ = ["MGUCell", "MinimalRNNCell", "MiniGRU", "MiniLSTM", "CFNCell", "LRUCell"]
 
 
 def _setup(cell, in_size, out_size):
@@ -138,6 +139,84 @@ class MiniGRU(RecurrentModule):
         h = self.h.value
         z = jax.nn.sigmoid(self.W_z(jnp.concatenate([x, h], axis=-1)))
         h = (1.0 - z) * h + z * self.W_x(x)
+        self.h.value = h
+        return h
+
+
+class MiniLSTM(RecurrentModule):
+    """minLSTM: ``f = sigmoid(W_f [x, h])``, ``i = sigmoid(W_i [x, h])``,
+    ``h' = f * h + i * W_x x``; state ``h``, returns ``h'``."""
+
+    state_names = ("h",)
+
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        b_init: Optional[Initializer] = DEFAULT,
+        state_init: Optional[Initializer] = None,
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(
+            (feature_size(out_size, "out_size"),), dtype, name=name, state_init=state_init
+        )
+        _setup(self, in_size, out_size)
+        k1, k2, k3 = split_key(key, 3)
+        n = self.num_in + self.num_out
+        self.W_x = Linear(self.num_in, self.num_out, w_init, b_init, dtype=self.dtype, key=k1)
+        self.W_f = Linear(n, self.num_out, w_init, b_init, dtype=self.dtype, key=k2)
+        self.W_i = Linear(n, self.num_out, w_init, b_init, dtype=self.dtype, key=k3)
+
+    def update(self, x):
+        h = self.h.value
+        xh = jnp.concatenate([x, h], axis=-1)
+        f = jax.nn.sigmoid(self.W_f(xh))
+        i = jax.nn.sigmoid(self.W_i(xh))
+        h = f * h + i * self.W_x(x)
+        self.h.value = h
+        return h
+
+
+class CFNCell(RecurrentModule):
+    """Chaos-free network cell (Laurent & von Brecht 2017): ``f = sigmoid(Wf [x, h])``,
+    ``i = sigmoid(Wi [x, h])``, ``h' = f * act(h) + i * act(Wh x)``; state ``h``."""
+
+    state_names = ("h",)
+
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        b_init: Optional[Initializer] = DEFAULT,
+        state_init: Optional[Initializer] = None,
+        activation: str | Callable = "tanh",
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(
+            (feature_size(out_size, "out_size"),), dtype, name=name, state_init=state_init
+        )
+        _setup(self, in_size, out_size)
+        self.activation = get_activation(activation)
+        k1, k2, k3 = split_key(key, 3)
+        n = self.num_in + self.num_out
+        self.Wf = Linear(n, self.num_out, w_init, b_init, dtype=self.dtype, key=k1)
+        self.Wi = Linear(n, self.num_out, w_init, b_init, dtype=self.dtype, key=k2)
+        self.Wh = Linear(self.num_in, self.num_out, w_init, b_init, dtype=self.dtype, key=k3)
+
+    def update(self, x):
+        h = self.h.value
+        xh = jnp.concatenate([x, h], axis=-1)
+        f = jax.nn.sigmoid(self.Wf(xh))
+        i = jax.nn.sigmoid(self.Wi(xh))
+        h = f * self.activation(h) + i * self.activation(self.Wh(x))
         self.h.value = h
         return h
 

@@ -67,14 +67,14 @@ class Linear(brainstate.nn.Module):
             None if w_mask is None else jnp.broadcast_to(jnp.asarray(w_mask), (n_in, n_out))
         )
         # one function object per layer: the op's static parameter stays the same across calls
-        self._masked = None if w_mask is None else _Mask(self.w_mask)
+        self._masked = None if w_mask is None else WeightMask(self.w_mask)
 
     def update(self, x):
         bias = None if self.bias is None else self.bias.value
         return ops.matmul(x, self.weight.value, bias, weight_fn=self._masked)
 
 
-class _Mask:
+class WeightMask:
     """``w -> w * mask`` (the weight function of a masked Linear)."""
 
     def __init__(self, mask):

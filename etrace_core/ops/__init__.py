@@ -2,13 +2,17 @@
 
 from etrace_core.ops.conv import conv, etp_conv_p
 from etrace_core.ops.elementwise import element_wise, etp_elemwise_p
+from etrace_core.ops.grouped import grouped_matmul
 from etrace_core.ops.matmul import etp_matmul_p, matmul
 from etrace_core.ops.rules import ETP_PRIMITIVES, OpRule, is_etp_primitive, rule_for
+from etrace_core.ops.sparse import sparse_matmul
 
 __all__ = [
     "matmul",
     "conv",
     "element_wise",
+    "sparse_matmul",
+    "grouped_matmul",
     "OpRule",
     "rule_for",
     "is_etp_primitive",

@@ -22,7 +22,7 @@ from jax.interpreters import ad, batching
 from etrace_core.ops.primitive import primitive_from_reference
 from etrace_core.ops.units import strip, strip_bias, with_unit
 
-__all__ = ["conv", "etp_conv_p", "x_canon", "y_canon", "io_to_params"]
+__all__ = ["conv", "bind_conv", "etp_conv_p", "x_canon", "y_canon", "io_to_params"]
 
 _DIMENSION_NUMBERS = {
     1: ("NCH", "OIH", "NCH"),
@@ -31,10 +31,38 @@ _DIMENSION_NUMBERS = {
 }
 
 
+def torch_kernel(w, w_layout="oi"):
+    """The kernel in torch's layout ``(C_out, C_in/groups, *K)``: ``w`` itself for ``'oi'``;
+    for ``'io'`` (lax/brainstate channels-last ``(*K, C_in/groups, C_out)``) transposed."""
+    if w_layout == "oi":
+        return w
+    n = w.ndim - 2
+    return jnp.transpose(w, (n + 1, n) + tuple(range(n)))
+
+
+def torch_kernel_shape(shape, w_layout="oi"):
+    shape = tuple(shape)
+    return shape if w_layout == "oi" else (shape[-1], shape[-2]) + shape[:-2]
+
+
 def _reference(
-    x, w, *b, window_strides, padding, rhs_dilation, feature_group_count, has_bias, batched
+    x,
+    w,
+    *b,
+    window_strides,
+    padding,
+    rhs_dilation,
+    feature_group_count,
+    has_bias,
+    batched,
+    w_layout="oi",
+    weight_fn=None,
+    b_shape=None,
 ):
     """Plain lax implementation; impl, abstract eval and lowering all derive from it."""
+    if weight_fn is not None:
+        w = weight_fn(w)
+    w = torch_kernel(w, w_layout)
     dtype = jnp.result_type(x, w)
     xb = x if batched else x[None]
     y = lax.conv_general_dilated(
@@ -75,7 +103,7 @@ def _same_pads(in_sizes, k_sizes, strides, dilations):
     return tuple(pads)
 
 
-def _normalise_padding(padding, in_sizes, k_sizes, strides, dilations):
+def normalise_padding(padding, in_sizes, k_sizes, strides, dilations):
     n = len(in_sizes)
     if isinstance(padding, str):
         mode = padding.upper()
@@ -115,6 +143,10 @@ def _jvp_x(dx, x, w, *b, **params):
 
 
 def _jvp_w(dw, x, w, *b, **params):
+    fn = params.get("weight_fn")
+    if fn is not None:  # the tangent of fn(w), then the op on it without fn
+        _, dw = jax.jvp(fn, (w,), (dw,))
+        params = {**params, "weight_fn": None}
     y = _reference(x, dw, **_no_bias(params))
     return y.astype(jnp.result_type(x, w, *b))
 
@@ -160,10 +192,27 @@ def _batch(args, dims, **params):
 batching.primitive_batchers[etp_conv_p] = _batch
 
 
-def conv(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1, strides=None, bias=None):
+def conv(
+    x,
+    w,
+    b=None,
+    *,
+    stride=1,
+    padding="SAME",
+    dilation=1,
+    groups=1,
+    strides=None,
+    bias=None,
+    dimension_numbers=None,
+):
     """torch-style channels-first 1-D/2-D/3-D convolution (cross-correlation) ``+ b``.
 
     ``strides=`` and ``bias=`` are braintrace's keywords for ``stride`` and ``b``.
+    ``dimension_numbers`` (lax's ``(lhs, rhs, out)`` strings, e.g. ``('NWC', 'WIO', 'NWC')``)
+    selects channels-last data (``N...C``; moved to channels-first around the op, a
+    relabelling the compiler follows) and/or a channels-last kernel ``(*K, C_in/groups,
+    C_out)`` (``...IO``; the op reads it in place, so it stays the traced operand). The
+    default is torch's ``NC...`` / ``OI...``.
 
     ``padding``: ``'SAME'`` (output size ``ceil(S / stride)``; for stride 1 equals torch
     ``'same'``), ``'VALID'``, an int, or a tuple with one int (or ``(lo, hi)`` pair) per
@@ -177,12 +226,56 @@ def conv(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1, stride
         b = bias
     (x, w), unit = strip(x, w)
     b = None if b is None else strip_bias(b, unit)
-    return with_unit(_conv(x, w, b, stride, padding, dilation, groups), unit)
+    channels_last, w_layout = _layouts(dimension_numbers, jnp.ndim(w) - 2)
+    if channels_last:  # (B, *S, C) -> (B, C, *S) and back: relabelling only
+        x = jnp.asarray(x)
+        axis = x.ndim - (jnp.ndim(w) - 2) - 1
+        y = bind_conv(jnp.moveaxis(x, -1, axis), w, b, stride, padding, dilation, groups, w_layout)
+        return with_unit(jnp.moveaxis(y, axis, -1), unit)
+    return with_unit(bind_conv(x, w, b, stride, padding, dilation, groups, w_layout), unit)
 
 
-def _conv(x, w, b, stride, padding, dilation, groups):
+def _layouts(dimension_numbers, n):
+    """(channels-last data?, kernel layout 'oi' or 'io') from lax-style dimension numbers."""
+    if dimension_numbers is None:
+        return False, "oi"
+    try:
+        lhs, rhs, out = (str(s).upper() for s in dimension_numbers)
+    except (TypeError, ValueError):
+        lhs = rhs = out = None
+    first = ("NC", "OI")
+    ok = (
+        lhs is not None
+        and len(lhs) == len(rhs) == len(out) == n + 2
+        and lhs == out
+        and lhs[0] == "N"
+        and (lhs[1] == "C" or lhs[-1] == "C")
+        and (rhs[:2] == first[1] or rhs[-2:] == "IO")
+    )
+    if not ok:
+        from etrace_core.compiler.errors import NotSupportedError  # (compiler imports ops)
+
+        raise NotSupportedError(
+            f"conv: dimension_numbers {dimension_numbers!r} not supported; give "
+            "(lhs, rhs, out) strings with lhs == out in 'NC...' or 'N...C' and rhs "
+            f"'OI...' or '...IO' for {n} spatial dims, e.g. ('NWC', 'WIO', 'NWC')"
+        )
+    return lhs[-1] == "C" and lhs[1] != "C", "oi" if rhs[:2] == "OI" else "io"
+
+
+def bind_conv(
+    x, w, b, stride, padding, dilation, groups, w_layout="oi", weight_fn=None, flat_bias=False
+):
+    """The checked ``etp_conv`` bind. ``weight_fn`` (an ``ElementFn`` keeping ``w``'s shape) is
+    applied to the kernel inside the op (``w`` stays the traced operand); ``flat_bias``: ``b``
+    may have any shape with ``C_out`` elements (e.g. brainstate's ``(1, ..., 1, C_out)``)."""
     x, w = jnp.asarray(x), jnp.asarray(w)
     b = None if b is None else jnp.asarray(b)
+    b_shape = None
+    if flat_bias and b is not None and b.ndim != 1:
+        b_shape, b = tuple(b.shape), b
+    w_stored = w
+    w = jax.ShapeDtypeStruct(torch_kernel_shape(w.shape, w_layout), w.dtype)  # checks only
     if w.ndim not in (3, 4, 5):
         raise ValueError(
             "conv: w must have shape (C_out, C_in/groups, *K) with 1, 2 or 3 "
@@ -207,19 +300,24 @@ def _conv(x, w, b, stride, padding, dilation, groups):
             f"({c_out}, {c_in // groups}, ...) for x with C_in={c_in} and "
             f"groups={groups}, got w of shape {w.shape}"
         )
-    if b is not None and b.shape != (c_out,):
+    if b is not None and (b.shape if b_shape is None else (b.size,)) != (c_out,):
         raise ValueError(f"conv: b must have shape (C_out,) = ({c_out},), got {b.shape}")
     strides = _int_tuple(stride, n, "stride")
     dilations = _int_tuple(dilation, n, "dilation")
     in_sizes, k_sizes = x.shape[x.ndim - n :], w.shape[2:]
-    pads = _normalise_padding(padding, in_sizes, k_sizes, strides, dilations)
+    pads = normalise_padding(padding, in_sizes, k_sizes, strides, dilations)
     for size, k, s, d, (lo, hi) in zip(in_sizes, k_sizes, strides, dilations, pads):
         if size + lo + hi < (k - 1) * d + 1:
             raise ValueError(
                 f"conv: padded input size {size + lo + hi} is smaller than the "
                 f"dilated kernel size {(k - 1) * d + 1} (x {x.shape}, w {w.shape})"
             )
-    operands = (x, w) if b is None else (x, w, b)
+    operands = (x, w_stored) if b is None else (x, w_stored, b)
+    extra = {} if w_layout == "oi" else {"w_layout": w_layout}  # torch layout: no extra param
+    if weight_fn is not None:
+        extra["weight_fn"] = weight_fn
+    if b_shape is not None:
+        extra["b_shape"] = b_shape
     return etp_conv_p.bind(
         *operands,
         window_strides=strides,
@@ -228,6 +326,7 @@ def _conv(x, w, b, stride, padding, dilation, groups):
         feature_group_count=int(groups),
         has_bias=b is not None,
         batched=batched,
+        **extra,
     )
 
 
@@ -237,13 +336,14 @@ def x_canon(params, x, w):
     Only ``w.shape`` is read, so an abstract value works for ``w``.
     """
     xb = x if params["batched"] else x[None]
+    k_shape = torch_kernel_shape(w.shape, params.get("w_layout", "oi"))
     patches = lax.conv_general_dilated_patches(
         xb,
-        tuple(w.shape[2:]),
+        tuple(k_shape[2:]),
         params["window_strides"],
         params["padding"],
         rhs_dilation=params["rhs_dilation"],
-        dimension_numbers=_DIMENSION_NUMBERS[len(w.shape) - 2],
+        dimension_numbers=_DIMENSION_NUMBERS[len(k_shape) - 2],
         precision=lax.Precision.HIGHEST,
     )
     patches = jnp.moveaxis(patches, 1, -1)
@@ -258,8 +358,10 @@ def y_canon(params, y):
 def io_to_params(params, w, M):
     """Map a canonical ``(C_in*prod(K)[+1], C_out)`` gradient to ``(dw, db)`` in torch layout."""
     groups, has_bias = params["feature_group_count"], params["has_bias"]
-    c_out, c_group = w.shape[:2]
-    k = math.prod(w.shape[2:])
+    layout = params.get("w_layout", "oi")
+    t_shape = torch_kernel_shape(w.shape, layout)
+    c_out, c_group = t_shape[:2]
+    k = math.prod(t_shape[2:])
     i = groups * c_group * k
     if M.shape != (i + has_bias, c_out):
         raise ValueError(
@@ -270,5 +372,14 @@ def io_to_params(params, w, M):
     blocks = M[:i].reshape(groups, c_group, k, groups, c_out // groups)
     g = np.arange(groups)
     diagonal = blocks[g, :, :, g, :]
-    dw = jnp.transpose(diagonal, (0, 3, 1, 2)).reshape(w.shape)
-    return dw, (M[i] if has_bias else None)
+    dw = jnp.transpose(diagonal, (0, 3, 1, 2)).reshape(t_shape)
+    if layout == "io":  # back to (*K, C_in/groups, C_out)
+        n = len(t_shape) - 2
+        dw = jnp.transpose(dw, tuple(range(2, n + 2)) + (1, 0))
+    fn = params.get("weight_fn")
+    if fn is not None:  # dw is the gradient w.r.t. fn(w): pull it back to w
+        dw = jax.vjp(fn, w)[1](dw.astype(jnp.result_type(w)))[0]
+    if not has_bias:
+        return dw, None
+    b_shape = params.get("b_shape")
+    return dw, (M[i] if b_shape is None else M[i].reshape(b_shape))

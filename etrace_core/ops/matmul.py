@@ -4,6 +4,7 @@ The weight keeps the layout it has in the model (``'io'``: ``(I, O)``; ``'oi'``:
 torch ``Linear`` layout), so the compiler finds the parameter array itself as an operand.
 """
 
+import brainunit as u
 import jax
 import jax.numpy as jnp
 from jax.interpreters import ad, batching
@@ -12,18 +13,25 @@ from etrace_core.ops.elementwise import ElementFn
 from etrace_core.ops.primitive import primitive_from_reference
 from etrace_core.ops.units import strip, strip_bias, with_unit
 
-__all__ = ["matmul", "etp_matmul_p", "x_canon", "y_canon", "io_to_params"]
+__all__ = [
+    "matmul",
+    "bind_matmul",
+    "etp_matmul_p",
+    "x_canon",
+    "y_canon",
+    "io_to_params",
+]
 
 _LAYOUTS = ("io", "oi")
 
 
-def _reference(x, w, *b, w_layout, has_bias, weight_fn=None):
+def _reference(x, w, *b, w_layout, has_bias, weight_fn=None, b_shape=None):
     """Plain jnp implementation; impl, abstract eval and lowering all derive from it."""
     if weight_fn is not None:
         w = weight_fn(w)
     y = jnp.matmul(x, w if w_layout == "io" else w.T)
     if has_bias:
-        y = y + b[0]
+        y = y + (b[0] if b_shape is None else b[0].reshape(-1))
     return y
 
 
@@ -32,20 +40,26 @@ def _io_sizes(w_shape, w_layout):
     return (i, o) if w_layout == "io" else (o, i)
 
 
-def _check(x, w, b, w_layout):
+def _matrix_shape(w, weight_fn):
+    """Shape of the matrix the op multiplies by: ``weight_fn(w)``'s, else ``w``'s."""
+    if weight_fn is None:
+        return tuple(jnp.shape(w))
+    return tuple(jax.eval_shape(weight_fn, jax.ShapeDtypeStruct(jnp.shape(w), w.dtype)).shape)
+
+
+def _check(x, w_shape, b, w_layout):
     if w_layout not in _LAYOUTS:
         raise ValueError(f"matmul: w_layout must be 'io' or 'oi', got {w_layout!r}")
     expected = "(I, O)" if w_layout == "io" else "(O, I)"
-    if jnp.ndim(w) != 2:
+    if len(w_shape) != 2:
         raise ValueError(
-            f"matmul: w must have shape {expected} for w_layout={w_layout!r}, "
-            f"got shape {jnp.shape(w)}"
+            f"matmul: w must have shape {expected} for w_layout={w_layout!r}, got shape {w_shape}"
         )
-    i, o = _io_sizes(jnp.shape(w), w_layout)
+    i, o = _io_sizes(w_shape, w_layout)
     if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != i:
         raise ValueError(
             f"matmul: x must have shape (..., I) with I={i} to match w of shape "
-            f"{jnp.shape(w)} = {expected} (w_layout={w_layout!r}), "
+            f"{w_shape} = {expected} (w_layout={w_layout!r}), "
             f"got x of shape {jnp.shape(x)}"
         )
     if b is not None and jnp.shape(b) != (o,):
@@ -55,22 +69,22 @@ def _check(x, w, b, w_layout):
 etp_matmul_p = primitive_from_reference("etp_matmul", _reference)
 
 
-def _jvp_x(dx, x, w, *b, w_layout, has_bias, weight_fn=None):
+def _jvp_x(dx, x, w, *b, w_layout, has_bias, weight_fn=None, b_shape=None):
     y = _reference(dx, w, w_layout=w_layout, has_bias=False, weight_fn=weight_fn)
     return y.astype(jnp.result_type(x, w, *b))
 
 
-def _jvp_w(dw, x, w, *b, w_layout, has_bias, weight_fn=None):
+def _jvp_w(dw, x, w, *b, w_layout, has_bias, weight_fn=None, b_shape=None):
     if weight_fn is not None:
         _, dw = jax.jvp(weight_fn, (w,), (dw,))
     y = _reference(x, dw, w_layout=w_layout, has_bias=False)
     return y.astype(jnp.result_type(x, w, *b))
 
 
-def _jvp_b(db, x, w, b, *, w_layout, has_bias, weight_fn=None):
-    o = _io_sizes(w.shape, w_layout)[1]
+def _jvp_b(db, x, w, b, *, w_layout, has_bias, weight_fn=None, b_shape=None):
+    o = _io_sizes(_matrix_shape(w, weight_fn), w_layout)[1]
     shape = jnp.shape(x)[:-1] + (o,)
-    return jnp.broadcast_to(db, shape).astype(jnp.result_type(x, w, b))
+    return jnp.broadcast_to(db.reshape(-1), shape).astype(jnp.result_type(x, w, b))
 
 
 def _jvp(primals, tangents, **params):
@@ -90,14 +104,18 @@ def _jvp(primals, tangents, **params):
 ad.primitive_jvps[etp_matmul_p] = _jvp
 
 
-def _batch(args, dims, *, w_layout, has_bias, weight_fn=None):
+def _batch(args, dims, *, w_layout, has_bias, weight_fn=None, b_shape=None):
     """vmap: a mapped x only stays one primitive (extra leading dim); else the jnp reference."""
     x_dim, *rest = dims
     if all(d is None for d in rest):
         x = jnp.moveaxis(args[0], x_dim, 0)
         extra = {} if weight_fn is None else {"weight_fn": weight_fn}
+        if b_shape is not None:
+            extra["b_shape"] = b_shape
         return etp_matmul_p.bind(x, *args[1:], w_layout=w_layout, has_bias=has_bias, **extra), 0
-    fn = lambda *a: _reference(*a, w_layout=w_layout, has_bias=has_bias, weight_fn=weight_fn)
+    fn = lambda *a: _reference(
+        *a, w_layout=w_layout, has_bias=has_bias, weight_fn=weight_fn, b_shape=b_shape
+    )
     return jax.vmap(fn, in_axes=tuple(dims))(*args), 0
 
 
@@ -117,20 +135,33 @@ def matmul(x, w, b=None, *, w_layout="io", bias=None, weight_fn=None):
         if b is not None:
             raise ValueError("matmul: pass the bias once, as b or as bias=")
         b = bias
-    (x, w), unit = strip(x, w)
-    b = None if b is None else jnp.asarray(strip_bias(b, unit))
-    x, w = jnp.asarray(x), jnp.asarray(w)
     fn = None
     if weight_fn is not None:
         if not callable(weight_fn):
             raise ValueError(f"matmul: weight_fn must be callable, got {weight_fn!r}")
-        shape = getattr(jax.eval_shape(weight_fn, w), "shape", None)
-        if shape != w.shape:
-            raise ValueError(f"matmul: weight_fn must keep w's shape {w.shape}, got {shape}")
+        w_val = jnp.asarray(u.get_mantissa(w))
+        w_shape = w_val.shape
+        shape = getattr(jax.eval_shape(weight_fn, w_val), "shape", None)
+        if shape != w_shape:
+            raise ValueError(f"matmul: weight_fn must keep w's shape {w_shape}, got {shape}")
         fn = ElementFn(weight_fn)
-    _check(x, w, b, w_layout)
-    operands = (x, w) if b is None else (x, w, b)
+    return bind_matmul(x, w, b, w_layout, fn)
+
+
+def bind_matmul(x, w, b, w_layout, fn, flat_bias=False):
+    """``x @ fn(w) (+ b)`` as one ``etp_matmul`` with ``w`` the traced operand; ``fn`` (an
+    ``ElementFn`` or None) may map ``w`` to a matrix of another shape (a sparse weight's
+    stored values to its dense matrix), the gradient is pulled back through it.
+    ``flat_bias``: ``b`` may have any shape with ``O`` elements (flattened in the product)."""
+    (x, w), unit = strip(x, w)
+    b = None if b is None else jnp.asarray(strip_bias(b, unit))
+    x, w = jnp.asarray(x), jnp.asarray(w)
     extra = {} if fn is None else {"weight_fn": fn}  # plain matmuls keep their two params
+    if flat_bias and b is not None and b.ndim != 1:
+        extra["b_shape"] = tuple(b.shape)
+    flat = b if (b is None or not flat_bias) else b.reshape(-1)  # only flat_bias reshapes
+    _check(x, _matrix_shape(w, fn), flat, w_layout)
+    operands = (x, w) if b is None else (x, w, b)
     y = etp_matmul_p.bind(*operands, w_layout=w_layout, has_bias=b is not None, **extra)
     return with_unit(y, unit)
 
@@ -148,14 +179,17 @@ def y_canon(params, y):
 def io_to_params(params, w, M):
     """Map a canonical ``(I[+1], O)`` gradient to ``(dw, db)``, ``dw`` in ``w``'s layout."""
     layout, has_bias = params["w_layout"], params["has_bias"]
-    i, o = _io_sizes(w.shape, layout)
+    fn = params.get("weight_fn")
+    i, o = _io_sizes(_matrix_shape(w, fn), layout)
     if M.shape != (i + has_bias, o):
         raise ValueError(
             f"matmul.io_to_params: M must have shape (I{'+1' if has_bias else ''}, O)"
             f" = {(i + has_bias, o)}, got {M.shape}"
         )
     dw = M[:i] if layout == "io" else M[:i].T
-    fn = params.get("weight_fn")
     if fn is not None:  # M is the gradient w.r.t. weight_fn(w): pull it back to w
         dw = jax.vjp(fn, w)[1](dw.astype(jnp.result_type(w)))[0]
-    return dw, (M[i] if has_bias else None)
+    if not has_bias:
+        return dw, None
+    b_shape = params.get("b_shape")
+    return dw, (M[i] if b_shape is None else M[i].reshape(b_shape))

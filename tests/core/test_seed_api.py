@@ -215,8 +215,8 @@ def test_compile_errors():
     x = jnp.ones((2, 3))
     with pytest.raises(ValueError, match="unknown algorithm name 'rtrl'"):
         etrace_core.compile(LeakyNet(), "rtrl", x)
-    with pytest.raises(etrace_core.NotSupportedError, match="'eprop' is not implemented"):
-        etrace_core.compile(LeakyNet(), "eprop", x)
+    with pytest.raises(etrace_core.NotSupportedError, match="'uoro' is not implemented"):
+        etrace_core.compile(LeakyNet(), "uoro", x)
     with pytest.raises(etrace_core.NotSupportedError, match="vmap=True"):
         etrace_core.compile(LeakyNet(), "d_rtrl", x, batch_size=2, vmap=True)
     with pytest.raises(ValueError, match="at least one example input"):
@@ -411,6 +411,96 @@ def test_conv_strides_keyword_and_3d(dims):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "numbers",
+    [("NWC", "WIO", "NWC"), ("NCW", "WIO", "NCW"), ("NWC", "OIW", "NWC"), ("NHWC", "HWIO", "NHWC")],
+)
+def test_conv_dimension_numbers_drtrl_equals_bptt(x64, numbers):
+    """lax-style layouts: channels-last data is moved around the op, a channels-last kernel is
+    read in place (still the traced operand); D-RTRL = BPTT on a leaky conv cell."""
+    n = len(numbers[0]) - 2
+    k = jax.random.split(jax.random.PRNGKey(1), 3)
+    c_in, c_out, size = 2, 3, 5
+    spatial = (size,) * n
+    kernel_shape = (
+        (3,) * n + (c_in, c_out) if numbers[1].endswith("IO") else (c_out, c_in) + (3,) * n
+    )
+    w0 = 0.3 * jax.random.normal(k[0], kernel_shape)
+    b0 = 0.1 * jax.random.normal(k[1], (c_out,))
+    last = numbers[0].endswith("C")
+    x_shape = (2,) + (spatial + (c_in,) if last else (c_in,) + spatial)
+    h_shape = (2,) + (spatial + (c_out,) if last else (c_out,) + spatial)
+    xs = jax.random.normal(k[2], (3,) + x_shape)
+
+    def ref_conv(x, w, b):
+        y = jax.lax.conv_general_dilated(x, w, (1,) * n, "SAME", dimension_numbers=numbers)
+        return y + (b if last else b.reshape((-1,) + (1,) * n))
+
+    np.testing.assert_allclose(
+        etrace_core.conv(xs[0], w0, b0, padding="SAME", dimension_numbers=numbers),
+        ref_conv(xs[0], w0, b0),
+        rtol=TOL,
+        atol=TOL,
+    )
+
+    class Net(brainstate.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = brainstate.ParamState(w0), brainstate.ParamState(b0)
+            self.h = brainstate.HiddenState(jnp.zeros(h_shape))
+
+        def update(self, x):
+            drive = etrace_core.conv(
+                x, self.w.value, self.b.value, padding="SAME", dimension_numbers=numbers
+            )
+            self.h.value = jnp.tanh(0.6 * self.h.value + drive)
+            return self.h.value
+
+    learner = etrace_core.D_RTRL(Net())
+    learner.compile_graph(xs[0])
+    assert {r.weight_path for r in learner.graph.hidden_param_op_relations} == {("w",)}
+    got = _online_grads(learner, xs)
+
+    def loss(p):
+        h, total = jnp.zeros(h_shape), 0.0
+        for x in xs:
+            h = jnp.tanh(0.6 * h + ref_conv(x, p[("w",)], p[("b",)]))
+            total = total + jnp.sum(h**2)
+        return total
+
+    want = jax.grad(loss)({("w",): w0, ("b",): b0})
+    assert _max_abs(got, want) < TOL
+    with pytest.raises(etrace_core.NotSupportedError, match="dimension_numbers"):
+        etrace_core.conv(xs[0], w0, dimension_numbers=("NWC", "WOI", "NCW"))
+
+
+def test_conv_channels_last_kernel_grouped_canonical_gradient(x64):
+    """A grouped conv with a ``(*K, C_in/g, C_out)`` kernel: the canonical-form gradient
+    ``io_to_params(sum X^T G)`` equals ``jax.vjp`` of the op (kernel and bias, float64)."""
+    import importlib
+
+    conv_mod = importlib.import_module("etrace_core.ops.conv")
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(k[0], (2, 4, 6, 5))
+    w = jax.random.normal(k[1], (3, 3, 2, 6))
+    b = jax.random.normal(k[2], (6,))
+    dn = ("NCHW", "HWIO", "NCHW")
+    f = lambda w, b: etrace_core.conv(x, w, b, padding="SAME", groups=2, dimension_numbers=dn)
+    ref = jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2
+    )
+    np.testing.assert_allclose(f(w, b), ref + b[:, None, None], rtol=TOL, atol=TOL)
+    ct = jax.random.normal(k[3], ref.shape)
+    gw, gb = jax.vjp(f, w, b)[1](ct)
+    eqn = next(e for e in jax.make_jaxpr(f)(w, b).jaxpr.eqns if e.primitive is conv_mod.etp_conv_p)
+    X = conv_mod.x_canon(eqn.params, x, w)
+    X = jnp.concatenate([X, jnp.ones(X.shape[:-1] + (1,))], -1)
+    M = jnp.einsum("...i,...o->io", X, conv_mod.y_canon(eqn.params, ct))
+    dw, db = conv_mod.io_to_params(eqn.params, w, M)
+    np.testing.assert_allclose(dw, gw, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(db, gb, rtol=TOL, atol=TOL)
+
+
 # ============================================================== item 2: constructor forms
 
 
@@ -570,7 +660,14 @@ def _rand(*shape, seed=0):
 
 def test_gated_cells_equations_and_online_step():
     x = _rand(2, 3)
-    for cell in (nn.MGUCell(3, 4, key=0), nn.MinimalRNNCell(3, 4, key=0), nn.MiniGRU(3, 4, key=0)):
+    cells = (
+        nn.MGUCell(3, 4, key=0),
+        nn.MinimalRNNCell(3, 4, key=0),
+        nn.MiniGRU(3, 4, key=0),
+        nn.MiniLSTM(3, 4, key=0),
+        nn.CFNCell(3, 4, activation="relu", key=0),
+    )
+    for cell in cells:
         brainstate.nn.init_all_states(cell, batch_size=2)
         cell.h.value = _rand(2, 4, seed=1)
         h = cell.h.value
@@ -583,9 +680,17 @@ def test_gated_cells_equations_and_online_step():
             z = lin(cell.phi, x)
             g = jax.nn.sigmoid(lin(cell.W_u, jnp.concatenate([z, h], -1)))
             ref = g * h + (1 - g) * z
-        else:
+        elif isinstance(cell, nn.MiniGRU):
             z = jax.nn.sigmoid(lin(cell.W_z, jnp.concatenate([x, h], -1)))
             ref = (1 - z) * h + z * lin(cell.W_x, x)
+        elif isinstance(cell, nn.MiniLSTM):
+            f = jax.nn.sigmoid(lin(cell.W_f, jnp.concatenate([x, h], -1)))
+            i = jax.nn.sigmoid(lin(cell.W_i, jnp.concatenate([x, h], -1)))
+            ref = f * h + i * lin(cell.W_x, x)
+        else:  # CFN, relu
+            f = jax.nn.sigmoid(lin(cell.Wf, jnp.concatenate([x, h], -1)))
+            i = jax.nn.sigmoid(lin(cell.Wi, jnp.concatenate([x, h], -1)))
+            ref = f * jax.nn.relu(h) + i * jax.nn.relu(lin(cell.Wh, x))
         np.testing.assert_allclose(cell(x), ref, rtol=1e-5, atol=1e-6)
         learner = etrace_core.compile(cell, "d_rtrl", x, batch_size=2)
         grads = _online_grads(learner, x[None])
@@ -659,16 +764,69 @@ def test_linear_variants_and_embedding(x64):
     np.testing.assert_allclose(got, jax.grad(loss)(w0), rtol=TOL, atol=TOL)
 
 
-def test_conv_layer_channels_last_form():
-    """brainstate's ``Conv2d(in_size=(H, W, C), out_channels, kernel_size)`` equals the
-    channels-first layer with the same weights on transposed data."""
+def test_conv_layer_channels_last_form(x64):
+    """brainstate's ``Conv2d(in_size=(H, W, C), out_channels, kernel_size)`` with its parameter
+    layout (dict ParamState, kernel (*K, C_in, C_out), bias (1, 1, C_out)) equals lax's
+    channels-last convolution; a masked kernel is traced: D-RTRL = BPTT on a leaky conv cell."""
     x = _rand(2, 6, 5, 3)
-    last = nn.Conv2d(in_size=(6, 5, 3), out_channels=4, kernel_size=3, stride=(2, 1), key=0)
-    first = nn.Conv2d(3, 4, 3, stride=(2, 1), key=0)
-    assert last.in_channels == 3 and last.in_size == (6, 5, 3)
-    ref = jnp.moveaxis(first(jnp.moveaxis(x, -1, 1)), 1, -1)
-    np.testing.assert_allclose(last(x), ref, rtol=1e-6)
-    assert last(x[0]).shape == (3, 5, 4)
-    assert nn.Conv1d(in_size=(10, 3), out_channels=2, kernel_size=3, b_init=None).bias is None
+    layer = nn.Conv2d(
+        in_size=(6, 5, 3), out_channels=4, kernel_size=3, stride=(2, 1), b_init=jnp.ones, key=0
+    )
+    p = layer.weight.value
+    assert layer.kernel_shape == p["weight"].shape == (3, 3, 3, 4)
+    assert p["bias"].shape == (1, 1, 4) and layer.bias is None
+    ref = jax.lax.conv_general_dilated(
+        x, p["weight"], (2, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_allclose(layer(x), ref + p["bias"], rtol=TOL, atol=TOL)
+    assert layer.out_size == (3, 5, 4) and layer(x).shape[1:] == layer.out_size
+    assert layer(x[0]).shape == (3, 5, 4)
+    assert "bias" not in nn.Conv1d(in_size=(10, 3), out_channels=2, kernel_size=3).weight.value
+    pad = nn.Conv2d(in_size=(6, 5, 3), out_channels=2, kernel_size=3, padding=[(1, 1), (0, 2)])
+    assert pad.out_size == (6, 5, 2) and pad(x).shape == (2, 6, 5, 2)
     with pytest.raises(ValueError, match="in_size"):
         nn.Conv2d(in_size=(6, 3), out_channels=4, kernel_size=3)
+    with pytest.raises(ValueError, match="'SAME' or 'VALID'"):
+        nn.Conv2d(in_size=(6, 5, 3), out_channels=4, kernel_size=3, padding="FULL")
+    with pytest.raises(ValueError, match="one entry"):
+        nn.Conv2d(in_size=(6, 5, 3), out_channels=4, kernel_size=3, padding=[(1, 1)] * 3)
+    with pytest.raises(ValueError, match=r"in_size=\(6, 5, 3\)"):
+        layer(_rand(2, 7, 5, 3))
+    first = nn.Conv2d(3, 4, 3, key=0)
+    assert first.kernel_shape == first.weight.value.shape == (4, 3, 3, 3)
+
+    mask = (jnp.arange(3 * 3 * 4).reshape(3, 3, 4) % 3 != 0).astype(float)
+
+    class Net(brainstate.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(
+                in_size=(5, 3), out_channels=4, kernel_size=3, b_init=jnp.ones, w_mask=mask, key=1
+            )
+            self.h = brainstate.HiddenState(jnp.zeros((2, 5, 4)))
+
+        def update(self, x):
+            self.h.value = jnp.tanh(0.6 * self.h.value + self.conv(x))
+            return self.h.value
+
+    net = Net()
+    xs = _rand(4, 2, 5, 3, seed=3)
+    learner = etrace_core.D_RTRL(net)
+    learner.compile_graph(xs[0])
+    traced = {r.weight_path for r in learner.graph.hidden_param_op_relations}
+    assert traced == {("conv", "weight", "weight")}
+    got = _online_grads(learner, xs)[("conv", "weight")]
+
+    def loss(q):
+        h, total = jnp.zeros((2, 5, 4)), 0.0
+        for xt in xs:
+            y = jax.lax.conv_general_dilated(
+                xt, q["weight"] * mask, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+            )
+            h = jnp.tanh(0.6 * h + y + q["bias"])
+            total = total + jnp.sum(h**2)
+        return total
+
+    want = jax.grad(loss)(net.conv.weight.value)
+    assert _max_abs(got, want) < TOL
+    assert float(jnp.max(jnp.abs(got["weight"] * (1 - mask)))) == 0.0
