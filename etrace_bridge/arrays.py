@@ -22,10 +22,16 @@ GPU: by default JAX grabs 75% of GPU memory when its GPU backend starts,
 starving torch. Importing `etrace_bridge` sets XLA_PYTHON_CLIENT_PREALLOCATE=false
 (unless the variable is already set); it only takes effect if no JAX computation
 has touched the GPU before the import.
+
+Matmul precision: torch computes float32 matmuls on CUDA in full float32 unless told otherwise
+(`torch.set_float32_matmul_precision`), while JAX's GPU default is TensorFloat-32, whose error
+(~1e-3) is far above the bridge's conversion check. `matmul_precision(device)` gives the JAX
+setting that matches torch's, applied to every program the bridge runs on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import jax
@@ -43,6 +49,7 @@ __all__ = [
     "is_float64",
     "check_float64",
     "x64_enabled",
+    "matmul_precision",
 ]
 
 CPU_ALIGNMENT = 64
@@ -69,6 +76,18 @@ X64_HINT = (
     "whose import switches it off; importing etrace keeps it), or use a float32 model and "
     "inputs (model.float())."
 )
+
+
+_PRECISIONS = {"highest": "highest", "high": "tensorfloat32", "medium": "bfloat16"}
+
+
+def matmul_precision(device: torch.device | str):
+    """A context in which JAX computes float32 matmuls and convolutions as torch does on
+    `device`: torch's `get_float32_matmul_precision()` ('highest' by default) on CUDA; nothing
+    to match on CPU, where both compute in float32."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(_PRECISIONS[torch.get_float32_matmul_precision()])
 
 
 def x64_enabled() -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from etrace_bridge.arrays import import_tensor, to_torch, x64_enabled
+from etrace_bridge.arrays import import_tensor, matmul_precision, to_torch, x64_enabled
 from etrace_bridge.errors import ConversionCheckError
 from etrace_bridge.shared_programs import call_jaxpr
 from etrace_bridge.state_slots import all_slots, swapped_slots
@@ -49,7 +49,9 @@ def check_conversion(tm, steps: int = 3, seed: int = 0) -> None:
         return  # the converted step refuses to run at all; its first call says why
     inputs = _random_inputs(b.layout.update_args, steps, seed)
     reference = _torch_run(b, inputs)
-    with jax.ensure_compile_time_eval():  # eager also when converted inside a trace (a loss)
+    param = next(b.torch_module.parameters(), None)
+    # eager also when converted inside a trace (a loss); on a GPU, torch's matmul precision
+    with jax.ensure_compile_time_eval(), matmul_precision("cpu" if param is None else param.device):
         converted = _jax_run(tm, inputs)
     for k, (ref, got) in enumerate(zip(reference, converted)):
         for what in ref:

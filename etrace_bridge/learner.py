@@ -16,7 +16,7 @@ import torch
 import etrace_core
 
 from .algorithms import make_algorithm
-from .arrays import import_tensor, to_jax, to_torch
+from .arrays import import_tensor, matmul_precision, to_jax, to_torch
 from .checkpoint import load_state_dict, make_state_dict
 from .errors import UnsupportedModelError
 from .live import LiveModel
@@ -119,9 +119,11 @@ class OnlineLearner:
             self._ensure_batch(args, sequence)
             check_targets(self._loss_name, self._output_shape(), ys, leading=1)
             undo = self._undo_point() if self._finite.strict else None
-            result = etrace_core.run_online(
-                self.algorithm, self.loss_fn, args, ys, window=self.window
-            )
+            device = next(iter(params.values())).device if params else "cpu"
+            with matmul_precision(device):
+                result = etrace_core.run_online(
+                    self.algorithm, self.loss_fn, args, ys, window=self.window
+                )
             loss = torch.from_numpy(np.array(result.loss))
             grads = _torch_grads(result.grads, params)
             problem = self._finite.check(

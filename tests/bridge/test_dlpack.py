@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from etrace_bridge.arrays import CPU_ALIGNMENT, needs_copy, to_jax, to_torch
+from etrace_bridge.arrays import CPU_ALIGNMENT, matmul_precision, needs_copy, to_jax, to_torch
 
 
 def _shares(tensor, array):
@@ -146,3 +146,24 @@ def test_cuda_round_trip_keeps_device_and_memory():
         to_jax(view, copy=False)
     b = to_torch(jnp.arange(5.0, device=device))
     assert b.is_cuda and torch.equal(b.cpu(), torch.arange(5.0))
+
+
+def test_matmul_precision_follows_torch_on_cuda_only():
+    """JAX's GPU default (TF32) would differ from torch's float32 matmuls by ~1e-3: on CUDA the
+    bridge runs JAX at torch's `get_float32_matmul_precision()`; on CPU nothing changes."""
+    before = torch.get_float32_matmul_precision()
+    outside = jax.config.jax_default_matmul_precision
+    try:
+        for torch_setting, jax_setting in (
+            ("highest", "highest"),
+            ("high", "tensorfloat32"),
+            ("medium", "bfloat16"),
+        ):
+            torch.set_float32_matmul_precision(torch_setting)
+            with matmul_precision(torch.device("cuda", 0)):
+                assert jax.config.jax_default_matmul_precision == jax_setting
+            with matmul_precision("cpu"):
+                assert jax.config.jax_default_matmul_precision == outside
+            assert jax.config.jax_default_matmul_precision == outside
+    finally:
+        torch.set_float32_matmul_precision(before)
