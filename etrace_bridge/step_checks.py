@@ -85,7 +85,10 @@ class FiniteGuard:
         tensors = [loss, *inputs, *grads.values()]
         # fast path: one sum per tensor (inf/nan propagate; a finite overflow only costs the
         # exact check below)
-        sums_ok = all(math.isfinite(t.sum().item()) for t in _floats(tensors))
+        floats = _floats(tensors)
+        sums_ok = not floats or math.isfinite(
+            sum(t.sum(dtype=torch.float64) for t in floats).item()
+        )
         traces_ok = not self.strict or bool(_finite(etrace))
         if sums_ok and traces_ok:
             return None
