@@ -175,3 +175,35 @@ def test_vmap_errors():
         etrace_core.compile(LeakyNet(), "d_rtrl", x, vmap=True)
     with pytest.raises(ValueError, match=r"batch_size=2 there; found leaf 0 of shape \(3, 3\)"):
         etrace_core.compile(LeakyNet(), "d_rtrl", x, batch_size=2, vmap=True)
+
+
+class ConvCell(brainstate.nn.Module):
+    """A leaky conv cell, channels last, written for one (6, 6, 1) sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d((6, 6, 1), 2, kernel_size=3, padding="SAME", key=2)
+
+    def init_state(self, batch_size=None, **kwargs):
+        self.h = brainstate.HiddenState(jnp.zeros((6, 6, 2)))
+
+    def update(self, x):
+        self.h.value = 0.6 * self.h.value + jnp.tanh(self.conv(x))
+        return self.h.value.sum(axis=(-3, -2))
+
+
+def test_vmap_conv_compiled_inside_jit(x64):
+    """compile(..., vmap=True) inside a jitted function (braintrace's examples compile in
+    their jitted train step) gives the gradient of the same compile done eagerly."""
+    xs = jax.random.normal(jax.random.PRNGKey(9), (2, B, 6, 6, 1))
+    ys = jax.random.normal(jax.random.PRNGKey(10), (2, B, 2))
+
+    def run(model, xs):
+        learner = etrace_core.compile(model, "d_rtrl", xs[0], batch_size=B, vmap=True)
+        return _online(learner, model.states(brainstate.ParamState), xs, ys)
+
+    eager_model, jit_model = ConvCell(), ConvCell()
+    ref = run(eager_model, xs)
+    got = brainstate.transform.jit(lambda xs: run(jit_model, xs))(xs)
+    _close(got, ref)
+    assert min(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref)) > 1e-3
