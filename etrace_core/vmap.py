@@ -17,17 +17,19 @@ import brainstate
 import jax
 
 from .algorithms import ETraceAlgorithm
+from .algorithms.seq_drivers import SequenceDriverMixin
 
 __all__ = ["ETraceVmap", "VMAP_STATE_TAG", "compile_vmapped"]
 
 VMAP_STATE_TAG = "new"
 
 
-class ETraceVmap(brainstate.nn.Vmap):
+class ETraceVmap(SequenceDriverMixin, brainstate.nn.Vmap):
     """A ``brainstate.nn.Vmap`` over an online learner, returned by ``compile(..., vmap=True)``.
 
     Calling it runs one online step per sample; ``module`` is the one-sample learner (its
     ``graph``, ``param_states``, ``get_etrace_of`` ...; its traces carry the batch axis first).
+    ``etrace_grad`` / ``etrace_evolve`` drive the wrapper (all samples), not ``module``.
     """
 
     def __init__(self, learner: ETraceAlgorithm):

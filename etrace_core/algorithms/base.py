@@ -19,6 +19,7 @@ from etrace_core.executor.step import jacobian_step, vjp_step
 from etrace_core.executor.vjp import ETraceVjpGraphExecutor
 
 from . import online, param_traces
+from .seq_drivers import SequenceDriverMixin
 
 
 class _Compiled:
@@ -34,7 +35,7 @@ class ETraceState(brainstate.ShortTermState):
     """Eligibility traces (and the count of time steps they have seen)."""
 
 
-class ETraceAlgorithm(brainstate.nn.Module):
+class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     """Base of the online algorithms: `algo(x)` runs one step of `model` and updates the traces.
 
     Differentiating a loss of `algo(x)` w.r.t. the model's ParamStates gives the online gradient:
