@@ -52,6 +52,7 @@ with keep_x64():  # brainstate's import switches jax_enable_x64 off: keep the us
         VjpResiduals,
     )
     from .ops import conv, element_wise, grouped_matmul, matmul, sparse_matmul
+    from .vmap import ETraceVmap
 
 # braintrace's names for the same classes (aliases)
 ETraceVjpAlgorithm = ETraceAlgorithm
@@ -67,6 +68,7 @@ __all__ = [
     "sparse_matmul",
     "grouped_matmul",
     "compile",
+    "ETraceVmap",
     "ETraceGraph",
     "CompiledGraph",
     "ModuleInfo",

@@ -21,6 +21,7 @@ from .algorithms import (
     ParamDimVjpAlgorithm,
 )
 from .compiler.errors import CompilationError, NotSupportedError
+from .vmap import ETraceVmap, compile_vmapped
 
 __all__ = ["compile", "ALGORITHM_NAMES"]
 
@@ -80,13 +81,18 @@ def compile(
     verbose: int = 0,
     vmap: bool = False,
     **options: Any,
-) -> ETraceAlgorithm:
+) -> ETraceAlgorithm | ETraceVmap:
     """Initialise `model`'s states (``batch_size``), wrap it in `algorithm` (``**options`` go to
     its constructor), compile the graph from `example_inputs` and create the traces.
 
     ``seed`` seeds brainstate's random generator for the state initialisation. ``verbose=1``
-    or ``2`` prints the compiled graph. ``vmap=True`` (braintrace's per-sample vmap wrapper)
-    is not supported: batch the model's states instead (``batch_size=``).
+    or ``2`` prints the compiled graph.
+
+    ``vmap=True``: the model is written for one sample and the example inputs carry a batch
+    axis 0 of size ``batch_size`` (required); states and traces are created per sample and the
+    learner is returned wrapped in an :class:`~etrace_core.vmap.ETraceVmap` (a
+    ``brainstate.nn.Vmap``) that maps each step over the batch; gradients are summed over
+    samples (see ``etrace_core.vmap``).
     """
     cls = resolve_algorithm(algorithm)
     if not example_inputs:
@@ -97,17 +103,16 @@ def compile(
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
     if vmap:
-        raise NotSupportedError(
-            "compile(..., vmap=True) is not supported by etrace; give the "
-            "model batched states with compile(..., batch_size=B) instead"
-        )
-    if seed is not None:
-        with brainstate.random.seed_context(seed):
-            brainstate.nn.init_all_states(model, batch_size=batch_size)
+        result = compile_vmapped(model, cls, example_inputs, batch_size, seed, options)
+        learner = result.module
     else:
-        brainstate.nn.init_all_states(model, batch_size=batch_size)
-    learner = cls(model, **options)
-    learner.compile_graph(*example_inputs)
+        if seed is not None:
+            with brainstate.random.seed_context(seed):
+                brainstate.nn.init_all_states(model, batch_size=batch_size)
+        else:
+            brainstate.nn.init_all_states(model, batch_size=batch_size)
+        learner = result = cls(model, **options)
+        learner.compile_graph(*example_inputs)
     if not learner.graph.hidden_param_op_relations:
         raise CompilationError(
             "no trainable weight reaches a hidden state through an ETP op, so there is nothing "
@@ -116,4 +121,4 @@ def compile(
         )
     if verbose:
         learner.show_graph(verbose=True)
-    return learner
+    return result

@@ -19,6 +19,7 @@ from etrace_core.executor.step import jacobian_step, vjp_step
 from etrace_core.executor.vjp import ETraceVjpGraphExecutor
 
 from . import online, param_traces
+from .seq_drivers import SequenceDriverMixin
 
 
 class _Compiled:
@@ -34,7 +35,7 @@ class ETraceState(brainstate.ShortTermState):
     """Eligibility traces (and the count of time steps they have seen)."""
 
 
-class ETraceAlgorithm(brainstate.nn.Module):
+class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     """Base of the online algorithms: `algo(x)` runs one step of `model` and updates the traces.
 
     Differentiating a loss of `algo(x)` w.r.t. the model's ParamStates gives the online gradient:
@@ -104,7 +105,17 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def compile_graph(self, *args) -> None:
         """Compile the model's one-step graph from example inputs, plan the traces and create
         them (zero), so ``algo.compile_graph(x); algo(x)`` runs; ``init_etrace_state()`` zeroes
-        them again (e.g. before a new sequence)."""
+        them again (e.g. before a new sequence).
+
+        The traces get a new State object, as ``init_all_states`` gives the hidden states new
+        ones: compiled inside ``brainstate.transform.vmap_new_states`` (per-sample vmap), the
+        traces are then per-sample states like the hidden states they follow."""
+        self._build(args)
+        self.etrace = None
+        self.init_etrace_state()
+
+    def _build(self, args) -> None:
+        """Compile the graph and plan the traces for example step inputs `args`."""
         self.executor.compile_graph(*args)
         self._compiled = _Compiled(
             plan=online.make_plan(
@@ -112,7 +123,6 @@ class ETraceAlgorithm(brainstate.nn.Module):
             ),
             example=data.single_step_example(args),
         )
-        self.init_etrace_state()
 
     def show_graph(self, verbose: bool = True, return_msg: bool = False):
         msg = self.executor.show_graph(verbose=False, return_msg=True)
@@ -267,7 +277,9 @@ class ETraceAlgorithm(brainstate.nn.Module):
                 if shape != tuple(g.varshape):
                     if self.auto_reinit:
                         with jax.ensure_compile_time_eval():  # also inside a transformation
-                            self.compile_graph(*self._example_for(shape))
+                            # keeps the trace State object (a new one made inside a
+                            # transformation would leak)
+                            self._build(self._example_for(shape))
                             self.init_etrace_state()
                         return current
                     raise ValueError(

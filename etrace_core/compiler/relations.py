@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
+import jax
 import numpy as np
 from jax.extend import core as jcore
 
@@ -235,7 +236,10 @@ def _landing(eqn, prop, hidden_out, static):
         if unit is None:
             continue
         groups.append(g)
-        maps.append(np.asarray(rule.y_canon(eqn.params, unit.reshape(y_shape))))
+        # the rule's jnp code runs on numpy position maps: evaluate it now, not as ops of a
+        # transformation that compile may run inside (compile inside jit or vmap_new_states)
+        with jax.ensure_compile_time_eval():
+            maps.append(np.asarray(rule.y_canon(eqn.params, unit.reshape(y_shape))))
     return groups, maps, problems
 
 

@@ -217,8 +217,6 @@ def test_compile_errors():
         etrace_core.compile(LeakyNet(), "rtrl", x)
     with pytest.raises(etrace_core.NotSupportedError, match="'uoro' is not implemented"):
         etrace_core.compile(LeakyNet(), "uoro", x)
-    with pytest.raises(etrace_core.NotSupportedError, match="vmap=True"):
-        etrace_core.compile(LeakyNet(), "d_rtrl", x, batch_size=2, vmap=True)
     with pytest.raises(ValueError, match="at least one example input"):
         etrace_core.compile(LeakyNet(), "d_rtrl")
     assert issubclass(etrace_core.NotSupportedError, NotImplementedError)
