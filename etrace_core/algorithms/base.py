@@ -128,8 +128,16 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         msg = self.executor.show_graph(verbose=False, return_msg=True)
         if self._plan is not None:
             lines = [f"Algorithm {type(self).__name__}: trace kind per weight"]
-            for k, r in enumerate(self.graph.hidden_param_op_relations):
-                lines.append(f"  {r.weight_path}: {self._plan.kinds[k]}-dim trace")
+            rels = self.graph.hidden_param_op_relations
+            for k, r in enumerate(rels):
+                shared = online.output_side_shared_with(self._plan, k)
+                note = (
+                    f" (output-side trace shared with {rels[shared].weight_path}: their outputs "
+                    "are summed before the hidden state)"
+                    if shared is not None
+                    else ""
+                )
+                lines.append(f"  {r.weight_path}: {self._plan.kinds[k]}-dim trace{note}")
             for r in self.executor.param_trace_relations:
                 lines.append(f"  {r.path}: param-dim trace ({r.kind})")
             msg = msg + "\n" + "\n".join(lines)
@@ -189,7 +197,9 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
 
     def get_etrace_of(self, weight) -> dict[str, Any]:
         """The traces of one weight (its path, or its ParamState), by connection (relation,
-        hidden group). A ParamState whose value is a dict gives the traces of all its entries."""
+        hidden group). A ParamState whose value is a dict gives the traces of all its entries.
+        An io-dim trace whose output side is shared (see ``show_graph``) comes with the shared
+        ``f`` (the same array for each weight that shares it)."""
         plan = self._require_plan()
         self._require_etrace()
         if isinstance(weight, brainstate.State):
@@ -202,11 +212,11 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         else:
             weight_path = tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
         out = {}
-        for conn in plan.connections:
+        for c, conn in enumerate(plan.connections):
             path = self.graph.hidden_param_op_relations[conn.rel].weight_path
             if path == weight_path or path[: len(weight_path)] == weight_path:
-                key = online.trace_key(conn)
-                out[key] = self.etrace.value["traces"][key]
+                traces = self.etrace.value["traces"]
+                out[online.trace_key(conn)] = online.connection_trace(plan, traces, c)
         for k, r in enumerate(plan.spec.param_traces):
             if r.path == weight_path:
                 for g in r.hidden_groups:
@@ -225,7 +235,8 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         return out
 
     def trace_sizes(self) -> dict[str, int]:
-        """Number of scalars each trace holds, by trace key."""
+        """Number of scalars each trace holds, by trace key. A shared io-dim output side
+        (see ``show_graph``) is held, and counted, once: under the first weight sharing it."""
         self._require_etrace()
         return online.trace_sizes(self.etrace.value["traces"])
 

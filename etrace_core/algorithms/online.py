@@ -13,7 +13,7 @@ from etrace_core.executor.step import StepJacobians, StepSpec
 from etrace_core.ops import rule_for
 
 from . import param_traces
-from .traces import TRACE_KINDS, Connection, gather_units
+from .traces import TRACE_KINDS, Connection, IODimTrace, gather_units
 
 Path = tuple[str, ...]
 
@@ -40,6 +40,9 @@ class TracePlan(NamedTuple):
     connections: tuple[Connection, ...]
     decay: float  # io-dim decay alpha (unused by param-dim)
     rule: LearningRule = LearningRule()
+    # per connection: the connection whose trace holds its io-dim output side (itself unless
+    # its relation's output is summed with another io-dim relation's: see shared_outputs)
+    f_owner: tuple[int, ...] = ()
 
 
 def make_plan(
@@ -50,7 +53,47 @@ def make_plan(
         for slot, g in enumerate(rel.hidden_groups):
             unit = np.asarray(rel.y_to_hidden[slot])
             conns.append(Connection(k, slot, g.index, unit, rel.is_identity_map(slot), g.size))
-    return TracePlan(spec, tuple(kinds), tuple(conns), float(decay), rule or LearningRule())
+    owner = _output_side_owners(spec.shared_outputs, tuple(kinds), conns)
+    return TracePlan(spec, tuple(kinds), tuple(conns), float(decay), rule or LearningRule(), owner)
+
+
+def _output_side_owners(shared_sets, kinds, conns) -> tuple[int, ...]:
+    """Per connection, the connection holding its output-side trace: within a set of relations
+    with one df (``StepSpec.shared_outputs``), the io-dim ones share their first one's."""
+    index = {(c.rel, c.slot): i for i, c in enumerate(conns)}
+    owner = list(range(len(conns)))
+    for members in shared_sets:
+        io = [k for k in members if kinds[k] == "io"]
+        for k in io[1:]:
+            for (rel, slot), i in index.items():
+                if rel == k:
+                    owner[i] = index[(io[0], slot)]
+    return tuple(owner)
+
+
+def output_side_owner(plan: TracePlan, c: int) -> int:
+    """Index of the connection whose trace holds connection `c`'s output side."""
+    return plan.f_owner[c] if plan.f_owner else c
+
+
+def output_side_shared_with(plan: TracePlan, rel: int) -> Optional[int]:
+    """The relation whose io-dim output-side trace relation `rel` uses (None: its own)."""
+    for c, conn in enumerate(plan.connections):
+        o = output_side_owner(plan, c)
+        if conn.rel == rel and o != c:
+            return plan.connections[o].rel
+    return None
+
+
+def connection_trace(plan: TracePlan, traces, c: int):
+    """Connection `c`'s trace, with the output side it shares filled in (a view: the shared
+    ``f`` is the owner's array)."""
+    conn = plan.connections[c]
+    own = traces[trace_key(conn)]
+    o = output_side_owner(plan, c)
+    if o == c:
+        return own
+    return {**own, "f": traces[trace_key(plan.connections[o])]["f"]}
 
 
 FILTERED = "filtered:"
@@ -77,7 +120,7 @@ def init_traces(plan: TracePlan) -> dict[str, Any]:
     graph = plan.spec.graph
     rels, groups = graph.hidden_param_op_relations, graph.hidden_groups
     traces = {}
-    for conn in plan.connections:
+    for c, conn in enumerate(plan.connections):
         rel = rels[conn.rel]
         rule = rule_for(rel.primitive)
         x_aval = rel.x.aval if rel.has_x else None
@@ -90,7 +133,10 @@ def init_traces(plan: TracePlan) -> dict[str, Any]:
         X_shape = X.shape[:-1] + (X.shape[-1] + (1 if rel.params.get("has_bias") else 0),)
         y_shape = conn.unit.shape + (groups[conn.group].num_state,)
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
-        traces[trace_key(conn)] = kind.init(X_shape, y_shape, rel.y.aval.dtype)
+        trace = kind.init(X_shape, y_shape, rel.y.aval.dtype)
+        if output_side_owner(plan, c) != c:  # the owner holds the output side
+            trace = {k: v for k, v in trace.items() if k != "f"}
+        traces[trace_key(conn)] = trace
     traces.update(param_traces.init(plan.spec))
     if plan.rule.kappa > 0.0:
         traces.update({filtered_key(k): jax.tree.map(jnp.zeros_like, t) for k, t in traces.items()})
@@ -100,11 +146,14 @@ def init_traces(plan: TracePlan) -> dict[str, Any]:
 def update_traces(plan: TracePlan, traces, jac: StepJacobians):
     """One step of every trace, from the step's inputs X, diagonals df and Jacobians D."""
     new = {}
-    for conn in plan.connections:
-        D_flat = jac.Ds[conn.group].reshape((-1,) + jac.Ds[conn.group].shape[-2:])
-        D_y = gather_units(conn, D_flat)
+    for c, conn in enumerate(plan.connections):
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
         key = trace_key(conn)
+        if output_side_owner(plan, c) != c:  # output side: updated once, by its owner
+            new[key] = IODimTrace.update_input(traces[key], jac.xs[conn.rel], plan.decay)
+            continue
+        D_flat = jac.Ds[conn.group].reshape((-1,) + jac.Ds[conn.group].shape[-2:])
+        D_y = gather_units(conn, D_flat)
         new[key] = kind.update(
             traces[key], jac.xs[conn.rel], jac.dfs[conn.rel][conn.slot], D_y, plan.decay
         )
@@ -177,29 +226,58 @@ def trace_grads_canonical(plan: TracePlan, traces, count, deltas) -> dict[int, A
     {param_traces.grad_key(k): gradient of parameter trace k, in the parameter's shape}."""
     per_rel: dict[int, Any] = {}
     traces = _grad_view(plan, traces)
-    for conn in plan.connections:
-        delta_y = gather_units(conn, deltas[conn.group])
+    signals: dict[int, Any] = {}  # io-dim output signals by owning connection
+    for c, conn in enumerate(plan.connections):
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
-        M = kind.grad(traces[trace_key(conn)], delta_y, count, plan.decay)
+        trace = connection_trace(plan, traces, c)
+        if kind is IODimTrace:
+            w = _output_signal(plan, traces, deltas, c, signals)
+            M = kind.grad(trace, None, count, plan.decay, signal=w)
+        else:
+            M = kind.grad(trace, gather_units(conn, deltas[conn.group]), count, plan.decay)
         per_rel[conn.rel] = M if conn.rel not in per_rel else per_rel[conn.rel] + M
     if plan.spec.param_traces:
         per_rel.update(param_traces.grads(plan.spec, traces, deltas))
     return per_rel
 
 
+def _output_signal(plan: TracePlan, traces, deltas, c: int, signals: dict[int, Any]):
+    """Connection `c`'s io-dim output signal, computed once per output-side owner."""
+    o = output_side_owner(plan, c)
+    if o not in signals:
+        conn = plan.connections[o]
+        signals[o] = IODimTrace.output_signal(
+            traces[trace_key(conn)], gather_units(conn, deltas[conn.group])
+        )
+    return signals[o]
+
+
+class GradFactors(NamedTuple):
+    """io-dim trace gradients left uncontracted: connection c's is ``inputs[c]^T
+    outputs[output_side_owner(plan, c)]`` (a shared output side: one factor for all)."""
+
+    inputs: dict[int, Any]  # connection -> A (N, I)
+    outputs: dict[int, Any]  # owning connection -> B (N, O)
+
+
 def trace_grad_parts(plan: TracePlan, traces, count, deltas):
-    """The trace gradient in two parts: ({connection index: (A, B)} for io-dim connections,
-    whose gradient is A^T B, left uncontracted so a driver can contract many steps at once;
-    {relation: M} for the rest, as ``trace_grads_canonical``)."""
-    factors: dict[int, Any] = {}
+    """The trace gradient in two parts: ``GradFactors`` for io-dim connections, left
+    uncontracted so a driver can contract many steps at once; {relation: M} for the rest,
+    as ``trace_grads_canonical``."""
+    factors = GradFactors({}, {})
     per_rel: dict[int, Any] = {}
     traces = _grad_view(plan, traces)
+    signals: dict[int, Any] = {}
     for c, conn in enumerate(plan.connections):
-        delta_y = gather_units(conn, deltas[conn.group])
         kind = TRACE_KINDS[plan.kinds[conn.rel]]
-        if hasattr(kind, "grad_factors"):
-            factors[c] = kind.grad_factors(traces[trace_key(conn)], delta_y, count, plan.decay)
+        if kind is IODimTrace:
+            o = output_side_owner(plan, c)
+            if o not in factors.outputs:
+                w = _output_signal(plan, traces, deltas, c, signals)
+                factors.outputs[o] = kind.output_factor(w, count, plan.decay)
+            factors.inputs[c] = kind.input_factor(traces[trace_key(conn)])
             continue
+        delta_y = gather_units(conn, deltas[conn.group])
         M = kind.grad(traces[trace_key(conn)], delta_y, count, plan.decay)
         per_rel[conn.rel] = M if conn.rel not in per_rel else per_rel[conn.rel] + M
     if plan.spec.param_traces:

@@ -126,8 +126,9 @@ def _drive(
         carry, (factors, outs) = jax.lax.scan(step, carry, inp)
         rest, etrace, gsum, msum, lsum = carry
         msum = dict(msum)
-        for c, (A, B) in factors.items():
+        for c, A in factors.inputs.items():
             k = plan.connections[c].rel
+            B = factors.outputs[online.output_side_owner(plan, c)]
             M = jnp.einsum("kni,kno->io", A, B)
             msum[k] = msum[k] + M.astype(msum[k].dtype)
         return (rest, etrace, gsum, msum, lsum), outs
@@ -157,11 +158,13 @@ def chunk_length(T: int, plan, etrace) -> int:
     (N x (I + O) per connection and step) under CHUNK_BYTES: memory stays constant in T, and
     one scan body is compiled (no remainder chunk). A prime T gets chunks of one step."""
     per_step = 0
-    for conn in plan.connections:
+    for c, conn in enumerate(plan.connections):
         if plan.kinds[conn.rel] != "io":
             continue
         tr = etrace["traces"][online.trace_key(conn)]
-        per_step += (tr["x"].size + tr["f"].size // tr["f"].shape[-1]) * tr["x"].dtype.itemsize
+        per_step += tr["x"].size * tr["x"].dtype.itemsize
+        if "f" in tr:  # the factor B of an output side is stacked once, by its owner
+            per_step += tr["f"].size // tr["f"].shape[-1] * tr["f"].dtype.itemsize
     cap = CHUNK_MAX if per_step == 0 else max(1, min(CHUNK_MAX, CHUNK_BYTES // per_step))
     return max(k for k in range(1, cap + 1) if T % k == 0) if T > 0 else 1
 

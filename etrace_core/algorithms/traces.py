@@ -122,26 +122,40 @@ class IODimTrace:
         return {"x": decay * trace["x"] + X, "f": decay * f + (1 - decay) * df}
 
     @staticmethod
-    def grad(trace, delta_y, count, decay):
-        scale = _debias(count, decay)
+    def update_input(trace, X, decay):
+        """The input side alone, for a trace whose output side another connection holds."""
+        return {"x": decay * trace["x"] + X}
+
+    @staticmethod
+    def output_signal(trace, delta_y):
+        """sum_s dL/dh_s * eps_f[s], L + (O,): the output side of the gradient (shareable)."""
         f = trace["f"]
-        w = sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))  # L + (O,)
+        return sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))
+
+    @staticmethod
+    def grad(trace, delta_y, count, decay, signal=None):
+        """`signal`: ``output_signal(trace, delta_y)`` when already computed (shared)."""
+        scale = _debias(count, decay)
+        w = IODimTrace.output_signal(trace, delta_y) if signal is None else signal
         g = jnp.einsum("...i,...o->io", trace["x"], w)
         return g * scale.astype(g.dtype)
 
     @staticmethod
-    def grad_factors(trace, delta_y, count, decay):
-        """(A, B) with grad = A^T B: A the input trace (N, I), B the scaled output side (N, O).
-        The sequence driver stacks them over a chunk of steps and contracts them in one GEMM."""
-        scale = _debias(count, decay)
-        f = trace["f"]
-        w = sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))  # L + (O,)
+    def input_factor(trace):
+        """A of grad = A^T B: the input trace as (N, I)."""
         x = trace["x"]
-        return x.reshape((-1, x.shape[-1])), (w * scale.astype(w.dtype)).reshape((-1, w.shape[-1]))
+        return x.reshape((-1, x.shape[-1]))
+
+    @staticmethod
+    def output_factor(signal, count, decay):
+        """B of grad = A^T B: the de-biased output signal as (N, O). The sequence driver stacks
+        A and B over a chunk of steps and contracts them in one GEMM."""
+        scale = _debias(count, decay)
+        return (signal * scale.astype(signal.dtype)).reshape((-1, signal.shape[-1]))
 
     @staticmethod
     def size(trace) -> int:
-        return int(trace["x"].size + trace["f"].size)
+        return int(sum(v.size for v in trace.values()))
 
 
 def _debias(count, decay):

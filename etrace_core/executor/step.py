@@ -18,6 +18,7 @@ from etrace_core.compiler.graph import ETraceGraph
 from etrace_core.compiler.jaxpr_tools import bind_eqn, read_var, stop_gradient_all
 from etrace_core.compiler.positions import is_admissible, propagate, reachable, static_values
 from etrace_core.compiler.relations import etp_operands
+from etrace_core.compiler.shared_outputs import shared_output_sets
 from etrace_core.ops import rule_for
 
 from .param_jacobian import param_jacobians
@@ -37,6 +38,9 @@ class StepSpec(NamedTuple):
     seeds: tuple[tuple[tuple[int, int], ...], ...]  # cotangent seeds: ((group, slot), ...)
     escapes: bool  # outputs read h^{t-1} by a path that does not go through h^t
     param_traces: tuple = ()  # ParamTraceRelation: parameters traced outside ETP ops
+    # sets of relation indices whose outputs reach the hidden states only through one sum, so
+    # that their output-side Jacobians df are the same (compiler.shared_outputs)
+    shared_outputs: tuple[tuple[int, ...], ...] = ()
 
 
 def build_spec(graph: ETraceGraph, param_traces=()) -> StepSpec:
@@ -82,6 +86,7 @@ def build_spec(graph: ETraceGraph, param_traces=()) -> StepSpec:
         _seeds(graph),
         escapes,
         tuple(param_traces),
+        shared_output_sets(jaxpr, graph.hidden_param_op_relations),
     )
 
 

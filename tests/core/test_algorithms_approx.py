@@ -250,10 +250,15 @@ def test_stateful_readout_weight_is_exact_but_the_layer_below_is_not(x64):
 
 
 @pytest.mark.parametrize(
-    "cell, S, gates", [(nn.GRUCell, 1, 3), (nn.LSTMCell, 2, 4)], ids=["gru", "lstm"]
+    "cell, S, gates, shared",
+    [(nn.GRUCell, 1, 3, False), (nn.LSTMCell, 2, 4, True)],
+    ids=["gru", "lstm"],
 )
 @pytest.mark.parametrize("batch", [None, 3])
-def test_trace_sizes_match_formulas(cell, S, gates, batch):
+def test_trace_sizes_match_formulas(cell, S, gates, shared, batch):
+    """``shared``: the cell sums ``x W_ih + h W_hh`` before splitting the gates (LSTM), so
+    ES-D-RTRL keeps one output trace for both weights (under W_ih's key); the GRU adds its
+    ``n`` gate parts after a reset gate, so each weight keeps its own."""
     n_in, n_hid = 5, 7
     lead = 1 if batch is None else batch
     sizes = {}
@@ -280,9 +285,9 @@ def test_trace_sizes_match_formulas(cell, S, gates, batch):
     assert sorted(sizes["param"].values()) == sorted(
         [lead * S * (n_in + 1) * O, lead * S * (n_hid + 1) * O]
     )
-    # ES-D-RTRL: B * ((I + 1) + O * S) per weight: O(B (I + O))
+    # ES-D-RTRL: B * ((I + 1) + O * S) per weight: O(B (I + O)); a shared output trace once
     assert sorted(sizes["io"].values()) == sorted(
-        [lead * ((n_in + 1) + O * S), lead * ((n_hid + 1) + O * S)]
+        [lead * ((n_in + 1) + O * S), lead * ((n_hid + 1) + (0 if shared else O * S))]
     )
 
 
