@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import etrace_core
+from etrace_core.algorithms.windows import check_window
 
 from .algorithms import make_algorithm
 from .arrays import import_tensor, matmul_precision, to_jax, to_torch
@@ -226,15 +227,14 @@ def _window_option(window, options: dict) -> Optional[int]:
     """Check `window` and set the algorithm's `vjp_method` to match (in `options`)."""
     if window is None:
         return None
-    if isinstance(window, bool) or not hasattr(window, "__index__") or int(window) < 1:
-        raise ValueError(f"window must be a positive number of time steps, got {window!r}")
+    window = check_window(window)
     method = options.setdefault("vjp_method", "multi-step")
     if method != "multi-step":
         raise ValueError(
             f"window={window} learns with exact BPTT inside windows, which needs "
             f"vjp_method='multi-step', not {method!r} (leave vjp_method out)"
         )
-    return int(window)
+    return window
 
 
 def _refuse_complex_parameters(module: torch.nn.Module) -> None:

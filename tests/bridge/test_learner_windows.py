@@ -85,7 +85,7 @@ def test_window_refusals(x64):
     example = (xs[0], *initial_state(model, B))
     with pytest.raises(ValueError, match="vjp_method='multi-step'"):
         OnlineLearner(model, example_inputs=example, window=4, vjp_method="single-step")
-    with pytest.raises(ValueError, match="positive number of time steps"):
+    with pytest.raises(ValueError, match="at least 1 time step"):
         OnlineLearner(model, example_inputs=example, window=0)
     learner = OnlineLearner(model, algorithm="d_rtrl", example_inputs=example, window=4)
     with pytest.raises(ValueError, match="run\\(xs, targets\\)"):
