@@ -19,6 +19,7 @@ import numpy as np
 from jax import lax
 from jax.interpreters import ad, batching
 
+from etrace_core.ops.matmul import weight_and_bias_grads
 from etrace_core.ops.primitive import primitive_from_reference
 from etrace_core.ops.units import strip, strip_bias, with_unit
 
@@ -376,10 +377,4 @@ def io_to_params(params, w, M):
     if layout == "io":  # back to (*K, C_in/groups, C_out)
         n = len(t_shape) - 2
         dw = jnp.transpose(dw, tuple(range(2, n + 2)) + (1, 0))
-    fn = params.get("weight_fn")
-    if fn is not None:  # dw is the gradient w.r.t. fn(w): pull it back to w
-        dw = jax.vjp(fn, w)[1](dw.astype(jnp.result_type(w)))[0]
-    if not has_bias:
-        return dw, None
-    b_shape = params.get("b_shape")
-    return dw, (M[i] if b_shape is None else M[i].reshape(b_shape))
+    return weight_and_bias_grads(params, w, dw, M, i)

@@ -186,10 +186,17 @@ def io_to_params(params, w, M):
             f"matmul.io_to_params: M must have shape (I{'+1' if has_bias else ''}, O)"
             f" = {(i + has_bias, o)}, got {M.shape}"
         )
-    dw = M[:i] if layout == "io" else M[:i].T
-    if fn is not None:  # M is the gradient w.r.t. weight_fn(w): pull it back to w
+    return weight_and_bias_grads(params, w, M[:i] if layout == "io" else M[:i].T, M, i)
+
+
+def weight_and_bias_grads(params, w, dw, M, i: int):
+    """``(dw, db)`` of an ETP op's ``io_to_params``: `dw` (the gradient w.r.t. ``weight_fn(w)``
+    in `w`'s layout) pulled back to `w` through ``params['weight_fn']``, and the bias gradient
+    from row `i` of the canonical `M` (None without a bias), in ``params['b_shape']``."""
+    fn = params.get("weight_fn")
+    if fn is not None:
         dw = jax.vjp(fn, w)[1](dw.astype(jnp.result_type(w)))[0]
-    if not has_bias:
+    if not params["has_bias"]:
         return dw, None
     b_shape = params.get("b_shape")
     return dw, (M[i] if b_shape is None else M[i].reshape(b_shape))
