@@ -1,13 +1,10 @@
 """Costs that grow as the work grows: one XLA compilation per learner and input shape."""
 
-import contextlib
-import logging
-
-import jax
 import torch
 from torch import nn
 
 from etrace_bridge import OnlineLearner
+from tests.bridge.jax_compiles import compilations
 
 
 class _Net(nn.Module):
@@ -19,31 +16,6 @@ class _Net(nn.Module):
     def forward(self, x, h):
         h = self.cell(x, h)
         return self.readout(h), h
-
-
-class _Count(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.names = []
-
-    def emit(self, record):
-        message = record.getMessage()
-        if message.startswith("Compiling "):
-            self.names.append(message.split(" ")[1])
-
-
-@contextlib.contextmanager
-def _compilations():
-    handler, logger = _Count(), logging.getLogger("jax")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            yield handler.names
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 def _learner(algorithm):
@@ -59,7 +31,7 @@ def _learner(algorithm):
 def test_run_compiles_once_with_or_without_reset():
     learner, xs, ys = _learner("es_d_rtrl")
     learner.run(xs, ys)  # first call compiles
-    with _compilations() as names:
+    with compilations() as names:
         learner.run(xs, ys)  # traces carried over from a compiled call
         learner.reset_state()
         learner.run(xs, ys)  # traces zeroed
@@ -70,7 +42,7 @@ def test_run_compiles_once_with_or_without_reset():
 def test_a_new_sequence_length_is_a_new_shape_but_only_once():
     learner, xs, ys = _learner("d_rtrl")
     learner.run(xs, ys)
-    with _compilations() as names:
+    with compilations() as names:
         learner.run(xs[:3], ys[:3])
         learner.run(xs[:3], ys[:3])
     assert len([n for n in names if "_drive" in n]) == 1
@@ -79,7 +51,7 @@ def test_a_new_sequence_length_is_a_new_shape_but_only_once():
 def test_step_compiles_once():
     learner, xs, ys = _learner("es_d_rtrl")
     learner.step(xs[0], ys[0])
-    with _compilations() as names:
+    with compilations() as names:
         for t in range(1, 5):
             learner.step(xs[t], ys[t])
     assert [n for n in names if "_drive" in n] == []
@@ -102,7 +74,7 @@ def test_construction_compiles_one_program_not_one_per_op():
 
     torch.manual_seed(0)
     xs, ys = torch.randn(4, 2, 5), torch.randn(4, 2, 3)
-    with _compilations() as names:
+    with compilations() as names:
         learner = OnlineLearner(
             Net(), algorithm="es_d_rtrl", loss="mse", example_inputs=(xs[0], torch.zeros(2, 7))
         )

@@ -2,9 +2,6 @@
 re-used only for the same computation, never with another model's values, and never hiding a
 wrong conversion from the self-check."""
 
-import contextlib
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,33 +12,7 @@ from torch import nn
 from etrace_bridge import from_torch
 from etrace_bridge.errors import ConversionCheckError
 from etrace_bridge.shared_programs import call_jaxpr
-
-
-class _Count(logging.Handler):
-    """XLA compilations (JAX logs "Compiling ..." when it lowers, and this when it compiles)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.names = []
-
-    def emit(self, record):
-        message = record.getMessage()
-        if message.startswith("Finished XLA compilation of "):
-            self.names.append(message.split(" ")[4])
-
-
-@contextlib.contextmanager
-def _compilations():
-    handler, logger = _Count(), logging.getLogger("jax")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            yield handler.names
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
+from tests.bridge.jax_compiles import compilations
 
 
 def test_same_structure_shares_one_program_with_its_own_values():
@@ -49,14 +20,14 @@ def test_same_structure_shares_one_program_with_its_own_values():
     scales = [jnp.full((3,), 2.0), jnp.full((3,), -3.0)]
     closed = [jax.make_jaxpr(lambda x, s=s: jnp.tanh(x * s + 0.25))(x) for s in scales]
     assert all(len(c.consts) == 1 for c in closed)  # the values live in the constants
-    with _compilations() as names:
+    with compilations("xla") as names:
         outs = [call_jaxpr(c, x)[0] for c in closed]
     assert len(names) == 1, names  # one compile for both
     for s, out in zip(scales, outs):
         np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.tanh(x * s + 0.25)))
     other = jax.make_jaxpr(lambda x: jnp.sin(x * scales[0]))(x)  # another computation
     want = np.asarray(jnp.sin(x * scales[0]))
-    with _compilations() as names:
+    with compilations("xla") as names:
         got = np.asarray(call_jaxpr(other, x)[0])
     assert len(names) == 1  # compiled, not mistaken for the tanh program
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -77,7 +48,7 @@ class _Net(nn.Module):
 def test_second_conversion_of_the_same_structure_compiles_no_check_program():
     args = (torch.randn(3, 4), torch.zeros(3, 9))
     from_torch(_Net(0), args)
-    with _compilations() as names:
+    with compilations("xla") as names:
         from_torch(_Net(1), args)  # other weights, same structure
     assert names == []
 
