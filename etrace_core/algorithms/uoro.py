@@ -320,6 +320,10 @@ class UORO(ETraceAlgorithm):
     give 0/0). ``vjp_method='multi-step'`` (braintrace's default): MultiStepData windows get
     exact BPTT inside; ``'single-step'``: each step of a window is an online step.
 
+    Under ``compile(..., vmap=True)`` every sample carries its own pair, all started from the
+    same key (the draws are then shared across samples: still unbiased, not independent).
+    ``trace_dtype`` is the factors' storage dtype.
+
     Memory: the factors, ``|h| + |theta|`` numbers. Each step costs about three evaluations of
     the step (forward, a JVP along ``s``, a VJP for ``nu^T J``), whatever the ops.
     """
@@ -384,6 +388,9 @@ class UORO(ETraceAlgorithm):
         self._require_plan()
         start = _initial_key(self.projection_key if key is None else key)
         value = init_carrier(self._layout, start)
+        if self.trace_dtype is not None:  # storage dtype of the factors
+            for part in (S_TILDE, THETA_TILDE):
+                value[part] = {k: v.astype(self.trace_dtype) for k, v in value[part].items()}
         if not isinstance(start, jax.core.Tracer):
             value = _committed(value, self.model)
             self.running_index.value = _committed(np.zeros((), np.int32), self.model)
