@@ -13,6 +13,7 @@ with keep_x64():  # brainstate's import switches jax_enable_x64 off: keep the us
     from .algorithms import (
         D_RTRL,
         ES_D_RTRL,
+        UORO,
         EProp,
         ETraceAlgorithm,
         HybridDimVjpAlgorithm,
@@ -97,6 +98,7 @@ __all__ = [
     "EProp",
     "OSTLRecurrent",
     "OSTLFeedforward",
+    "UORO",
     "D_RTRL",
     "IODimVjpAlgorithm",
     "ES_D_RTRL",

@@ -12,6 +12,7 @@ import brainstate
 
 from .algorithms import (
     D_RTRL,
+    UORO,
     EProp,
     ETraceAlgorithm,
     HybridDimVjpAlgorithm,
@@ -37,11 +38,11 @@ ALGORITHM_NAMES = {
     "e_prop": EProp,
     "ostl_recurrent": OSTLRecurrent,
     "ostl_feedforward": OSTLFeedforward,
+    "uoro": UORO,
 }
 
 # braintrace algorithms etrace does not implement: named so the error says so
 _NOT_IMPLEMENTED = (
-    "uoro",
     "three_factor",
     "dni",
     "snap",

@@ -6,6 +6,7 @@ from .hybrid import HybridDimVjpAlgorithm
 from .io_dim import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from .param_dim import D_RTRL, ParamDimVjpAlgorithm
 from .sequence import OnlineResult, run_online
+from .uoro import UORO
 
 __all__ = [
     "ETraceAlgorithm",
@@ -19,6 +20,7 @@ __all__ = [
     "EProp",
     "OSTLRecurrent",
     "OSTLFeedforward",
+    "UORO",
     "OnlineResult",
     "run_online",
 ]

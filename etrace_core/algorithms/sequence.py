@@ -10,6 +10,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from etrace_core.compiler.errors import NotSupportedError
 from etrace_core.executor.step import jacobian_step, vjp_step
 
 from . import online
@@ -43,6 +44,12 @@ def run_online(
 
     The model's states and traces advance by T steps; parameters are not changed.
     """
+    if not getattr(algo, "uses_trace_plan", True):
+        raise NotSupportedError(
+            f"run_online drives the eligibility traces of D-RTRL / ES-D-RTRL / hybrid; "
+            f"{type(algo).__name__} carries its own state: step it with algo(x) (or "
+            "MultiStepData windows), or algo.etrace_grad(..., step_fn=...)"
+        )
     states = algo._check_ready()
     if algo.executor.is_multi_step_vjp:
         window = None if window is None else check_window(window)

@@ -215,8 +215,8 @@ def test_compile_errors():
     x = jnp.ones((2, 3))
     with pytest.raises(ValueError, match="unknown algorithm name 'rtrl'"):
         etrace_core.compile(LeakyNet(), "rtrl", x)
-    with pytest.raises(etrace_core.NotSupportedError, match="'uoro' is not implemented"):
-        etrace_core.compile(LeakyNet(), "uoro", x)
+    with pytest.raises(etrace_core.NotSupportedError, match="'snap' is not implemented"):
+        etrace_core.compile(LeakyNet(), "snap", x)
     with pytest.raises(ValueError, match="at least one example input"):
         etrace_core.compile(LeakyNet(), "d_rtrl")
     assert issubclass(etrace_core.NotSupportedError, NotImplementedError)
