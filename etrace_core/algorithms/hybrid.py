@@ -51,6 +51,6 @@ class HybridDimVjpAlgorithm(ETraceAlgorithm):
             elif r.primitive.name == "etp_elemwise":
                 kinds.append("param")
             else:
-                w = r.eqn.invars[1].aval
+                w = r.eqn.invars[r.weight_operand].aval
                 kinds.append("param" if w.size <= self.max_param_dim_size else "io")
         return kinds

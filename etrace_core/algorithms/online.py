@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from etrace_core.executor.step import StepJacobians, StepSpec
-from etrace_core.ops import rule_for
 
 from . import param_traces
 from .traces import TRACE_KINDS, Connection, IODimTrace, gather_units
@@ -122,13 +121,13 @@ def init_traces(plan: TracePlan) -> dict[str, Any]:
     traces = {}
     for c, conn in enumerate(plan.connections):
         rel = rels[conn.rel]
-        rule = rule_for(rel.primitive)
+        rule = rel.rule
         x_aval = rel.x.aval if rel.has_x else None
-        w_aval = rel.eqn.invars[0 if not rel.has_x else 1].aval
+        operands = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in rel.eqn.invars]
         X = jax.eval_shape(
             lambda x, w: rule.x_canon(rel.params, x, w),
             None if x_aval is None else jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype),
-            jax.ShapeDtypeStruct(w_aval.shape, w_aval.dtype),
+            rel.rule_weight(operands),
         )
         X_shape = X.shape[:-1] + (X.shape[-1] + (1 if rel.params.get("has_bias") else 0),)
         y_shape = conn.unit.shape + (groups[conn.group].num_state,)
@@ -297,11 +296,20 @@ def canonical_to_params(plan: TracePlan, params: dict[Path, Any], per_rel) -> di
             _accumulate(grads, plan.spec.param_traces[param_traces.trace_of_key(k)].path, M)
             continue
         rel = rels[k]
-        dw, db = rule_for(rel.primitive).io_to_params(rel.params, params[rel.weight_path], M)
+        dw, db = rel.rule.io_to_params(rel.params, _rule_weight(rel, params), M)
         _accumulate(grads, rel.weight_path, dw)
         if rel.bias_path is not None and db is not None:
             _accumulate(grads, rel.bias_path, db)
     return grads
+
+
+def _rule_weight(rel, params: dict[Path, Any]):
+    """The ``w`` of the relation's ``io_to_params``, read from the parameters by path (the
+    weight itself; for LoRA the factors, which are parameters, and the bias if it is one)."""
+    if not rel.operand_paths:
+        return params[rel.weight_path]
+    operands = [None if p is None else params.get(p) for p in rel.operand_paths]
+    return rel.rule_weight(operands)
 
 
 def _accumulate(into, path, value):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from etrace_core.ops import is_etp_primitive, rule_for
+from etrace_core.ops import bias_operand, is_etp_primitive, rule_for, weight_operands
 
 from .hidden_groups import HiddenGroup
 from .module_info import ModuleInfo, Path
@@ -22,7 +22,8 @@ class HiddenParamOpRelation(NamedTuple):
 
     `y_to_hidden[k]` is an int array shaped like the op's canonical output `L + (O,)`: the flat
     index, within `hidden_groups[k].varshape`, of the hidden unit each output element lands in
-    (-1: it lands in none of that group's units).
+    (-1: it lands in none of that group's units). An op with several traced weights (LoRA's
+    two factors) gives one relation per weight, told apart by `weight_operand`.
     """
 
     weight_path: Path
@@ -34,6 +35,17 @@ class HiddenParamOpRelation(NamedTuple):
     hidden_groups: tuple[HiddenGroup, ...]
     y_to_hidden: tuple[np.ndarray, ...]
     approximations: tuple[str, ...]
+    weight_operand: int = 1  # the weight's operand position in `eqn` (0: element-wise ops)
+    operand_paths: tuple = ()  # per operand of `eqn`: its parameter path, or None
+
+    @property
+    def rule(self):
+        """The op's canonical-form rule for this relation's weight (ops.rules.OpRule)."""
+        return rule_for(self.primitive, self.weight_operand)
+
+    def rule_weight(self, operands):
+        """The ``w`` the rule's functions take, from the op's operands in equation order."""
+        return self.rule.weight_arg(operands, self.weight_operand)
 
     @property
     def path(self) -> Path:
@@ -92,11 +104,14 @@ class UntracedUse(NamedTuple):
 
 
 def etp_operands(eqn) -> tuple[Any, Any, Any]:
-    """(x, w, b) operands of an ETP equation; x is None for element-wise weights."""
+    """(x, w, b) operands of an ETP equation (w: its first traced weight); x is None for
+    element-wise weights."""
+    w = eqn.invars[weight_operands(eqn.primitive)[0]]
+    b_at = bias_operand(eqn.primitive, eqn.params)
+    b = None if b_at is None else eqn.invars[b_at]
     if eqn.primitive.name == "etp_elemwise":
-        return None, eqn.invars[0], None
-    b = eqn.invars[2] if eqn.params.get("has_bias") else None
-    return eqn.invars[0], eqn.invars[1], b
+        return None, w, None
+    return eqn.invars[0], w, b
 
 
 def analyse_relations(minfo: ModuleInfo, hid_path_to_group: dict[Path, HiddenGroup]):
@@ -124,13 +139,15 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: dict[Path, HiddenGro
     for eqn in jaxpr.eqns:
         if not is_etp_primitive(eqn.primitive):
             continue
-        _, w, b = etp_operands(eqn)
-        w_path = param_of.get(w) if not isinstance(w, jcore.Literal) else None
-        if w_path is None:
-            continue  # a weight that is not a parameter: nothing to learn through this op
+        paths = tuple(None if isinstance(v, jcore.Literal) else param_of.get(v) for v in eqn.invars)
+        weights, partnerless = _traced_weights(eqn, paths)
+        untraced += partnerless
+        if not weights:
+            continue  # no weight that is a parameter: nothing to learn through this op
+        b_at = bias_operand(eqn.primitive, eqn.params)
+        b_path = None if b_at is None else paths[b_at]
         prop = propagate(jaxpr, eqn.outvars[0], static)
         groups, maps, problems = _landing(eqn, prop, hidden_out, static)
-        b_path = param_of.get(b) if b is not None and not isinstance(b, jcore.Literal) else None
         if not groups:
             # a broadcast/duplication found by _landing says more than the generic reason
             reason = (
@@ -138,9 +155,11 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: dict[Path, HiddenGro
                 if problems
                 else _why_not_traced(jaxpr, eqn, prop, hidden_out_vars)
             )
-            untraced += [UntracedUse(p, reason) for p in (w_path, b_path) if p is not None]
+            untraced += [
+                UntracedUse(p, reason) for p in (*(paths[k] for k in weights), b_path) if p
+            ]
             continue
-        traced_vars.update(v for v in (w, b) if v is not None)
+        traced_vars.update(eqn.invars[k] for k in (*weights, b_at) if k is not None)
         before_hidden = propagate(jaxpr, eqn.outvars[0], static, stop=made_at)
         approx = list(problems) + _approximations(jaxpr, before_hidden, hidden_out_vars)
         x = eqn.invars[0] if eqn.primitive.name != "etp_elemwise" else None
@@ -158,22 +177,49 @@ def analyse_relations(minfo: ModuleInfo, hid_path_to_group: dict[Path, HiddenGro
         if not recurrent_input:
             approx += [rec_notes[g.index] for g in groups if g.index in rec_notes]
         approx += [feeds_memory[g.index] for g in groups if g.index in feeds_memory]
-        relations.append(
-            HiddenParamOpRelation(
-                weight_path=w_path,
-                bias_path=b_path,
-                primitive=eqn.primitive,
-                eqn=eqn,
-                x=eqn.invars[0] if eqn.primitive.name != "etp_elemwise" else None,
-                y=eqn.outvars[0],
-                hidden_groups=tuple(groups),
-                y_to_hidden=tuple(maps),
-                approximations=tuple(dict.fromkeys(approx)),
+        for n, k in enumerate(weights):
+            relations.append(
+                HiddenParamOpRelation(
+                    weight_path=paths[k],
+                    bias_path=b_path if n == 0 else None,  # the bias rides with one weight
+                    primitive=eqn.primitive,
+                    eqn=eqn,
+                    x=x,
+                    y=eqn.outvars[0],
+                    hidden_groups=tuple(groups),
+                    y_to_hidden=tuple(maps),
+                    approximations=tuple(dict.fromkeys(approx)),
+                    weight_operand=k,
+                    operand_paths=paths,
+                )
             )
-        )
 
     untraced += _plain_uses(minfo, param_of, traced_vars)
     return relations, untraced
+
+
+def _traced_weights(eqn, paths) -> tuple[list[int], list[UntracedUse]]:
+    """The op's weight operands that are parameters and can be traced; a weight whose rule
+    reads another weight operand (a LoRA factor's partner) that is not a parameter cannot map
+    its trace back to itself, and keeps its same-step gradient."""
+    weights, untraced = [], []
+    all_weights = weight_operands(eqn.primitive)
+    for k in all_weights:
+        if paths[k] is None:
+            continue
+        needs = rule_for(eqn.primitive, k).operands or ()
+        missing = [i for i in needs if i in all_weights and i != k and paths[i] is None]
+        if missing:
+            untraced.append(
+                UntracedUse(
+                    paths[k],
+                    f"its {eqn.primitive.name} partner factor (operand {missing[0]}) is not a "
+                    "parameter, so its trace cannot be mapped back to it: same-step gradient",
+                )
+            )
+            continue
+        weights.append(k)
+    return weights, untraced
 
 
 def _depends_on(jaxpr, sources, static) -> set:

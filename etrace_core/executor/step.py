@@ -19,7 +19,6 @@ from etrace_core.compiler.jaxpr_tools import bind_eqn, read_var, stop_gradient_a
 from etrace_core.compiler.positions import is_admissible, propagate, reachable, static_values
 from etrace_core.compiler.relations import etp_operands
 from etrace_core.compiler.shared_outputs import shared_output_sets
-from etrace_core.ops import rule_for
 
 from .param_jacobian import param_jacobians
 
@@ -30,7 +29,7 @@ class StepSpec(NamedTuple):
     """Static structure of a compiled graph that the step evaluations need."""
 
     graph: ETraceGraph
-    relation_at: dict[int, int]  # eqn index -> relation index
+    relation_at: dict[int, tuple[int, ...]]  # eqn index -> its relations' indices (LoRA: 2)
     traced_operands: dict[int, tuple[int, ...]]  # relation eqn index -> operand positions traced
     admissible: frozenset  # eqn indices where positions survive (D/df paths)
     tail: frozenset  # eqn indices between relation outputs and h^t
@@ -51,14 +50,15 @@ def build_spec(graph: ETraceGraph, param_traces=()) -> StepSpec:
     relation_at, traced = {}, {}
     for k, rel in enumerate(graph.hidden_param_op_relations):
         i = eqn_index[id(rel.eqn)]
-        relation_at[i] = k
-        x, w, b = etp_operands(rel.eqn)
+        relation_at[i] = relation_at.get(i, ()) + (k,)
+        w = rel.eqn.invars[rel.weight_operand]
+        _, _, b = etp_operands(rel.eqn)
         positions = [
             j
             for j, v in enumerate(rel.eqn.invars)
             if (v is w) or (rel.bias_path is not None and v is b)
         ]
-        traced[i] = tuple(positions)
+        traced[i] = tuple(sorted(set(traced.get(i, ())) | set(positions)))
     admissible = frozenset(i for i, e in enumerate(jaxpr.eqns) if is_admissible(e, static))
 
     # where each hidden state is made (its perturbation point): p_prod and the cuts go there
@@ -195,8 +195,7 @@ def jacobian_step(spec: StepSpec, args_flat, values: dict[Path, Any]) -> StepJac
             outs = bind_eqn(eqn, ins)
             if i not in spec.admissible:
                 outs = stop_gradient_all(outs)
-            k = spec.relation_at.get(i)
-            if k is not None:
+            for k in spec.relation_at.get(i, ()):  # LoRA: one perturbation per factor
                 xs[k] = _canonical_x(rels[k], ins)
                 outs = [outs[0] + y_pert[k]]
             for v, o in zip(eqn.outvars, outs):
@@ -223,7 +222,7 @@ def jacobian_step(spec: StepSpec, args_flat, values: dict[Path, Any]) -> StepJac
     Ms = [_blocks(d_p[g.index], slot_of_seed[g.index]) for g in groups]
     dfs = []
     for k, rel in enumerate(rels):
-        rule = rule_for(rel.primitive)
+        rule = rel.rule
         per_group = []
         for g in rel.hidden_groups:
             cols = [
@@ -267,9 +266,8 @@ def _blocks(per_input_slot, seed_of_slot):
 
 
 def _canonical_x(rel, ins):
-    rule = rule_for(rel.primitive)
-    x, w, _ = (ins[0], ins[1], None) if rel.has_x else (None, ins[0], None)
-    X = rule.x_canon(rel.params, x, w)
+    x = ins[0] if rel.has_x else None
+    X = rel.rule.x_canon(rel.params, x, rel.rule_weight(ins))
     if rel.params.get("has_bias"):
         X = jnp.concatenate([X, jnp.ones(X.shape[:-1] + (1,), X.dtype)], axis=-1)
     return X

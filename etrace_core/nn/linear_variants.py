@@ -8,6 +8,7 @@ traced parameter and its gradient is pulled back through the constraint exactly.
 from typing import Optional
 
 import brainstate
+import brainunit as u
 import jax.numpy as jnp
 
 from etrace_core import ops
@@ -136,8 +137,9 @@ class LoRA(brainstate.nn.Module):
     ``B: (rank, out)``, both ``kernel_init`` (default U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
 
     ``weight`` is one ParamState holding ``{'lora_a': A, 'lora_b': B}`` (braintrace's layout).
-    Two chained ETP matmuls: ``lora_b`` is traced exactly; ``lora_a`` reaches the hidden state
-    through ``lora_b``'s op, where the compiler treats it as its rules say (see ``show_graph``).
+    One ETP ``lora_matmul`` (``etp_lora_mm``/``etp_lora_mv``): both factors are traced weights
+    (see :mod:`etrace_core.ops.lora`). ``x`` may have any leading axes (folded into one batch
+    axis around the op). A ``base_module`` that is not callable fails at the call.
     """
 
     def __init__(
@@ -177,7 +179,16 @@ class LoRA(brainstate.nn.Module):
 
     def update(self, x):
         p = self.weight.value
-        y = ops.matmul(ops.matmul(x, p["lora_a"]) / self.lora_rank, p["lora_b"])
+        shape = u.math.shape(x)
+        flat = x if len(shape) <= 2 else u.math.reshape(x, (-1, shape[-1]))
+        y = ops.lora_matmul(flat, p["lora_a"], p["lora_b"], alpha=1.0 / self.lora_rank)
+        if len(shape) > 2:
+            y = u.math.reshape(y, tuple(shape[:-1]) + (self.out_features,))
         if self.base_module is not None:
+            if not callable(self.base_module):
+                raise ValueError(
+                    "LoRA: base_module must be callable (a module or a function of x), got "
+                    f"{self.base_module!r} of type {type(self.base_module).__name__}"
+                )
             y = y + self.base_module(x)
         return y
