@@ -210,6 +210,19 @@ def test_a_scan_longer_than_the_limit_is_refused_by_name_and_the_limit_raises(x6
     assert len(algo.graph.hidden_param_op_relations) == 5
 
 
+def test_compile_and_every_algorithm_take_the_policy():
+    policy = ec.ControlFlowPolicy(scan_unroll_limit=5)
+    x0 = _sequence(N)[0][0]
+    algo = ec.compile(ScanLeaky(loops=5), "pp_prop", x0, batch_size=B, control_flow=policy)
+    assert algo.graph.module_info.control_flow is policy
+    for make in (ec.HybridDimVjpAlgorithm, ec.EProp, ec.OSTLRecurrent, ec.OSTLFeedforward):
+        algo = _algo(make, _build(ScanLeaky, loops=5), x0, control_flow=policy)
+        assert algo.graph.module_info.control_flow is policy
+    assert (
+        _algo(ec.D_RTRL, _build(ScanLeaky), x0).graph.module_info.control_flow == policy.__class__()
+    )
+
+
 def test_weight_free_scans_stay_loops():
     class WeightFreeScan(brainstate.nn.Module):
         def __init__(self):
