@@ -71,8 +71,8 @@ def check_opaque_ops(minfo: ModuleInfo) -> None:
     that feed hidden states. Every problem is reported at once."""
     policy = resolve_policy(minfo.control_flow)
     jaxpr = minfo.jaxpr
-    weights = weight_values(jaxpr, minfo.param_invars.values())
-    weight_deps = {p: reachable(jaxpr, [v]) & weights for p, v in minfo.param_invars.items()}
+    weight_vars = weight_values(jaxpr, minfo.param_invars.values())
+    weight_deps = {p: reachable(jaxpr, [v]) & weight_vars for p, v in minfo.param_invars.items()}
     feeds_hidden = set(minfo.hidden_outvars)
     loop_problems, call_problems = [], []
     for eqn in jaxpr.eqns:
@@ -116,10 +116,15 @@ def _loop_problem(eqn, weights, etp, policy) -> str:
     head = f"{_describe(eqn)} uses {named}{' through ' + ', '.join(etp) if etp else ''}"
     if eqn.primitive.name == "scan":
         limit, length = policy.scan_unroll_limit, eqn.params["length"]
+        why = (
+            f"its length {length} is over ControlFlowPolicy.scan_unroll_limit={limit}"
+            if limit > 0
+            else f"unrolling is off (ControlFlowPolicy.scan_unroll_limit={limit})"
+        )
         return (
-            f"{head}: the compiler could not flatten {ops} out of the scan body: its length "
-            f"{length} is over ControlFlowPolicy.scan_unroll_limit={limit}, so it was not "
-            "unrolled (etrace has no structured scan descent, whatever scan_descent says). "
+            f"{head}: the compiler could not flatten {ops} out of the scan body: {why}, so it "
+            "was not unrolled (etrace has no structured scan descent, whatever scan_descent "
+            "says). "
             f"Fix: pass control_flow=ControlFlowPolicy(scan_unroll_limit={length}) to the "
             "algorithm (compile time grows with the length), or apply the weight outside the "
             "loop"

@@ -49,12 +49,13 @@ def unrolls(eqn: jcore.JaxprEqn, weighted_operands: bool, limit: int) -> bool:
     return (
         eqn.primitive.name == "scan"
         and (weighted_operands or uses_etp(eqn))
-        and 0 < eqn.params["length"] <= limit
+        and limit > 0
+        and eqn.params["length"] <= limit
     )
 
 
 def _eval(jaxpr, consts, args, taint_in, limit):
-    """(outputs, whether each output depends on a weight) of `jaxpr`, re-traced flat."""
+    """(outputs, whether each output is made from weights alone) of `jaxpr`, re-traced flat."""
     env, tainted = {}, set()
     for v, c in zip(jaxpr.constvars, consts):
         env[v] = c
@@ -66,9 +67,8 @@ def _eval(jaxpr, consts, args, taint_in, limit):
     for eqn in jaxpr.eqns:
         invals = [read_var(env, v) for v in eqn.invars]
         t_in = [not isinstance(v, jcore.Literal) and v in tainted for v in eqn.invars]
-        if not all(weight_only(v, tainted, neutral) for v in eqn.invars):
-            t_in = [False] * len(t_in)  # mixed with data: a weight's result, not a weight
-        outs, t_out = _eval_eqn(eqn, invals, t_in, limit)
+        only = all(weight_only(v, tainted, neutral) for v in eqn.invars)
+        outs, t_out = _eval_eqn(eqn, invals, t_in, only, limit)
         for v, val, t in zip(eqn.outvars, outs, t_out):
             if isinstance(v, jcore.DropVar):
                 continue
@@ -96,7 +96,10 @@ def weight_values(jaxpr: jcore.Jaxpr, weights) -> set:
     return found
 
 
-def _eval_eqn(eqn, invals, t_in, limit):
+def _eval_eqn(eqn, invals, t_in, weights_only, limit):
+    """One equation re-traced; `t_in`: which operands are weights. Calls, conds and unrolled
+    scans follow each operand inside; another op's outputs are weights when its operands are
+    weights and constants alone (a weight mixed with data gives a weight's result)."""
     name = eqn.primitive.name
     if name in INLINE_CALLS:
         sub = sub_jaxpr(eqn)
@@ -111,7 +114,7 @@ def _eval_eqn(eqn, invals, t_in, limit):
         return select_branch(invals[0], outs), t_out
     if unrolls(eqn, any(t_in), limit):
         return _unroll_scan(eqn, invals, t_in, limit)
-    return _bind_raw(eqn, invals), [any(t_in)] * len(eqn.outvars)
+    return _bind_raw(eqn, invals), [weights_only and any(t_in)] * len(eqn.outvars)
 
 
 def _unroll_scan(eqn, invals, t_in, limit):
@@ -139,5 +142,8 @@ def _unroll_scan(eqn, invals, t_in, limit):
         steps[i] = outs[n_carry:]
         t_y = t[n_carry:]
         t_ys = t_y if t_ys is None else [a or b for a, b in zip(t_ys, t_y)]
+    if length == 0:  # no iteration: the initial carry and empty stacks
+        ys = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars[n_carry:]]
+        return list(carry) + ys, list(t_carry) + [False] * len(ys)
     ys = [jnp.stack(col) for col in zip(*(steps[i] for i in range(length)))]
     return list(carry) + ys, list(t_carry) + list(t_ys or [])
