@@ -57,10 +57,8 @@ def bind_eqn(eqn: jcore.JaxprEqn, invals: Sequence) -> list:
 
 def _bind_raw(eqn: jcore.JaxprEqn, invals: Sequence) -> list:
     params = eqn.primitive.get_bind_params(eqn.params)
-    info = eqn.source_info  # re-traced equations keep the user's source line (as jax's eval)
-    with source_info_util.user_context(info.traceback, name_stack=info.name_stack):
-        with eqn.ctx.manager:
-            out = eqn.primitive.bind(*invals, **params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
@@ -246,6 +244,14 @@ def inner_eqns(eqn: jcore.JaxprEqn):
 def uses_etp(eqn: jcore.JaxprEqn) -> bool:
     """True when an ETP op is hidden inside this (loop/custom-call) equation."""
     return any(is_etp_primitive(e.primitive) for e in inner_eqns(eqn))
+
+
+def bind_with_source(eqn: jcore.JaxprEqn, invals: Sequence) -> list:
+    """`_bind_raw`, the new equation keeping `eqn`'s source line (as jax's own eval_jaxpr):
+    used by the canonicalising pass so refusals can name the model's line."""
+    info = eqn.source_info
+    with source_info_util.user_context(info.traceback, name_stack=info.name_stack):
+        return _bind_raw(eqn, invals)
 
 
 def source_line(eqn: jcore.JaxprEqn) -> str:

@@ -23,7 +23,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
-from .jaxpr_tools import INLINE_CALLS, _bind_raw, read_var, select_branch, sub_jaxpr, uses_etp
+from .jaxpr_tools import (
+    INLINE_CALLS,
+    bind_with_source,
+    read_var,
+    select_branch,
+    sub_jaxpr,
+    uses_etp,
+)
 
 
 def flatten_control_flow(
@@ -114,7 +121,7 @@ def _eval_eqn(eqn, invals, t_in, weights_only, limit):
         return select_branch(invals[0], outs), t_out
     if unrolls(eqn, any(t_in), limit):
         return _unroll_scan(eqn, invals, t_in, limit)
-    return _bind_raw(eqn, invals), [weights_only and any(t_in)] * len(eqn.outvars)
+    return bind_with_source(eqn, invals), [weights_only and any(t_in)] * len(eqn.outvars)
 
 
 def _unroll_scan(eqn, invals, t_in, limit):
