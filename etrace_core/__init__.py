@@ -29,6 +29,7 @@ with keep_x64():  # brainstate's import switches jax_enable_x64 off: keep the us
     from .compiler import (
         CompilationError,
         CompiledGraph,
+        ControlFlowPolicy,
         ETraceGraph,
         HiddenGroup,
         HiddenParamOpRelation,
@@ -78,6 +79,7 @@ __all__ = [
     "HiddenParamOpRelation",
     "HiddenPerturbation",
     "CompilationError",
+    "ControlFlowPolicy",
     "NotCompiledError",
     "NotSupportedError",
     "compile_etrace_graph",

@@ -52,15 +52,18 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         dense_trace_budget: int = DEFAULT_DENSE_TRACE_BUDGET,
         fast_solve: bool = True,
         trace_dtype=None,
+        control_flow=None,
         name=None,
     ):
         """`dense_trace_budget`: the largest dense parameter trace dh/dtheta (elements, batch
         included) kept for a parameter that reaches hidden states through a position-mixing
-        op; a larger one leaves the parameter its same-step gradient, labelled approximate."""
+        op; a larger one leaves the parameter its same-step gradient, labelled approximate.
+        `control_flow`: a :class:`~etrace_core.ControlFlowPolicy` for the compiler (inner scans
+        unrolled, while loops); default ``ControlFlowPolicy()``."""
         super().__init__(name=name)
         self.model = model
         self.executor = ETraceVjpGraphExecutor(
-            model, vjp_method, dense_trace_budget=dense_trace_budget
+            model, vjp_method, dense_trace_budget=dense_trace_budget, control_flow=control_flow
         )
         self.check_finite = check_finite
         self.auto_reinit = auto_reinit

@@ -1,5 +1,6 @@
 """The eligibility-trace compiler: jaxpr analyses that build an ETraceGraph."""
 
+from .control_flow import DEFAULT_CONTROL_FLOW_POLICY, ControlFlowPolicy
 from .errors import CompilationError, NotCompiledError, NotSupportedError
 from .graph import CompiledGraph, ETraceGraph, compile_etrace_graph
 from .hidden_groups import (
@@ -22,6 +23,8 @@ from .relations import (
 )
 
 __all__ = [
+    "ControlFlowPolicy",
+    "DEFAULT_CONTROL_FLOW_POLICY",
     "CompilationError",
     "NotCompiledError",
     "NotSupportedError",

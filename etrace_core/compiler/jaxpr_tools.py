@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import source_info_util  # source lines of equations (no public API)
 from jax.extend import core as jcore
 
 from etrace_core.ops import is_etp_primitive
@@ -159,11 +160,16 @@ def _cond_as_select(eqn, invals):
     index, operands = invals[0], invals[1:]
     branches = eqn.params["branches"]
     outs = [eval_jaxpr(b.jaxpr, b.consts, operands, _flatten_rule) for b in branches]
-    if len(branches) == 1:
-        return outs[0]
+    return select_branch(index, outs)
+
+
+def select_branch(index, outs: Sequence[list]) -> list:
+    """`outs[index]` (one output list per branch) as `select_n` ops, cond's index semantics."""
+    if len(outs) == 1:
+        return list(outs[0])
     # explicit int32 bounds: python-int bounds become int64 when x64 is switched on at run time
-    index = lax.clamp(jnp.int32(0), jnp.asarray(index, jnp.int32), jnp.int32(len(branches) - 1))
-    if len(branches) == 2:
+    index = lax.clamp(jnp.int32(0), jnp.asarray(index, jnp.int32), jnp.int32(len(outs) - 1))
+    if len(outs) == 2:
         index = index.astype(bool)
     return [lax.select_n(_broadcast_pred(index, vals[0]), *vals) for vals in zip(*outs)]
 
@@ -229,9 +235,36 @@ def _positionwise_call(eqn) -> bool:
     return True
 
 
+def inner_eqns(eqn: jcore.JaxprEqn):
+    """Every equation of the jaxprs nested in `eqn` (a loop body, a custom call's function)."""
+    for sub in _nested(eqn):
+        yield from all_eqns(sub)
+
+
 def uses_etp(eqn: jcore.JaxprEqn) -> bool:
     """True when an ETP op is hidden inside this (loop/custom-call) equation."""
-    return any(is_etp_primitive(e.primitive) for sub in _nested(eqn) for e in all_eqns(sub))
+    return any(is_etp_primitive(e.primitive) for e in inner_eqns(eqn))
+
+
+def bind_with_source(eqn: jcore.JaxprEqn, invals: Sequence) -> list:
+    """`_bind_raw`, the new equation keeping `eqn`'s source line (as jax's own eval_jaxpr):
+    used by the canonicalising pass so refusals can name the model's line."""
+    info = eqn.source_info
+    with source_info_util.user_context(info.traceback, name_stack=info.name_stack):
+        return _bind_raw(eqn, invals)
+
+
+def source_line(eqn: jcore.JaxprEqn) -> str:
+    """'file:line (function)' of the model code that made `eqn` (the first frame outside jax,
+    brainstate and etrace_core), or '' when JAX kept none."""
+    for frame in source_info_util.user_frames(eqn.source_info.traceback):
+        name = frame.file_name.replace("\\", "/")
+        if not any(f"/{lib}/" in name for lib in _LIBRARIES):
+            return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+    return ""
+
+
+_LIBRARIES = ("brainstate", "etrace_core", "jax", "jaxlib")
 
 
 def stop_gradient_all(values: Sequence) -> list:

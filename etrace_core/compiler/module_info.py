@@ -8,9 +8,10 @@ import brainstate
 import jax
 from jax.extend import core as jcore
 
+from .control_flow import ControlFlowPolicy, resolve_policy
 from .errors import CompilationError
-from .jaxpr_tools import flatten_jaxpr
 from .state_leaves import leaf_refs, read_leaves
+from .unroll_scans import flatten_control_flow
 
 Path = tuple[str, ...]
 
@@ -35,6 +36,7 @@ class ModuleInfo(NamedTuple):
     other_paths: tuple[Path, ...]
     retrieved_model_states: Any  # brainstate.util.FlattedDict[Path, State]
     leaf_refs: Any = None  # {leaf path: LeafRef} for states with pytree values
+    control_flow: Any = None  # the ControlFlowPolicy the program was canonicalised with
 
     @property
     def jaxpr(self) -> jcore.Jaxpr:
@@ -81,8 +83,16 @@ class ModuleInfo(NamedTuple):
         return self.retrieved_model_states[refs[path].state_path if path in refs else path]
 
 
-def extract_module_info(model: brainstate.nn.Module, *args) -> ModuleInfo:
-    """Trace one step of `model(*args)` and index its states (hidden, parameter, other)."""
+def extract_module_info(
+    model: brainstate.nn.Module, *args, control_flow: ControlFlowPolicy | None = None
+) -> ModuleInfo:
+    """Trace one step of `model(*args)` and index its states (hidden, parameter, other).
+
+    The program is canonicalised under `control_flow` (default ``ControlFlowPolicy()``): jit
+    calls inlined, conds if-converted, inner scans that use weights unrolled up to
+    ``scan_unroll_limit``; the policy is kept on the result (``minfo.control_flow``)."""
+    policy = resolve_policy(control_flow)
+    policy.check_supported()
     if not isinstance(model, brainstate.nn.Module):
         raise TypeError(
             f"expected a brainstate.nn.Module, got {type(model).__name__}; wrap the step in a "
@@ -136,8 +146,9 @@ def extract_module_info(model: brainstate.nn.Module, *args) -> ModuleInfo:
     )
     params = tuple(p for p, st in zip(state_paths, read) if isinstance(st, brainstate.ParamState))
     others = tuple(p for p in state_paths + written_paths if p not in hidden and p not in params)
+    weight_mask = [False] * num_args + [isinstance(st, brainstate.ParamState) for st in read]
     return ModuleInfo(
-        closed_jaxpr=flatten_jaxpr(closed),
+        closed_jaxpr=flatten_control_flow(closed, weight_mask, policy.scan_unroll_limit),
         in_tree=in_tree,
         out_tree=out_tree,
         num_args=num_args,
@@ -149,6 +160,7 @@ def extract_module_info(model: brainstate.nn.Module, *args) -> ModuleInfo:
         other_paths=tuple(dict.fromkeys(others)),
         retrieved_model_states=all_states,
         leaf_refs={p: r for p, r in refs.items() if r.count > 1},
+        control_flow=policy,
     )
 
 

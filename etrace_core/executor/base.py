@@ -7,6 +7,7 @@ from typing import Optional
 
 import brainstate
 
+from etrace_core.compiler.control_flow import ControlFlowPolicy, resolve_policy
 from etrace_core.compiler.errors import NotCompiledError
 from etrace_core.compiler.graph import ETraceGraph, compile_etrace_graph
 from etrace_core.compiler.param_relations import (
@@ -21,8 +22,14 @@ class ETraceGraphExecutor:
     """Base executor: owns the model and its compiled graph; subclasses solve the Jacobians."""
 
     def __init__(
-        self, model: brainstate.nn.Module, *, dense_trace_budget: int = DEFAULT_DENSE_TRACE_BUDGET
+        self,
+        model: brainstate.nn.Module,
+        *,
+        dense_trace_budget: int = DEFAULT_DENSE_TRACE_BUDGET,
+        control_flow: Optional[ControlFlowPolicy] = None,
     ):
+        """`control_flow`: the :class:`ControlFlowPolicy` the graph is compiled with (default
+        ``ControlFlowPolicy()``); it ends up on ``graph.module_info.control_flow``."""
         if not isinstance(model, brainstate.nn.Module):
             raise TypeError(
                 f"expected a brainstate.nn.Module, got {type(model).__name__}: the compiler reads "
@@ -32,6 +39,7 @@ class ETraceGraphExecutor:
         self._graph: Optional[ETraceGraph] = None
         self._state_id_to_path: Optional[dict[int, tuple]] = None
         self.dense_trace_budget = int(dense_trace_budget)
+        self.control_flow = resolve_policy(control_flow)
         self._param_traces = ((), ())
 
     @property
@@ -64,7 +72,9 @@ class ETraceGraphExecutor:
     def compile_graph(self, *args) -> None:
         """Build the graph from one step's example inputs (MultiStepData: its first step)."""
         self._state_id_to_path = None
-        graph = compile_etrace_graph(self.model, *data.single_step_example(args))
+        graph = compile_etrace_graph(
+            self.model, *data.single_step_example(args), control_flow=self.control_flow
+        )
         found = find_param_trace_relations(
             graph.module_info,
             graph.hid_path_to_group,

@@ -997,7 +997,7 @@ def while_mix_oracle(params, h, x, ctx):
 
 
 class WeightInScan(RecurrentModule):
-    """A recurrent weight used inside a ``lax.scan``: not supported (clear compile error)."""
+    """A recurrent weight used inside a ``lax.scan`` of length 2 (unrolled by the compiler)."""
 
     state_names = ("h",)
 
