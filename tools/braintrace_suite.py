@@ -48,10 +48,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PRIVATE = re.compile(r"braintrace\._(?!testing\b)\w+|from braintrace import _\w+")
 DIFFERENCES_DOC = REPO / "docs" / "seed_api_coverage.md"
 DIFFERENCES_HEADING = "braintrace tests that fail on purpose"
-# A braintrace-private name reached at run time: an attribute or a (sub)module starting with '_'.
-PRIVATE_AT_RUNTIME = re.compile(
-    r"has no attribute '_\w+'|No module named 'braintrace(\.\w+)*\._(?!testing\b)\w+"
-)
+# A braintrace-private name reached at run time: a braintrace (sub)module starting with '_', or
+# an attribute starting with '_' that the test's own source (or braintrace._testing) names.
+PRIVATE_MODULE = re.compile(r"No module named 'braintrace(\.\w+)*\._(?!testing\b)\w+")
+PRIVATE_ATTRIBUTE = re.compile(r"has no attribute '(_\w+)'")
 MISSING_PACKAGE = re.compile(r"No module named '(?!braintrace\b|etrace_core\b)([\w.]+)'")
 CLASSES = ("deliberate", "private", "environment", "real")
 
@@ -159,7 +159,7 @@ def parse_junit(xml: pathlib.Path) -> list:
         return []
     cases = []
     for case in ET.parse(xml).getroot().iter("testcase"):
-        outcome, message = "passed", ""
+        outcome, message, detail = "passed", "", ""
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
@@ -172,12 +172,20 @@ def parse_junit(xml: pathlib.Path) -> list:
                         if ln.startswith("E ")
                     ]
                     message = "collection: " + (errors[-1][:140] if errors else "?")
+                # the innermost exception, where the first line wraps it (a JAX callback error)
+                raised = [
+                    ln[1:].strip()
+                    for ln in (child.text or "").splitlines()
+                    if re.match(r"E\s+[\w.]+(Error|Exception): ", ln)
+                ]
+                detail = raised[-1][:160] if raised else ""
                 break
         cases.append(
             {
                 "name": f"{case.get('classname')}::{case.get('name')}",
                 "outcome": outcome,
                 "message": message,
+                "detail": detail,
             }
         )
     return cases
@@ -217,13 +225,16 @@ def listed(tid: str, entry: str) -> bool:
     return re.fullmatch(".*".join(re.escape(p) for p in entry.split("*")), tid) is not None
 
 
-def classify(tid: str, message: str, deliberate) -> str:
-    """One of CLASSES for a failed test (see the module docstring)."""
+def classify(tid: str, message: str, deliberate, detail: str = "", names=frozenset()) -> str:
+    """One of CLASSES for a failed test (see the module docstring). `detail`: the innermost
+    exception raised; `names`: the `_names` in the test file and in braintrace._testing (a
+    private attribute counts only when braintrace's code itself names it)."""
     if any(listed(tid, g) for g in deliberate):
         return "deliberate"
-    if PRIVATE_AT_RUNTIME.search(message):
+    attribute = PRIVATE_ATTRIBUTE.search(message)
+    if PRIVATE_MODULE.search(message) or (attribute and attribute.group(1) in names):
         return "private"
-    if MISSING_PACKAGE.search(message):
+    if MISSING_PACKAGE.search(message) or MISSING_PACKAGE.search(detail):
         return "environment"
     return "real"
 
@@ -234,9 +245,15 @@ def summarise(results, checkout, deliberate) -> dict:
     totals = {"all": collections.Counter(), "public": collections.Counter()}
     messages = collections.Counter()
     failures = {k: [] for k in CLASSES}
+    testing = set()
+    if checkout is not None:
+        for f in sorted((checkout / "braintrace" / "_testing").glob("*.py")):
+            testing |= set(re.findall(r"\b_\w+", f.read_text()))
     for r in results:
         if checkout is not None:
-            r["private"] = bool(PRIVATE.search((checkout / r["file"]).read_text()))
+            text = (checkout / r["file"]).read_text()
+            r["private"] = bool(PRIVATE.search(text))
+            r["names"] = sorted(set(re.findall(r"\b_\w+", text)) | testing)
         counts = collections.Counter(c["outcome"] for c in r["cases"])
         if r["timeout"]:
             counts["timeout"] += 1
@@ -251,7 +268,10 @@ def summarise(results, checkout, deliberate) -> dict:
             if c["outcome"] in ("failed", "error"):
                 messages[c["message"]] += 1
                 tid = test_id(r["file"], c["name"])
-                failures[classify(tid, c["message"], deliberate)].append((tid, c["message"]))
+                kind = classify(
+                    tid, c["message"], deliberate, c.get("detail", ""), set(r.get("names", ()))
+                )
+                failures[kind].append((tid, c["message"]))
     public = totals["public"]
     classes = {"passed": public["passed"]} | {k: len(v) for k, v in failures.items()}
     return {
@@ -300,9 +320,12 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     deliberate = deliberate_differences()
-    if args.summarise:
+    if args.summarise:  # with the checkout: private names looked up again (older reports)
         results = json.loads(args.summarise.read_text())["files"]
-        print_summary(summarise(results, None, deliberate))
+        checkout = args.checkout.resolve() if args.checkout else None
+        if checkout is None and any("names" not in r for r in results):
+            print("(report without names: pass the checkout to recognise private attributes)")
+        print_summary(summarise(results, checkout, deliberate))
         return 0
     if args.checkout is None:
         ap.error("the braintrace checkout is required (unless --summarise)")
