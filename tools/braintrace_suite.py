@@ -271,7 +271,10 @@ def summarise(results, checkout, deliberate) -> dict:
                 kind = classify(
                     tid, c["message"], deliberate, c.get("detail", ""), set(r.get("names", ()))
                 )
-                failures[kind].append((tid, c["message"]))
+                shown = c["message"]
+                if kind == "environment" and not MISSING_PACKAGE.search(shown):
+                    shown = c["detail"]  # the missing package, not the error that wraps it
+                failures[kind].append((tid, shown))
     public = totals["public"]
     classes = {"passed": public["passed"]} | {k: len(v) for k, v in failures.items()}
     return {
