@@ -21,9 +21,12 @@ private name, and sorts every failure of those files into one class (:func:`clas
 - ``deliberate``: listed in the table "braintrace tests that fail on purpose" of
   ``docs/seed_api_coverage.md`` (the one list of etrace's deliberate differences, with their
   evidence; entries are ``file::[Class::]test`` ids, ``*`` a wildcard);
-- ``private``: the test reaches a braintrace-private name at run time (an attribute or module
-  whose name starts with ``_``: ``_get_etrace_data``, ``braintrace.nn._conv``, ...);
-- ``environment``: a third-party module the test needs is not installed (``numba``);
+- ``private``: the test reaches a braintrace-private name at run time: a braintrace module
+  whose name starts with ``_`` (``braintrace.nn._conv``), or an ``_attribute`` that the test
+  file or ``braintrace._testing`` names (``_get_etrace_data``); public names etrace lacks are
+  never private;
+- ``environment``: a third-party module the test needs is not installed (``numba``), also when
+  a JAX callback error wraps the ``ModuleNotFoundError``;
 - ``real``: everything else, what etrace still has to fix.
 
 ``--summarise REPORT.json`` re-prints the classes of an earlier ``--report`` without running.
