@@ -5,6 +5,7 @@ The spike couples a unit's states within one step (an ALIF's soft reset reads it
 its adaptation counts its spikes): the compiler must see the primitive as element-wise, put V, a
 and the synaptic current of one unit in one hidden group, and keep that coupling in the trace.
 Oracle: ``jax.grad`` through the unrolled sequence (BPTT), float64, relative error <= 1e-10.
+Also ``HiddenGroup.concat_hidden`` on that three-state group.
 """
 
 from __future__ import annotations
