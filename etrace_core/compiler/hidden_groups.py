@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import brainunit as u
+import jax.numpy as jnp
 import numpy as np
 
 from .errors import CompilationError
@@ -32,6 +34,18 @@ class HiddenGroup(NamedTuple):
     @property
     def size(self) -> int:
         return int(np.prod(self.varshape, dtype=int))
+
+    def concat_hidden(self, values):
+        """The group's state values, one per ``hidden_paths`` entry (each of shape `varshape`),
+        stacked on a new last axis: ``varshape + (num_state,)``; Quantities give their
+        mantissas (braintrace's ``HiddenGroup.concat_hidden``)."""
+        values = list(values)
+        if len(values) != self.num_state:
+            raise ValueError(
+                f"HiddenGroup {self.index}: concat_hidden needs one value per hidden state "
+                f"({self.num_state}: {list(self.hidden_paths)}), got {len(values)}"
+            )
+        return jnp.stack([jnp.asarray(u.get_mantissa(v)) for v in values], axis=-1)
 
     def __repr__(self):
         return (

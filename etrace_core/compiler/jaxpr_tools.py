@@ -26,6 +26,10 @@ digamma log log1p logistic lt max min mul ne neg nextafter not or pow real reduc
 round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan tanh xor
 """.split()
 )
+# Element-wise primitives of other libraries, by the name they bind: braintools' surrogate
+# spike `heaviside_surrogate_gradient(x, dx) = [x >= 0]` (dx: the surrogate slope, same shape),
+# the spike of every brainpy.state / braintools neuron.
+ELEMENTWISE |= frozenset(["heaviside_surrogate_gradient"])
 
 # Primitives that move elements without combining them (position relabelling).
 RELABEL = frozenset(

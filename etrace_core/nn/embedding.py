@@ -72,8 +72,8 @@ class Embedding(brainstate.nn.Module):
         ]
         if unsupported:
             raise NotImplementedError(
-                f"Embedding does not support: {', '.join(unsupported)} "
-                "(the lookup must stay an exact ETP op)"
+                f"Embedding does not support: {', '.join(unsupported)}. Leave them at their "
+                "defaults (the lookup must stay an exact ETP op)"
             )
 
     @classmethod

@@ -54,7 +54,9 @@ class SignedWLinear(brainstate.nn.Module):
     ):
         super().__init__(name=name)
         n_in, n_out = feature_size(in_size, "in_size"), feature_size(out_size, "out_size")
-        self.in_size, self.out_size = (n_in,), (n_out,)
+        # sizes as given (tuple: (..., features), as for Linear); the weight is (n_in, n_out)
+        self.in_size = tuple(in_size) if isinstance(in_size, (tuple, list)) else (n_in,)
+        self.out_size = tuple(out_size) if isinstance(out_size, (tuple, list)) else (n_out,)
         self.weight = make_param(
             w_init, (n_in, n_out), resolve_dtype(dtype), key, fan_in_uniform(n_in)
         )

@@ -561,3 +561,19 @@ def test_es_d_rtrl_formula_by_hand(x64, decay_or_rank, alpha):
     assert tr["x"].shape == (B, I + 1) and tr["f"].shape == (B, H, 1)
     np.testing.assert_allclose(tr["x"], ex, rtol=1e-12)
     np.testing.assert_allclose(tr["f"][..., 0], ef, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["leaky", "two_state"])
+def test_single_step_vjp_over_multistep_data_is_exact_for_element_wise_models(x64, name):
+    """``vjp_method='single-step'`` given ``MultiStepData`` (braintrace raises
+    NotImplementedError there) runs the chunk's steps online one after the other: for a model
+    whose recurrence is element-wise, D-RTRL's gradient of the chunk's summed loss is BPTT's
+    (``jax.grad`` through the unrolled sequence), whatever the chunk sizes."""
+    model, xs, ys, _, ref = hand_reference(name, 2, T=6, seed=4)
+    init = state_values(model)
+    for sizes in ([6], [2, 4], [1, 3, 2]):
+        for p, st in model.states(brainstate.HiddenState).items():
+            st.value = init[p]
+        algo = make_algo("d_rtrl", model, xs[0])
+        assert algo.vjp_method == "single-step"
+        assert_grads_close(window_grads(algo, xs, ys, sizes), ref)

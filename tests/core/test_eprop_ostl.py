@@ -180,3 +180,20 @@ def test_ostl_regimes_are_d_rtrl_and_pp_prop(x64):
     _assert_close(_online(ff, xs), _online(_algo(etrace_core.pp_prop, decay_or_rank=1e-6), xs))
     ff9 = _algo(etrace_core.OSTLFeedforward, decay_or_rank=0.9)
     _assert_close(_online(ff9, xs), _online(_algo(etrace_core.pp_prop, decay_or_rank=0.9), xs))
+
+
+@pytest.mark.parametrize("cls", [etrace_core.OSTLRecurrent, etrace_core.D_RTRL, etrace_core.EProp])
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"recurrence_scope": "coupled"},
+        {"config": None},
+        {"chunked_trace": True},
+    ],
+)
+def test_braintrace_rule_knobs_are_refused_not_ignored(cls, option):
+    """braintrace's learning-rule knobs (``ETraceConfig``'s ``recurrence_scope``, ...) have no
+    etrace counterpart: passing one is an error, never a silently different rule
+    (``control_flow=`` is etrace's too: ``ControlFlowPolicy``, tests/core/test_control_flow.py)."""
+    with pytest.raises(TypeError, match=next(iter(option))):
+        cls(LeakyTanh(), **option)

@@ -731,6 +731,16 @@ def test_linear_variants_and_embedding(x64):
     np.testing.assert_allclose(emb(idx), emb.weight.value[idx])
     with pytest.raises(NotImplementedError, match="padding_idx=0"):
         nn.Embedding(6, 3, padding_idx=0)
+    # every offender with its value, in declaration order, and nothing else
+    with pytest.raises(NotImplementedError) as err:
+        nn.Embedding(6, 3, freeze=True, padding_idx=2, scale_grad_by_freq=True)
+    assert str(err.value).startswith(
+        "Embedding does not support: freeze=True, scale_grad_by_freq=True, padding_idx=2. "
+    )
+    # tuple sizes (..., features) are kept as given; the weight is (in features, out features)
+    s2 = nn.SignedWLinear((2, 3), (2, 4), key=0)
+    assert (s2.in_size, s2.out_size, s2.weight.value.shape) == ((2, 3), (2, 4), (3, 4))
+    assert s2(_rand(5, 2, 3)).shape == (5, 2, 4)
     conv = nn.Conv3d(2, 3, 3, key=0)
     assert conv(_rand(1, 2, 4, 4, 4)).shape == (1, 3, 4, 4, 4)
 
