@@ -593,3 +593,21 @@ def test_parameters_are_never_stale(mutate):
     losses = [float(learner.step(xs[t], ys[t])) for t in range(2)]
     assert np.allclose(losses, _eager_losses(model, xs[:2], ys[:2]), rtol=0, atol=1e-5)
     assert learner._live.imports(learner._live.parameters()) == {}  # skipping again
+
+
+def test_finite_check_sums_overflow_without_a_false_alarm():
+    """The non-finite check's fast path sums each tensor in its own dtype: finite float32 and
+    float16 values whose sum overflows take the exact check and pass; a nan or inf is named."""
+    from etrace_bridge.step_checks import FiniteGuard
+
+    guard = FiniteGuard(strict=False)
+    big = torch.full((4, 4), 3e38)  # float32: the sum overflows to inf
+    half = torch.full((100,), 60000.0, dtype=torch.float16)  # float16 sum: 6e6
+    loss = torch.tensor(1.0)
+    assert guard.check([big], loss, {("w",): big.clone(), ("h",): half}, None) is None
+    bad = big.clone()
+    bad[1, 2] = float("nan")
+    msg = guard.check([torch.ones(3)], loss, {("w",): bad, ("h",): half}, None)
+    assert msg is not None and "`w`" in msg and "`h`" not in msg and "step's inputs" not in msg
+    msg = guard.check([torch.tensor([1.0, float("inf")])], loss, {("w",): big}, None)
+    assert msg is not None and "step's inputs" in msg and "gradients of" not in msg
