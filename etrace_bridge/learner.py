@@ -140,8 +140,8 @@ class OnlineLearner:
     def _prepare(self) -> dict:
         """The live-model contract: refuse a stale conversion, re-read parameters and buffers."""
         self._live.check()
-        params = self._live.parameters()
-        for path, value in self._live.imports(params).items():
+        params, imports = self._live.refresh()
+        for path, value in imports.items():
             self._param_states[path].value = value
         changed = self._live.changed_buffers()
         if changed:  # buffers are compiled into the step: compile it again with their values
@@ -361,7 +361,7 @@ def _torch_grads(grads, params) -> dict:
         g = grads.get(path)
         if g is None or not param.requires_grad:
             continue  # frozen parameters get no .grad, as with loss.backward()
-        if param.device.type == "cpu" and param.dtype in _HOST_COPY:
+        if param.is_cpu and param.dtype in _HOST_COPY:
             # one host copy straight into a new tensor: cheaper than DLPack + clone
             t = torch.from_numpy(np.array(g, dtype=_HOST_COPY[param.dtype]))
         else:

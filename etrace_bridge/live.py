@@ -72,7 +72,7 @@ class _Imported(NamedTuple):
 
     tensor: torch.Tensor
     data_ptr: int
-    shape: tuple
+    shape: torch.Size
     stride: tuple
     dtype: torch.dtype
     shared: bool  # zero-copy: in-place writes reach the JAX array
@@ -151,7 +151,20 @@ class LiveModel:
 
     def parameters(self) -> dict[tuple, torch.nn.Parameter]:
         """`{path: parameter}` as the model holds them now (resolved by name)."""
-        out, problems = {}, []
+        return self._resolve()[0]
+
+    def imports(self, params: dict[tuple, torch.nn.Parameter]) -> dict[tuple, Any]:
+        """JAX arrays for the parameters whose memory JAX does not already see."""
+        return {path: self._import(path, p) for path, p in params.items() if self._stale(path, p)}
+
+    def refresh(self) -> tuple[dict[tuple, torch.nn.Parameter], dict[tuple, Any]]:
+        """`parameters()` and their `imports(...)` in one pass (once per learner call)."""
+        params, stale = self._resolve()
+        return params, {path: self._import(path, params[path]) for path in stale}
+
+    def _resolve(self) -> tuple[dict[tuple, torch.nn.Parameter], list[tuple]]:
+        """The parameters by path, and the paths among them that need a new import."""
+        out, stale, problems = {}, [], []
         for path, name, owner, attr, shape, dtype in self._params:
             # `check()` ran first: the owner is still the submodule at that name
             p = owner._parameters.get(attr)
@@ -167,36 +180,36 @@ class LiveModel:
                     f"{tuple(p.shape)}; it was converted as {dtype} of shape {shape}"
                 )
             out[path] = p
+            if self._stale(path, p):
+                stale.append(path)
         if problems:
             raise StaleConversionError(
                 "the model's parameters no longer match its conversion:\n"
                 + "\n".join(f"  - {line}" for line in problems)
                 + "\nre-convert: build a new OnlineLearner (or call from_torch again)"
             )
-        return out
+        return out, stale
 
-    def imports(self, params: dict[tuple, torch.nn.Parameter]) -> dict[tuple, Any]:
-        """JAX arrays for the parameters whose memory JAX does not already see."""
-        out = {}
-        for path, p in params.items():
-            seen = self._imported.get(path)
-            t = p.detach()
-            if (
-                seen is not None
-                and seen.shared
-                and seen.tensor is p
-                and seen.data_ptr == t.data_ptr()
-                and seen.shape == tuple(t.shape)
-                and seen.stride == t.stride()
-                and seen.dtype == t.dtype
-            ):
-                continue
-            out[path] = import_tensor(p)
-            shared = needs_copy(t) is None and t.dtype != torch.int64  # int64: int32 copy
-            self._imported[path] = _Imported(
-                p, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, shared
-            )
-        return out
+    def _stale(self, path: tuple, p: torch.nn.Parameter) -> bool:
+        """Whether JAX may not see `p`'s current values through its last import (read from the
+        Parameter itself: a `.detach()` per parameter and call costs more than the check)."""
+        seen = self._imported.get(path)
+        return not (
+            seen is not None
+            and seen.shared
+            and seen.tensor is p
+            and seen.data_ptr == p.data_ptr()
+            and seen.stride == p.stride()
+            and seen.shape == p.shape
+            and seen.dtype == p.dtype
+        )
+
+    def _import(self, path: tuple, p: torch.nn.Parameter):
+        value = import_tensor(p)
+        t = p.detach()
+        shared = needs_copy(t) is None and t.dtype != torch.int64  # int64: int32 copy
+        self._imported[path] = _Imported(p, t.data_ptr(), t.shape, t.stride(), t.dtype, shared)
+        return value
 
     def changed_buffers(self) -> list[str]:
         """Constant buffers whose value changed since the step was compiled."""

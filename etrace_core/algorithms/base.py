@@ -271,11 +271,7 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
 
     def _check_ready(self):
         """Raise unless the algorithm can step; returns the model's current states by path."""
-        plan = self._require_plan()
-        if self.etrace is None:
-            raise NotCompiledError(
-                f"call {type(self).__name__}.init_etrace_state() before stepping"
-            )
+        plan = self._require_ready()
         # States are read and written by path at every step (`init_state` and
         # `brainstate.nn.init_all_states` may replace the State objects): check that the
         # model's current states still exist and keep the shapes the graph was compiled for.
@@ -285,7 +281,33 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
             self.graph.module_info.leaf_refs or {},
             [p for g in plan.spec.graph.hidden_groups for p in g.hidden_paths],
         )
-        for g in plan.spec.graph.hidden_groups:
+        self._check_hidden_shapes(hidden_now)
+        return current
+
+    def _ready_values(self):
+        """`_check_ready` and `_split_values` with each state read once (the streaming path
+        reads them at every call): the model's states by path, and the step's values split
+        into (params, rest)."""
+        self._require_ready()
+        current = self._current_states()
+        values = self.executor.state_values(current)
+        self._check_hidden_shapes(values)
+        params = {p: values[p] for p in self.graph.module_info.param_paths}
+        rest = {p: v for p, v in values.items() if p not in params}
+        return current, params, rest
+
+    def _require_ready(self):
+        plan = self._require_plan()
+        if self.etrace is None:
+            raise NotCompiledError(
+                f"call {type(self).__name__}.init_etrace_state() before stepping"
+            )
+        return plan
+
+    def _check_hidden_shapes(self, hidden_now) -> None:
+        """Raise (or rebuild, `auto_reinit`) when a hidden state in `hidden_now` ({leaf path:
+        value}) no longer has the shape the graph and traces were built for."""
+        for g in self._plan.spec.graph.hidden_groups:
             for p in g.hidden_paths:
                 shape = tuple(jnp.shape(hidden_now[p]))
                 if shape != tuple(g.varshape):
@@ -295,14 +317,13 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
                             # transformation would leak)
                             self._build(self._example_for(shape))
                             self.init_etrace_state()
-                        return current
+                        return
                     raise ValueError(
                         f"hidden state {p} has shape {shape} but the graph and traces were built "
                         f"for {tuple(g.varshape)} (a different batch size?); call "
                         "compile_graph(x) and init_etrace_state() again, or construct the "
                         "algorithm with auto_reinit=True"
                     )
-        return current
 
     def _current_states(self):
         """The model's states by path, as `model.states()` gives them.

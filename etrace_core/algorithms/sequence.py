@@ -50,7 +50,7 @@ def run_online(
             f"{type(algo).__name__} carries its own state: step it with algo(x) (or "
             "MultiStepData windows), or algo.etrace_grad(..., step_fn=...)"
         )
-    states = algo._check_ready()
+    states, params, rest = algo._ready_values()
     if algo.executor.is_multi_step_vjp:
         window = None if window is None else check_window(window)
     elif window is not None:
@@ -58,7 +58,6 @@ def run_online(
             f"window={window!r} needs an algorithm built with vjp_method='multi-step' "
             f"({type(algo).__name__} here uses 'single-step', one time step at a time)"
         )
-    params, rest = algo._split_values(states)
     drivers = algo._drivers
     key = (loss_fn, return_outputs, window, algo.executor.is_multi_step_vjp)
     if key not in drivers:
@@ -83,9 +82,8 @@ def run_online(
         drivers[key] = jax.jit(drive, donate_argnums=(2,))
     args = xs if isinstance(xs, tuple) else (xs,)
     loss, grads, outs, rest, etrace = drivers[key](params, rest, algo.etrace.value, args, targets)
-    algo._write(
-        {p: v for p, v in rest.items() if p in algo.graph.module_info.written_paths}, etrace, states
-    )
+    written = algo.graph.module_info.written_paths
+    algo._write({p: v for p, v in rest.items() if p in written}, etrace, states)
     return OnlineResult(loss, grads, outs)
 
 

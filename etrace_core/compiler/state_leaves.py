@@ -13,8 +13,11 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 Path = tuple[Any, ...]
+
+_ARRAYS = (jax.Array, np.ndarray)  # values that are a single leaf of their own
 
 __all__ = ["LeafRef", "leaf_refs", "read_leaves", "write_leaves", "state_of"]
 
@@ -51,7 +54,12 @@ def read_leaves(states, refs: dict[Path, LeafRef], paths: Sequence[Path]) -> dic
     cache: dict[Path, list] = {}
     out = {}
     for p in paths:
-        ref = refs.get(p, LeafRef(p, 0, 1))
+        ref = refs.get(p)
+        if ref is None:  # a single-leaf state at its own path
+            value = states[p].value
+            # a plain array is its own leaf (the streaming step reads every state per call)
+            out[p] = value if isinstance(value, _ARRAYS) else jax.tree.leaves(value)[0]
+            continue
         if ref.state_path not in cache:
             cache[ref.state_path] = jax.tree.leaves(states[ref.state_path].value)
         out[p] = cache[ref.state_path][ref.index]
@@ -62,7 +70,13 @@ def write_leaves(states, refs: dict[Path, LeafRef], values: dict[Path, Any]) -> 
     """Write leaf values back into their states, rebuilding each state's container/units."""
     by_state: dict[Path, dict[int, Any]] = {}
     for p, v in values.items():
-        ref = refs.get(p, LeafRef(p, 0, 1))
+        ref = refs.get(p)
+        if ref is None and isinstance(v, _ARRAYS):
+            st = states[p]
+            if isinstance(st.value, _ARRAYS):  # array for array: nothing to rebuild
+                st.value = v
+                continue
+        ref = ref or LeafRef(p, 0, 1)
         by_state.setdefault(ref.state_path, {})[ref.index] = v
     for sp, new in by_state.items():
         st = states[sp]
