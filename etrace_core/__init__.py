@@ -52,7 +52,7 @@ with keep_x64():  # brainstate's import switches jax_enable_x64 off: keep the us
         SingleStepData,
         VjpResiduals,
     )
-    from .ops import conv, element_wise, grouped_matmul, matmul, sparse_matmul
+    from .ops import conv, einsum, element_wise, grouped_matmul, matmul, sparse_matmul
     from .vmap import ETraceVmap
 
 # braintrace's names for the same classes (aliases)
@@ -68,6 +68,7 @@ __all__ = [
     "element_wise",
     "sparse_matmul",
     "grouped_matmul",
+    "einsum",
     "compile",
     "ETraceVmap",
     "ETraceGraph",

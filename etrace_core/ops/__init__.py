@@ -1,6 +1,7 @@
 """ETP ops: JAX primitives whose weight operand is a model parameter, with canonical-form rules."""
 
 from etrace_core.ops.conv import conv, etp_conv_p
+from etrace_core.ops.einsum_matmul import einsum
 from etrace_core.ops.elementwise import element_wise, etp_elemwise_p
 from etrace_core.ops.grouped import grouped_matmul
 from etrace_core.ops.matmul import etp_matmul_p, matmul
@@ -13,6 +14,7 @@ __all__ = [
     "element_wise",
     "sparse_matmul",
     "grouped_matmul",
+    "einsum",
     "OpRule",
     "rule_for",
     "is_etp_primitive",
