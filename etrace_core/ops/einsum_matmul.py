@@ -173,10 +173,12 @@ def einsum(equation, x, weight, *, weight_fn=None):
 
     braintrace's ETP einsum: a two-operand equation in batched form, e.g. ``'bi,io->bo'``
     (dense), ``'bhi,hio->bho'`` (one matrix per head), ``'bti,io->bto'`` (the weight shared
-    along ``t``: exact when the hidden state keeps ``t``; summed into fewer hidden units, the
-    compiler reports the weight as not traced). ``weight_fn`` is an element-wise function of
-    the weight (it keeps the weight's shape); ``weight`` stays the trained parameter. brainunit
-    quantities work: the output's unit is unit(x) * unit(weight). No bias: add one after the op.
+    along ``t``; where ``t`` is summed before the hidden state, the op's relation ends at the
+    sum and the compiler's dense trace ``dh/dW`` takes over, as ``show_graph`` says).
+    ``weight_fn`` is an element-wise function of the weight (it keeps the weight's shape);
+    ``weight`` stays the trained parameter. brainunit quantities work: the output's unit is
+    unit(x) * unit(weight). No bias: add one after the op. Any other equation raises
+    ValueError naming the equation, the offending axis and what is supported.
     """
     spec = parse_equation(equation)
     (x, w), unit = strip(x, weight)
@@ -192,7 +194,7 @@ def einsum(equation, x, weight, *, weight_fn=None):
                 f"einsum({spec.equation!r}): weight_fn must keep the weight's shape "
                 f"{w.shape}, got {shape}"
             )
-        fn = ElementFn(weight_fn)
+        fn = weight_fn
     lead = spec.batch + spec.shared
     n = {
         k: math.prod(size[c] for c in getattr(spec, k)) for k in ("heads", "contracted", "outputs")

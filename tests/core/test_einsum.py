@@ -87,6 +87,22 @@ def test_vjp_equals_jax_vjp(x64, name, weight_fn):
         np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
 
 
+def test_equal_equations_give_equal_primitive_params():
+    """The placement is a primitive parameter compared by value: equal calls, equal eqns."""
+    x, w = jnp.ones((5, 2, 3)), jnp.ones((2, 3, 4))
+
+    def two(x, w):
+        a = etrace_core.einsum("bhi,hio->bho", x, w, weight_fn=jnp.tanh)
+        return a, etrace_core.einsum("bhi,hio->bho", x, w, weight_fn=jnp.tanh)
+
+    eqns = [e for e in jax.make_jaxpr(two)(x, w).jaxpr.eqns if is_etp_primitive(e.primitive)]
+    assert len(eqns) == 2 and eqns[0].params == eqns[1].params
+    assert hash(eqns[0].params["weight_fn"]) == hash(eqns[1].params["weight_fn"])
+    other = jax.make_jaxpr(lambda x, w: etrace_core.einsum("bhi,hio->bho", x, w))(x, w)
+    (plain,) = [e for e in other.jaxpr.eqns if is_etp_primitive(e.primitive)]
+    assert plain.params["weight_fn"] != eqns[0].params["weight_fn"]
+
+
 def test_units_multiply(x64):
     x, w = _operands((5, 2, 3), (2, 3, 4))
     y = etrace_core.einsum("bhi,hio->bho", x * u.mV, w * u.siemens)
