@@ -16,10 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import etrace_core
 from etrace_core.ops import etp_matmul_p, is_etp_primitive, rule_for
 
+from ..conftest import x64_enabled
 from .test_algorithms_exact import (
     assert_grads_close,
     bptt_grads,
@@ -101,6 +104,44 @@ def test_equal_equations_give_equal_primitive_params():
     other = jax.make_jaxpr(lambda x, w: etrace_core.einsum("bhi,hio->bho", x, w))(x, w)
     (plain,) = [e for e in other.jaxpr.eqns if is_etp_primitive(e.primitive)]
     assert plain.params["weight_fn"] != eqns[0].params["weight_fn"]
+
+
+# how many letters of each role a random equation has at most
+ROLES = (("shared", 1), ("heads", 2), ("contracted", 2), ("outputs", 2), ("summed", 1))
+
+
+@st.composite
+def _equations(draw):
+    """A random supported equation (every letter role, any order) and its letter sizes."""
+    letters = iter("acdefghijklmnopqrstuvwxyz")
+    role = {r: [next(letters) for _ in range(draw(st.integers(0, hi)))] for r, hi in ROLES}
+    if not role["heads"] + role["contracted"] + role["outputs"]:
+        role["outputs"] = [next(letters)]  # a weight needs at least one axis
+    x_rest = role["shared"] + role["heads"] + role["contracted"] + role["summed"]
+    w = role["heads"] + role["contracted"] + role["outputs"]
+    y_rest = role["shared"] + role["heads"] + role["outputs"]
+    x_spec = "b" + "".join(draw(st.permutations(x_rest)))
+    w_spec = "".join(draw(st.permutations(w)))
+    y_spec = "b" + "".join(draw(st.permutations(y_rest)))
+    size = {c: draw(st.integers(1, 3)) for c in x_spec + w_spec}
+    return f"{x_spec},{w_spec}->{y_spec}", size
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_equations(), seed=st.integers(0, 2**16))
+def test_random_equations_value_and_vjp_equal_jnp_einsum(case, seed):
+    """Any supported equation: value and vjp (x and weight) equal jnp.einsum's, float64."""
+    eq, size = case
+    lhs, y_spec = eq.split("->")
+    x_spec, w_spec = lhs.split(",")
+    with x64_enabled():
+        x, w = _operands(tuple(size[c] for c in x_spec), tuple(size[c] for c in w_spec), seed)
+        y, vjp = jax.vjp(lambda x, w: etrace_core.einsum(eq, x, w), x, w)
+        y_ref, vjp_ref = jax.vjp(lambda x, w: jnp.einsum(eq, x, w), x, w)
+        np.testing.assert_allclose(y, y_ref, rtol=TOL, atol=TOL, err_msg=eq)
+        ct = jax.random.normal(jax.random.PRNGKey(seed + 1), y.shape)
+        for got, want in zip(vjp(ct), vjp_ref(ct)):
+            np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL, err_msg=eq)
 
 
 def test_units_multiply(x64):
