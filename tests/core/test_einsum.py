@@ -266,11 +266,18 @@ def test_drtrl_multi_step_windows_equal_bptt(x64, name):
     assert_grads_close(window_grads(algo, xs, ys, [2, 3]), ref)
 
 
+IO_ALGOS = {
+    "pp_prop": lambda m: etrace_core.pp_prop(m, decay_or_rank=0.7),
+    "hybrid": lambda m: etrace_core.HybridDimVjpAlgorithm(m, decay_or_rank=0.7),
+}
+
+
+@pytest.mark.parametrize("algo_name", list(IO_ALGOS))
 @pytest.mark.parametrize("name", ["dense", "heads", "shared"])
-def test_pp_prop_equals_bptt_at_one_step(x64, name):
+def test_pp_prop_equals_bptt_at_one_step(x64, name, algo_name):
     model, xs, ys = _leaky_case(name, T=1, seed=7)
     _, ref = bptt_grads(model, xs, ys)
-    algo = etrace_core.pp_prop(model, decay_or_rank=0.7)
+    algo = IO_ALGOS[algo_name](model)
     algo.compile_graph(xs[0])
     algo.init_etrace_state()
     assert_grads_close(per_step_grads(algo, xs, ys), ref)
@@ -337,3 +344,39 @@ def test_shared_axis_summed_into_the_hidden_state_is_traced_densely_and_exact(x6
     msg = algo.show_graph(verbose=False, return_msg=True)
     assert "('w',) (9 elements) via etp_matmul then reduce_sum" in msg
     assert_grads_close(per_step_grads(algo, xs, ys), ref)
+
+
+class DenseRNN(brainstate.nn.Module):
+    """``h' = tanh(x + h W)`` with ``h W`` written as ``einsum('bk,kn->bn')`` or ``matmul``."""
+
+    def __init__(self, use_einsum, n=4):
+        super().__init__()
+        self.use_einsum = use_einsum
+        self.w = brainstate.ParamState(0.4 * jax.random.normal(jax.random.PRNGKey(12), (n, n)))
+        self.h = brainstate.HiddenState(jnp.zeros((B, n)))
+
+    def update(self, x):
+        h = self.h.value
+        if self.use_einsum:
+            rec = etrace_core.einsum("bk,kn->bn", h, self.w.value)
+        else:
+            rec = etrace_core.matmul(h, self.w.value)
+        self.h.value = jnp.tanh(x + rec)
+        return self.h.value
+
+
+def test_dense_equation_is_the_matmul_online(x64):
+    """'bk,kn->bn' is the plain matmul for the algorithms too: same relation notes, same
+    D-RTRL and ES-D-RTRL online gradients (a recurrent weight: approximate, identically)."""
+    k = jax.random.split(jax.random.PRNGKey(13), 2)
+    xs, ys = jax.random.normal(k[0], (4, B, 4)), jax.random.normal(k[1], (4, B, 4))
+    for make in (etrace_core.D_RTRL, lambda m: etrace_core.pp_prop(m, decay_or_rank=0.5)):
+        got = {}
+        for use_einsum in (True, False):
+            algo = make(DenseRNN(use_einsum))
+            algo.compile_graph(xs[0])
+            algo.init_etrace_state()
+            (rel,) = algo.graph.hidden_param_op_relations
+            got[use_einsum] = rel.approximations, per_step_grads(algo, xs, ys)
+        assert got[True][0] == got[False][0] and got[True][0]
+        np.testing.assert_allclose(got[True][1][("w",)], got[False][1][("w",)], rtol=TOL, atol=TOL)
