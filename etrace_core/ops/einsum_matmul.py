@@ -5,9 +5,11 @@ braintrace's two-operand, batched-form equation (the leading letter of ``x_spec`
 
 - batch and *shared* letters (in ``x`` and ``y``, not in ``w``): the weight is reused along
   them, they become the canonical leading axes ``L``;
-- *head* (diagonal) letters (in ``x``, ``w`` and ``y``): one block of the weight per index;
-- *contracted* letters (in ``x`` and ``w``): the canonical input axis ``I``;
-- *output* letters (in ``w`` and ``y``): the canonical output axis ``O``;
+- *head* (diagonal) letters ``H`` (in ``x``, ``w`` and ``y``): one block of the weight each;
+- *contracted* letters ``K`` (in ``x`` and ``w``, not in ``y``): with the heads, the
+  canonical input axis ``I = H*K``;
+- *output* letters ``O`` (in ``w`` and ``y``, not in ``x``): with the heads, the canonical
+  output axis ``H*O``;
 - letters of ``x`` alone are summed out of ``x`` first (a linear map of the input).
 
 So the op is ``X (L, H*K) @ blockdiag_H(W (K, O)) -> (L, H*O)``: ``x`` is summed and transposed

@@ -1,11 +1,14 @@
 """``einsum`` (braintrace's ETP einsum) as one dense ETP matmul with a placement weight function.
 
 Oracles, float64: ``jnp.einsum`` for values and ``jax.vjp`` of it for the op's gradient
-(1e-12); ``jax.grad`` through the unrolled steps (BPTT, ``bptt_grads``) for the online
-gradients, relative 1e-10: D-RTRL single-step and multi-step windows on leaky cells whose
-recurrence is element-wise (D-RTRL exact there), ES-D-RTRL at T = 1, and one multi-step window
-over the whole sequence for a cell whose recurrent weight is an einsum. Every refusal is
-checked with its message.
+(1e-12; one fixed equation per class and random equations of every letter role); ``jax.grad``
+through the unrolled steps (BPTT, ``bptt_grads``) for the online gradients, relative 1e-10:
+D-RTRL single-step and multi-step windows on leaky cells whose recurrence is element-wise
+(D-RTRL exact there), ES-D-RTRL / hybrid at T = 1, one multi-step window over the whole
+sequence for a cell whose recurrent weight is an einsum, and the compiler's dense trace where
+a shared axis is summed before the hidden state; ``matmul`` for ``'bk,kn->bn'`` (1e-12).
+Every refusal is checked with its message. The catalogue case ``einsum_heads``
+(tests/core/models.py) runs the compiler/executor oracles on the op as well.
 """
 
 from __future__ import annotations
