@@ -53,7 +53,15 @@ with keep_x64():  # brainstate's import switches jax_enable_x64 off: keep the us
         SingleStepData,
         VjpResiduals,
     )
-    from .ops import conv, element_wise, grouped_matmul, lora_matmul, matmul, sparse_matmul
+    from .ops import (
+        conv,
+        einsum,
+        element_wise,
+        grouped_matmul,
+        lora_matmul,
+        matmul,
+        sparse_matmul,
+    )
     from .vmap import ETraceVmap
 
 # braintrace's names for the same classes (aliases)
@@ -70,6 +78,7 @@ __all__ = [
     "sparse_matmul",
     "grouped_matmul",
     "lora_matmul",
+    "einsum",
     "compile",
     "ETraceVmap",
     "ETraceGraph",

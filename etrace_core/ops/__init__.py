@@ -1,6 +1,7 @@
 """ETP ops: JAX primitives whose weight operand is a model parameter, with canonical-form rules."""
 
 from etrace_core.ops.conv import conv, etp_conv_p
+from etrace_core.ops.einsum_matmul import einsum
 from etrace_core.ops.elementwise import element_wise, etp_elemwise_p
 from etrace_core.ops.grouped import grouped_matmul
 from etrace_core.ops.lora import etp_lora_mm_p, etp_lora_mv_p, lora_matmul
@@ -22,6 +23,7 @@ __all__ = [
     "sparse_matmul",
     "grouped_matmul",
     "lora_matmul",
+    "einsum",
     "OpRule",
     "rule_for",
     "weight_operands",

@@ -79,6 +79,7 @@ __all__ = [
     "SkipCell",
     "PartialFused",
     "ConvLeaky",
+    "EinsumHeads",
     "CounterRNN",
     "FeedForward",
     "NestedJitLeaky",
@@ -667,6 +668,44 @@ def _conv_leaky_oracle(params, h, x, ctx):
     return h1, {P("h"): h1}
 
 
+# ---------------------------------------------------------------------------- 15. einsum heads
+
+
+class EinsumHeads(RecurrentModule):
+    """Per-head input and recurrent weights through ``ops.einsum``, state ``h: (2 heads, 3)``::
+
+    h' = 0.7 h + tanh(einsum('bih,hie->beh', x, W_in).swapaxes(1, 2)
+                      + einsum('bhd,hde->bhe', h, W_rec))
+    """
+
+    state_names = ("h",)
+
+    def __init__(self):
+        super().__init__((2, 3))
+        self.W_in = brainstate.ParamState(rand(29, 2, 2, 3, scale=0.5))
+        self.W_rec = brainstate.ParamState(rand(30, 2, 3, 3, scale=0.3))
+
+    def update(self, x):
+        h = self.h.value
+        xb, hb = x.reshape((-1, 2, 2)), h.reshape((-1, 2, 3))
+        a = ops.einsum("bih,hie->beh", xb, self.W_in.value).swapaxes(1, 2)
+        r = ops.einsum("bhd,hde->bhe", hb, self.W_rec.value)
+        self.h.value = 0.7 * h + jnp.tanh((a + r).reshape(h.shape))
+        return self.h.value
+
+
+def _einsum_heads_oracle(params, h, x, ctx):
+    """The ETP outputs in the op's canonical layout ``(batch, heads * out)``."""
+    hp = h[P("h")]
+    xb, hb = x.reshape((-1, 2, 2)), hp.reshape((-1, 2, 3))
+    n = xb.shape[0]
+    a = jnp.einsum("bih,hie->bhe", xb, params[P("W_in")]).reshape(n, 6)
+    r = jnp.einsum("bhd,hde->bhe", hb, params[P("W_rec")]).reshape(n, 6)
+    a, r = ctx.etp(P("W_in"), a), ctx.etp(P("W_rec"), r)
+    h1 = ctx.hidden(P("h"), 0.7 * hp + jnp.tanh((a + r).reshape(hp.shape)))
+    return h1, {P("h"): h1}
+
+
 # ---------------------------------------------------------------------------- the case table
 
 
@@ -856,6 +895,15 @@ CASES = (
         relations=((P("conv_in.weight"), (G("h"),)), (P("conv_rec.weight"), (G("h"),))),
         untraced=(),
         oracle=_conv_leaky_oracle,
+    ),
+    Case(
+        "einsum_heads",
+        initialised(EinsumHeads),
+        signed_input(4),
+        groups=(G("h"),),
+        relations=((P("W_in"), (G("h"),)), (P("W_rec"), (G("h"),))),
+        untraced=(),
+        oracle=_einsum_heads_oracle,
     ),
 )
 

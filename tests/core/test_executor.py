@@ -44,6 +44,8 @@ def w_canon(rel, params):
     w = params[rel.weight_path]
     name = rel.primitive.name
     if name == "etp_matmul":
+        fn = rel.params.get("weight_fn")  # e.g. einsum's block-diagonal placement
+        w = w if fn is None else fn(w)
         W = w if rel.params["w_layout"] == "io" else w.T
     elif name == "etp_conv":
         assert rel.params["feature_group_count"] == 1
