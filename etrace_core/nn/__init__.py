@@ -6,7 +6,7 @@ from .activations import get_activation
 from .base import RecurrentModule
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
-from .gated import CFNCell, LRUCell, MGUCell, MiniGRU, MiniLSTM, MinimalRNNCell
+from .gated import CFNCell, LRUCell, MGUCell, MiniGRU, MiniLSTM, MinimalRNNCell, URLSTMCell
 from .grouped import GroupedLinear
 from .lif import LIF
 from .linear import Linear
@@ -41,6 +41,7 @@ __all__ = [
     "MiniGRU",
     "MiniLSTM",
     "CFNCell",
+    "URLSTMCell",
     "LRUCell",
     "LIF",
     "LeakyRateReadout",

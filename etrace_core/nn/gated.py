@@ -1,5 +1,5 @@
-"""More recurrent cells of braintrace's layer set: MGU, MinimalRNN, MiniGRU, MiniLSTM, CFN
-and LRU.
+"""More recurrent cells of braintrace's layer set: MGU, MinimalRNN, MiniGRU, MiniLSTM, CFN,
+UR-LSTM and LRU.
 
 Same equations as braintrace's cells, built on etrace's ``Linear`` (separate ``weight`` and
 ``bias`` ParamStates) and element-wise ETP weights; defaults follow etrace's torch-style
@@ -22,7 +22,7 @@ from .base import RecurrentModule
 from .init import DEFAULT, Initializer, Key, feature_size, make_param, split_key
 from .linear import Linear
 
-__all__ = ["MGUCell", "MinimalRNNCell", "MiniGRU", "MiniLSTM", "CFNCell", "LRUCell"]
+__all__ = ["MGUCell", "MinimalRNNCell", "MiniGRU", "MiniLSTM", "CFNCell", "URLSTMCell", "LRUCell"]
 
 
 def _setup(cell, in_size, out_size):
@@ -221,6 +221,62 @@ class CFNCell(RecurrentModule):
         return h
 
 
+class URLSTMCell(RecurrentModule):
+    """UR-LSTM (Gu et al. 2020, "Improving the gating mechanism of recurrent neural networks").
+
+    With ``xh = [x, h]`` and one forget bias ``b`` (an element-wise ETP weight):
+    ``f = sigmoid(Wf xh + b)``, ``r = sigmoid(Wr xh - b)``, ``g = 2 r f + (1 - 2 r) f^2``,
+    ``c' = g c + (1 - g) act(Wu xh)``, ``h' = sigmoid(Wo xh) act(c')``; states ``h``, ``c``,
+    returns ``h'``. The four ``Linear`` layers have no bias; ``b`` starts at the uniform gate
+    initialisation ``logit(u)``, ``u ~ U(1/H, 1 - 1/H)`` (braintrace's defaults).
+    """
+
+    state_names = ("h", "c")
+
+    def __init__(
+        self,
+        in_size,
+        out_size,
+        w_init: Optional[Initializer] = DEFAULT,
+        state_init: Optional[Initializer] = None,
+        activation: str | Callable = "tanh",
+        *,
+        dtype=None,
+        key: Key = None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(
+            (feature_size(out_size, "out_size"),), dtype, name=name, state_init=state_init
+        )
+        _setup(self, in_size, out_size)
+        self.activation = get_activation(activation)
+        keys = split_key(key, 5)
+        n, H = self.num_in + self.num_out, self.num_out
+        self.Wu, self.Wf, self.Wr, self.Wo = (
+            Linear(n, H, w_init, None, dtype=self.dtype, key=k) for k in keys[:4]
+        )
+        self.bias = make_param(_uniform_gate_bias, (H,), self.dtype, key=keys[4])
+
+    def update(self, x):
+        h, c = self.h.value, self.c.value
+        xh = jnp.concatenate([x, h], axis=-1)
+        b = ops.element_wise(self.bias.value)
+        f = jax.nn.sigmoid(self.Wf(xh) + b)
+        r = jax.nn.sigmoid(self.Wr(xh) - b)
+        g = 2.0 * r * f + (1.0 - 2.0 * r) * f * f
+        c = g * c + (1.0 - g) * self.activation(self.Wu(xh))
+        h = jax.nn.sigmoid(self.Wo(xh)) * self.activation(c)
+        self.h.value, self.c.value = h, c
+        return h
+
+
+def _uniform_gate_bias(shape):
+    """``logit(u)``, ``u ~ U(1/H, 1 - 1/H)``: forget gates spread over (1/H, 1 - 1/H)."""
+    (H,) = shape
+    u = brainstate.random.uniform(1.0 / H, 1.0 - 1.0 / H, (H,))
+    return jnp.log(u) - jnp.log1p(-u)
+
+
 def _glorot(shape, dtype=None):
     """N(0, 1/in) scaled by 1/sqrt(2): the LRU paper's complex Glorot initialisation."""
     return brainstate.random.randn(*shape) / math.sqrt(2 * shape[0])
@@ -253,7 +309,7 @@ class LRUCell(RecurrentModule):
         self.d_model, self.d_hidden = d_model, d_hidden
         self.in_size, self.out_size = d_model, d_hidden
         self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
-        keys = split_key(key, 6)
+        keys = split_key(key, 7)
 
         def draw(k, fn):
             if k is None:
@@ -275,7 +331,7 @@ class LRUCell(RecurrentModule):
         self.C_re = Linear(d_hidden, d_model, _glorot, None, dtype=self.dtype, key=keys[4])
         self.C_im = Linear(d_hidden, d_model, _glorot, None, dtype=self.dtype, key=keys[5])
         self.D = make_param(
-            draw(keys[5], lambda: brainstate.random.randn(d_model)), (d_model,), self.dtype
+            draw(keys[6], lambda: brainstate.random.randn(d_model)), (d_model,), self.dtype
         )
 
     def update(self, x):

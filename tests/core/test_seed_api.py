@@ -695,6 +695,39 @@ def test_gated_cells_equations_and_online_step():
         assert set(grads) == set(cell.states(brainstate.ParamState))
 
 
+def test_urlstm_cell_equations_and_multi_step_drtrl_is_bptt(x64):
+    """UR-LSTM: the paper's gates (``g = r (1 - (1 - f)^2) + (1 - r) f^2``), the uniform gate
+    bias in (logit(1/H), logit(1 - 1/H)); one multi-step window of the sequence = BPTT."""
+    from .test_algorithms_exact import assert_grads_close, bptt_grads, mse, window_grads
+
+    H = 4
+    cell = nn.URLSTMCell(3, H, key=0)
+    brainstate.nn.init_all_states(cell, batch_size=2)
+    b = cell.bias.value
+    assert b.shape == (H,) and bool(jnp.all(jnp.abs(b) <= np.log(H - 1) + 1e-12))
+    assert {p[0] for p in cell.states(brainstate.ParamState)} == {"Wu", "Wf", "Wr", "Wo", "bias"}
+    cell.h.value, cell.c.value = _rand(2, H, seed=1), _rand(2, H, seed=2)
+    h, c, x = cell.h.value, cell.c.value, _rand(2, 3)
+    xh = jnp.concatenate([x, h], -1)
+    f = jax.nn.sigmoid(xh @ cell.Wf.weight.value + b)
+    r = jax.nn.sigmoid(xh @ cell.Wr.weight.value - b)
+    g = r * (1 - (1 - f) ** 2) + (1 - r) * f**2
+    c_ref = g * c + (1 - g) * jnp.tanh(xh @ cell.Wu.weight.value)
+    h_ref = jax.nn.sigmoid(xh @ cell.Wo.weight.value) * jnp.tanh(c_ref)
+    np.testing.assert_allclose(cell(x), h_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cell.c.value, c_ref, rtol=1e-12, atol=1e-12)
+
+    xs, ys = _rand(5, 2, 3, seed=3), _rand(5, 2, H, seed=4)
+    _, ref = bptt_grads(cell, xs, ys)
+    algo = etrace_core.D_RTRL(cell, vjp_method="multi-step")
+    algo.compile_graph(xs[0])
+    algo.init_etrace_state()
+    traced = {r.weight_path for r in algo.graph.hidden_param_op_relations}
+    assert {("Wu", "weight"), ("Wf", "weight"), ("Wr", "weight"), ("Wo", "weight")} <= traced
+    assert algo.get_etrace_of(cell.bias)  # the element-wise bias: a parameter trace
+    assert_grads_close(window_grads(algo, xs, ys, [5], loss=mse), ref)
+
+
 def test_lru_cell_matches_complex_recurrence(x64):
     cell = nn.LRUCell(3, 5, key=0)
     brainstate.nn.init_all_states(cell, batch_size=2)
