@@ -257,9 +257,12 @@ def _output_signal(plan: TracePlan, traces, deltas, c: int, signals: dict[int, A
     o = output_side_owner(plan, c)
     if o not in signals:
         conn = plan.connections[o]
-        signals[o] = IODimTrace.output_signal(
-            traces[trace_key(conn)], gather_units(conn, deltas[conn.group])
-        )
+        # per state, sliced before the gather: XLA folds a slice of the stacked delta into the
+        # stacked column (no stacked array written per step); a slice after the gather's
+        # reshape it does not
+        delta = deltas[conn.group]
+        cols = [gather_units(conn, delta[:, s]) for s in range(delta.shape[-1])]
+        signals[o] = IODimTrace.output_signal(traces[trace_key(conn)], cols)
     return signals[o]
 
 
