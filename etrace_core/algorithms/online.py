@@ -181,8 +181,15 @@ def partial_hidden_grads(plan: TracePlan, dh: dict[Path, Any], Ms) -> list[Any]:
     for g in plan.spec.graph.hidden_groups:
         cols = [dh.get(p) for p in g.hidden_paths]
         cols = [jnp.zeros(g.varshape, jnp.result_type(float)) if c is None else c for c in cols]
-        delta = jnp.stack(cols, axis=-1).reshape(-1, g.num_state)
-        if Ms is not None and g.num_state > 1:
+        dtype = jnp.result_type(*cols)
+        cols = [c.reshape(-1).astype(dtype) for c in cols]
+        if Ms is not None and g.num_state == 2:
+            # solved column by column, stacked once: stacking before the solve made XLA:CPU
+            # write the stacked (size, 2) array and then a second one for the solution, per step
+            M = Ms[g.index].reshape(-1, 2, 2)
+            cols = _solve_transposed_2(M, cols[0], cols[1])
+        delta = jnp.stack(cols, axis=-1)
+        if Ms is not None and g.num_state > 2:
             M = Ms[g.index].reshape(-1, g.num_state, g.num_state)
             delta = _solve_transposed(M, delta)
         if plan.rule.feedback is not None:
@@ -206,13 +213,18 @@ def _solve_transposed(M, b):
     where a batched LAPACK LU on CPU costs a custom call, pivoting loop and two triangular
     solves per step."""
     if M.shape[-1] == 2:
-        a, c = M[..., 0, 0], M[..., 0, 1]  # M^T = [[a, b], [c, d]]
-        b_, d = M[..., 1, 0], M[..., 1, 1]
-        det = a * d - b_ * c
-        x0 = (d * b[..., 0] - b_ * b[..., 1]) / det
-        x1 = (a * b[..., 1] - c * b[..., 0]) / det
-        return jnp.stack([x0, x1], axis=-1)
+        return jnp.stack(_solve_transposed_2(M, b[..., 0], b[..., 1]), axis=-1)
     return jnp.linalg.solve(jnp.swapaxes(M, -1, -2), b[..., None])[..., 0]
+
+
+def _solve_transposed_2(M, b0, b1):
+    """The two columns (x0, x1) of x with M^T x = (b0, b1), for (..., 2, 2) matrices M."""
+    a, c = M[..., 0, 0], M[..., 0, 1]  # M^T = [[a, b], [c, d]]
+    b_, d = M[..., 1, 0], M[..., 1, 1]
+    det = a * d - b_ * c
+    x0 = (d * b0 - b_ * b1) / det
+    x1 = (a * b1 - c * b0) / det
+    return [x0, x1]
 
 
 def trace_grads(plan: TracePlan, params: dict[Path, Any], traces, count, deltas) -> dict[Path, Any]:
@@ -245,9 +257,12 @@ def _output_signal(plan: TracePlan, traces, deltas, c: int, signals: dict[int, A
     o = output_side_owner(plan, c)
     if o not in signals:
         conn = plan.connections[o]
-        signals[o] = IODimTrace.output_signal(
-            traces[trace_key(conn)], gather_units(conn, deltas[conn.group])
-        )
+        # per state, sliced before the gather: XLA folds a slice of the stacked delta into the
+        # stacked column (no stacked array written per step); a slice after the gather's
+        # reshape it does not
+        delta = deltas[conn.group]
+        cols = [gather_units(conn, delta[:, s]) for s in range(delta.shape[-1])]
+        signals[o] = IODimTrace.output_signal(traces[trace_key(conn)], cols)
     return signals[o]
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from etrace_core.compiler.errors import NotSupportedError
 from etrace_core.executor.step import jacobian_step, vjp_step
 
-from . import online
+from . import factor_stacks, online
 from .base import ETraceAlgorithm, _advance
 from .online import add_grads
 from .windows import check_window, drive_windows
@@ -107,8 +107,8 @@ def _drive(
         # the weights' layouts once at the end (io_to_params is linear): no per-step transposed
         # or sliced accumulation into the weights. io-dim gradients (outer products A^T B) are
         # not even contracted here: their factors are stacked over a chunk of steps and
-        # contracted in one GEMM per chunk (see `chunk`), instead of a small GEMM plus an
-        # (I, O) accumulation every step.
+        # contracted in one GEMM per chunk and output side (see `chunk`, `factor_stacks`),
+        # instead of a small GEMM plus an (I, O) accumulation every step.
         deltas = online.partial_hidden_grads(plan, dh, jac.Ms)
         factors, ms = online.trace_grad_parts(plan, etrace["traces"], etrace["count"], deltas)
         if vjp.escape_fn is not None:
@@ -127,28 +127,40 @@ def _drive(
         rest.update({p: v for p, v in jac.new_values.items() if p in rest})
         return rest
 
+    def stacked_step(carry, inp):
+        # the input factors go into transposed stacks (see factor_stacks), the output factors
+        # are stacked by the scan
+        carry, stacks, t = carry
+        carry, (factors, out) = step(carry, inp)
+        stacks = factor_stacks.write_step(groups, stacks, factors.inputs, t)
+        return (carry, stacks, t + 1), (factors.outputs, out)
+
     def chunk(carry, inp):
-        carry, (factors, outs) = jax.lax.scan(step, carry, inp)
+        # the stacks travel from chunk to chunk: every chunk overwrites all of their K steps, so
+        # they are allocated (zeroed) once, not per chunk
+        carry, stacks = carry
+        (carry, stacks, _), (outputs, outs) = jax.lax.scan(
+            stacked_step, (carry, stacks, jnp.zeros((), jnp.int32)), inp
+        )
         rest, etrace, gsum, msum, lsum = carry
         msum = dict(msum)
-        for c, A in factors.inputs.items():
+        for c, M in factor_stacks.contract(groups, stacks, outputs).items():
             k = plan.connections[c].rel
-            B = factors.outputs[online.output_side_owner(plan, c)]
-            M = jnp.einsum("kni,kno->io", A, B)
             msum[k] = msum[k] + M.astype(msum[k].dtype)
-        return (rest, etrace, gsum, msum, lsum), outs
+        return ((rest, etrace, gsum, msum, lsum), stacks), outs
 
+    groups = factor_stacks.factor_groups(plan, etrace["traces"])
     zero = jax.tree.map(jnp.zeros_like, params)
     msum0 = _canonical_zeros(plan, etrace)
     lsum0 = jnp.zeros((), jnp.result_type(float))
     T = jax.tree.leaves((args, targets))[0].shape[0]
     K = chunk_length(T, plan, etrace)
-    carry = (rest, etrace, zero, msum0, lsum0)
+    carry = ((rest, etrace, zero, msum0, lsum0), factor_stacks.init_stacks(groups, K))
     if K == T:  # one chunk: no outer loop (a smaller program to compile)
-        (rest, etrace, gsum, msum, loss), outs = chunk(carry, (args, targets))
+        ((rest, etrace, gsum, msum, loss), _), outs = chunk(carry, (args, targets))
     else:
         chunked = jax.tree.map(lambda a: a.reshape((T // K, K) + a.shape[1:]), (args, targets))
-        (rest, etrace, gsum, msum, loss), outs = jax.lax.scan(chunk, carry, chunked)
+        ((rest, etrace, gsum, msum, loss), _), outs = jax.lax.scan(chunk, carry, chunked)
         outs = jax.tree.map(lambda a: a.reshape((T,) + a.shape[2:]), outs)
     grads = add_grads(gsum, online.canonical_to_params(plan, params, msum))
     return loss, grads, outs, rest, etrace

@@ -128,9 +128,15 @@ class IODimTrace:
 
     @staticmethod
     def output_signal(trace, delta_y):
-        """sum_s dL/dh_s * eps_f[s], L + (O,): the output side of the gradient (shareable)."""
+        """sum_s dL/dh_s * eps_f[s], L + (O,): the output side of the gradient (shareable).
+        `delta_y`: L + (O, S), or the sequence of its S slices L + (O,)."""
         f = trace["f"]
-        return sum(delta_y[..., s] * f[..., s] for s in range(f.shape[-1]))
+        return sum(
+            delta_y[s] * f[..., s]
+            if isinstance(delta_y, (list, tuple))
+            else delta_y[..., s] * f[..., s]
+            for s in range(f.shape[-1])
+        )
 
     @staticmethod
     def grad(trace, delta_y, count, decay, signal=None):
