@@ -130,16 +130,22 @@ def _drive(
     def chunk(carry, inp):
         carry, (factors, outs) = jax.lax.scan(step, carry, inp)
         rest, etrace, gsum, msum, lsum = carry
-        msum = dict(msum)
+        msum, gsum = dict(msum), dict(gsum)
         for c, A in factors.inputs.items():
             k = plan.connections[c].rel
             B = factors.outputs[online.output_side_owner(plan, c)]
+            if k in direct:  # contracted in the weights' layouts, added to their sums
+                for p, g in online.factor_grads(plan, params, k, A, B).items():
+                    gsum[p] = gsum[p] + g.astype(gsum[p].dtype)
+                continue
             M = jnp.einsum("kni,kno->io", A, B)
             msum[k] = msum[k] + M.astype(msum[k].dtype)
         return (rest, etrace, gsum, msum, lsum), outs
 
+    direct = online.direct_relations(plan)
+
     zero = jax.tree.map(jnp.zeros_like, params)
-    msum0 = _canonical_zeros(plan, etrace)
+    msum0 = {k: m for k, m in _canonical_zeros(plan, etrace).items() if k not in direct}
     lsum0 = jnp.zeros((), jnp.result_type(float))
     T = jax.tree.leaves((args, targets))[0].shape[0]
     K = chunk_length(T, plan, etrace)
