@@ -28,7 +28,7 @@ class Connection(NamedTuple):
 def tiling(unit: np.ndarray, group_size: int) -> int:
     """k when the unit map is the group's units repeated k times along its last axis, as for
     the fused gates of a GRU/LSTM (``unit[l, j * H + h] = l * H + h``, ``H`` units per leading
-    index ``l``): the gather is then a broadcast. 0 for any other map. Checked exactly (plan
+    index ``l``): the gather is then a concatenation. 0 for any other map. Checked exactly (plan
     time, on the static map)."""
     if unit.ndim == 0 or unit.size == 0:
         return 0
@@ -52,11 +52,12 @@ def gather_units(conn: Connection, per_unit):
     """Pick, for each canonical output position, the row of `per_unit` (group size, ...)."""
     if conn.identity:
         return per_unit.reshape(conn.unit.shape + per_unit.shape[1:])
-    if conn.tile:  # a regular repetition: reshape and broadcast (no gather)
-        lead, rest = conn.unit.shape[:-1], per_unit.shape[1:]
-        H = conn.unit.shape[-1] // conn.tile
-        units = per_unit.reshape(lead + (1, H) + rest)
-        return jnp.broadcast_to(units, lead + (conn.tile, H) + rest).reshape(conn.unit.shape + rest)
+    if conn.tile:  # a regular repetition: k copies side by side, no index table
+        # (concatenated, not broadcast: XLA fuses the broadcast's (k, H) indexing into every
+        # consumer, measured slower than the gather; the concatenation is faster than both)
+        lead = conn.unit.shape[:-1]
+        units = per_unit.reshape(lead + (conn.unit.shape[-1] // conn.tile,) + per_unit.shape[1:])
+        return jnp.concatenate([units] * conn.tile, axis=len(lead))
     padded = jnp.concatenate([per_unit, jnp.zeros((1,) + per_unit.shape[1:], per_unit.dtype)])
     index = np.where(conn.unit < 0, conn.group_size, conn.unit)
     return padded[index]

@@ -198,16 +198,22 @@ def factors_to_params(params, w, A, B):
     sums as the canonical ``(I + 1, O)`` matrix, without transposing and splitting it after."""
     layout, has_bias = params["w_layout"], params["has_bias"]
     i, o = _io_sizes(_matrix_shape(w, params.get("weight_fn")), layout)
-    A = A.reshape((-1, A.shape[-1]))
-    B = B.reshape((-1, B.shape[-1]))
-    if A.shape[1] != i + has_bias or B.shape[1] != o:
+    if A.shape[-1] != i + has_bias or B.shape[-1] != o:
         raise ValueError(
-            f"matmul.factors_to_params: A must be (N, {i + has_bias}) and B (N, {o}), "
+            f"matmul.factors_to_params: A must be (..., N, {i + has_bias}) and B (..., N, {o}), "
             f"got {A.shape} and {B.shape}"
         )
-    X = A[:, :i] if has_bias else A
-    dw = jnp.einsum("no,ni->oi", B, X) if layout == "oi" else jnp.einsum("ni,no->io", X, B)
-    db = jnp.einsum("no,n->o", B, A[:, i]) if has_bias else None
+    # kept as (1, N, .) contracted over two axes: XLA on CPU then lays B out transposed in the
+    # fusion that produces it and runs a plain (O, N) x (N, I) product on its fast matmul path;
+    # a 2-D product contracting axis 0 of both is kept as such and runs on a slower one.
+    A = A.reshape((1, -1, A.shape[-1]))
+    B = B.reshape((1, -1, B.shape[-1]))
+    X = A[..., :i] if has_bias else A
+    if layout == "oi":
+        dw = jnp.einsum("kno,kni->oi", B, X)
+    else:
+        dw = jnp.einsum("kni,kno->io", X, B)
+    db = jnp.einsum("kno,kn->o", B, A[..., i]) if has_bias else None
     return pull_back(params, w, dw, db)
 
 

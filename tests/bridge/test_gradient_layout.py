@@ -1,7 +1,7 @@
 """The streaming step's gradient-layout fast paths on torch's own recurrent cells.
 
 - The unit maps of ``nn.GRUCell`` (3 fused gates) and ``nn.LSTMCell`` (4) are detected as tiles
-  at plan time, and the broadcast that replaces their gather equals the gather exactly.
+  at plan time, and the concatenation that replaces their gather equals the gather exactly.
 - io-dim gradients of torch ``(O, I)`` weights contracted straight into torch layout
   (``online.direct_relations``) equal the canonical path (``(I + 1, O)`` matrix, transposed and
   split): ``OnlineLearner.run`` with and without the direct path, float64, relative 1e-12, over

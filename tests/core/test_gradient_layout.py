@@ -4,8 +4,8 @@
   weight's layout) against ``io_to_params`` of the canonical ``(I[+1], O)`` matrix ``A^T B``:
   both layouts, with/without bias, with a ``weight_fn`` and a shaped bias; float64, 1e-12.
 - ``traces.tiling`` / ``gather_units``: a unit map that repeats the units along its last axis
-  (fused gates) is a broadcast, equal to the gather; any other map (permuted, with unmapped
-  positions, a partial repeat) is not detected and keeps the gather (exact equality).
+  (fused gates) is a concatenation of copies, equal to the gather; any other map (permuted,
+  with unmapped positions, a partial repeat) is not detected and keeps the gather (exact).
 The same paths on torch's own GRUCell/LSTMCell maps: tests/bridge/test_gradient_layout.py."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _check_gather(unit, group_size, tile):
 
 
 @pytest.mark.parametrize("k", [1, 3, 4])
-def test_fused_gate_maps_are_tiles_and_broadcast_equals_gather(k):
+def test_fused_gate_maps_are_tiles_and_copies_equal_the_gather(k):
     unit = _fused_map(3, 5, k)
     assert tiling(unit, 15) == k
     _check_gather(unit, 15, k)
