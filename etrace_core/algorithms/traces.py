@@ -40,12 +40,8 @@ def tiling(unit: np.ndarray, group_size: int) -> int:
     if H == 0 or unit.shape[-1] % H:
         return 0
     k = unit.shape[-1] // H
-    units = np.arange(group_size).reshape(lead + (1, H))
-    return (
-        k
-        if np.array_equal(unit.reshape(lead + (k, H)), np.broadcast_to(units, lead + (k, H)))
-        else 0
-    )
+    copies = np.broadcast_to(np.arange(group_size).reshape(lead + (1, H)), lead + (k, H))
+    return k if np.array_equal(unit.reshape(lead + (k, H)), copies) else 0
 
 
 def gather_units(conn: Connection, per_unit):
