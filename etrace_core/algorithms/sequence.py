@@ -142,13 +142,15 @@ def _drive(
             msum[k] = msum[k] + M.astype(msum[k].dtype)
         return (rest, etrace, gsum, msum, lsum), outs
 
-    direct = online.direct_relations(plan)
-
+    T = jax.tree.leaves((args, targets))[0].shape[0]
+    K = chunk_length(T, plan, etrace)
+    # one step (a streaming step): gradients straight in the weights' layouts from the factors.
+    # For chunks of several steps the factors are stacked by the scan and the canonical sum,
+    # mapped once at the end, measured faster (T = 20, 32: -8 to -10%; T = 1: +4 to 5%)
+    direct = online.direct_relations(plan) if T == 1 else frozenset()
     zero = jax.tree.map(jnp.zeros_like, params)
     msum0 = {k: m for k, m in _canonical_zeros(plan, etrace).items() if k not in direct}
     lsum0 = jnp.zeros((), jnp.result_type(float))
-    T = jax.tree.leaves((args, targets))[0].shape[0]
-    K = chunk_length(T, plan, etrace)
     carry = (rest, etrace, zero, msum0, lsum0)
     if K == T:  # one chunk: no outer loop (a smaller program to compile)
         (rest, etrace, gsum, msum, loss), outs = chunk(carry, (args, targets))
