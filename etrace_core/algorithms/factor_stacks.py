@@ -37,11 +37,12 @@ class FactorGroup(NamedTuple):
     dtype: object  # the stack's dtype (the members' input traces')
 
 
-def factor_groups(plan, traces) -> tuple[FactorGroup, ...]:
-    """The io-dim connections of `plan` grouped by output-side owner, sized from `traces`."""
+def factor_groups(plan, traces, skip=frozenset()) -> tuple[FactorGroup, ...]:
+    """The io-dim connections of `plan` grouped by output-side owner, sized from `traces`;
+    connections of the relations in `skip` are left out (contracted elsewhere)."""
     members: dict[int, list[int]] = {}
     for c, conn in enumerate(plan.connections):
-        if plan.kinds[conn.rel] == "io":
+        if plan.kinds[conn.rel] == "io" and conn.rel not in skip:
             members.setdefault(online.output_side_owner(plan, c), []).append(c)
     groups = []
     for owner, cs in members.items():

@@ -12,7 +12,7 @@ import numpy as np
 from etrace_core.executor.step import StepJacobians, StepSpec
 
 from . import param_traces
-from .traces import TRACE_KINDS, Connection, IODimTrace, gather_units
+from .traces import TRACE_KINDS, Connection, IODimTrace, gather_units, tiling
 
 Path = tuple[str, ...]
 
@@ -51,7 +51,9 @@ def make_plan(
     for k, rel in enumerate(spec.graph.hidden_param_op_relations):
         for slot, g in enumerate(rel.hidden_groups):
             unit = np.asarray(rel.y_to_hidden[slot])
-            conns.append(Connection(k, slot, g.index, unit, rel.is_identity_map(slot), g.size))
+            ident = rel.is_identity_map(slot)
+            tile = 0 if ident else tiling(unit, g.size)
+            conns.append(Connection(k, slot, g.index, unit, ident, g.size, tile))
     owner = _output_side_owners(spec.shared_outputs, tuple(kinds), conns)
     return TracePlan(spec, tuple(kinds), tuple(conns), float(decay), rule or LearningRule(), owner)
 
@@ -297,6 +299,32 @@ def trace_grad_parts(plan: TracePlan, traces, count, deltas):
     if plan.spec.param_traces:
         per_rel.update(param_traces.grads(plan.spec, traces, deltas))
     return factors, per_rel
+
+
+def direct_relations(plan: TracePlan) -> frozenset[int]:
+    """io-dim relations whose gradient factors a driver contracts straight into the parameters'
+    layouts (``factor_grads``): their rule has ``factors_to_params`` and no other canonical
+    gradient (the escape path's, ``StepSpec.escapes``) is added to theirs."""
+    if plan.spec.escapes:
+        return frozenset()
+    rels = plan.spec.graph.hidden_param_op_relations
+    return frozenset(
+        k
+        for k, rel in enumerate(rels)
+        if plan.kinds[k] == "io" and rel.rule.factors_to_params is not None
+    )
+
+
+def factor_grads(plan: TracePlan, params: dict[Path, Any], k: int, A, B) -> dict[Path, Any]:
+    """Relation `k`'s gradient ``A^T B`` from its factors (leading axes summed), as {parameter
+    path: gradient}: ``canonical_to_params`` of ``{k: A^T B}`` without forming the canonical
+    ``(I[+1], O)`` matrix (a torch ``(O, I)`` weight's gradient is contracted as ``(O, I)``)."""
+    rel = plan.spec.graph.hidden_param_op_relations[k]
+    dw, db = rel.rule.factors_to_params(rel.params, _rule_weight(rel, params), A, B)
+    grads = {rel.weight_path: dw}
+    if rel.bias_path is not None and db is not None:
+        _accumulate(grads, rel.bias_path, db)
+    return grads
 
 
 def canonical_to_params(plan: TracePlan, params: dict[Path, Any], per_rel) -> dict[Path, Any]:

@@ -133,28 +133,38 @@ def _drive(
         carry, stacks, t = carry
         carry, (factors, out) = step(carry, inp)
         stacks = factor_stacks.write_step(groups, stacks, factors.inputs, t)
-        return (carry, stacks, t + 1), (factors.outputs, out)
+        direct_in = {c: A for c, A in factors.inputs.items() if plan.connections[c].rel in direct}
+        return (carry, stacks, t + 1), (factors.outputs, direct_in, out)
 
     def chunk(carry, inp):
         # the stacks travel from chunk to chunk: every chunk overwrites all of their K steps, so
         # they are allocated (zeroed) once, not per chunk
         carry, stacks = carry
-        (carry, stacks, _), (outputs, outs) = jax.lax.scan(
+        (carry, stacks, _), (outputs, direct_inputs, outs) = jax.lax.scan(
             stacked_step, (carry, stacks, jnp.zeros((), jnp.int32)), inp
         )
         rest, etrace, gsum, msum, lsum = carry
-        msum = dict(msum)
+        msum, gsum = dict(msum), dict(gsum)
+        for c, A in direct_inputs.items():  # contracted in the weights' layouts (one step)
+            k = plan.connections[c].rel
+            B = outputs[online.output_side_owner(plan, c)]
+            for p, g in online.factor_grads(plan, params, k, A, B).items():
+                gsum[p] = gsum[p] + g.astype(gsum[p].dtype)
         for c, M in factor_stacks.contract(groups, stacks, outputs).items():
             k = plan.connections[c].rel
             msum[k] = msum[k] + M.astype(msum[k].dtype)
         return ((rest, etrace, gsum, msum, lsum), stacks), outs
 
-    groups = factor_stacks.factor_groups(plan, etrace["traces"])
-    zero = jax.tree.map(jnp.zeros_like, params)
-    msum0 = _canonical_zeros(plan, etrace)
-    lsum0 = jnp.zeros((), jnp.result_type(float))
     T = jax.tree.leaves((args, targets))[0].shape[0]
     K = chunk_length(T, plan, etrace)
+    # one step (a streaming step): gradients straight in the weights' layouts from the factors.
+    # For chunks of several steps the factors are stacked by the scan and the canonical sum,
+    # mapped once at the end, measured faster (T = 20, 32: -8 to -10%; T = 1: +4 to 5%)
+    direct = online.direct_relations(plan) if T == 1 else frozenset()
+    zero = jax.tree.map(jnp.zeros_like, params)
+    msum0 = {k: m for k, m in _canonical_zeros(plan, etrace).items() if k not in direct}
+    lsum0 = jnp.zeros((), jnp.result_type(float))
+    groups = factor_stacks.factor_groups(plan, etrace["traces"], skip=direct)
     carry = ((rest, etrace, zero, msum0, lsum0), factor_stacks.init_stacks(groups, K))
     if K == T:  # one chunk: no outer loop (a smaller program to compile)
         ((rest, etrace, gsum, msum, loss), _), outs = chunk(carry, (args, targets))

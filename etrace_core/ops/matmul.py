@@ -20,6 +20,7 @@ __all__ = [
     "x_canon",
     "y_canon",
     "io_to_params",
+    "factors_to_params",
 ]
 
 _LAYOUTS = ("io", "oi")
@@ -189,14 +190,47 @@ def io_to_params(params, w, M):
     return weight_and_bias_grads(params, w, M[:i] if layout == "io" else M[:i].T, M, i)
 
 
+def factors_to_params(params, w, A, B):
+    """``io_to_params(params, w, A^T B)`` contracted in ``w``'s own layout: ``A`` is ``(..., N,
+    I[+1])`` (inputs, bias column last), ``B`` ``(..., N, O)``; the leading axes are summed too.
+
+    For ``'oi'`` (torch's ``(O, I)``) ``dw = B^T A[:, :I]`` and ``db = B^T A[:, I]``: the same
+    sums as the canonical ``(I + 1, O)`` matrix, without transposing and splitting it after."""
+    layout, has_bias = params["w_layout"], params["has_bias"]
+    i, o = _io_sizes(_matrix_shape(w, params.get("weight_fn")), layout)
+    if A.shape[-1] != i + has_bias or B.shape[-1] != o:
+        raise ValueError(
+            f"matmul.factors_to_params: A must be (..., N, {i + has_bias}) and B (..., N, {o}), "
+            f"got {A.shape} and {B.shape}"
+        )
+    # kept as (1, N, .) contracted over two axes: XLA on CPU then lays B out transposed in the
+    # fusion that produces it and runs a plain (O, N) x (N, I) product on its fast matmul path;
+    # a 2-D product contracting axis 0 of both is kept as such and runs on a slower one.
+    A = A.reshape((1, -1, A.shape[-1]))
+    B = B.reshape((1, -1, B.shape[-1]))
+    X = A[..., :i] if has_bias else A
+    if layout == "oi":
+        dw = jnp.einsum("kno,kni->oi", B, X)
+    else:
+        dw = jnp.einsum("kni,kno->io", X, B)
+    db = jnp.einsum("kno,kn->o", B, A[..., i]) if has_bias else None
+    return pull_back(params, w, dw, db)
+
+
 def weight_and_bias_grads(params, w, dw, M, i: int):
     """``(dw, db)`` of an ETP op's ``io_to_params``: `dw` (the gradient w.r.t. ``weight_fn(w)``
     in `w`'s layout) pulled back to `w` through ``params['weight_fn']``, and the bias gradient
     from row `i` of the canonical `M` (None without a bias), in ``params['b_shape']``."""
+    return pull_back(params, w, dw, M[i] if params["has_bias"] else None)
+
+
+def pull_back(params, w, dw, db):
+    """``(dw, db)``: `dw` (w.r.t. ``weight_fn(w)``, in `w`'s layout) pulled back to `w` through
+    ``params['weight_fn']``; the bias gradient `db` (flat, or None) in ``params['b_shape']``."""
     fn = params.get("weight_fn")
     if fn is not None:
         dw = jax.vjp(fn, w)[1](dw.astype(jnp.result_type(w)))[0]
     if not params["has_bias"]:
         return dw, None
     b_shape = params.get("b_shape")
-    return dw, (M[i] if b_shape is None else M[i].reshape(b_shape))
+    return dw, (db if b_shape is None else db.reshape(b_shape))

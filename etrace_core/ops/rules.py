@@ -7,7 +7,9 @@ Every rule function takes the primitive's ``params`` (``eqn.params`` in a jaxpr)
 - ``y_canon(params, y) -> Y``, shape ``L + (O,)``; works on any array shaped like the output,
   integer arrays included;
 - ``io_to_params(params, w, M) -> (dw, db)`` for ``M = sum_l X[l]^T G[l]`` of shape ``(I, O)``,
-  or ``(I + 1, O)`` when ``params['has_bias']`` (last row: bias gradient; ``db`` else None).
+  or ``(I + 1, O)`` when ``params['has_bias']`` (last row: bias gradient; ``db`` else None);
+- ``factors_to_params(params, w, A, B) -> (dw, db)`` (optional): the same for ``M = A^T B``
+  given as its factors, contracted straight into ``w``'s layout (no canonical matrix).
 
 ``w`` is the weight operand; for an op with several traced weights (LoRA's two factors) there is
 one rule per weight operand, and ``w`` is the tuple of the operands listed in ``OpRule.operands``.
@@ -31,6 +33,7 @@ from etrace_core.ops.lora import x_canon_a as _lora_x_a
 from etrace_core.ops.lora import x_canon_b as _lora_x_b
 from etrace_core.ops.lora import y_canon as _lora_y
 from etrace_core.ops.matmul import etp_matmul_p
+from etrace_core.ops.matmul import factors_to_params as _mm_factors
 from etrace_core.ops.matmul import io_to_params as _mm_io
 from etrace_core.ops.matmul import x_canon as _mm_x
 from etrace_core.ops.matmul import y_canon as _mm_y
@@ -53,6 +56,7 @@ class OpRule(NamedTuple):
     io_to_params: Callable
     operands: Optional[tuple[int, ...]] = None  # the functions' `w`: these operands (a tuple);
     #                                            None: the weight operand alone
+    factors_to_params: Optional[Callable] = None  # io_to_params of A^T B from A and B
 
     def weight_arg(self, operands: Sequence, position: int):
         """The ``w`` this rule's functions take, from the op's operands (values, avals or
@@ -67,7 +71,7 @@ _LORA_A = OpRule(_lora_x_a, _lora_y, _lora_io_a, (1, 2, 3))
 
 # (primitive, weight operand position, rule), bias operand position when params['has_bias']
 _RULES = (
-    (etp_matmul_p, 1, OpRule(_mm_x, _mm_y, _mm_io)),
+    (etp_matmul_p, 1, OpRule(_mm_x, _mm_y, _mm_io, factors_to_params=_mm_factors)),
     (etp_conv_p, 1, OpRule(_conv_x, _conv_y, _conv_io)),
     (etp_elemwise_p, 0, OpRule(_elem_x, _elem_y, _elem_io)),
     *((p, k, rule) for p in LORA_PRIMITIVES for k, rule in ((1, _LORA_B), (2, _LORA_A))),
