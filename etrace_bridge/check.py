@@ -178,7 +178,9 @@ def _compare(step: int, what: str, ref, got) -> Mismatch | None:
         )
     if ref.size == 0:
         return None
-    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    # complex values compare as complex numbers (a float64 cast would drop the imaginary part)
+    wide = np.complex128 if "c" in (ref.dtype.kind, got.dtype.kind) else np.float64
+    diff = np.abs(ref.astype(wide) - got.astype(wide))
     scale = max(1.0, float(np.max(np.abs(ref))))
     max_abs = float(np.max(diff))
     if not np.all(np.isfinite(diff)) and not np.array_equal(np.isnan(ref), np.isnan(got)):

@@ -198,6 +198,17 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
             zeros = jax.tree.map(lambda x: np.zeros(jnp.shape(x), x.dtype), self.etrace.value)
             self.etrace.value = _committed(zeros, self.model)
 
+    def _weight_path(self, weight) -> tuple:
+        """The model path of `weight`: a ParamState of the model, a path tuple or one name."""
+        if isinstance(weight, brainstate.State):
+            found = [p for p, st in self.model.states().items() if st is weight]
+            if not found:
+                raise KeyError(
+                    f"{type(weight).__name__} is not a state of {type(self.model).__name__}"
+                )
+            return tuple(found[0])
+        return tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
+
     def get_etrace_of(self, weight) -> dict[str, Any]:
         """The traces of one weight (its path, or its ParamState), by connection (relation,
         hidden group). A ParamState whose value is a dict gives the traces of all its entries.
@@ -205,15 +216,7 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         ``f`` (the same array for each weight that shares it)."""
         plan = self._require_plan()
         self._require_etrace()
-        if isinstance(weight, brainstate.State):
-            found = [p for p, st in self.model.states().items() if st is weight]
-            if not found:
-                raise KeyError(
-                    f"{type(weight).__name__} is not a state of {type(self.model).__name__}"
-                )
-            weight_path = tuple(found[0])
-        else:
-            weight_path = tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
+        weight_path = self._weight_path(weight)
         out = {}
         for c, conn in enumerate(plan.connections):
             path = self.graph.hidden_param_op_relations[conn.rel].weight_path

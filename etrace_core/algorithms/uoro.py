@@ -414,15 +414,7 @@ class UORO(ETraceAlgorithm):
     def get_etrace_of(self, weight) -> dict[Any, Any]:
         """The parameter factors of one weight (path or ParamState): {(0, leaf path): theta}."""
         self._require_etrace()
-        if isinstance(weight, brainstate.State):
-            found = [p for p, st in self.model.states().items() if st is weight]
-            if not found:
-                raise KeyError(
-                    f"{type(weight).__name__} is not a state of {type(self.model).__name__}"
-                )
-            path = tuple(found[0])
-        else:
-            path = tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
+        path = self._weight_path(weight)
         theta = self.etrace.value[THETA_TILDE]
         out = {k: v for k, v in theta.items() if k[1][: len(path)] == path}
         if not out:

@@ -10,6 +10,8 @@ with element-wise recurrences. Oracle: torch autograd BPTT (`bptt_gradients`) in
 - ES-D-RTRL and hybrid train each model (float32, 50 Adam steps on a teacher's outputs).
 """
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -323,6 +325,19 @@ def test_complex_parameters_are_refused_by_name_and_compared_in_full():
     ref = {"lam": torch.tensor([1.0 + 1.0j])}
     report = compare_gradients({"lam": torch.tensor([1.0 - 1.0j])}, ref)
     assert report.rows[0].rel_error == pytest.approx(2**0.5)  # the imaginary part counts
+
+
+def test_conversion_check_compares_complex_states_in_full():
+    """A complex state differing only in its imaginary part is a mismatch (it was cast to
+    float64 before, dropping the imaginary part, with a ComplexWarning)."""
+    from etrace_bridge.check import _compare
+
+    ref = np.array([[1.0 + 1.0j, 0.5 - 2.0j]], np.complex64)
+    assert _compare(0, "h", ref, ref.copy()) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bad = _compare(0, "h", ref, np.array([[1.0 - 1.0j, 0.5 - 2.0j]], np.complex64))
+    assert bad is not None and bad.max_abs == pytest.approx(2.0)
 
 
 def test_frozen_initial_state_parameter_is_found_by_value():
