@@ -11,10 +11,14 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src import source_info_util  # source lines of equations (no public API)
 from jax.extend import core as jcore
 
 from etrace_core.ops import is_etp_primitive
+
+try:  # source lines of equations: no public API; without it, refusals name no line
+    from jax._src import source_info_util
+except ImportError:  # pragma: no cover (a JAX without this module)
+    source_info_util = None
 
 # Primitives whose output element q depends only on element q of each same-shaped operand
 # (rank-0 operands broadcast).
@@ -253,15 +257,22 @@ def uses_etp(eqn: jcore.JaxprEqn) -> bool:
 def bind_with_source(eqn: jcore.JaxprEqn, invals: Sequence) -> list:
     """`_bind_raw`, the new equation keeping `eqn`'s source line (as jax's own eval_jaxpr):
     used by the canonicalising pass so refusals can name the model's line."""
-    info = eqn.source_info
-    with source_info_util.user_context(info.traceback, name_stack=info.name_stack):
+    info = getattr(eqn, "source_info", None)
+    context = getattr(source_info_util, "user_context", None)
+    if info is None or context is None:
+        return _bind_raw(eqn, invals)
+    with context(info.traceback, name_stack=info.name_stack):
         return _bind_raw(eqn, invals)
 
 
 def source_line(eqn: jcore.JaxprEqn) -> str:
     """'file:line (function)' of the model code that made `eqn` (the first frame outside jax,
     brainstate and etrace_core), or '' when JAX kept none."""
-    for frame in source_info_util.user_frames(eqn.source_info.traceback):
+    frames = getattr(source_info_util, "user_frames", None)
+    info = getattr(eqn, "source_info", None)
+    if frames is None or info is None:
+        return ""
+    for frame in frames(info.traceback):
         name = frame.file_name.replace("\\", "/")
         if not any(f"/{lib}/" in name for lib in _LIBRARIES):
             return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
