@@ -147,6 +147,15 @@ def _reset(model, values):
         s.value = values[p]
 
 
+def _bptt_then_d_rtrl(model, xs, ys):
+    """BPTT gradients of `model` from its current states, then a single-step D-RTRL compiled
+    on it from those same states."""
+    h0 = _values(model)
+    _, ref = bptt_grads(model, xs, ys)
+    _reset(model, h0)
+    return ref, _algo(ec.D_RTRL, model, xs[0])
+
+
 @pytest.mark.parametrize("algo_name", list(MULTI))
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_multi_step_window_of_the_sequence_is_bptt(x64, model_name, algo_name):
@@ -168,10 +177,7 @@ def test_single_step_d_rtrl_is_bptt_on_element_wise_sub_steps(x64, model_name):
     cls, n_in = MODELS[model_name]
     model = _build(cls)
     xs, ys = _sequence(n_in)
-    h0 = _values(model)
-    _, ref = bptt_grads(model, xs, ys)
-    _reset(model, h0)
-    algo = _algo(ec.D_RTRL, model, xs[0])
+    ref, algo = _bptt_then_d_rtrl(model, xs, ys)
     rels = algo.graph.hidden_param_op_relations
     loops = {"leaky": 3, "nested": 6, "sub_inputs": 3}[model_name]
     assert len(rels) == loops  # one relation per unrolled use of the weight
@@ -182,10 +188,7 @@ def test_single_step_d_rtrl_is_bptt_on_element_wise_sub_steps(x64, model_name):
 def test_single_step_d_rtrl_on_a_weight_applied_to_h_inside_the_loop_is_labelled(x64):
     model = _build(ScanBodyRNN)
     xs, ys = _sequence(N)
-    h0 = _values(model)
-    _, ref = bptt_grads(model, xs, ys)
-    _reset(model, h0)
-    algo = _algo(ec.D_RTRL, model, xs[0])
+    ref, algo = _bptt_then_d_rtrl(model, xs, ys)
     rels = algo.graph.hidden_param_op_relations
     assert rels and all(r.approximations for r in rels)
     assert "approximate" in algo.show_graph(verbose=False, return_msg=True)

@@ -29,6 +29,7 @@ from ..conftest import x64_enabled
 from .test_algorithms_exact import (
     assert_grads_close,
     bptt_grads,
+    make_algo,
     per_step_grads,
     window_grads,
 )
@@ -241,9 +242,7 @@ def _assert_traced_exactly(algo):
 def test_drtrl_single_step_equals_bptt(x64, name):
     model, xs, ys = _leaky_case(name, T=5)
     _, ref = bptt_grads(model, xs, ys)
-    algo = etrace_core.D_RTRL(model)
-    algo.compile_graph(xs[0])
-    algo.init_etrace_state()
+    algo = make_algo("d_rtrl", model, xs[0])
     _assert_traced_exactly(algo)
     assert_grads_close(per_step_grads(algo, xs, ys), ref)
 
@@ -252,9 +251,7 @@ def test_drtrl_single_step_equals_bptt(x64, name):
 def test_drtrl_with_weight_fn_equals_bptt(x64, name):
     model, xs, ys = _leaky_case(name, T=4, weight_fn=jnp.tanh, seed=5)
     _, ref = bptt_grads(model, xs, ys)
-    algo = etrace_core.D_RTRL(model)
-    algo.compile_graph(xs[0])
-    algo.init_etrace_state()
+    algo = make_algo("d_rtrl", model, xs[0])
     _assert_traced_exactly(algo)
     assert_grads_close(per_step_grads(algo, xs, ys), ref)
 
@@ -263,9 +260,7 @@ def test_drtrl_with_weight_fn_equals_bptt(x64, name):
 def test_drtrl_multi_step_windows_equal_bptt(x64, name):
     model, xs, ys = _leaky_case(name, T=5, seed=6)
     _, ref = bptt_grads(model, xs, ys)
-    algo = etrace_core.D_RTRL(model, vjp_method="multi-step")
-    algo.compile_graph(xs[0])
-    algo.init_etrace_state()
+    algo = make_algo("d_rtrl", model, xs[0], vjp_method="multi-step")
     assert_grads_close(window_grads(algo, xs, ys, [2, 3]), ref)
 
 
@@ -340,9 +335,7 @@ def test_shared_axis_summed_into_the_hidden_state_is_traced_densely_and_exact(x6
     k = jax.random.split(jax.random.PRNGKey(11), 2)
     xs, ys = jax.random.normal(k[0], (T, B, 3)), jax.random.normal(k[1], (T, B, 3))
     _, ref = bptt_grads(model, xs, ys)
-    algo = etrace_core.D_RTRL(model)
-    algo.compile_graph(xs[0])
-    algo.init_etrace_state()
+    algo = make_algo("d_rtrl", model, xs[0])
     assert algo.graph.hidden_param_op_relations == ()
     msg = algo.show_graph(verbose=False, return_msg=True)
     assert "('w',) (9 elements) via etp_matmul then reduce_sum" in msg

@@ -23,6 +23,8 @@ import etrace_core
 from etrace_core import nn
 from etrace_core.ops import etp_lora_mm_p, etp_lora_mv_p, lora_matmul, rule_for
 
+from .test_structured_ops import _online_sum
+
 OP_TOL = dict(rtol=1e-12, atol=1e-12)
 TOL = dict(rtol=1e-10, atol=1e-10)
 LEAK = 0.6
@@ -223,16 +225,11 @@ def online(algo, xs, multi_step=False):
     """Sum over the steps of the online gradient of sum(h_t^2) (one window if `multi_step`)."""
     algo.compile_graph(etrace_core.MultiStepData(xs) if multi_step else xs[0])
     algo.init_etrace_state()
-    params = algo.model.states(brainstate.ParamState)
     if multi_step:
+        params = algo.model.states(brainstate.ParamState)
         f = lambda x: jnp.sum(algo(etrace_core.MultiStepData(x)) ** 2)  # noqa: E731
         return brainstate.transform.grad(f, params)(xs)
-    step = brainstate.transform.grad(lambda x: jnp.sum(algo(x) ** 2), params)
-    total = None
-    for x in xs:
-        g = step(x)
-        total = g if total is None else jax.tree.map(jnp.add, total, g)
-    return total
+    return _online_sum(algo, xs)
 
 
 def assert_close(got, want, tol=TOL):
