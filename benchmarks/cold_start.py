@@ -4,11 +4,12 @@
 Model: ``nn.GRUCell(32, 128)`` + ``nn.Linear(128, 10)``, batch 32 (benchmarks.bridge's model),
 ES-D-RTRL, a first ``run`` of T = 10 steps. Imports are done before the clock starts on both
 sides (and reported apart). The learner's time is broken down by stage: torch.export, its
-decomposition, the eager trial run and conversion checks, lowering, the eligibility-trace graph
-(``compile_graph``), the trace init, the loss, and JAX's own tracing / MLIR lowering / XLA
-compile (from ``jax.monitoring``). ``--cache DIR`` also measures the learner with JAX's
-persistent compilation cache in DIR (``etrace_bridge.enable_compilation_cache``; first a
-process that fills it, then processes that read it). Goal: learner / export <= 2.0.
+decomposition to core ATen (torch's re-trace, skipped when it would change nothing:
+``etrace_bridge.decompose``), the eager trial run and conversion checks, lowering, the
+eligibility-trace graph (``compile_graph``), the trace init, the loss, and JAX's own tracing /
+MLIR lowering / XLA compile (from ``jax.monitoring``). ``--cache DIR`` also measures the learner
+with JAX's persistent compilation cache in DIR (``etrace_bridge.enable_compilation_cache``;
+first a process that fills it, then processes that read it). Goal: learner / export <= 2.0.
 Run: ``python -m benchmarks.cold_start [--repeats N] [--cache DIR]``.
 """
 
@@ -109,7 +110,8 @@ def learner_case(cache_dir: str = "") -> dict[str, Any]:
         etrace_bridge.enable_compilation_cache(cache_dir)
     st = _Stages()
     st.wrap(torch.export, "export", "torch.export")
-    st.wrap(torch.export.ExportedProgram, "run_decompositions", "run_decompositions")
+    st.wrap(ex, "decompose", "decomposition to core ATen")
+    st.wrap(torch.export.ExportedProgram, "run_decompositions", "  of which torch re-trace")
     st.wrap(ex, "_eager_call", "eager trial run (state slots, export checks)")
     st.wrap(md, "lower", "lowering (ATen -> JAX)")
     st.wrap(base.ETraceAlgorithm, "compile_graph", "compile_graph (trace graph)")

@@ -1,9 +1,9 @@
 """Export ONE time step of a torch model with `torch.export` and split its signature.
 
-The step is decomposed with the core-ATen table minus `aten.linear` / `aten.convolution`, so every
-parameter reaches the graph as a direct argument of those two ops (the lowering routes them to
-ETP ops). Buffers the step mutates (SNN-style state) are lifted to explicit graph inputs/outputs so
-their batch dimension can be dynamic like the other states.
+The step is brought down to core ATen minus `aten.linear` / `aten.convolution` (`decompose`), so
+every parameter reaches the graph as a direct argument of those two ops (the lowering routes them
+to ETP ops). Buffers the step mutates (SNN-style state) are lifted to explicit graph
+inputs/outputs so their batch dimension can be dynamic like the other states.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from etrace_bridge.autograd_functions import (
     routed_call,
     routed_functions,
 )
+from etrace_bridge.decompose import decompose
 from etrace_bridge.errors import ExportError, UnsupportedModelError
 from etrace_bridge.state_slots import ABSENT, Slot, discover_slots
 
-__all__ = ["ExportedStep", "export_step", "decomposition_table", "user_frame"]
+__all__ = ["ExportedStep", "export_step", "user_frame"]
 
 aten = torch.ops.aten
 _LIFT_PREFIX = "inner."
@@ -73,19 +74,6 @@ class ExportedStep:
     def aten_targets(self) -> list[str]:
         """Sorted names of the call_function targets in the graph (for inspection and docs)."""
         return sorted({str(n.target) for n in self.graph.nodes if n.op == "call_function"})
-
-
-def decomposition_table() -> dict:
-    """Default core-ATen decompositions, keeping `aten.linear`, `aten.convolution` whole, and
-    `aten.detach` (decomposed it becomes `aten.alias`, and the gradient stop is lost)."""
-    table = torch.export.default_decompositions()
-    for op in (
-        torch.ops.aten.linear.default,
-        torch.ops.aten.convolution.default,
-        torch.ops.aten.detach.default,
-    ):
-        table.pop(op, None)
-    return table
 
 
 def user_frame(stack_trace: str | None) -> str | None:
@@ -157,7 +145,7 @@ def _export_step(module, example_inputs, dynamic_batch, batch_axes) -> ExportedS
         # too, so they keep their backward.
         with warnings.catch_warnings(), routed_functions():
             warnings.simplefilter("ignore")
-            program = program.run_decompositions(decomposition_table())
+            program = decompose(program)
     except Exception as err:
         raise ExportError(
             f"torch.export captured {type(module).__name__}, but decomposing it to core ATen "

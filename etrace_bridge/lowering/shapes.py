@@ -122,7 +122,7 @@ def _shape_ops():
         aten.embedding.default: _embedding,
         aten.clone.default: lambda x: x,
         aten.alias.default: lambda x: x,
-        aten.detach.default: lax.stop_gradient,  # kept whole by export.decomposition_table
+        aten.detach.default: lax.stop_gradient,  # kept whole by decompose.decomposition_table
         aten.lift_fresh_copy.default: lambda x: x,
         aten._to_copy.default: lambda x, dtype=None: cast(x, dtype),
         aten.to.dtype: lambda x, dtype, *args: cast(x, dtype),

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from etrace_bridge.decompose import decomposition_table
 from etrace_bridge.errors import ExportError, UnsupportedModelError
-from etrace_bridge.export import ExportedStep, decomposition_table, export_step, user_frame
+from etrace_bridge.export import ExportedStep, export_step, user_frame
 from etrace_bridge.lowering import OP_TABLE, lower
 from tests.bridge.bridge_cases import LIFNetwork
 
