@@ -38,7 +38,30 @@ def decomposition_table() -> dict:
     table = torch.export.default_decompositions()
     for op in KEPT:
         table.pop(op, None)
+    table.update(_torch_fixes())
     return table
+
+
+def _torch_fixes() -> dict:
+    """Decompositions a supported torch gets wrong, replaced by corrected ones.
+
+    torch 2.11-2.12 decompose `nn.LSTM(proj_size > 0)` (the only LSTM their decomposition
+    writes out layer by layer, oneDNN has no projections) with final states of shape
+    (L, 1, B, H): `one_layer_lstm` squeezes axis 1 instead of 0 (fixed in torch 2.13). The
+    conversion check would refuse such a model; here the states get their initial shapes back
+    (the values are right, only the axis is extra).
+    """
+    if torch.__version__ >= (2, 13):
+        return {}
+    from torch._decomp import decompositions as torch_decompositions
+
+    lstm_impl = torch_decompositions.lstm_impl
+
+    def lstm(input, hx, params, *flags):
+        out, h, c = lstm_impl(input, hx, params, *flags)
+        return out, h.reshape(hx[0].shape), c.reshape(hx[1].shape)
+
+    return {aten.lstm.input: lstm}
 
 
 def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -159,3 +159,22 @@ def test_graphs_torch_would_change_are_retraced_and_still_convert(model, why):
     assert calls == [1]
     got = step.program.module()(*(a.clone() for a in args))
     torch.testing.assert_close(got, model(*(a.clone() for a in args)))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("batch", [1, B])
+def test_lstm_with_projections_keeps_its_state_shapes(num_layers, batch):
+    # torch 2.11-2.12 decompose it with final states of shape (L, 1, B, H); see _torch_fixes
+    torch.manual_seed(1)
+    lstm = nn.LSTM(4, 5, num_layers=num_layers, proj_size=2).double()
+    x = torch.randn(2, batch, 4, dtype=torch.float64)
+    hc = (
+        torch.randn(num_layers, batch, 2, dtype=torch.float64),
+        torch.randn(num_layers, batch, 5, dtype=torch.float64),
+    )
+    program = torch.export.export(lstm, (x, hc)).run_decompositions(decomposition_table())
+    want = lstm(x, hc)
+    got = program.module()(x, hc)
+    for w, g in zip(_leaves(want), _leaves(got)):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-14)
