@@ -153,8 +153,10 @@ def update_traces(plan: TracePlan, traces, jac: StepJacobians):
         if output_side_owner(plan, c) != c:  # output side: updated once, by its owner
             new[key] = IODimTrace.update_input(traces[key], jac.xs[conn.rel], plan.decay)
             continue
-        D_flat = jac.Ds[conn.group].reshape((-1,) + jac.Ds[conn.group].shape[-2:])
-        D_y = gather_units(conn, D_flat)
+        D_y = [
+            [gather_units(conn, block.reshape(-1)) for block in row]
+            for row in jac.D_blocks[conn.group]
+        ]
         new[key] = kind.update(
             traces[key], jac.xs[conn.rel], jac.dfs[conn.rel][conn.slot], D_y, plan.decay
         )

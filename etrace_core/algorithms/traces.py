@@ -1,7 +1,8 @@
 """Trace rules for one relation->group connection, in the canonical matmul form Y = X @ W.
 
-Shapes: X is L + (I,), df is L + (O, S), D (gathered at the outputs) L + (O, S, S), dL/dh
-(gathered) L + (O, S). A rule returns the canonical gradient M of shape (I, O).
+Shapes: X is L + (I,), df is L + (O, S), D (gathered at the outputs) S x S nested blocks
+D_y[s][s'] of shape L + (O,), dL/dh (gathered) L + (O, S). A rule returns the canonical
+gradient M of shape (I, O).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from etrace_core.executor.step import stack_blocks
 
 
 class Connection(NamedTuple):
@@ -82,6 +85,7 @@ class ParamDimTrace:
         # whole trace every step; as a reduction over a size-S axis, a slow reduce loop.
         eps = trace["eps"]
         S = eps.shape[-1]
+        D_y = stack_blocks(D_y)  # L + (O, S, S)
         prop = sum(D_y[..., None, :, :, t] * eps[..., :, :, None, t] for t in range(S))
         return {"eps": prop + X[..., :, None, None] * df[..., None, :, :]}
 
@@ -142,10 +146,14 @@ class IODimTrace:
 
     @staticmethod
     def update(trace, X, df, D_y, decay):
-        # sum_t D[..., o, s, t] f[..., o, t], unrolled over the (small) state axis so that it
-        # fuses with the rest of the update (see ParamDimTrace.update)
-        f = sum(D_y[..., t] * trace["f"][..., None, t] for t in range(trace["f"].shape[-1]))
-        return {"x": decay * trace["x"] + X, "f": decay * f + (1 - decay) * df}
+        # sum_t D[s][t] f[..., t] per state s, unrolled over the (small) state axis so that it
+        # fuses with the rest of the update (see ParamDimTrace.update) and reads the blocks of
+        # D where they are computed (no stacked D is written)
+        f_old = trace["f"]
+        S = f_old.shape[-1]
+        f = [sum(D_y[s][t] * f_old[..., t] for t in range(S)) for s in range(S)]
+        f = jnp.stack([decay * f[s] + (1 - decay) * df[..., s] for s in range(S)], axis=-1)
+        return {"x": decay * trace["x"] + X, "f": f}
 
     @staticmethod
     def update_input(trace, X, decay):

@@ -166,9 +166,17 @@ class StepJacobians(NamedTuple):
     new_values: dict[Path, Any]  # written states
     xs: list[Any]  # per relation: canonical input X (ones column for bias)
     dfs: list[list[Any]]  # per relation, per reached group: L + (O, S)
-    Ds: list[Any]  # per group: varshape + (S, S), D[..., s, s'] = dh_s/dh_s'
+    # per group, S x S nested lists of varshape arrays: D_blocks[g][s][s'] = dh_s/dh_s'. Kept
+    # apart: consumers that only need products with them (the ES-D-RTRL output trace) fuse
+    # them, where a stacked (..., S, S) array was written out every step
+    D_blocks: list[list[list[Any]]]
     Ms: list[Any]  # per group: varshape + (S, S), dW_s/dp_s' (identity if S=1)
     Js: list[Any] = ()  # per param trace, per group: (U, S) or (U, S, |theta|)
+
+    @property
+    def Ds(self) -> list[Any]:
+        """Per group: varshape + (S, S), D[..., s, s'] = dh_s/dh_s' (the blocks stacked)."""
+        return [stack_blocks(b) for b in self.D_blocks]
 
 
 def jacobian_step(spec: StepSpec, args_flat, values: dict[Path, Any]) -> StepJacobians:
@@ -218,8 +226,8 @@ def jacobian_step(spec: StepSpec, args_flat, values: dict[Path, Any]) -> StepJac
     d_h, d_y, d_p = jax.vmap(vjp_fn)(stacked)
     # d_h[g][s'][seed] = sum_s seed_s * dh_s/dh_s'  -> per group (varshape, S, S)
     slot_of_seed = _slot_of_seed(spec.seeds, len(groups))
-    Ds = [_blocks(d_h[g.index], slot_of_seed[g.index]) for g in groups]
-    Ms = [_blocks(d_p[g.index], slot_of_seed[g.index]) for g in groups]
+    D_blocks = [_block_lists(d_h[g.index], slot_of_seed[g.index]) for g in groups]
+    Ms = [stack_blocks(_block_lists(d_p[g.index], slot_of_seed[g.index])) for g in groups]
     dfs = []
     for k, rel in enumerate(rels):
         rule = rel.rule
@@ -232,7 +240,7 @@ def jacobian_step(spec: StepSpec, args_flat, values: dict[Path, Any]) -> StepJac
             per_group.append(jnp.stack(cols, axis=-1))
         dfs.append(per_group)
     Js = param_jacobians(spec, args_flat, values) if spec.param_traces else ()
-    return StepJacobians(outs, new_values, xs, dfs, Ds, Ms, Js)
+    return StepJacobians(outs, new_values, xs, dfs, D_blocks, Ms, Js)
 
 
 def _seed_cotangent(groups, seed, like):
@@ -257,12 +265,14 @@ def _slot_of_seed(seeds, n_groups):
     return [[table[g][s] for s in range(len(table[g]))] for g in range(n_groups)]
 
 
-def _blocks(per_input_slot, seed_of_slot):
-    """Stack VJP results into varshape + (S_out, S_in) blocks."""
-    rows = []
-    for s_out in range(len(seed_of_slot)):
-        rows.append(jnp.stack([col[seed_of_slot[s_out]] for col in per_input_slot], axis=-1))
-    return jnp.stack(rows, axis=-2)
+def _block_lists(per_input_slot, seed_of_slot) -> list[list[Any]]:
+    """VJP results as blocks[s_out][s_in] (varshape arrays)."""
+    return [[col[seed] for col in per_input_slot] for seed in seed_of_slot]
+
+
+def stack_blocks(blocks: list[list[Any]]):
+    """S x S nested blocks -> one varshape + (S_out, S_in) array."""
+    return jnp.stack([jnp.stack(row, axis=-1) for row in blocks], axis=-2)
 
 
 def _canonical_x(rel, ins):
@@ -432,6 +442,7 @@ __all__ = [
     "StepSpec",
     "build_spec",
     "StepJacobians",
+    "stack_blocks",
     "jacobian_step",
     "StepVjp",
     "vjp_step",
