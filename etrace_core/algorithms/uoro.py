@@ -217,16 +217,7 @@ def online_chunk(layout, eps, draw, rebuild, params, rest, carrier, seq):
     """k single steps (MultiStepData, single-step VJP): the sum of the per-step gradients."""
 
     def scan(p, r, c, s):
-        def body(carry, xs_t):
-            r, c = carry
-            flat = jax.tree.leaves(rebuild(xs_t))
-            outs, new, c2 = advance(layout, eps, draw, flat, {**r, **p}, c)
-            r2 = dict(r)
-            r2.update({q: v for q, v in new.items() if q in r})
-            return (r2, c2), (outs, new, (r, c))
-
-        (_, c_f), (outs, new, before) = jax.lax.scan(body, (r, c), s)
-        return outs, jax.tree.map(lambda v: v[-1], new), c_f, before
+        return _scan_steps(layout, eps, draw, rebuild, p, r, c, s, keep_before=True)
 
     def primal(p, r, c, s):
         return scan(p, r, c, s)[:3]
@@ -258,16 +249,7 @@ def online_window(layout, eps, draw, executor, args, params, rest, carrier):
     seq, rebuild = data.split_for_scan(args)
 
     def scan(p, r, c, s):
-        def body(carry, xs_t):
-            r, c = carry
-            flat = jax.tree.leaves(rebuild(xs_t))
-            outs, new, c2 = advance(layout, eps, draw, flat, {**r, **p}, c)
-            r2 = dict(r)
-            r2.update({q: v for q, v in new.items() if q in r})
-            return (r2, c2), (outs, new)
-
-        (_, c_f), (outs, new) = jax.lax.scan(body, (r, c), s)
-        return outs, jax.tree.map(lambda v: v[-1], new), c_f
+        return _scan_steps(layout, eps, draw, rebuild, p, r, c, s, keep_before=False)[:3]
 
     def fwd(p, r, c, s):
         it = iter(s)
@@ -286,6 +268,22 @@ def online_window(layout, eps, draw, executor, args, params, rest, carrier):
     fn = jax.custom_vjp(scan)
     fn.defvjp(fwd, bwd)
     return fn(params, rest, carrier, seq)
+
+
+def _scan_steps(layout, eps, draw, rebuild, p, r, c, s, *, keep_before):
+    """k steps forward: (outputs, last written states, final carrier, before), where `before`
+    holds each step's (rest, carrier) going in when `keep_before` (else None)."""
+
+    def body(carry, xs_t):
+        r, c = carry
+        flat = jax.tree.leaves(rebuild(xs_t))
+        outs, new, c2 = advance(layout, eps, draw, flat, {**r, **p}, c)
+        r2 = dict(r)
+        r2.update({q: v for q, v in new.items() if q in r})
+        return (r2, c2), (outs, new, (r, c) if keep_before else None)
+
+    (_, c_f), (outs, new, before) = jax.lax.scan(body, (r, c), s)
+    return outs, jax.tree.map(lambda v: v[-1], new), c_f, before
 
 
 def _zeros(tree):

@@ -200,6 +200,14 @@ def test_one_step_from_a_zero_carrier_is_bptt_for_any_key(x64, seed):
         np.testing.assert_allclose(got[k], ref[k], atol=1e-10, rtol=0)
 
 
+def _window_grad(algo, xs):
+    """Gradient of sum(sin(outputs)) over one MultiStepData window, by parameter path."""
+    params = algo.model.states(brainstate.ParamState)
+    return brainstate.transform.grad(
+        lambda xs: jnp.sum(jnp.sin(algo(etrace_core.MultiStepData(xs)))), params
+    )(xs)
+
+
 def test_a_window_from_a_zero_carrier_is_bptt(x64):
     T = 4
     model = TanhRNN()
@@ -208,10 +216,7 @@ def test_a_window_from_a_zero_carrier_is_bptt(x64):
     xs = _xs(T)
     algo.compile_graph(etrace_core.MultiStepData(xs))
     ref = jax.grad(tanh_rnn_bptt)(_params(model), xs)
-    params = model.states(brainstate.ParamState)
-    got = brainstate.transform.grad(
-        lambda xs: jnp.sum(jnp.sin(algo(etrace_core.MultiStepData(xs)))), params
-    )(xs)
+    got = _window_grad(algo, xs)
     for k in ref:
         np.testing.assert_allclose(got[k], ref[k], atol=1e-10, rtol=0)
     # the carrier advanced one step per time step
@@ -225,11 +230,8 @@ def test_a_single_step_chunk_equals_the_steps_one_at_a_time(x64):
     by_step = _online_fn(algo, xs, [model.h])(jax.random.PRNGKey(7))
     carrier_steps = algo._get_etrace_data()
 
-    model2, algo2 = _build(TanhRNN, T, projection_key=7)
-    params = model2.states(brainstate.ParamState)
-    chunk = brainstate.transform.grad(
-        lambda xs: jnp.sum(jnp.sin(algo2(etrace_core.MultiStepData(xs)))), params
-    )(xs)
+    _, algo2 = _build(TanhRNN, T, projection_key=7)
+    chunk = _window_grad(algo2, xs)
     for k in by_step:
         np.testing.assert_allclose(chunk[k], by_step[k], atol=1e-12, rtol=0)
     for a, b in zip(jax.tree.leaves(carrier_steps), jax.tree.leaves(algo2._get_etrace_data())):
